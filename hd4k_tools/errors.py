@@ -1,0 +1,138 @@
+"""Typed errors for hd4k-tools.
+
+Every error the library raises on purpose derives from :class:`HD4KError`. Messages name the problem
+*and* the fix, because they are read by people at a terminal and by LLM agents that retry a tool call
+with corrected arguments. Input problems also derive from :class:`ValueError` (or the closest builtin)
+so that generic ``except ValueError`` code keeps working.
+"""
+
+from __future__ import annotations
+
+
+class HD4KError(Exception):
+    """Base class of every error raised by hd4k-tools."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Input: images, documents, URLs
+# ----------------------------------------------------------------------------------------------------
+class InputError(HD4KError, ValueError):
+    """The image or document handed to us cannot be used."""
+
+
+class EmptyInputError(InputError):
+    """A 0-byte file, empty bytes or an empty string."""
+
+
+class ImageNotFoundError(InputError, FileNotFoundError):
+    """A path that does not exist or is not a regular file."""
+
+
+class CorruptImageError(InputError):
+    """The data claims to be an image but cannot be decoded (truncated, damaged)."""
+
+
+class UnsupportedFormatError(InputError):
+    """The data is not an image format we read (e.g. a text file named ``.png``)."""
+
+
+class ImageTooLargeError(InputError):
+    """The image has more pixels than allowed (a decompression bomb or simply too big)."""
+
+
+class FileTooLargeError(InputError):
+    """The encoded file or download is larger than the byte limit."""
+
+
+class PathNotAllowedError(InputError, PermissionError):
+    """A path resolves (symlinks followed) outside the allowed root directories."""
+
+
+class InvalidBase64Error(InputError):
+    """A base64 string that does not decode."""
+
+
+class InvalidDataURLError(InputError):
+    """A ``data:`` URL that is malformed, not base64, or not an image/PDF media type."""
+
+
+class URLNotAllowedError(InputError, PermissionError):
+    """URL input is disabled, the scheme is not http(s), or the host is a private address."""
+
+
+class URLFetchError(InputError, ConnectionError):
+    """A URL could not be fetched: unreachable, timed out, or answered with an error status."""
+
+
+class InvalidHDNumError(InputError):
+    """An ``hd_num`` that is not a positive integer or ``"auto"``."""
+
+
+class PDFError(InputError):
+    """A PDF that cannot be rendered: corrupt, encrypted, too many pages, bad page range."""
+
+
+class EncryptedPDFError(PDFError):
+    """A password-protected PDF."""
+
+
+class PageRangeError(PDFError):
+    """Pages requested that the document does not have."""
+
+
+class MissingDependencyError(HD4KError, ImportError):
+    """An optional extra (``pdf``, ``serve``, ``langchain``...) is not installed."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model, checkpoint, generation
+# ----------------------------------------------------------------------------------------------------
+class ModelError(HD4KError):
+    """Problems with the model itself."""
+
+
+class CheckpointError(ModelError):
+    """A checkpoint folder or file that does not match the expected layout (keys, shapes, files)."""
+
+
+class ModelNotFoundError(ModelError, FileNotFoundError):
+    """A model folder or hub id that cannot be found (offline, or no such repository)."""
+
+
+class DeviceError(ModelError):
+    """A device or quantisation request the machine cannot satisfy (e.g. 4-bit without CUDA)."""
+
+
+class ContextOverflowError(ModelError, ValueError):
+    """The prompt (text plus image tokens) does not fit the model's context."""
+
+
+class CancelledError(HD4KError):
+    """Long work (generation, PDF pages, model loading) was cancelled through its ``cancel`` event."""
+
+
+class OutputParseError(HD4KError, ValueError):
+    """The model's text could not be parsed into the requested structure (table, JSON schema)."""
+
+
+class TableParseError(OutputParseError):
+    """The chart task asked for a table and the model did not produce one."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Remote engines
+# ----------------------------------------------------------------------------------------------------
+class RemoteError(HD4KError):
+    """An OpenAI-compatible server failed or answered with an error."""
+
+
+class RemoteConnectionError(RemoteError, ConnectionError):
+    """The server could not be reached or dropped the connection (after retries)."""
+
+
+class RemoteResponseError(RemoteError):
+    """The server answered with an error status or a malformed body."""
+
+    def __init__(self, message: str, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code

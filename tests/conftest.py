@@ -28,3 +28,22 @@ def _fixed_seeds() -> None:
         torch.manual_seed(0)
     except ImportError:  # pragma: no cover
         pass
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tiny InternLM-XComposer2-4KHD checkpoint (official on-disk layout, random weights)
+# ----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory):
+    """Path of a tiny checkpoint (2 ``.bin`` shards + index, seed 0), written once per session."""
+    from hd4k_tools.testing import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_ixc2"), seed=0, format="bin", shards=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_checkpoint):
+    """The tiny checkpoint loaded (``LoadedModel``: .model float32 on CPU, .tokenizer, .config)."""
+    from hd4k_tools.models.xcomposer2_4khd import load_pretrained
+
+    return load_pretrained(tiny_checkpoint, dtype="float32", device="cpu", progress=False)

@@ -1,0 +1,380 @@
+"""Load the official InternLM-XComposer2-4KHD-7B checkpoint (or a tiny one in the same layout).
+
+The model is built on the meta device (no memory), then filled shard by shard with
+``load_state_dict(..., strict=False, assign=True)``, each tensor cast to the target dtype and device
+first, each shard released before the next: peak memory ≈ the model + one shard. Every parameter ends
+up in one dtype, as the official ``from_pretrained(torch_dtype=torch.bfloat16)`` does (norms included).
+Keys and shapes are checked strictly against the model before any tensor data is read when the
+checkpoint has an index (spec §3.4); buffers some transformers versions saved (``rotary_emb.inv_freq``,
+CLIP ``position_ids``) and the unused CLIP ``post_layernorm`` are accepted and ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hd4k_tools.errors import CheckpointError, DeviceError, MissingDependencyError, ModelNotFoundError
+from hd4k_tools.models.xcomposer2_4khd.configuration import XComposer2Config
+from hd4k_tools.models.xcomposer2_4khd.modeling import PLoRALinear, XComposer2ForCausalLM
+from hd4k_tools.models.xcomposer2_4khd.tokenizer import TOKENIZER_FILE, InternLM2Tokenizer
+from hd4k_tools.progress import track
+
+DEFAULT_MODEL_ID = "internlm/internlm-xcomposer2-4khd-7b"
+
+# Weight layouts, in order of preference (safetensors first when both are present).
+SAFE_INDEX, SAFE_SINGLE = "model.safetensors.index.json", "model.safetensors"
+BIN_INDEX, BIN_SINGLE = "pytorch_model.bin.index.json", "pytorch_model.bin"
+
+# Keys that may be in a checkpoint but are not parameters of the model here (see module docstring).
+_IGNORED_KEYS = re.compile(
+    r"(^|\.)rotary_emb\.inv_freq$"
+    r"|^vit\.vision_tower\.vision_model\.embeddings\.position_ids$"
+    r"|^vit\.vision_tower\.vision_model\.post_layernorm\.(weight|bias)$"
+)
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+_MAX_LISTED = 20
+
+
+@dataclass
+class LoadedModel:
+    """A loaded model (in eval mode) with its tokenizer and configuration."""
+
+    model: XComposer2ForCausalLM
+    tokenizer: InternLM2Tokenizer
+    config: XComposer2Config
+    path: Path
+    dtype: torch.dtype
+    device: torch.device
+    load_seconds: float
+
+
+# ----------------------------------------------------------------------------------------------------
+# Device / dtype
+# ----------------------------------------------------------------------------------------------------
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` → ``cuda`` if available, else ``mps``, else ``cpu``; unavailable devices raise
+    :class:`DeviceError`."""
+    if isinstance(device, str) and device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise DeviceError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'.") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(
+                f"device {device!r} requested but CUDA is not available (torch {torch.__version__}); "
+                "use device='cpu' or install a CUDA build of torch on a machine with an NVIDIA GPU."
+            )
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        if index >= torch.cuda.device_count():
+            raise DeviceError(
+                f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist; "
+                f"use cuda:0..cuda:{torch.cuda.device_count() - 1}."
+            )
+        return torch.device("cuda", index)
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError("device 'mps' requested but MPS is not available; use device='cpu'.")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise DeviceError(f"device type {dev.type!r} is not supported; use 'cpu', 'cuda' or 'mps'.")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """``"auto"``: bfloat16 on CUDA if supported else float16; float32 on CPU/MPS. Also accepts
+    ``"bf16"``, ``"fp16"``, ``"fp32"``, the full names and ``torch.dtype`` objects."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype {dtype} is not supported; use float32, bfloat16 or float16.")
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    if key == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if key not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; use 'auto', 'bf16', 'fp16' or 'fp32'.")
+    return _DTYPES[key]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Locating the checkpoint
+# ----------------------------------------------------------------------------------------------------
+def _how_to_get(repo_id: str) -> str:
+    return (
+        "To get the weights, run on a machine with internet access: "
+        f"`hf download {repo_id} --local-dir DIR` (older huggingface_hub: "
+        f"`huggingface-cli download {repo_id} --local-dir DIR`), copy DIR here and pass it: "
+        "`--model DIR` on the command line or `HD4K.from_pretrained(DIR)` in Python."
+    )
+
+
+def resolve_checkpoint_path(path_or_hub_id: str | Path) -> Path:
+    """A local folder, or a hub id fetched (or found in the local HF cache) with ``snapshot_download``."""
+    path = Path(path_or_hub_id).expanduser()
+    if path.is_dir():
+        return path
+    text = str(path_or_hub_id)
+    looks_like_path = path.exists() or text.startswith((".", "/", "~")) or "\\" in text or text.count("/") != 1
+    if looks_like_path:
+        raise ModelNotFoundError(
+            f"model folder {text!r} does not exist (or is not a folder). {_how_to_get(DEFAULT_MODEL_ID)}"
+        )
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(
+            repo_id=text,
+            allow_patterns=["*.json", "*.safetensors", "*.bin", TOKENIZER_FILE],
+        )
+    except Exception as exc:  # offline, no such repo, gated, network errors: all mean "not here"
+        raise ModelNotFoundError(
+            f"model {text!r} is not a local folder and could not be fetched from the Hugging Face Hub "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no details'}). "
+            f"{_how_to_get(text)}"
+        ) from exc
+    return Path(folder)
+
+
+def find_weight_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The weight files to read (safetensors preferred) and the index's ``weight_map`` if any."""
+    for index_name, single_name in ((SAFE_INDEX, SAFE_SINGLE), (BIN_INDEX, BIN_SINGLE)):
+        index_file = folder / index_name
+        if index_file.is_file():
+            try:
+                weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"{index_file} is not a valid index ({exc}); re-download it.") from exc
+            names = list(dict.fromkeys(weight_map.values()))
+            missing = [n for n in names if not (folder / n).is_file()]
+            if missing:
+                raise CheckpointError(
+                    f"{folder}: shard(s) {_listing(missing)} named in {index_name} are missing; "
+                    "the download is incomplete — download the repository again."
+                )
+            return [folder / n for n in names], dict(weight_map)
+        if (folder / single_name).is_file():
+            return [folder / single_name], None
+    present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    raise CheckpointError(
+        f"{folder} holds no weights (expected {SAFE_INDEX}, {SAFE_SINGLE}, {BIN_INDEX} or {BIN_SINGLE}; "
+        f"found: {_listing(present) or 'nothing'})."
+    )
+
+
+def _listing(items: list[str]) -> str:
+    shown = ", ".join(items[:_MAX_LISTED])
+    return shown + (f" ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else "")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------------
+def _read_shard(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(file), device="cpu")
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read {file} ({type(exc).__name__}: {exc}); re-download it.") from exc
+
+
+def _shard_keys(file: Path) -> list[str]:
+    if file.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                return list(f.keys())
+        except Exception as exc:
+            raise CheckpointError(f"cannot read {file} ({exc}); re-download it.") from exc
+    return list(_read_shard(file).keys())  # mmap: reads the pickled key table, not the tensor data
+
+
+def _check_keys(checkpoint_keys: list[str], expected: dict[str, torch.Size], source: Path) -> None:
+    present = set(checkpoint_keys)
+    unexpected = sorted(k for k in present if k not in expected and not _IGNORED_KEYS.search(k))
+    missing = sorted(k for k in expected if k not in present)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s): {_listing(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s): {_listing(unexpected)}")
+        raise CheckpointError(
+            f"{source} does not match InternLM-XComposer2-4KHD ({'; '.join(parts)}). Use the complete, "
+            f"unmodified {DEFAULT_MODEL_ID} checkpoint (config.json must describe the same sizes)."
+        )
+
+
+def _iter_shards(
+    files: list[Path], *, progress: bool | None, cancel: threading.Event | None
+) -> Iterator[dict[str, torch.Tensor]]:
+    for file in track(files, total=len(files), desc="Loading shards", unit="shard", progress=progress, cancel=cancel):
+        yield _read_shard(file)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Quantisation (bitsandbytes, CUDA only)
+# ----------------------------------------------------------------------------------------------------
+def _check_quantization(quantization: str | None, device: torch.device) -> None:
+    if quantization is None:
+        return
+    if quantization not in ("8bit", "4bit"):
+        raise ValueError(f"quantization must be None, '8bit' or '4bit', not {quantization!r}.")
+    if device.type != "cuda":
+        raise DeviceError(
+            f"{quantization} quantisation needs a CUDA GPU (bitsandbytes), but the device is {device}; "
+            "drop quantization= or run on an NVIDIA GPU."
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"{quantization} quantisation needs bitsandbytes: pip install 'hd4k-tools[quantization]'."
+        ) from exc
+
+
+def quantize_decoder(model: XComposer2ForCausalLM, quantization: str, device: torch.device) -> None:
+    """Replace the base weights of every decoder projection (wqkv, wo, w1, w2, w3) by bitsandbytes
+    layers on ``device``; the LoRA branches, embeddings, head and vision tower stay in full precision.
+
+    Expects the model on the CPU (bitsandbytes quantises while moving a weight to the GPU).
+    """
+    import bitsandbytes as bnb
+
+    compute_dtype = model.dtype
+    for module in model.model.layers.modules():
+        if not isinstance(module, PLoRALinear):
+            continue
+        weight = module.weight.data
+        if quantization == "8bit":
+            q: nn.Module = bnb.nn.Linear8bitLt(
+                module.in_features, module.out_features, bias=module.bias is not None, has_fp16_weights=False
+            )
+            q.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+        else:
+            q = bnb.nn.Linear4bit(
+                module.in_features,
+                module.out_features,
+                bias=module.bias is not None,
+                compute_dtype=compute_dtype,
+                quant_type="nf4",
+            )
+            q.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+        if module.bias is not None:
+            q.bias = nn.Parameter(module.bias.data, requires_grad=False)
+        module.quantized_base = q.to(device)
+        # The full-precision copy is no longer used; keep an empty placeholder parameter.
+        module.weight = nn.Parameter(torch.empty(0, dtype=weight.dtype), requires_grad=False)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------------
+def load_pretrained(
+    path_or_hub_id: str | Path = DEFAULT_MODEL_ID,
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "auto",
+    quantization: str | None = None,
+    progress: bool | None = None,
+    cancel: threading.Event | None = None,
+) -> LoadedModel:
+    """Load model, tokenizer and config from a checkpoint folder or a hub id.
+
+    Formats: ``model.safetensors.index.json`` + shards, ``model.safetensors``,
+    ``pytorch_model.bin.index.json`` + shards, ``pytorch_model.bin`` (safetensors preferred).
+    Raises :class:`ModelNotFoundError` (no such folder / hub id unreachable, with how to download),
+    :class:`CheckpointError` (missing/unexpected keys, wrong shapes, broken files),
+    :class:`DeviceError` (device or quantisation not available), :class:`MissingDependencyError`
+    (bitsandbytes for quantisation), :class:`~hd4k_tools.errors.CancelledError` (``cancel`` set
+    between shards). ``progress`` shows a bar over shards (``None``: when a person watches).
+    """
+    start = time.perf_counter()
+    target_device = resolve_device(device)
+    target_dtype = resolve_dtype(dtype, target_device)
+    _check_quantization(quantization, target_device)
+    folder = resolve_checkpoint_path(path_or_hub_id)
+
+    config = XComposer2Config.from_pretrained(folder)
+    tokenizer = InternLM2Tokenizer.from_pretrained(folder)
+    files, weight_map = find_weight_files(folder)
+
+    with torch.device("meta"):
+        model = XComposer2ForCausalLM(config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("output.weight", None)
+    # With an index the key check happens before any tensor data is read.
+    keys = list(weight_map) if weight_map is not None else [k for f in files for k in _shard_keys(f)]
+    if config.tie_word_embeddings:
+        keys = [k for k in keys if k != "output.weight"]  # tied to the embeddings below
+    _check_keys(keys, expected, folder)
+
+    # Quantised loads stage the weights on the CPU: bitsandbytes quantises on the way to the GPU.
+    load_device = torch.device("cpu") if quantization else target_device
+    for shard in _iter_shards(files, progress=progress, cancel=cancel):
+        ready: dict[str, torch.Tensor] = {}
+        for key, tensor in shard.items():
+            if key not in expected:
+                continue  # ignorable buffer (checked above)
+            if tensor.shape != expected[key]:
+                raise CheckpointError(
+                    f"{folder}: {key} has shape {list(tensor.shape)} in the checkpoint but the model "
+                    f"(from config.json) expects {list(expected[key])}; config.json and the weights "
+                    "do not belong together — re-download the checkpoint."
+                )
+            cast = target_dtype if tensor.is_floating_point() else tensor.dtype
+            ready[key] = tensor.to(device=load_device, dtype=cast, copy=True)
+        model.load_state_dict(ready, strict=False, assign=True)
+        del shard, ready
+
+    if config.tie_word_embeddings:
+        model.output.weight = model.model.tok_embeddings.weight
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_meta:
+        raise CheckpointError(
+            f"{folder}: {len(still_meta)} parameter(s) were not in the weight files: {_listing(still_meta)}."
+        )
+    model.reset_buffers(load_device)
+    model.requires_grad_(False)
+    if quantization:
+        quantize_decoder(model, quantization, target_device)
+        model.to(target_device)
+        model.reset_buffers(target_device)
+    model.eval()
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        config=config,
+        path=folder,
+        dtype=target_dtype,
+        device=target_device,
+        load_seconds=time.perf_counter() - start,
+    )

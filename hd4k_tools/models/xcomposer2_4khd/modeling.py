@@ -1,0 +1,411 @@
+"""InternLM2 decoder with Partial LoRA + CLIP vision tower: InternLM-XComposer2-4KHD-7B in plain PyTorch.
+
+Module and parameter names equal the official checkpoint keys (spec §3.4), so the published state
+dict loads with ``load_state_dict`` and no renaming. Spec sections cited in comments are
+``shared/spec/ixc2_4khd.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hd4k_tools.models.xcomposer2_4khd.configuration import XComposer2Config
+from hd4k_tools.models.xcomposer2_4khd.kv_cache import KVCache
+from hd4k_tools.models.xcomposer2_4khd.vision import (
+    VisionTower,
+    image_token_count,
+    layout_image_tokens,
+    merge_2x2,
+)
+
+if TYPE_CHECKING:
+    from hd4k_tools.tiling import ModelInputs
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """InternLM2 RMSNorm: variance in fp32, result cast back before the weight (spec §3.3)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class PLoRALinear(nn.Linear):
+    """Partial LoRA (spec §3.2): the base ``nn.Linear`` plus a LoRA delta applied only at image positions.
+
+    ``Plora_A [r, in]`` and ``Plora_B [out, r]`` are children so that the keys read
+    ``...wqkv.weight``, ``...wqkv.Plora_A.weight``, ``...wqkv.Plora_B.weight`` as in the checkpoint.
+    Dropout (0.05 in training) is the identity at inference and is left out.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, lora_r: int, lora_alpha: float):
+        super().__init__(in_features, out_features, bias=bias)
+        self.Plora_A = nn.Linear(in_features, lora_r, bias=False)
+        self.Plora_B = nn.Linear(lora_r, out_features, bias=False)
+        self.lora_scaling = lora_alpha / lora_r
+        # Set by quantisation (checkpoint.quantize_decoder): a module computing the base projection.
+        self.quantized_base: nn.Module | None = None
+
+    def base_forward(self, x: Tensor) -> Tensor:
+        if self.quantized_base is not None:
+            return self.quantized_base(x)
+        return F.linear(x, self.weight, self.bias)
+
+    def forward(self, x: Tensor, im_mask: Tensor | None = None) -> Tensor:
+        """``x [B, T, in]``, ``im_mask [B, T]`` bool or ``None`` (no image position) → ``[B, T, out]``."""
+        out = self.base_forward(x)
+        if im_mask is None:
+            return out
+        picked = x[im_mask]  # [N_img, in]
+        delta = self.Plora_B(self.Plora_A(picked)) * self.lora_scaling  # [N_img, out]
+        out[im_mask] += delta.to(out.dtype)
+        return out
+
+
+def dynamic_ntk_base(theta: float, head_dim: int, seq_len: int, max_position: int, factor: float) -> float:
+    """RoPE base of InternLM2's ``InternLM2DynamicNTKScalingRotaryEmbedding`` for ``seq_len`` positions.
+
+    Unchanged up to ``max_position_embeddings``; beyond it
+    ``base = theta * ((factor * seq_len / max_pos) - (factor - 1)) ** (dim / (dim - 2))`` (InternLM2
+    ``modeling_internlm2.py``, spec §3.3). 4KHD prompts (≤ 16384) never reach the 32768 threshold.
+    """
+    if seq_len <= max_position:
+        return theta
+    return theta * ((factor * seq_len / max_position) - (factor - 1)) ** (head_dim / (head_dim - 2))
+
+
+def rope_inv_freq(head_dim: int, base: float, device: torch.device | str | None = None) -> Tensor:
+    """``1 / base^(2i/d)`` in fp32, ``[head_dim/2]`` (spec §3.3)."""
+    return 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+
+
+class RotaryEmbedding(nn.Module):
+    """GPT-NeoX RoPE over the full head dim, cos/sin computed in fp32 then cast (spec §3.3)."""
+
+    def __init__(self, config: XComposer2Config) -> None:
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.theta = config.rope_theta
+        self.max_position = config.max_position_embeddings
+        self.scaling_type = config.rope_scaling_type
+        self.scaling_factor = config.rope_scaling_factor
+        self.register_buffer("inv_freq", rope_inv_freq(self.head_dim, self.theta), persistent=False)
+
+    def reset_buffers(self, device: torch.device | str) -> None:
+        self.inv_freq = rope_inv_freq(self.head_dim, self.theta, device)
+
+    def forward(self, positions: Tensor, seq_len: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``positions [T]`` of a sequence whose keys span ``seq_len`` positions → cos, sin ``[T, head_dim]``."""
+        inv_freq = self.inv_freq
+        t = positions.float()
+        if self.scaling_type == "dynamic" and seq_len > self.max_position:
+            base = dynamic_ntk_base(self.theta, self.head_dim, seq_len, self.max_position, self.scaling_factor)
+            inv_freq = rope_inv_freq(self.head_dim, base, positions.device)
+        elif self.scaling_type == "linear":
+            t = t / self.scaling_factor
+        freqs = t[:, None] * inv_freq[None, :]  # [T, head_dim/2]
+        emb = torch.cat([freqs, freqs], dim=-1)  # [T, head_dim]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``x [B, H, T, d]``, ``cos/sin [T, d]``."""
+    return x * cos + rotate_half(x) * sin
+
+
+# ----------------------------------------------------------------------------------------------------
+# Decoder
+# ----------------------------------------------------------------------------------------------------
+class Attention(nn.Module):
+    """GQA self-attention with the packed, group-interleaved ``wqkv`` of InternLM2 (spec §3.3).
+
+    ``wqkv`` output rows are ``[n_kv_heads][q_per_kv + 2][head_dim]``: for KV group ``g`` the slots
+    ``0..q_per_kv-1`` hold query heads ``g*q_per_kv + j``, slot ``q_per_kv`` key head ``g`` and the last
+    slot value head ``g``. ``wqkv.Plora_B`` rows follow the same layout.
+    """
+
+    def __init__(self, config: XComposer2Config, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.q_per_kv = config.num_kv_groups
+        self.head_dim = config.head_dim
+        self.wqkv = PLoRALinear(
+            config.hidden_size,
+            (self.n_heads + 2 * self.n_kv_heads) * self.head_dim,
+            bias=config.bias,
+            lora_r=config.wqkv_lora_r,
+            lora_alpha=config.wqkv_lora_alpha,
+        )
+        self.wo = PLoRALinear(
+            self.n_heads * self.head_dim,
+            config.hidden_size,
+            bias=config.bias,
+            lora_r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+        )
+
+    def split_qkv(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``qkv [B, T, n_kv*(q_per_kv+2)*d]`` → q ``[B, T, n_heads, d]``, k, v ``[B, T, n_kv, d]``."""
+        b, t, _ = qkv.shape
+        grouped = qkv.view(b, t, self.n_kv_heads, self.q_per_kv + 2, self.head_dim)  # [B, T, n_kv, g+2, d]
+        q = grouped[:, :, :, : self.q_per_kv].reshape(b, t, self.n_heads, self.head_dim)  # [B, T, H, d]
+        k = grouped[:, :, :, self.q_per_kv]  # [B, T, n_kv, d]
+        v = grouped[:, :, :, self.q_per_kv + 1]  # [B, T, n_kv, d]
+        return q, k, v
+
+    def forward(
+        self,
+        x: Tensor,
+        im_mask: Tensor | None,
+        cos: Tensor,
+        sin: Tensor,
+        input_pos: Tensor,
+        cache: KVCache | None,
+        kv_len: int,
+        attn_mask: Tensor | None,
+    ) -> Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.split_qkv(self.wqkv(x, im_mask))
+        q = apply_rotary(q.transpose(1, 2), cos, sin)  # [B, H, T, d]
+        k = apply_rotary(k.transpose(1, 2), cos, sin)  # [B, n_kv, T, d]
+        v = v.transpose(1, 2)  # [B, n_kv, T, d]
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, input_pos, k, v, kv_len)  # [B, n_kv, S, d]
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        if t == 1 and attn_mask is None:
+            # One new token attends to every cached key: fold each KV group's query heads into the
+            # query axis, so no kernel has to repeat K/V (exact GQA, no copy of the cache per step).
+            grouped = q.reshape(b, self.n_kv_heads, self.q_per_kv, self.head_dim)  # [B, n_kv, g, d]
+            out = F.scaled_dot_product_attention(grouped, k, v)  # [B, n_kv, g, d]
+            out = out.reshape(b, self.n_heads, 1, self.head_dim)  # [B, H, 1, d]
+        else:
+            if self.q_per_kv > 1:
+                # Query head h reads KV head h // q_per_kv; expanded K/V keep every SDPA kernel usable.
+                k = k.repeat_interleave(self.q_per_kv, dim=1)  # [B, H, S, d]
+                v = v.repeat_interleave(self.q_per_kv, dim=1)  # [B, H, S, d]
+            causal = attn_mask is None and t == k.shape[2]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)  # [B, H, T, d]
+        out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)  # [B, T, H*d]
+        return self.wo(out, im_mask)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: ``w2(silu(w1 x) * w3 x)``, every projection a :class:`PLoRALinear` (spec §3.3)."""
+
+    def __init__(self, config: XComposer2Config) -> None:
+        super().__init__()
+        d, f = config.hidden_size, config.intermediate_size
+        lora = {"bias": config.bias, "lora_r": config.lora_r, "lora_alpha": config.lora_alpha}
+        self.w1 = PLoRALinear(d, f, **lora)
+        self.w3 = PLoRALinear(d, f, **lora)
+        self.w2 = PLoRALinear(f, d, **lora)
+
+    def forward(self, x: Tensor, im_mask: Tensor | None) -> Tensor:
+        return self.w2(F.silu(self.w1(x, im_mask)) * self.w3(x, im_mask), im_mask)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: XComposer2Config, layer_idx: int) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attention = Attention(config, layer_idx)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.feed_forward = FeedForward(config)
+
+    def forward(
+        self,
+        x: Tensor,
+        im_mask: Tensor | None,
+        cos: Tensor,
+        sin: Tensor,
+        input_pos: Tensor,
+        cache: KVCache | None,
+        kv_len: int,
+        attn_mask: Tensor | None,
+    ) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), im_mask, cos, sin, input_pos, cache, kv_len, attn_mask)
+        return h + self.feed_forward(self.ffn_norm(h), im_mask)
+
+
+class InternLM2Model(nn.Module):
+    """Token embeddings, decoder layers and the final norm (keys ``model.*``)."""
+
+    def __init__(self, config: XComposer2Config) -> None:
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+    def forward(
+        self,
+        inputs_embeds: Tensor,
+        im_mask: Tensor | None,
+        input_pos: Tensor,
+        cache: KVCache | None,
+    ) -> Tensor:
+        """``inputs_embeds [B, T, D]`` → final hidden states ``[B, T, D]`` (after ``norm``)."""
+        t = inputs_embeds.shape[1]
+        kv_len = int(input_pos[-1]) + 1 if cache is not None else t
+        cos, sin = self.rotary_emb(input_pos, kv_len, inputs_embeds.dtype)  # [T, d]
+        attn_mask = None
+        if cache is not None and t > 1 and not (t == kv_len and int(input_pos[0]) == 0):
+            # Chunked prefill after earlier positions: query i sees keys 0..input_pos[i].
+            key_pos = torch.arange(kv_len, device=input_pos.device)
+            attn_mask = key_pos[None, :] <= input_pos[:, None]  # [T, S]
+        h = inputs_embeds
+        for layer in self.layers:
+            h = layer(h, im_mask, cos, sin, input_pos, cache, kv_len, attn_mask)
+        return self.norm(h)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The full model
+# ----------------------------------------------------------------------------------------------------
+class XComposer2ForCausalLM(nn.Module):
+    """InternLM-XComposer2-4KHD: ``model`` (InternLM2 + PLoRA), ``output`` head, ``vit`` (CLIP),
+    ``vision_proj`` and the two learned separator embeddings ``plora_glb_GN`` / ``plora_sub_GN``."""
+
+    def __init__(self, config: XComposer2Config) -> None:
+        super().__init__()
+        self.config = config
+        d, d4 = config.hidden_size, config.vision.merged_size
+        self.model = InternLM2Model(config)
+        self.output = nn.Linear(d, config.vocab_size, bias=False)
+        self.vit = VisionTower(config.vision)
+        # mlp2x_gelu projector with exact-erf GELU (spec §3.1).
+        self.vision_proj = nn.Sequential(nn.Linear(d4, d), nn.GELU(), nn.Linear(d, d))
+        self.plora_glb_GN = nn.Parameter(torch.zeros(1, 1, d4))
+        self.plora_sub_GN = nn.Parameter(torch.zeros(1, 1, 1, d4))
+
+    # -- properties / housekeeping -------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.output.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.output.weight.dtype
+
+    def num_parameters(self, *, part: str = "all") -> int:
+        """Parameter count of ``"all"``, ``"decoder"`` (model + output, LoRA included), ``"lora"``,
+        ``"vision"`` (vit + vision_proj + GN)."""
+        total = 0
+        for name, p in self.named_parameters():
+            is_vision = name.startswith(("vit.", "vision_proj.", "plora_"))
+            is_lora = ".Plora_" in name
+            if (
+                part == "all"
+                or (part == "vision" and is_vision)
+                or (part == "decoder" and not is_vision)
+                or (part == "lora" and is_lora)
+            ):
+                total += p.numel()
+        if part not in ("all", "vision", "decoder", "lora"):
+            raise ValueError(f"part must be 'all', 'decoder', 'lora' or 'vision', not {part!r}")
+        return total
+
+    def reset_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)create the non-persistent buffers (RoPE ``inv_freq``, CLIP ``position_ids``) on ``device``
+        — needed after building on the meta device and loading with ``assign=True``."""
+        device = device if device is not None else self.device
+        self.model.rotary_emb.reset_buffers(device)
+        self.vit.vision_tower.reset_buffers(device)
+
+    def make_cache(self, batch_size: int, max_seq_len: int) -> KVCache:
+        """A :class:`KVCache` for this model (its dtype and device)."""
+        return KVCache(self.config, batch_size, max_seq_len, self.dtype, self.device)
+
+    # -- inputs --------------------------------------------------------------------------------------
+    def embed_tokens(self, ids: Tensor | Sequence[int]) -> Tensor:
+        """Token embeddings: ``ids [T]`` → ``[T, D]`` (or ``[B, T]`` → ``[B, T, D]``)."""
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.device)
+        return self.model.tok_embeddings(ids)
+
+    def encode_image(self, inputs: ModelInputs, *, crop_batch_size: int | None = None) -> Tensor:
+        """Image embeddings ``[L, D]`` of one tiled image (``L == inputs.plan.num_tokens``, spec §2).
+
+        The crops ``[global, tile_0, ..., tile_{n-1}]`` run through CLIP in the tower's dtype (in chunks
+        of ``crop_batch_size`` to bound activation memory; results are identical), then the 2×2 merge,
+        the token layout with the separators and ``vision_proj``.
+        """
+        rows, cols = int(inputs.plan.rows), int(inputs.plan.cols)
+        tiles = inputs.tiles  # [rows*cols, 3, 336, 336]
+        if tiles.shape[0] != rows * cols:
+            raise ValueError(f"{tiles.shape[0]} tiles for a {rows}x{cols} plan; rebuild the inputs")
+        crops = torch.cat([inputs.global_view.to(tiles.dtype), tiles], dim=0)  # [1+n, 3, 336, 336]
+        crops = crops.to(self.vit.dtype).to(self.device)
+        step = crop_batch_size or crops.shape[0]
+        feats = torch.cat([self.vit(chunk) for chunk in crops.split(step)], dim=0)  # [1+n, 576, C]
+        merged = merge_2x2(feats)  # [1+n, 144, 4C]
+        tokens = layout_image_tokens(
+            merged[:1], merged[1:], rows, cols, self.plora_glb_GN, self.plora_sub_GN
+        )  # [L, 4C]
+        embeds = self.vision_proj(tokens.to(self.dtype))  # [L, D]
+        expected = getattr(inputs.plan, "num_tokens", image_token_count(rows, cols))
+        if embeds.shape[0] != expected:
+            raise ValueError(f"image gave {embeds.shape[0]} tokens, plan says {expected}")
+        return embeds
+
+    def encode_images(self, inputs: Sequence[ModelInputs], *, crop_batch_size: int | None = None) -> list[Tensor]:
+        """:meth:`encode_image` for several images (one ``[L_i, D]`` each)."""
+        return [self.encode_image(x, crop_batch_size=crop_batch_size) for x in inputs]
+
+    # -- decoder -------------------------------------------------------------------------------------
+    def forward(
+        self,
+        inputs_embeds: Tensor,
+        im_mask: Tensor | None = None,
+        input_pos: Tensor | None = None,
+        cache: KVCache | None = None,
+        *,
+        logits_to_keep: int | None = None,
+    ) -> Tensor:
+        """Logits ``[B, T', vocab]`` float32 for ``inputs_embeds [B, T, D]``.
+
+        ``im_mask [B, T]`` bool marks image positions (Partial LoRA, spec §3.2); ``None`` = text only.
+        ``input_pos [T]`` are the absolute positions (default: right after ``cache.length``, else
+        ``0..T-1``). With ``cache`` the keys/values are written to it and attention spans every cached
+        position up to ``input_pos[-1]``; without it the attention is plain causal over the ``T``
+        positions. ``logits_to_keep=k`` returns only the last ``k`` positions (``T' = k``; use 1 for a
+        prefill — full logits of a long prompt are large).
+        """
+        b, t, _ = inputs_embeds.shape
+        if input_pos is None:
+            start = cache.length if cache is not None else 0
+            input_pos = torch.arange(start, start + t, device=self.device)
+        input_pos = input_pos.to(self.device)
+        if input_pos.shape != (t,):
+            raise ValueError(f"input_pos must be [{t}], got {tuple(input_pos.shape)}")
+        if im_mask is not None:
+            if im_mask.shape != (b, t):
+                raise ValueError(f"im_mask must be [{b}, {t}], got {tuple(im_mask.shape)}")
+            im_mask = im_mask.to(device=self.device, dtype=torch.bool)
+            if not bool(im_mask.any()):
+                im_mask = None  # no image position: skip every LoRA branch
+        hidden = self.model(inputs_embeds.to(self.dtype), im_mask, input_pos, cache)  # [B, T, D]
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]  # [B, k, D]
+        return self.output(hidden).float()  # [B, T', V]

@@ -1,0 +1,182 @@
+"""load_pretrained: formats, strict keys/shapes, hub ids offline, devices, dtypes, cancellation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from hd4k_tools.errors import CancelledError, CheckpointError, DeviceError, ModelNotFoundError
+from hd4k_tools.models.xcomposer2_4khd import LoadedModel, load_pretrained
+from hd4k_tools.models.xcomposer2_4khd.checkpoint import resolve_dtype
+from hd4k_tools.testing import make_tiny_checkpoint
+
+
+def _load(path, **kwargs) -> LoadedModel:
+    return load_pretrained(path, dtype="float32", device="cpu", progress=False, **kwargs)
+
+
+def _logits(loaded: LoadedModel) -> torch.Tensor:
+    model, tok = loaded.model, loaded.tokenizer
+    ids = tok.encode("[UNUSED_TOKEN_146]user\nWhat is the total?[UNUSED_TOKEN_145]\n")
+    embeds = model.embed_tokens(ids)[None]
+    im_mask = torch.zeros(1, len(ids), dtype=torch.bool)
+    im_mask[0, 3:6] = True
+    with torch.inference_mode():
+        return model(embeds, im_mask)
+
+
+@pytest.fixture(scope="module")
+def reference_logits(tiny_model) -> torch.Tensor:
+    return _logits(tiny_model)
+
+
+def test_loaded_model_state(tiny_model, tiny_checkpoint):
+    assert tiny_model.path == tiny_checkpoint
+    assert tiny_model.dtype == torch.float32 and tiny_model.device == torch.device("cpu")
+    model = tiny_model.model
+    assert not model.training
+    assert all(not p.is_meta and not p.requires_grad for p in model.parameters())
+    assert model.model.rotary_emb.inv_freq.device.type == "cpu"
+    position_ids = model.vit.vision_tower.vision_model.embeddings.position_ids
+    assert position_ids.tolist()[0] == list(range(577))
+    assert tiny_model.load_seconds >= 0
+
+
+@pytest.mark.parametrize(("fmt", "shards"), [("safetensors", 2), ("bin", 1), ("safetensors", 1), ("bin", 3)])
+def test_all_formats_give_identical_logits(tmp_path, reference_logits, fmt, shards):
+    folder = make_tiny_checkpoint(tmp_path / "c", seed=0, format=fmt, shards=shards)
+    assert torch.equal(_logits(_load(folder)), reference_logits)
+
+
+def test_safetensors_preferred_over_bin(tmp_path, reference_logits):
+    folder = make_tiny_checkpoint(tmp_path / "c", seed=5, format="bin", shards=2)
+    make_tiny_checkpoint(tmp_path / "s", seed=0, format="safetensors", shards=2)
+    for f in (tmp_path / "s").glob("model*"):
+        shutil.copy(f, folder / f.name)
+    assert torch.equal(_logits(_load(folder)), reference_logits)  # the seed-0 safetensors were read
+
+
+def _single_safetensors(tmp_path):
+    folder = make_tiny_checkpoint(tmp_path / "c", format="safetensors", shards=1)
+    return folder, load_file(str(folder / "model.safetensors"))
+
+
+def test_missing_and_unexpected_keys_are_listed(tmp_path):
+    folder, state = _single_safetensors(tmp_path)
+    del state["model.layers.1.feed_forward.w2.Plora_A.weight"]
+    state["model.layers.0.attention.extra_proj.weight"] = torch.zeros(2, 2)
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError) as err:
+        _load(folder)
+    message = str(err.value)
+    assert "1 missing key(s): model.layers.1.feed_forward.w2.Plora_A.weight" in message
+    assert "1 unexpected key(s): model.layers.0.attention.extra_proj.weight" in message
+
+
+def test_key_check_uses_the_index_before_reading_shards(tmp_path, tiny_checkpoint):
+    folder = tmp_path / "c"
+    shutil.copytree(tiny_checkpoint, folder)
+    index_file = folder / "pytorch_model.bin.index.json"
+    index = json.loads(index_file.read_text())
+    removed = [k for k in index["weight_map"] if k.startswith("vit.")]
+    for k in removed:
+        del index["weight_map"][k]
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"missing key\(s\).*\.\.\. and \d+ more"):
+        _load(folder)
+
+
+def test_wrong_shape_names_key_and_shapes(tmp_path):
+    folder, state = _single_safetensors(tmp_path)
+    state["model.layers.0.attention.wqkv.weight"] = torch.zeros(100, 64)
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"attention\.wqkv\.weight has shape \[100, 64\].*\[128, 64\]"):
+        _load(folder)
+
+
+def test_known_buffers_and_post_layernorm_are_ignored(tmp_path, reference_logits):
+    folder, state = _single_safetensors(tmp_path)
+    state["model.layers.0.attention.rotary_emb.inv_freq"] = torch.ones(8)
+    state["vit.vision_tower.vision_model.embeddings.position_ids"] = torch.arange(577)[None]
+    state["vit.vision_tower.vision_model.post_layernorm.weight"] = torch.ones(32)
+    state["vit.vision_tower.vision_model.post_layernorm.bias"] = torch.zeros(32)
+    save_file(state, str(folder / "model.safetensors"))
+    assert torch.equal(_logits(_load(folder)), reference_logits)
+
+
+def test_missing_shard_and_no_weights(tmp_path, tiny_checkpoint):
+    folder = tmp_path / "c"
+    shutil.copytree(tiny_checkpoint, folder)
+    (folder / "pytorch_model-00002-of-00002.bin").unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        _load(folder)
+    for f in folder.glob("pytorch_model*"):
+        f.unlink()
+    with pytest.raises(CheckpointError, match="holds no weights"):
+        _load(folder)
+
+
+def test_corrupt_shard(tmp_path, tiny_checkpoint):
+    folder = tmp_path / "c"
+    shutil.copytree(tiny_checkpoint, folder)
+    (folder / "pytorch_model-00001-of-00002.bin").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        _load(folder)
+
+
+def test_hub_id_offline_says_how_to_download(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelNotFoundError) as err:
+        _load("internlm/internlm-xcomposer2-4khd-7b-not-cached")
+    message = str(err.value)
+    assert "download internlm/internlm-xcomposer2-4khd-7b-not-cached --local-dir DIR" in message
+    assert "--model DIR" in message and "HD4K.from_pretrained(DIR)" in message
+    assert isinstance(err.value, FileNotFoundError)
+
+
+def test_missing_local_folder(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        _load(tmp_path / "nope")
+
+
+def test_cancel_between_shards(tiny_checkpoint):
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(CancelledError):
+        _load(tiny_checkpoint, cancel=cancel)
+
+
+def test_bf16_load_casts_everything(tiny_checkpoint):
+    loaded = load_pretrained(tiny_checkpoint, dtype="bf16", device="cpu", progress=False)
+    assert loaded.dtype == torch.bfloat16
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
+    assert loaded.model.model.rotary_emb.inv_freq.dtype == torch.float32  # RoPE tables stay fp32
+
+
+def test_dtype_names():
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu) == torch.float32
+    assert resolve_dtype("fp16", cpu) == torch.float16
+    assert resolve_dtype("bfloat16", cpu) == torch.bfloat16
+    assert resolve_dtype(torch.float32, cpu) == torch.float32
+    with pytest.raises(ValueError):
+        resolve_dtype("int8", cpu)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_unavailable_device_and_quantization(tiny_checkpoint):
+    with pytest.raises(DeviceError, match="CUDA is not available"):
+        load_pretrained(tiny_checkpoint, device="cuda", progress=False)
+    with pytest.raises(DeviceError, match="needs a CUDA GPU"):
+        load_pretrained(tiny_checkpoint, device="cpu", quantization="8bit", progress=False)
+    with pytest.raises(ValueError, match="quantization"):
+        load_pretrained(tiny_checkpoint, device="cpu", quantization="3bit", progress=False)
+    with pytest.raises(DeviceError):
+        load_pretrained(tiny_checkpoint, device="tpu", progress=False)

@@ -293,5 +293,15 @@ def make_tiny_checkpoint(
     _write_json(folder / "special_tokens_map.json", specials)
 
     model = random_model(XComposer2Config.from_dict(config_dict), seed)
+    # Random weights tend to lock onto one token; were it a control or byte piece the decoded answer would
+    # be empty or invisible. Zeroing the output rows of unk/bos/eos, the turn markers and the byte-fallback
+    # pieces keeps their logit at 0 while hundreds of word pieces compete, so the tiny model answers in
+    # visible text and stops at max_new_tokens (tests that need a stop token force one).
+    control_ids = [
+        i for i in range(sp.get_piece_size()) if sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i)
+    ]
+    control_ids += [sp.piece_to_id(t) for t in (IM_END, IM_START)]
+    with torch.no_grad():
+        model.output.weight[control_ids] = 0.0
     write_weights(model.state_dict(), folder, format=format, shards=shards)
     return folder

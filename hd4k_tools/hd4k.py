@@ -1,0 +1,482 @@
+"""``HD4K``: the one object users hold.
+
+It turns sources (paths, bytes, URLs, data URLs, PIL images, PDFs) into safe images, picks an HD-N
+budget per task, runs a :class:`~hd4k_tools.runner.Runner` (the native model in process, or a remote
+OpenAI-compatible server) and returns pydantic results. Every method has an async twin (``a`` prefix)
+and a streaming twin (``stream_`` / ``astream_`` prefix).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
+
+from PIL import Image
+
+from hd4k_tools.errors import InputError
+from hd4k_tools.generation import GenerationConfig
+from hd4k_tools.imaging import ImagePolicy, ImageSource, load_image, read_source_bytes
+from hd4k_tools.runner import GenerationRequest, LocalRunner, Message, Runner, RunnerResult, TextStream
+from hd4k_tools.tasks import (
+    TABLE_PROMPT,
+    TASKS,
+    ChartResult,
+    DocumentResult,
+    TaskResult,
+    TaskSpec,
+    chart_prompt,
+    describe_prompt,
+    document_prompt,
+    parse_table,
+)
+from hd4k_tools.tiling import HDNum, resolve_hd_num
+
+T = TypeVar("T")
+GenerationArg = GenerationConfig | Mapping[str, Any] | None
+
+# Tokens kept free for the prompt text when hd_num="auto" picks the image budget.
+_TEXT_MARGIN = 256
+
+
+class HD4K:
+    """High-resolution document, chart and image understanding over one runner.
+
+    >>> hd = HD4K.from_pretrained("internlm/internlm-xcomposer2-4khd-7b")   # doctest: +SKIP
+    >>> hd.describe_image("photo.jpg").text                                 # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        runner: Runner,
+        *,
+        policy: ImagePolicy | None = None,
+        dpi: int = 200,
+        max_pdf_pages: int = 200,
+    ) -> None:
+        self.runner = runner
+        self.policy = policy or ImagePolicy()
+        self.dpi = dpi
+        self.max_pdf_pages = max_pdf_pages
+
+    # -- construction ------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_hub_id: str,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        quantization: str | None = None,
+        policy: ImagePolicy | None = None,
+        progress: bool | None = None,
+        cache_bytes: int = 1 << 30,
+        **kwargs: Any,
+    ) -> HD4K:
+        """Load the native model from a checkpoint folder or a hub id (downloaded where there is
+        internet; offline, the error says how to fetch the weights and pass the folder)."""
+        runner = LocalRunner.from_pretrained(
+            str(path_or_hub_id),
+            device=device,
+            dtype=dtype,
+            quantization=quantization,
+            progress=progress,
+            cache_bytes=cache_bytes,
+        )
+        return cls(runner, policy=policy, **kwargs)
+
+    @classmethod
+    def remote(
+        cls,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        *,
+        policy: ImagePolicy | None = None,
+        **kwargs: Any,
+    ) -> HD4K:
+        """Use an OpenAI-compatible chat-completions server (``hd4k serve``, LMDeploy, vLLM, SGLang)."""
+        from hd4k_tools.remote import RemoteRunner
+
+        runner_kwargs = {k: v for k, v in kwargs.items() if k not in ("dpi", "max_pdf_pages")}
+        own = {k: v for k, v in kwargs.items() if k in ("dpi", "max_pdf_pages")}
+        return cls(RemoteRunner(base_url, model, api_key=api_key, **runner_kwargs), policy=policy, **own)
+
+    @property
+    def model_id(self) -> str:
+        return self.runner.model_id
+
+    def close(self) -> None:
+        self.runner.close()
+
+    def __enter__(self) -> HD4K:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- building requests -------------------------------------------------------------------------
+    def _generation(self, spec: TaskSpec, generation: GenerationArg) -> GenerationConfig:
+        base = GenerationConfig(max_new_tokens=spec.max_new_tokens, num_beams=spec.num_beams)
+        if generation is None:
+            return base
+        if isinstance(generation, GenerationConfig):
+            return generation
+        try:
+            return dataclasses.replace(base, **dict(generation))
+        except TypeError as err:
+            raise InputError(f"Unknown generation option: {err}. Valid: {list(base.__dataclass_fields__)}") from err
+
+    def _hd_num(self, hd_num: HDNum | None, image: Image.Image, spec: TaskSpec, gen: GenerationConfig) -> int:
+        budget = self.runner.context_length - gen.max_new_tokens - _TEXT_MARGIN
+        return resolve_hd_num(hd_num, image.width, image.height, default=spec.default_hd_num, max_tokens=budget)
+
+    def load(self, source: ImageSource, policy: ImagePolicy | None = None) -> Image.Image:
+        """Load ``source`` as an RGB image under ``policy`` (default: this object's policy)."""
+        return load_image(source, policy=policy or self.policy)
+
+    def _image_request(
+        self,
+        spec: TaskSpec,
+        image: Image.Image,
+        prompt: str,
+        hd_num: HDNum | None,
+        generation: GenerationArg,
+    ) -> GenerationRequest:
+        gen = self._generation(spec, generation)
+        n = self._hd_num(hd_num, image, spec, gen)
+        return GenerationRequest(
+            messages=(Message.user(image, prompt),), hd_nums=(n,), generation=gen, layout=spec.layout
+        )
+
+    @staticmethod
+    def _result(cls_: type[T], task: str, out: RunnerResult, **extra: Any) -> T:
+        return cls_(  # type: ignore[call-arg]
+            task=task,
+            text=out.text,
+            model=out.model,
+            hd_num=out.plans[0].hd_num if out.plans else None,
+            plans=out.plans,
+            usage=out.usage,
+            timings=out.timings,
+            finish_reason=out.finish_reason,
+            **extra,
+        )
+
+    # -- describe_image ----------------------------------------------------------------------------
+    def _describe_request(self, source, detail, hd_num, generation, policy):
+        spec = TASKS["describe_image"]
+        return self._image_request(spec, self.load(source, policy), describe_prompt(detail), hd_num, generation)
+
+    def describe_image(
+        self,
+        source: ImageSource,
+        *,
+        detail: str = "detailed",
+        hd_num: HDNum | None = None,
+        generation: GenerationArg = None,
+        policy: ImagePolicy | None = None,
+        cancel: threading.Event | None = None,
+    ) -> TaskResult:
+        """Describe an image (``detail="detailed"`` or ``"brief"``); default hd_num 16."""
+        request = self._describe_request(source, detail, hd_num, generation, policy)
+        return self._result(TaskResult, "describe_image", self.runner.generate(request, cancel=cancel))
+
+    def stream_describe_image(
+        self,
+        source: ImageSource,
+        *,
+        detail: str = "detailed",
+        hd_num: HDNum | None = None,
+        generation: GenerationArg = None,
+        policy: ImagePolicy | None = None,
+        cancel: threading.Event | None = None,
+    ) -> TextStream:
+        """Text deltas of :meth:`describe_image`."""
+        return self.runner.stream(self._describe_request(source, detail, hd_num, generation, policy), cancel=cancel)
+
+    # -- answer_chart_question ---------------------------------------------------------------------
+    def _chart_request(self, source, question, hd_num, generation, extract_table, policy):
+        spec = TASKS["answer_chart_question"]
+        if extract_table:
+            # A table is longer than a VQA answer: give it room unless the caller decided.
+            prompt = f"{TABLE_PROMPT}\n{question}".strip()
+            if not isinstance(generation, GenerationConfig):
+                generation = {"max_new_tokens": 512, **(generation or {})}
+        else:
+            prompt = chart_prompt(question)
+        return self._image_request(spec, self.load(source, policy), prompt, hd_num, generation)
+
+    def answer_chart_question(
+        self,
+        source: ImageSource,
+        question: str = "",
+        *,
+        hd_num: HDNum | None = None,
+        extract_table: bool = False,
+        generation: GenerationArg = None,
+        policy: ImagePolicy | None = None,
+        cancel: threading.Event | None = None,
+    ) -> ChartResult:
+        """Answer a question about a chart (default hd_num 25, the authors' VQA prompt).
+
+        With ``extract_table=True`` the model is asked for the chart's data as a Markdown table, parsed
+        into :attr:`ChartResult.table` (``TableParseError`` if the answer is not a table); the question
+        may then be empty.
+        """
+        if not extract_table and not question.strip():
+            raise InputError("The chart question is empty; pass the question to answer about the chart.")
+        request = self._chart_request(source, question, hd_num, generation, extract_table, policy)
+        out = self.runner.generate(request, cancel=cancel)
+        table = parse_table(out.text) if extract_table else None
+        return self._result(ChartResult, "answer_chart_question", out, question=question, table=table)
+
+    def stream_answer_chart_question(
+        self,
+        source: ImageSource,
+        question: str,
+        *,
+        hd_num: HDNum | None = None,
+        generation: GenerationArg = None,
+        policy: ImagePolicy | None = None,
+        cancel: threading.Event | None = None,
+    ) -> TextStream:
+        """Text deltas of :meth:`answer_chart_question`."""
+        request = self._chart_request(source, question, hd_num, generation, False, policy)
+        return self.runner.stream(request, cancel=cancel)
+
+    # -- read_document -----------------------------------------------------------------------------
+    def _document_pages(
+        self,
+        source: ImageSource,
+        pages: Any,
+        dpi: int | None,
+        progress: bool | None,
+        cancel: threading.Event | None,
+        policy: ImagePolicy | None = None,
+        max_pages: int | None = None,
+    ) -> tuple[str, Iterator[tuple[int | None, Image.Image]]]:
+        """(source name, iterator of (page number or None, image)) for an image or a PDF."""
+        policy = policy or self.policy
+        if isinstance(source, Image.Image):
+            return "<image>", iter([(None, self.load(source, policy))])
+        raw = read_source_bytes(source, policy=policy)
+        if raw.kind == "pdf":
+            from hd4k_tools.pdf import render_pages
+
+            rendered = render_pages(
+                raw,
+                pages=pages,
+                dpi=dpi or self.dpi,
+                policy=policy,
+                max_pages=max_pages or self.max_pdf_pages,
+                progress=progress,
+                cancel=cancel,
+            )
+            return raw.name, ((p.number, p.image) for p in rendered)
+        if pages not in (None, 1, "1", [1], (1,)):
+            raise InputError(f"pages={pages!r} was given but {raw.name} is a single image, not a PDF.")
+        return raw.name, iter([(None, load_image(raw, policy=policy))])
+
+    def read_document(
+        self,
+        source: ImageSource,
+        *,
+        pages: Any = None,
+        hd_num: HDNum | None = None,
+        output: str = "markdown",
+        dpi: int | None = None,
+        progress: bool | None = None,
+        generation: GenerationArg = None,
+        policy: ImagePolicy | None = None,
+        max_pages: int | None = None,
+        cancel: threading.Event | None = None,
+    ) -> DocumentResult:
+        """Transcribe a document image or PDF (one result per page; default hd_num 55).
+
+        ``pages`` selects PDF pages (1-based: ``3``, ``"1-3,5"``, ``[1, 2]``); PDFs render at ``dpi``
+        (default 200) with a progress bar when interactive (``progress=False`` turns it off).
+        """
+        spec = TASKS["read_document"]
+        prompt = document_prompt(output)
+        name, page_iter = self._document_pages(source, pages, dpi, progress, cancel, policy, max_pages)
+        results = []
+        for number, image in page_iter:
+            request = self._image_request(spec, image, prompt, hd_num, generation)
+            out = self.runner.generate(request, cancel=cancel)
+            results.append(self._result(TaskResult, "read_document", out, page=number, source=name))
+        return DocumentResult(source=name, pages=results)
+
+    def stream_read_document(
+        self,
+        source: ImageSource,
+        *,
+        pages: Any = None,
+        hd_num: HDNum | None = None,
+        output: str = "markdown",
+        dpi: int | None = None,
+        progress: bool | None = None,
+        generation: GenerationArg = None,
+        policy: ImagePolicy | None = None,
+        max_pages: int | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[str]:
+        """Text deltas of :meth:`read_document`, pages separated by a blank line."""
+        spec = TASKS["read_document"]
+        prompt = document_prompt(output)
+        _, page_iter = self._document_pages(source, pages, dpi, progress, cancel, policy, max_pages)
+        for i, (_, image) in enumerate(page_iter):
+            if i:
+                yield "\n\n"
+            stream = self.runner.stream(self._image_request(spec, image, prompt, hd_num, generation), cancel=cancel)
+            try:
+                yield from stream
+            finally:
+                stream.close()
+
+    # -- chat --------------------------------------------------------------------------------------
+    def _chat_request(
+        self,
+        prompt: str,
+        images: Sequence[ImageSource],
+        hd_num: HDNum | Sequence[HDNum] | None,
+        history: Sequence[tuple[str, str]],
+        system: str | None,
+        generation: GenerationArg,
+        policy: ImagePolicy | None = None,
+    ) -> GenerationRequest:
+        loaded = [self.load(s, policy) for s in images]
+        messages: list[Message] = []
+        if system is not None:
+            messages.append(Message("system", (system,)))
+        for q, a in history:
+            messages.append(Message("user", (q,)))
+            messages.append(Message("assistant", (a,)))
+        messages.append(Message("user", (*loaded, prompt)))
+        return self.build_request(messages, hd_num=hd_num, generation=generation)
+
+    def build_request(
+        self,
+        messages: Sequence[Message],
+        *,
+        hd_num: HDNum | Sequence[HDNum] | None = None,
+        generation: GenerationArg = None,
+    ) -> GenerationRequest:
+        """A chat request from messages whose images are already loaded (integrations use this).
+
+        ``hd_num`` is one value for every image or one per image; ``"auto"`` shares the context left
+        after the answer between the images.
+        """
+        spec = TASKS["chat"]
+        gen = self._generation(spec, generation)
+        images = [img for m in messages for img in m.images]
+        if isinstance(hd_num, (list, tuple)):
+            if len(hd_num) != len(images):
+                raise InputError(f"{len(hd_num)} hd_num values for {len(images)} images; give one per image.")
+            hd_list = list(hd_num)
+        else:
+            hd_list = [hd_num] * len(images)
+        budget = (self.runner.context_length - gen.max_new_tokens - _TEXT_MARGIN) // max(1, len(images))
+        resolved = tuple(
+            resolve_hd_num(h, im.width, im.height, default=spec.default_hd_num, max_tokens=budget)
+            for h, im in zip(hd_list, images, strict=True)
+        )
+        return GenerationRequest(messages=tuple(messages), hd_nums=resolved, generation=gen, layout=spec.layout)
+
+    def chat(
+        self,
+        prompt: str,
+        images: Sequence[ImageSource] = (),
+        *,
+        hd_num: HDNum | Sequence[HDNum] | None = None,
+        history: Sequence[tuple[str, str]] = (),
+        system: str | None = None,
+        generation: GenerationArg = None,
+        policy: ImagePolicy | None = None,
+        cancel: threading.Event | None = None,
+    ) -> TaskResult:
+        """A free prompt with any number of images (placed before the prompt), in the official chat
+        format. ``system=None`` uses the model's default meta instruction; ``system=""`` none."""
+        request = self._chat_request(prompt, images, hd_num, history, system, generation, policy)
+        return self._result(TaskResult, "chat", self.runner.generate(request, cancel=cancel))
+
+    def stream_chat(
+        self,
+        prompt: str,
+        images: Sequence[ImageSource] = (),
+        *,
+        hd_num: HDNum | Sequence[HDNum] | None = None,
+        history: Sequence[tuple[str, str]] = (),
+        system: str | None = None,
+        generation: GenerationArg = None,
+        policy: ImagePolicy | None = None,
+        cancel: threading.Event | None = None,
+    ) -> TextStream:
+        """Text deltas of :meth:`chat`."""
+        request = self._chat_request(prompt, images, hd_num, history, system, generation, policy)
+        return self.runner.stream(request, cancel=cancel)
+
+    def run(self, request: GenerationRequest, *, cancel: threading.Event | None = None) -> RunnerResult:
+        """Run a prepared request (integrations use this for multi-turn conversations)."""
+        return self.runner.generate(request, cancel=cancel)
+
+    # -- async twins -------------------------------------------------------------------------------
+    async def adescribe_image(self, source: ImageSource, **kwargs: Any) -> TaskResult:
+        return await _in_thread(lambda cancel: self.describe_image(source, cancel=cancel, **kwargs))
+
+    async def aanswer_chart_question(self, source: ImageSource, question: str = "", **kwargs: Any) -> ChartResult:
+        return await _in_thread(lambda cancel: self.answer_chart_question(source, question, cancel=cancel, **kwargs))
+
+    async def aread_document(self, source: ImageSource, **kwargs: Any) -> DocumentResult:
+        return await _in_thread(lambda cancel: self.read_document(source, cancel=cancel, **kwargs))
+
+    async def achat(self, prompt: str, images: Sequence[ImageSource] = (), **kwargs: Any) -> TaskResult:
+        return await _in_thread(lambda cancel: self.chat(prompt, images, cancel=cancel, **kwargs))
+
+    async def arun(self, request: GenerationRequest) -> RunnerResult:
+        return await _in_thread(lambda cancel: self.run(request, cancel=cancel))
+
+    def astream_describe_image(self, source: ImageSource, **kwargs: Any) -> AsyncIterator[str]:
+        return _aiter_stream(lambda cancel: self.stream_describe_image(source, cancel=cancel, **kwargs))
+
+    def astream_answer_chart_question(self, source: ImageSource, question: str, **kwargs: Any) -> AsyncIterator[str]:
+        return _aiter_stream(
+            lambda cancel: self.stream_answer_chart_question(source, question, cancel=cancel, **kwargs)
+        )
+
+    def astream_read_document(self, source: ImageSource, **kwargs: Any) -> AsyncIterator[str]:
+        return _aiter_stream(lambda cancel: self.stream_read_document(source, cancel=cancel, **kwargs))
+
+    def astream_chat(self, prompt: str, images: Sequence[ImageSource] = (), **kwargs: Any) -> AsyncIterator[str]:
+        return _aiter_stream(lambda cancel: self.stream_chat(prompt, images, cancel=cancel, **kwargs))
+
+
+async def _in_thread(call: Callable[[threading.Event], T]) -> T:
+    """Run ``call(cancel)`` in a worker thread; cancelling the awaiting task sets ``cancel``, so the
+    model call stops between two tokens instead of running on unseen."""
+    cancel = threading.Event()
+    task = asyncio.ensure_future(asyncio.to_thread(call, cancel))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        cancel.set()
+        raise
+
+
+async def _aiter_stream(open_stream: Callable[[threading.Event], Iterator[str]]) -> AsyncIterator[str]:
+    cancel = threading.Event()
+    stream = await asyncio.to_thread(open_stream, cancel)
+    done = object()
+    try:
+        while True:
+            delta = await asyncio.to_thread(next, stream, done)
+            if delta is done:
+                return
+            yield delta  # type: ignore[misc]
+    finally:
+        cancel.set()
+        close = getattr(stream, "close", None)
+        if close is not None:
+            await asyncio.to_thread(close)

@@ -1,0 +1,291 @@
+"""The three tasks (read document, answer chart question, describe image) and free chat.
+
+Each task is one prompt template, a default ``hd_num`` and generation settings taken from the authors'
+evaluation where one exists, and a pydantic result carrying the answer with what produced it (hd_num,
+tile plan, token usage, timings, model id, page number).
+
+Sources for the prompts and settings (see ``../shared/spec/ixc2_4khd.md`` §4):
+- VQA prompt ``"Answer the question using a single word or phrase."`` + question, greedy, 3 beams,
+  100 new tokens, image before the user turn, no system prompt: VLMEvalKit ``xcomposer2_4KHD.py``
+  (``build_prompt`` / ``model_gen``), written by the 4KHD authors.
+- hd_num per dataset in that evaluation: documents (DocVQA/InfoVQA/OCRBench) 55, charts and everything
+  else 25, general images (MMBench/MM-Vet/MMMU) 16.
+- ``"Illustrate the fine details present in the image"`` with 3 beams and greedy decoding: the
+  InternLM-XComposer README example for this checkpoint.
+There is no published transcription prompt; ours is marked as our own below.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from hd4k_tools.errors import InputError, TableParseError
+
+TaskName = Literal["read_document", "answer_chart_question", "describe_image", "chat"]
+Layout = Literal["chat", "eval"]
+DocumentOutput = Literal["markdown", "text"]
+Detail = Literal["brief", "detailed"]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Defaults of one task: hd_num, prompt layout and generation settings."""
+
+    name: TaskName
+    default_hd_num: int
+    layout: Layout
+    max_new_tokens: int
+    num_beams: int
+
+
+TASKS: dict[str, TaskSpec] = {
+    # Documents: hd 55 as for DocVQA-val/InfoVQA/OCRBench. Transcriptions are long, so one beam.
+    "read_document": TaskSpec("read_document", 55, "eval", max_new_tokens=1024, num_beams=1),
+    # Charts: hd 25, VQA settings of the authors' evaluation (3 beams, 100 new tokens).
+    "answer_chart_question": TaskSpec("answer_chart_question", 25, "eval", max_new_tokens=100, num_beams=3),
+    # General images: hd 16; the README example decodes greedily with 3 beams.
+    "describe_image": TaskSpec("describe_image", 16, "chat", max_new_tokens=512, num_beams=3),
+    "chat": TaskSpec("chat", 25, "chat", max_new_tokens=512, num_beams=1),
+}
+
+VQA_PREFIX = "Answer the question using a single word or phrase."
+
+# Our own prompts (no published transcription/table prompt exists for this checkpoint).
+DOCUMENT_PROMPTS: dict[str, str] = {
+    "markdown": (
+        "Transcribe all the text in this document as Markdown, in reading order. Keep headings, "
+        "lists and tables (as Markdown tables). Do not summarise or add anything."
+    ),
+    "text": "Transcribe all the text in this document as plain text, in reading order. Do not summarise.",
+}
+DESCRIBE_PROMPTS: dict[str, str] = {
+    "detailed": "Illustrate the fine details present in the image",  # IXC README example prompt
+    "brief": "Describe the image in one or two sentences.",
+}
+TABLE_PROMPT = (
+    "Convert the chart into a data table in Markdown format. The first row is the header "
+    "(the category label, then one column per data series); one row per category."
+)
+
+
+def document_prompt(output: str) -> str:
+    """The transcription prompt for ``output`` ("markdown" or "text")."""
+    try:
+        return DOCUMENT_PROMPTS[output]
+    except KeyError:
+        raise InputError(f"output={output!r} is not supported; use 'markdown' or 'text'.") from None
+
+
+def chart_prompt(question: str) -> str:
+    """The authors' VQA prompt: the fixed prefix directly followed by the question (VLMEvalKit)."""
+    question = question.strip()
+    if not question:
+        raise InputError("The chart question is empty; pass the question to answer about the chart.")
+    return f"{VQA_PREFIX}{question}"
+
+
+def describe_prompt(detail: str) -> str:
+    """The description prompt for ``detail`` ("detailed" or "brief")."""
+    try:
+        return DESCRIBE_PROMPTS[detail]
+    except KeyError:
+        raise InputError(f"detail={detail!r} is not supported; use 'detailed' or 'brief'.") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Results
+# ----------------------------------------------------------------------------------------------------
+class PlanSummary(BaseModel):
+    """The HD-N plan of one image, as reported in results."""
+
+    model_config = ConfigDict(frozen=True)
+
+    hd_num: int
+    rows: int
+    cols: int
+    num_tiles: int
+    image_tokens: int
+    input_size: tuple[int, int]
+    padded_size: tuple[int, int]
+
+    @property
+    def grid(self) -> str:
+        return f"{self.rows}x{self.cols}"
+
+    @classmethod
+    def from_plan(cls, plan: object) -> PlanSummary:
+        """Build from a :class:`hd4k_tools.tiling.HDPlan`."""
+        return cls(
+            hd_num=plan.hd_num,  # type: ignore[attr-defined]
+            rows=plan.rows,  # type: ignore[attr-defined]
+            cols=plan.cols,  # type: ignore[attr-defined]
+            num_tiles=plan.num_tiles,  # type: ignore[attr-defined]
+            image_tokens=plan.num_tokens,  # type: ignore[attr-defined]
+            input_size=(plan.width, plan.height),  # type: ignore[attr-defined]
+            padded_size=tuple(plan.padded_size),  # type: ignore[attr-defined]
+        )
+
+
+class Timings(BaseModel):
+    """Where the time went, in seconds (``decode_tokens_per_s`` in tokens per second)."""
+
+    load_s: float = 0.0
+    vision_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_tokens_per_s: float = 0.0
+    total_s: float = 0.0
+    vision_cache_hits: int = 0
+
+
+class Usage(BaseModel):
+    """Token counts; ``prompt_tokens`` includes ``image_tokens``."""
+
+    prompt_tokens: int = 0
+    image_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class TaskResult(BaseModel):
+    """The answer of one model call and what produced it."""
+
+    task: str
+    text: str
+    model: str
+    hd_num: int | None = None
+    plans: list[PlanSummary] = Field(default_factory=list)
+    usage: Usage = Field(default_factory=Usage)
+    timings: Timings = Field(default_factory=Timings)
+    finish_reason: str = "stop"
+    page: int | None = None
+    source: str | None = None
+
+    @property
+    def plan(self) -> PlanSummary | None:
+        """The plan of the first image (most tasks have exactly one)."""
+        return self.plans[0] if self.plans else None
+
+    def __str__(self) -> str:
+        return self.text
+
+    def _repr_html_(self) -> str:
+        rows = [("task", self.task), ("model", self.model)]
+        if self.page is not None:
+            rows.append(("page", str(self.page)))
+        for p in self.plans:
+            rows.append(("plan", f"HD-{p.hd_num}: {p.grid} tiles + global, {p.image_tokens} image tokens"))
+        t = self.timings
+        rows.append(
+            (
+                "timings",
+                f"vision {t.vision_s:.2f} s · prefill {t.prefill_s:.2f} s · "
+                f"decode {t.decode_s:.2f} s ({t.decode_tokens_per_s:.1f} tok/s)",
+            )
+        )
+        rows.append(
+            (
+                "tokens",
+                f"{self.usage.prompt_tokens} in ({self.usage.image_tokens} image) · {self.usage.completion_tokens} out",
+            )
+        )
+        cells = "".join(
+            f"<tr><th style='text-align:left;padding-right:1em'>{html.escape(k)}</th>"
+            f"<td style='text-align:left'>{html.escape(v)}</td></tr>"
+            for k, v in rows
+        )
+        answer = html.escape(self.text).replace("\n", "<br>")
+        return (
+            "<div class='hd4k-result'>"
+            f"<div style='border-left:3px solid #4a7;padding:4px 8px;margin-bottom:6px'>{answer}</div>"
+            f"<table style='font-size:smaller'>{cells}</table></div>"
+        )
+
+
+class ChartTable(BaseModel):
+    """A chart's data as parsed from the model's Markdown table."""
+
+    columns: list[str]
+    rows: list[list[str]]
+
+    def as_dicts(self) -> list[dict[str, str]]:
+        """One dict per row, keyed by column name."""
+        return [dict(zip(self.columns, row, strict=True)) for row in self.rows]
+
+
+class ChartResult(TaskResult):
+    """Answer to a chart question, and the data table when ``extract_table=True``."""
+
+    question: str = ""
+    table: ChartTable | None = None
+
+
+class DocumentResult(BaseModel):
+    """A transcribed document: one :class:`TaskResult` per page (one page for an image)."""
+
+    source: str
+    pages: list[TaskResult]
+
+    @property
+    def text(self) -> str:
+        """All pages' text, separated by blank lines."""
+        return "\n\n".join(p.text for p in self.pages)
+
+    def __str__(self) -> str:
+        return self.text
+
+    def _repr_html_(self) -> str:
+        parts = [f"<h4>{html.escape(self.source)} — {len(self.pages)} page(s)</h4>"]
+        parts.extend(p._repr_html_() for p in self.pages)
+        return "".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Table parsing for ``extract_table=True``
+# ----------------------------------------------------------------------------------------------------
+_SEPARATOR_CELL = re.compile(r"^:?-{2,}:?$")
+
+
+def _split_row(line: str) -> list[str]:
+    line = line.strip()
+    if line.startswith("|"):
+        line = line[1:]
+    if line.endswith("|"):
+        line = line[:-1]
+    return [cell.strip() for cell in line.split("|")]
+
+
+def parse_table(text: str) -> ChartTable:
+    """Parse the first Markdown table (or ``|``-separated block) in ``text``.
+
+    Raises :class:`TableParseError` when there is no table with a header and at least one data row,
+    or when rows have inconsistent widths.
+    """
+    lines = [ln for ln in text.splitlines() if ln.count("|") >= 1 and ln.strip()]
+    if len(lines) < 2:
+        raise TableParseError(
+            "The model's answer is not a table (no '|'-separated rows found). "
+            f"Answer was: {text[:200]!r}. Retry with a larger hd_num or ask a question instead."
+        )
+    rows = [_split_row(ln) for ln in lines]
+    header, body = rows[0], rows[1:]
+    if body and all(_SEPARATOR_CELL.match(c) for c in body[0] if c):
+        body = body[1:]
+    if not body:
+        raise TableParseError(f"The model's table has a header but no data rows: {text[:200]!r}.")
+    width = len(header)
+    bad = [i for i, r in enumerate(body) if len(r) != width]
+    if bad:
+        raise TableParseError(
+            f"The model's table has rows of different widths (header has {width} columns, "
+            f"rows {bad[:5]} differ): {text[:200]!r}."
+        )
+    return ChartTable(columns=header, rows=body)

@@ -42,6 +42,9 @@ _EXPORTS: dict[str, str] = {
     "ImageSource": "hd4k_tools.imaging",
     "make_tiny_checkpoint": "hd4k_tools.testing",
     "resolve_hd_num": "hd4k_tools.tiling",
+    "page_count": "hd4k_tools.pdf",
+    "parse_page_range": "hd4k_tools.pdf",
+    "render_pages": "hd4k_tools.pdf",
     "AgentTools": "hd4k_tools.agent_tools",
     "ToolSettings": "hd4k_tools.agent_tools",
     "ToolAnswer": "hd4k_tools.agent_tools",
@@ -91,6 +94,7 @@ if TYPE_CHECKING:  # pragma: no cover
         read_source_bytes,
         to_data_url,
     )
+    from hd4k_tools.pdf import page_count, parse_page_range, render_pages
     from hd4k_tools.remote import RemoteRunner
     from hd4k_tools.runner import GenerationRequest, LocalRunner, Message, Runner, RunnerResult, TextStream
     from hd4k_tools.tasks import TASKS, ChartResult, ChartTable, DocumentResult, PlanSummary, TaskResult, Timings, Usage

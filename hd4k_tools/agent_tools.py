@@ -120,6 +120,19 @@ class ToolSettings(BaseModel):
     max_bytes: int = 32 * 2**20
     max_pdf_pages: int = 20
     url_timeout: float = 10.0
+    max_new_tokens: int | None = Field(
+        default=None, ge=1, description="Cap on the answer length of every tool call (None: the task's default)."
+    )
+    num_beams: int | None = Field(default=None, ge=1, description="Beams per tool call (None: the task's default).")
+
+    def generation(self) -> dict[str, int]:
+        """Generation overrides for tool calls (bounded latency per agent step)."""
+        out: dict[str, int] = {}
+        if self.max_new_tokens is not None:
+            out["max_new_tokens"] = self.max_new_tokens
+        if self.num_beams is not None:
+            out["num_beams"] = self.num_beams
+        return out
 
     def image_policy(self) -> ImagePolicy:
         """The :class:`ImagePolicy` that enforces these settings."""
@@ -227,6 +240,7 @@ class AgentTools:
         self.settings = settings or ToolSettings()
         self.registry = registry if registry is not None else ImageRegistry()
         self._policy = self.settings.image_policy()
+        self._generation = self.settings.generation() or None
 
     def _source(self, image: str) -> ImageSource:
         return resolve_image_argument(image, self.settings, self.registry)
@@ -240,6 +254,7 @@ class AgentTools:
             policy=self._policy,
             max_pages=self.settings.max_pdf_pages,
             progress=False,
+            generation=self._generation,
         )
         if len(result.pages) == 1:
             content = result.pages[0].text
@@ -249,12 +264,16 @@ class AgentTools:
 
     def answer_chart_question(self, image: str, question: str, hd_num: int | None = None) -> ToolAnswer:
         """Answer a question about a chart (the chart-question tool)."""
-        result = self.hd.answer_chart_question(self._source(image), question, hd_num=hd_num, policy=self._policy)
+        result = self.hd.answer_chart_question(
+            self._source(image), question, hd_num=hd_num, policy=self._policy, generation=self._generation
+        )
         return ToolAnswer(content=result.text, result=result)
 
     def describe_image(self, image: str, detail: str = "detailed", hd_num: int | None = None) -> ToolAnswer:
         """Describe an image (the describe-image tool)."""
-        result = self.hd.describe_image(self._source(image), detail=detail, hd_num=hd_num, policy=self._policy)
+        result = self.hd.describe_image(
+            self._source(image), detail=detail, hd_num=hd_num, policy=self._policy, generation=self._generation
+        )
         return ToolAnswer(content=result.text, result=result)
 
     def call(self, name: str, **arguments: Any) -> ToolAnswer:

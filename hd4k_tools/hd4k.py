@@ -31,6 +31,7 @@ from hd4k_tools.tasks import (
     describe_prompt,
     document_prompt,
     parse_table,
+    thumbnail_data_url,
 )
 from hd4k_tools.tiling import HDNum, resolve_hd_num
 
@@ -152,8 +153,10 @@ class HD4K:
         )
 
     @staticmethod
-    def _result(cls_: type[T], task: str, out: RunnerResult, **extra: Any) -> T:
+    def _result(cls_: type[T], task: str, out: RunnerResult, request: GenerationRequest, **extra: Any) -> T:
+        images = request.images
         return cls_(  # type: ignore[call-arg]
+            thumbnail=thumbnail_data_url(images[0]) if images else None,
             task=task,
             text=out.text,
             model=out.model,
@@ -182,7 +185,7 @@ class HD4K:
     ) -> TaskResult:
         """Describe an image (``detail="detailed"`` or ``"brief"``); default hd_num 16."""
         request = self._describe_request(source, detail, hd_num, generation, policy)
-        return self._result(TaskResult, "describe_image", self.runner.generate(request, cancel=cancel))
+        return self._result(TaskResult, "describe_image", self.runner.generate(request, cancel=cancel), request)
 
     def stream_describe_image(
         self,
@@ -231,7 +234,7 @@ class HD4K:
         request = self._chart_request(source, question, hd_num, generation, extract_table, policy)
         out = self.runner.generate(request, cancel=cancel)
         table = parse_table(out.text) if extract_table else None
-        return self._result(ChartResult, "answer_chart_question", out, question=question, table=table)
+        return self._result(ChartResult, "answer_chart_question", out, request, question=question, table=table)
 
     def stream_answer_chart_question(
         self,
@@ -260,25 +263,27 @@ class HD4K:
     ) -> tuple[str, Iterator[tuple[int | None, Image.Image]]]:
         """(source name, iterator of (page number or None, image)) for an image or a PDF."""
         policy = policy or self.policy
-        if isinstance(source, Image.Image):
-            return "<image>", iter([(None, self.load(source, policy))])
-        raw = read_source_bytes(source, policy=policy)
-        if raw.kind == "pdf":
-            from hd4k_tools.pdf import render_pages
+        if not isinstance(source, Image.Image):
+            raw = read_source_bytes(source, policy=policy)
+            if raw.kind == "pdf":
+                from hd4k_tools.pdf import render_pages
 
-            rendered = render_pages(
-                raw,
-                pages=pages,
-                dpi=dpi or self.dpi,
-                policy=policy,
-                max_pages=max_pages or self.max_pdf_pages,
-                progress=progress,
-                cancel=cancel,
-            )
-            return raw.name, ((p.number, p.image) for p in rendered)
+                rendered = render_pages(
+                    raw,
+                    pages=pages,
+                    dpi=dpi or self.dpi,
+                    policy=policy,
+                    max_pages=max_pages or self.max_pdf_pages,
+                    progress=progress,
+                    cancel=cancel,
+                )
+                return raw.name, ((p.number, p.image) for p in rendered)
+            name, source = raw.name, raw
+        else:
+            name = "<image>"
         if pages not in (None, 1, "1", [1], (1,)):
-            raise InputError(f"pages={pages!r} was given but {raw.name} is a single image, not a PDF.")
-        return raw.name, iter([(None, load_image(raw, policy=policy))])
+            raise InputError(f"pages={pages!r} was given but {name} is a single image, not a PDF.")
+        return name, iter([(None, self.load(source, policy))])
 
     def read_document(
         self,
@@ -306,7 +311,7 @@ class HD4K:
         for number, image in page_iter:
             request = self._image_request(spec, image, prompt, hd_num, generation)
             out = self.runner.generate(request, cancel=cancel)
-            results.append(self._result(TaskResult, "read_document", out, page=number, source=name))
+            results.append(self._result(TaskResult, "read_document", out, request, page=number, source=name))
         return DocumentResult(source=name, pages=results)
 
     def stream_read_document(
@@ -400,7 +405,7 @@ class HD4K:
         """A free prompt with any number of images (placed before the prompt), in the official chat
         format. ``system=None`` uses the model's default meta instruction; ``system=""`` none."""
         request = self._chat_request(prompt, images, hd_num, history, system, generation, policy)
-        return self._result(TaskResult, "chat", self.runner.generate(request, cancel=cancel))
+        return self._result(TaskResult, "chat", self.runner.generate(request, cancel=cancel), request)
 
     def stream_chat(
         self,

@@ -17,11 +17,14 @@ There is no published transcription prompt; ours is marked as our own below.
 
 from __future__ import annotations
 
+import base64
 import html
+import io
 import re
 from dataclasses import dataclass
 from typing import Literal
 
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from hd4k_tools.errors import InputError, TableParseError
@@ -168,6 +171,8 @@ class TaskResult(BaseModel):
     finish_reason: str = "stop"
     page: int | None = None
     source: str | None = None
+    thumbnail: str | None = Field(default=None, exclude=True, repr=False)
+    """A small JPEG data URL of the (first) image, for notebooks; not serialised."""
 
     @property
     def plan(self) -> PlanSummary | None:
@@ -203,8 +208,13 @@ class TaskResult(BaseModel):
             for k, v in rows
         )
         answer = html.escape(self.text).replace("\n", "<br>")
+        thumb = (
+            f"<img src='{self.thumbnail}' style='float:left;max-width:160px;margin-right:10px' alt='input'>"
+            if self.thumbnail
+            else ""
+        )
         return (
-            "<div class='hd4k-result'>"
+            f"<div class='hd4k-result' style='overflow:auto'>{thumb}"
             f"<div style='border-left:3px solid #4a7;padding:4px 8px;margin-bottom:6px'>{answer}</div>"
             f"<table style='font-size:smaller'>{cells}</table></div>"
         )
@@ -246,6 +256,15 @@ class DocumentResult(BaseModel):
         parts = [f"<h4>{html.escape(self.source)} — {len(self.pages)} page(s)</h4>"]
         parts.extend(p._repr_html_() for p in self.pages)
         return "".join(parts)
+
+
+def thumbnail_data_url(image: Image.Image, size: int = 160) -> str:
+    """A small JPEG data URL of ``image`` (for HTML display of results)."""
+    thumb = image.copy()
+    thumb.thumbnail((size, size))
+    buf = io.BytesIO()
+    thumb.convert("RGB").save(buf, "JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 # ----------------------------------------------------------------------------------------------------

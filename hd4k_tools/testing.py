@@ -158,7 +158,8 @@ def tiny_config_dict(vocab_size: int, overrides: dict[str, Any] | None = None) -
 def random_model(config: XComposer2Config, seed: int = 0) -> XComposer2ForCausalLM:
     """A float32 CPU model with deterministic random weights of a useful scale.
 
-    Matrices ~ N(0, 1/fan_in) (activations keep their scale, logits vary between tokens), norm weights
+    Matrices ~ N(0, 1/fan_in) (activations keep their scale, logits vary between tokens; the packed
+    ``wqkv`` 2x wider so answers depend on the image), norm weights
     ~ 1 + N(0, 0.1²), biases and other vectors ~ N(0, 0.1²), separators ~ N(0, 1). LoRA ``B`` is
     random (not the zero of training) so that Partial LoRA changes the image positions.
     """
@@ -170,6 +171,10 @@ def random_model(config: XComposer2Config, seed: int = 0) -> XComposer2ForCausal
         for name, p in model.named_parameters():
             if p.ndim >= 2 and "GN" not in name:
                 p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=gen)
+                if name.endswith("attention.wqkv.weight"):
+                    # Sharper attention: with unit-scale q/k, attention over thousands of image tokens is
+                    # near-uniform, averages them away, and every prompt gets the same answer.
+                    p.mul_(2.0)
             elif "GN" in name:
                 p.normal_(0.0, 1.0, generator=gen)
             elif "norm" in name and name.endswith("weight"):

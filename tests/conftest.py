@@ -47,3 +47,11 @@ def tiny_model(tiny_checkpoint):
     from hd4k_tools.models.xcomposer2_4khd import load_pretrained
 
     return load_pretrained(tiny_checkpoint, dtype="float32", device="cpu", progress=False)
+
+
+@pytest.fixture(scope="session")
+def hd4k_tiny(tiny_model):
+    """An :class:`hd4k_tools.HD4K` over the tiny model (shared; its runner serialises calls)."""
+    from hd4k_tools import HD4K, LocalRunner
+
+    return HD4K(LocalRunner(tiny_model, model_id="tiny-ixc2-4khd"))

@@ -95,3 +95,15 @@ def test_document_result_joins_pages() -> None:
     assert doc.pages[0].plan is not None and doc.pages[0].plan.grid == "3x7"
     # Results serialise to JSON for the CLI and the server.
     assert doc.model_dump()["pages"][1]["page"] == 2
+
+
+def test_thumbnail_is_shown_but_not_serialised() -> None:
+    from PIL import Image
+
+    from hd4k_tools.tasks import thumbnail_data_url
+
+    url = thumbnail_data_url(Image.new("RGB", (1000, 500), "red"))
+    assert url.startswith("data:image/jpeg;base64,")
+    result = _result(thumbnail=url)
+    assert url in result._repr_html_()
+    assert "thumbnail" not in result.model_dump()

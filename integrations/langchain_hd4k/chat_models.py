@@ -1,0 +1,749 @@
+"""``ChatHD4K``: InternLM-XComposer2-4KHD as a LangChain multimodal chat model."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import threading
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from typing import Any, Literal
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.language_models.chat_models import LangSmithParams
+from langchain_core.language_models.model_profile import ModelProfile
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    ChatMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+    convert_to_messages,
+)
+from langchain_core.messages.ai import UsageMetadata
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.prompt_values import PromptValue
+from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
+from langchain_core.utils.function_calling import convert_to_json_schema
+from PIL import Image
+from pydantic import AliasChoices, BaseModel, Field, TypeAdapter, ValidationError, field_validator
+
+from hd4k_tools import (
+    HD4K,
+    GenerationRequest,
+    ImagePolicy,
+    InputError,
+    Message,
+    OutputParseError,
+    Runner,
+    RunnerResult,
+    errors,
+)
+
+# Per-call keyword arguments of invoke/stream that map onto GenerationConfig fields.
+_GENERATION_FIELDS = (
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "num_beams",
+    "do_sample",
+    "seed",
+)
+# Keyword arguments LangChain itself may forward to _generate/_stream; they carry no model option.
+_IGNORED_CALL_KWARGS = frozenset({"stream", "ls_structured_output_format", "structured_output_format"})
+
+
+def _coerce_hd(value: Any) -> HD4K:
+    if isinstance(value, HD4K):
+        return value
+    if isinstance(value, Runner):
+        return HD4K(value)
+    raise TypeError(
+        f"hd must be an hd4k_tools.HD4K (or a Runner), got {type(value).__name__}; build one with "
+        "HD4K.from_pretrained(path) or use ChatHD4K.from_pretrained(path)."
+    )
+
+
+class ChatHD4K(BaseChatModel):
+    """InternLM-XComposer2-4KHD (high-resolution document, chart and image understanding) as a
+    LangChain chat model.
+
+    Messages may carry images in any LangChain format, read through ``message.content_blocks``: v1
+    standard blocks (``{"type": "image", "base64": ..., "mime_type": ...}`` or ``"url"``), the older
+    ``source_type`` blocks and OpenAI ``image_url`` blocks. ``data:`` URLs always work; ``http(s)``
+    image URLs only with ``allow_image_urls=True`` (and private/loopback hosts only with
+    ``allow_private_urls=True``); local file paths are never read from messages. Each image is cut
+    into up to ``hd_num`` 336x336 tiles (``"auto"`` fits the context).
+
+    Multi-turn history (human/AI pairs) and system messages are supported (several system messages
+    are joined into one leading system prompt). ``hd_num`` and the generation options can be changed
+    per call, e.g. ``model.invoke(messages, hd_num=9, max_new_tokens=20)``. ``stop`` sequences cut
+    the answer. ``usage_metadata`` counts image tokens in ``input_tokens`` (also reported as
+    ``input_token_details["image"]``); ``response_metadata["hd4k"]`` holds the tile plans and timings.
+
+    Tool calling: the model has **no native tool calling**, so :meth:`bind_tools` raises
+    ``NotImplementedError``. To let an agent see documents and images, give a tool-calling LLM the
+    tools from :class:`langchain_hd4k.HD4KToolkit`. :meth:`with_structured_output` works through
+    JSON-constrained prompting (one retry with the validation error).
+
+    Example:
+        .. code-block:: python
+
+            from langchain_core.messages import HumanMessage
+            from langchain_hd4k import ChatHD4K
+
+            chat = ChatHD4K.from_pretrained("internlm/internlm-xcomposer2-4khd-7b", hd_num=16)
+            msg = HumanMessage(content_blocks=[
+                {"type": "text", "text": "What is the total on this invoice?"},
+                {"type": "image", "base64": b64_png, "mime_type": "image/png"},
+            ])
+            chat.invoke([msg]).text
+    """
+
+    hd: HD4K = Field(exclude=True)
+    """The :class:`hd4k_tools.HD4K` that runs the model (a bare ``Runner`` is wrapped)."""
+    model_name: str | None = Field(default=None, validation_alias=AliasChoices("model_name", "model"))
+    """Name reported in metadata and traces; defaults to the runner's model id."""
+    hd_num: int | Literal["auto"] | None = None
+    """Maximum tiles per image (1-100), ``"auto"`` to fit the context, ``None`` for the default (25)."""
+    max_new_tokens: int | None = Field(default=None, validation_alias=AliasChoices("max_new_tokens", "max_tokens"))
+    """Most tokens to generate (``None``: 512)."""
+    temperature: float | None = None
+    """Sampling temperature; ``0`` means greedy. A positive value turns sampling on unless
+    ``do_sample`` says otherwise."""
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    num_beams: int | None = None
+    do_sample: bool | None = None
+    seed: int | None = None
+    """Seed for sampling, for reproducible samples."""
+    stop: list[str] | None = Field(default=None, validation_alias=AliasChoices("stop", "stop_sequences"))
+    """Stop sequences: the answer is cut before the first one."""
+    allow_image_urls: bool = False
+    """Fetch ``http(s)`` image URLs found in messages (off: only inline images are accepted)."""
+    allow_private_urls: bool = False
+    """With ``allow_image_urls``: also fetch from loopback, private and link-local addresses."""
+    streaming: bool = False
+    """Whether ``invoke`` streams internally (for callbacks that want tokens)."""
+
+    @field_validator("hd", mode="before")
+    @classmethod
+    def _validate_hd(cls, value: Any) -> HD4K:
+        return _coerce_hd(value)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_hub_id: str,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        quantization: str | None = None,
+        policy: ImagePolicy | None = None,
+        **kwargs: Any,
+    ) -> ChatHD4K:
+        """Load the model from a checkpoint folder or hub id and wrap it; ``kwargs`` are fields of
+        this class (``hd_num``, ``max_new_tokens``, ...)."""
+        hd = HD4K.from_pretrained(path_or_hub_id, device=device, dtype=dtype, quantization=quantization, policy=policy)
+        return cls(hd=hd, **kwargs)
+
+    # -- LangChain metadata --------------------------------------------------------------------------
+    @property
+    def _llm_type(self) -> str:
+        return "hd4k"
+
+    @property
+    def _resolved_model_name(self) -> str:
+        return self.model_name or self.hd.model_id
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {
+            "model_name": self._resolved_model_name,
+            "hd_num": self.hd_num,
+            **{name: getattr(self, name) for name in _GENERATION_FIELDS},
+        }
+
+    def _resolve_model_profile(self) -> ModelProfile | None:
+        return ModelProfile(
+            open_weights=True,
+            max_input_tokens=self.hd.runner.context_length,
+            text_inputs=True,
+            image_inputs=True,
+            image_url_inputs=self.allow_image_urls,
+            pdf_inputs=False,
+            audio_inputs=False,
+            video_inputs=False,
+            text_outputs=True,
+            tool_calling=False,
+            tool_choice=False,
+        )
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = LangSmithParams(
+            ls_provider="hd4k",
+            ls_model_name=kwargs.get("model") if isinstance(kwargs.get("model"), str) else self._resolved_model_name,
+            ls_model_type="chat",
+        )
+        temperature = kwargs.get("temperature", self.temperature)
+        if temperature is not None:
+            params["ls_temperature"] = temperature
+        max_tokens = kwargs.get("max_new_tokens", kwargs.get("max_tokens", self.max_new_tokens))
+        if max_tokens is not None:
+            params["ls_max_tokens"] = max_tokens
+        stop = stop or self.stop
+        if stop:
+            params["ls_stop"] = list(stop)
+        return params
+
+    # -- requests ------------------------------------------------------------------------------------
+    def _image_policy(self) -> ImagePolicy:
+        # Images in messages come from users and LLMs: never read them as file paths.
+        return dataclasses.replace(
+            self.hd.policy,
+            allowed_roots=(),
+            allow_urls=self.allow_image_urls,
+            allow_private_urls=self.allow_private_urls,
+        )
+
+    def _generation(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        values = {name: options.get(name, getattr(self, name)) for name in _GENERATION_FIELDS}
+        if "max_tokens" in options and "max_new_tokens" not in options:
+            values["max_new_tokens"] = options["max_tokens"]
+        temperature = values["temperature"]
+        if temperature is not None and temperature <= 0:
+            # LangChain's convention for greedy decoding; GenerationConfig wants temperature > 0.
+            values["temperature"] = None
+            if values["do_sample"] is None:
+                values["do_sample"] = False
+        elif temperature is not None and values["do_sample"] is None:
+            values["do_sample"] = True
+        return {k: v for k, v in values.items() if v is not None}
+
+    def _build_request(self, messages: Sequence[BaseMessage], kwargs: Mapping[str, Any]) -> GenerationRequest:
+        unknown = set(kwargs) - set(_GENERATION_FIELDS) - {"hd_num", "max_tokens"} - _IGNORED_CALL_KWARGS
+        if unknown:
+            raise InputError(
+                f"Unknown option(s) for ChatHD4K: {sorted(unknown)}. Valid per-call options: "
+                f"{['hd_num', 'max_tokens', *_GENERATION_FIELDS]}."
+            )
+        hd_num = kwargs.get("hd_num", self.hd_num)
+        converted = convert_messages(messages, self._image_policy(), self.hd)
+        return self.hd.build_request(converted, hd_num=hd_num, generation=self._generation(kwargs))
+
+    def _stop_sequences(self, stop: list[str] | None) -> list[str]:
+        return [s for s in (stop if stop is not None else self.stop) or [] if s]
+
+    def _ai_message(self, text: str, result: RunnerResult, finish_reason: str) -> AIMessage:
+        return AIMessage(
+            content=text,
+            usage_metadata=usage_metadata(result),
+            response_metadata=response_metadata(result, finish_reason),
+        )
+
+    # -- generation ----------------------------------------------------------------------------------
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        stops = self._stop_sequences(stop)
+        if stops:
+            # The streaming path cuts at a stop sequence and stops generating right there.
+            chunks = list(self._stream(messages, stop=stops, run_manager=run_manager, **kwargs))
+            return _result_from_chunks(chunks)
+        result = self.hd.run(self._build_request(messages, kwargs))
+        message = self._ai_message(result.text, result, result.finish_reason)
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        stops = self._stop_sequences(stop)
+        if stops:
+            chunks = [c async for c in self._astream(messages, stop=stops, run_manager=run_manager, **kwargs)]
+            return _result_from_chunks(chunks)
+        result = await self.hd.arun(self._build_request(messages, kwargs))
+        message = self._ai_message(result.text, result, result.finish_reason)
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        request = self._build_request(messages, kwargs)
+        assembler = TextAssembler(self._stop_sequences(stop))
+        stream = self.hd.runner.stream(request)
+        try:
+            for delta in stream:
+                piece = assembler.feed(delta)
+                if piece:
+                    chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece))
+                    if run_manager:
+                        run_manager.on_llm_new_token(piece, chunk=chunk)
+                    yield chunk
+                if assembler.stopped:
+                    break
+        finally:
+            # Closing cancels the generation between two tokens (after a stop sequence, or when the
+            # consumer stops reading) and waits for the worker, so the result below is complete.
+            stream.close()
+        yield self._final_chunk(assembler, stream.result)
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        request = self._build_request(messages, kwargs)
+        assembler = TextAssembler(self._stop_sequences(stop))
+        cancel = threading.Event()
+        stream = await asyncio.to_thread(self.hd.runner.stream, request, cancel=cancel)
+        done = object()
+        try:
+            while True:
+                delta = await asyncio.to_thread(next, stream, done)
+                if delta is done:
+                    break
+                piece = assembler.feed(delta)  # type: ignore[arg-type]
+                if piece:
+                    chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece))
+                    if run_manager:
+                        await run_manager.on_llm_new_token(piece, chunk=chunk)
+                    yield chunk
+                if assembler.stopped:
+                    break
+        finally:
+            cancel.set()
+            await asyncio.to_thread(stream.close)
+        yield self._final_chunk(assembler, stream.result)
+
+    def _final_chunk(self, assembler: TextAssembler, result: RunnerResult | None) -> ChatGenerationChunk:
+        """The last chunk: held-back text, usage and metadata (set once, so merging never doubles it)."""
+        tail = assembler.finish()
+        if result is None:  # pragma: no cover - the runner always leaves a result after close()
+            return ChatGenerationChunk(message=AIMessageChunk(content=tail, chunk_position="last"))
+        finish_reason = "stop" if assembler.stopped else result.finish_reason
+        return ChatGenerationChunk(
+            message=AIMessageChunk(
+                content=tail,
+                usage_metadata=usage_metadata(result),
+                response_metadata=response_metadata(result, finish_reason),
+                chunk_position="last",
+            )
+        )
+
+    # -- tools and structured output -----------------------------------------------------------------
+    def bind_tools(self, tools: Sequence[Any], *, tool_choice: Any = None, **kwargs: Any) -> Runnable:
+        """Not supported: InternLM-XComposer2-4KHD has no native tool calling.
+
+        Raises:
+            NotImplementedError: always. Use a tool-calling chat model as the agent's LLM and give it
+                the tools of ``HD4KToolkit(hd).get_tools()`` so it can look at documents and images.
+        """
+        raise NotImplementedError(
+            "ChatHD4K cannot call tools: InternLM-XComposer2-4KHD has no native tool calling. Use a "
+            "tool-calling chat model (e.g. ChatOpenAI, ChatOllama) as the agent's LLM and give it the "
+            "vision tools from langchain_hd4k.HD4KToolkit(hd).get_tools() (read_document, "
+            "answer_chart_question, describe_image). For structured answers use "
+            "ChatHD4K.with_structured_output(schema)."
+        )
+
+    def with_structured_output(
+        self,
+        schema: Mapping[str, Any] | type,
+        *,
+        include_raw: bool = False,
+        method: Literal["json_schema", "json_mode", "function_calling"] = "json_schema",
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, Any]:
+        """A runnable that answers with an instance of ``schema`` (a pydantic model class, a
+        TypedDict class or a JSON-schema dict; dicts come back for the latter two).
+
+        The model has no constrained decoding, so every ``method`` works the same way: the JSON
+        schema is appended to the conversation as an instruction, the first JSON object is taken from
+        the answer and validated. On failure the model is asked once more, with the validation error
+        in the prompt; if that fails too, :class:`hd4k_tools.OutputParseError` is raised (or, with
+        ``include_raw=True``, returned as ``parsing_error``). ``strict`` is accepted for API
+        compatibility and has no effect.
+        """
+        if kwargs:
+            raise TypeError(f"Unexpected arguments for with_structured_output: {sorted(kwargs)}")
+        json_schema = convert_to_json_schema(schema)
+        validate = schema_validator(schema, json_schema)
+        llm = self.bind(ls_structured_output_format={"kwargs": {"method": method, "strict": strict}, "schema": schema})
+        instruction = structured_output_instruction(json_schema)
+
+        def run(value: LanguageModelInput, config: RunnableConfig) -> Any:
+            messages = _input_messages(value)
+            conversation = [*messages, HumanMessage(instruction)]
+            raw = llm.invoke(conversation, config)
+            try:
+                parsed = validate(raw.text)
+            except OutputParseError as first_error:
+                retry = [*conversation, raw, HumanMessage(retry_instruction(first_error, json_schema))]
+                raw = llm.invoke(retry, config)
+                try:
+                    parsed = validate(raw.text)
+                except OutputParseError as err:
+                    final = OutputParseError(f"No valid structured output after one retry: {err}")
+                    if include_raw:
+                        return {"raw": raw, "parsed": None, "parsing_error": final}
+                    raise final from err
+            if include_raw:
+                return {"raw": raw, "parsed": parsed, "parsing_error": None}
+            return parsed
+
+        async def arun(value: LanguageModelInput, config: RunnableConfig) -> Any:
+            messages = _input_messages(value)
+            conversation = [*messages, HumanMessage(instruction)]
+            raw = await llm.ainvoke(conversation, config)
+            try:
+                parsed = validate(raw.text)
+            except OutputParseError as first_error:
+                retry = [*conversation, raw, HumanMessage(retry_instruction(first_error, json_schema))]
+                raw = await llm.ainvoke(retry, config)
+                try:
+                    parsed = validate(raw.text)
+                except OutputParseError as err:
+                    final = OutputParseError(f"No valid structured output after one retry: {err}")
+                    if include_raw:
+                        return {"raw": raw, "parsed": None, "parsing_error": final}
+                    raise final from err
+            if include_raw:
+                return {"raw": raw, "parsed": parsed, "parsing_error": None}
+            return parsed
+
+        return RunnableLambda(run, afunc=arun, name="ChatHD4KStructuredOutput")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Messages -> hd4k_tools.Message
+# ----------------------------------------------------------------------------------------------------
+def convert_messages(messages: Sequence[BaseMessage], policy: ImagePolicy, hd: HD4K) -> list[Message]:
+    """LangChain messages as ``hd4k_tools.Message`` objects with their images loaded under ``policy``.
+
+    System messages are joined into one leading system message; tool results become user turns.
+    """
+    system: list[str] = []
+    converted: list[Message] = []
+    for message in messages:
+        if isinstance(message, SystemMessage) or (isinstance(message, ChatMessage) and message.role == "system"):
+            system.append(message.text)
+        elif isinstance(message, AIMessage) or (
+            isinstance(message, ChatMessage) and message.role in ("assistant", "ai")
+        ):
+            converted.append(Message("assistant", (message.text,)))
+        elif isinstance(message, ToolMessage):
+            prefix = f"Result of the tool {message.name}:\n" if message.name else "Tool result:\n"
+            converted.append(Message("user", (prefix, *_content_parts(message, policy, hd))))
+        else:
+            converted.append(Message("user", tuple(_content_parts(message, policy, hd))))
+    if system:
+        converted.insert(0, Message("system", ("\n\n".join(system),)))
+    return converted
+
+
+def _content_parts(message: BaseMessage, policy: ImagePolicy, hd: HD4K) -> list[str | Image.Image]:
+    parts: list[str | Image.Image] = []
+    for block in message.content_blocks:
+        kind = block.get("type")
+        if kind == "text":
+            parts.append(block.get("text", ""))
+        elif kind == "image":
+            parts.append(load_image_block(block, policy, hd))
+        elif kind == "non_standard" and _legacy_image_url(block) is not None:
+            parts.append(load_image_block({"type": "image", "url": _legacy_image_url(block)}, policy, hd))
+        elif kind == "text-plain" and isinstance(block.get("text"), str):
+            parts.append(block["text"])
+        elif kind in ("reasoning", "tool_call", "tool_call_chunk", "invalid_tool_call"):
+            continue
+        else:
+            raise InputError(
+                f"ChatHD4K reads text and images only; the message has a {kind!r} block. Convert PDFs "
+                "to page images (or use HD4KDocumentLoader / the read_document tool) and drop other media."
+            )
+    return parts
+
+
+def _legacy_image_url(block: Mapping[str, Any]) -> str | None:
+    """The URL of an OpenAI ``image_url`` block in its short form (``"image_url": "<url>"``), which
+    ``content_blocks`` leaves as a non-standard block."""
+    value = block.get("value")
+    if isinstance(value, Mapping) and value.get("type") == "image_url" and isinstance(value.get("image_url"), str):
+        return value["image_url"]
+    return None
+
+
+def load_image_block(block: Mapping[str, Any], policy: ImagePolicy, hd: HD4K) -> Image.Image:
+    """Decode a v1 image content block (``base64`` + ``mime_type``, or ``url``) under ``policy``.
+
+    ``data:`` URLs are decoded; ``http(s)`` URLs are fetched only when ``policy.allow_urls``; any
+    other URL (``file:``, a bare path) is refused. Errors are :class:`hd4k_tools.InputError`
+    subclasses (so also ``ValueError``) with a message that says what to change.
+    """
+    if block.get("base64"):
+        mime = str(block.get("mime_type") or "image/png")
+        if not mime.startswith("image/"):
+            raise errors.UnsupportedFormatError(
+                f"The image block has mime_type {mime!r}; ChatHD4K accepts images (image/png, image/jpeg, ...)."
+            )
+        return hd.load(f"data:{mime};base64,{block['base64']}", policy)
+    url = block.get("url")
+    if isinstance(url, str) and url:
+        lowered = url[:16].lower()
+        if lowered.startswith("data:"):
+            return hd.load(url, policy)
+        if lowered.startswith(("http://", "https://")):
+            if not policy.allow_urls:
+                raise errors.URLNotAllowedError(
+                    "Image URLs are disabled for this ChatHD4K (allow_image_urls=False); send the image "
+                    "inline as base64 or a data: URL, or create the model with allow_image_urls=True."
+                )
+            return hd.load(url, policy)
+        raise errors.URLNotAllowedError(
+            f"Unsupported image URL {url[:40]!r}: only data: URLs (and http(s) URLs when allowed) are read."
+        )
+    if block.get("file_id"):
+        raise InputError("Image blocks with a file_id are not supported; send the image as base64 or a data: URL.")
+    raise InputError("The image block has no data; give it 'base64' (with 'mime_type') or 'url'.")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Results -> LangChain metadata
+# ----------------------------------------------------------------------------------------------------
+def usage_metadata(result: RunnerResult) -> UsageMetadata:
+    """LangChain usage of a runner result; ``input_tokens`` includes the image tokens."""
+    usage = result.usage
+    return UsageMetadata(
+        input_tokens=usage.prompt_tokens,
+        output_tokens=usage.completion_tokens,
+        total_tokens=usage.prompt_tokens + usage.completion_tokens,
+        input_token_details={"image": usage.image_tokens},  # type: ignore[typeddict-unknown-key]
+    )
+
+
+def response_metadata(result: RunnerResult, finish_reason: str) -> dict[str, Any]:
+    """``model_name``, ``finish_reason`` and the hd4k details (plans, usage, timings)."""
+    return {
+        "model_name": result.model,
+        "finish_reason": finish_reason,
+        "model_provider": "hd4k",
+        "hd4k": {
+            "plans": [p.model_dump() for p in result.plans],
+            "image_tokens": result.usage.image_tokens,
+            "timings": result.timings.model_dump(),
+        },
+    }
+
+
+def _result_from_chunks(chunks: Sequence[ChatGenerationChunk]) -> ChatResult:
+    message = chunks[0].message
+    for chunk in chunks[1:]:
+        message = message + chunk.message
+    assert isinstance(message, AIMessageChunk)
+    ai = AIMessage(
+        content=message.content,
+        usage_metadata=message.usage_metadata,
+        response_metadata=message.response_metadata,
+    )
+    return ChatResult(generations=[ChatGeneration(message=ai)])
+
+
+class TextAssembler:
+    """Turns raw text deltas into the deltas of the final answer.
+
+    The answer is the generated text with leading and trailing whitespace removed (as the runner
+    strips its non-streamed text), cut before the first stop sequence. Text that may still turn out
+    to start a stop sequence, and trailing whitespace, are held back until the next delta decides.
+    """
+
+    def __init__(self, stop: Sequence[str] = ()) -> None:
+        self._stop = [s for s in stop if s]
+        self._hold = max((len(s) for s in self._stop), default=1) - 1
+        self._buffer = ""
+        self._started = False
+        self.stopped = False
+
+    def feed(self, delta: str) -> str:
+        """Add a raw delta; returns the text that is now certain to be part of the answer."""
+        if self.stopped:
+            return ""
+        if not self._started:
+            delta = delta.lstrip()
+            if not delta:
+                return ""
+            self._started = True
+        self._buffer += delta
+        cuts = [i for i in (self._buffer.find(s) for s in self._stop) if i >= 0]
+        if cuts:
+            self.stopped = True
+            out = self._buffer[: min(cuts)].rstrip()
+            self._buffer = ""
+            return out
+        safe = self._buffer[: max(0, len(self._buffer) - self._hold)].rstrip()
+        self._buffer = self._buffer[len(safe) :]
+        return safe
+
+    def finish(self) -> str:
+        """The held-back text at the end of the generation (without trailing whitespace)."""
+        out = "" if self.stopped else self._buffer.rstrip()
+        self._buffer = ""
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Structured output helpers
+# ----------------------------------------------------------------------------------------------------
+def structured_output_instruction(json_schema: Mapping[str, Any]) -> str:
+    """The instruction appended to the conversation for structured output."""
+    return (
+        "Answer with a single JSON object that conforms to this JSON schema, and nothing else "
+        f"(no prose, no code fence):\n{json.dumps(json_schema, ensure_ascii=False)}"
+    )
+
+
+def retry_instruction(error: Exception, json_schema: Mapping[str, Any]) -> str:
+    """The follow-up instruction after an answer that did not validate."""
+    return (
+        f"Your answer was not valid: {error}\nReply again with only a JSON object that conforms to "
+        f"this JSON schema:\n{json.dumps(json_schema, ensure_ascii=False)}"
+    )
+
+
+def extract_json_object(text: str) -> dict[str, Any]:
+    """The first JSON object (``{...}``) in ``text``, e.g. inside prose or a Markdown code fence.
+
+    Raises:
+        OutputParseError: there is no decodable JSON object in the text.
+    """
+    decoder = json.JSONDecoder()
+    start = text.find("{")
+    while start != -1:
+        try:
+            value, _ = decoder.raw_decode(text, start)
+        except json.JSONDecodeError:
+            start = text.find("{", start + 1)
+            continue
+        if isinstance(value, dict):
+            return value
+        start = text.find("{", start + 1)  # pragma: no cover - raw_decode at '{' only yields dicts
+    shown = text if len(text) <= 200 else text[:200] + "..."
+    raise OutputParseError(f"The answer contains no JSON object: {shown!r}")
+
+
+def schema_validator(schema: Mapping[str, Any] | type, json_schema: Mapping[str, Any]) -> Any:
+    """A function ``text -> parsed value`` for ``schema`` that raises :class:`OutputParseError`."""
+    if isinstance(schema, type) and issubclass(schema, BaseModel):
+
+        def validate_model(text: str) -> Any:
+            data = extract_json_object(text)
+            try:
+                return schema.model_validate(data)
+            except ValidationError as err:
+                raise OutputParseError(_short_validation_error(err)) from err
+
+        return validate_model
+    if isinstance(schema, type) and hasattr(schema, "parse_obj"):  # pydantic.v1 models
+
+        def validate_v1(text: str) -> Any:
+            data = extract_json_object(text)
+            try:
+                return schema.parse_obj(data)  # type: ignore[attr-defined]
+            except Exception as err:  # pydantic.v1.ValidationError
+                raise OutputParseError(str(err)) from err
+
+        return validate_v1
+    if isinstance(schema, type):  # a TypedDict
+        adapter = TypeAdapter(schema)
+
+        def validate_typed_dict(text: str) -> Any:
+            data = extract_json_object(text)
+            try:
+                adapter.validate_python(data)
+            except ValidationError as err:
+                raise OutputParseError(_short_validation_error(err)) from err
+            return data
+
+        return validate_typed_dict
+
+    def validate_dict(text: str) -> Any:
+        data = extract_json_object(text)
+        problems = check_json_schema(data, json_schema)
+        if problems:
+            raise OutputParseError("; ".join(problems))
+        return data
+
+    return validate_dict
+
+
+def _short_validation_error(err: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in err.errors(include_url=False)
+    )
+
+
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "string": (str,),
+    "integer": (int,),
+    "number": (int, float),
+    "boolean": (bool,),
+    "array": (list,),
+    "object": (dict,),
+    "null": (type(None),),
+}
+
+
+def _type_ok(value: Any, spec: Mapping[str, Any]) -> bool:
+    if "anyOf" in spec:
+        return any(_type_ok(value, s) for s in spec["anyOf"] if isinstance(s, Mapping))
+    kind = spec.get("type")
+    if kind is None:
+        return True
+    kinds = kind if isinstance(kind, list) else [kind]
+    for k in kinds:
+        types = _JSON_TYPES.get(k, (object,))
+        if isinstance(value, bool) and k in ("integer", "number"):
+            continue
+        if isinstance(value, types):
+            return True
+    return False
+
+
+def check_json_schema(data: Mapping[str, Any], json_schema: Mapping[str, Any]) -> list[str]:
+    """Problems of ``data`` against the top level of ``json_schema``: missing required properties and
+    properties of the wrong JSON type (a light check, not a full JSON-schema validator)."""
+    problems = [f"{name}: Field required" for name in json_schema.get("required", []) if name not in data]
+    for name, spec in (json_schema.get("properties") or {}).items():
+        if name in data and isinstance(spec, Mapping) and not _type_ok(data[name], spec):
+            problems.append(f"{name}: expected {spec.get('type') or 'anyOf'}, got {type(data[name]).__name__}")
+    return problems
+
+
+def _input_messages(value: LanguageModelInput) -> list[BaseMessage]:
+    if isinstance(value, str):
+        return [HumanMessage(value)]
+    if isinstance(value, PromptValue):
+        return value.to_messages()
+    return list(convert_to_messages(value))
+
+
+__all__ = ["ChatHD4K", "TextAssembler", "extract_json_object"]

@@ -1,0 +1,210 @@
+"""``HD4KToolSpec``: the three hd4k tools (read a document, answer a chart question, describe an image)
+as LlamaIndex ``FunctionTool``\\ s for agents.
+
+The tools are thin adapters over :class:`hd4k_tools.AgentTools`, so LlamaIndex and LangChain agents get
+the same schemas, descriptions, untrusted-argument rules (allowed folder, URL policy, size limits) and
+error texts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from llama_index.core.tools import FunctionTool, ToolMetadata, ToolOutput
+from llama_index.core.tools.tool_spec.base import SPEC_FUNCTION_TYPE, BaseToolSpec
+from pydantic import BaseModel, ValidationError
+
+from hd4k_tools import (
+    HD4K,
+    TOOL_ARGS,
+    TOOL_DESCRIPTIONS,
+    AgentTools,
+    HD4KError,
+    ImageRegistry,
+    InputError,
+    Runner,
+    ToolAnswer,
+    ToolSettings,
+    error_message,
+)
+
+__all__ = ["HD4KFunctionTool", "HD4KToolSpec"]
+
+logger = logging.getLogger(__name__)
+
+
+def _invalid_arguments(name: str, schema: type[BaseModel], err: ValidationError) -> InputError:
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or '(arguments)'}: {e['msg']}" for e in err.errors()[:10]
+    )
+    valid = ", ".join(schema.model_fields)
+    return InputError(f"Invalid arguments for {name}: {problems}. Its arguments are: {valid}.")
+
+
+class HD4KFunctionTool(FunctionTool):
+    """A ``FunctionTool`` for one hd4k tool.
+
+    ``ToolOutput.content`` is the tool's text for the LLM and ``raw_output`` the full result object
+    (``TaskResult``/``ChartResult``/``DocumentResult`` with the HD-N plan, usage and timings). A failed
+    call does not raise: it returns ``ToolOutput(is_error=True)`` whose content is the actionable
+    error text (what to change), with the exception in ``raw_output`` and ``exception``; agents feed
+    that text back to the LLM, which can retry with other arguments.
+    """
+
+    def _success(self, output: ToolOutput) -> ToolOutput:
+        answer = output.raw_output
+        if not isinstance(answer, ToolAnswer):
+            return output
+        return ToolOutput(
+            content=answer.content,
+            tool_name=output.tool_name,
+            raw_input=output.raw_input,
+            raw_output=answer.result,
+        )
+
+    def _failure(self, err: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]) -> ToolOutput:
+        if not isinstance(err, HD4KError):
+            logger.warning("hd4k tool %s failed unexpectedly", self.metadata.name, exc_info=err)
+        return ToolOutput(
+            content=error_message(err),
+            tool_name=self.metadata.get_name(),
+            raw_input={"args": args, "kwargs": kwargs},
+            raw_output=err,
+            is_error=True,
+            exception=err,
+        )
+
+    def _validated(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        # Checked against the shared schema (extra="forbid") before the call, so a missing or
+        # hallucinated argument gets an answer naming the valid ones instead of a bare TypeError.
+        schema = self.metadata.fn_schema
+        if args or schema is None:
+            return kwargs
+        try:
+            return schema.model_validate(kwargs).model_dump()
+        except ValidationError as err:
+            raise _invalid_arguments(self.metadata.get_name(), schema, err) from err
+
+    def call(self, *args: Any, **kwargs: Any) -> ToolOutput:
+        """Run the tool; errors come back as ``is_error`` outputs (see the class docstring)."""
+        try:
+            return self._success(super().call(*args, **self._validated(args, kwargs)))
+        except Exception as err:
+            return self._failure(err, args, kwargs)
+
+    async def acall(self, *args: Any, **kwargs: Any) -> ToolOutput:
+        """Async :meth:`call` (the model runs in a worker thread)."""
+        try:
+            return self._success(await super().acall(*args, **self._validated(args, kwargs)))
+        except Exception as err:
+            return self._failure(err, args, kwargs)
+
+
+class HD4KToolSpec(BaseToolSpec):
+    """Read documents, answer chart questions and describe images at high resolution, as agent tools.
+
+    Tool arguments come from an LLM and are untrusted: files are read only inside
+    ``settings.allowed_root`` (none at all without one), URLs only with ``settings.allow_urls`` (and
+    never private or link-local hosts), images and PDFs are bounded in bytes, pixels and pages. Images
+    the application already holds can be put in ``registry`` and named ``image://<name>`` in prompts.
+
+    >>> spec = HD4KToolSpec(hd, ToolSettings(allowed_root="scans"))    # doctest: +SKIP
+    >>> agent = FunctionAgent(tools=spec.to_tool_list(), llm=llm)       # doctest: +SKIP
+
+    Calling a spec function directly (``spec.read_document(image="a.png")``) returns a
+    :class:`hd4k_tools.ToolAnswer` and raises on errors; the tools from :meth:`to_tool_list` return
+    the error text to the agent instead.
+    """
+
+    spec_functions: list[SPEC_FUNCTION_TYPE] = [  # noqa: RUF012 - BaseToolSpec's declared interface
+        ("read_document", "aread_document"),
+        ("answer_chart_question", "aanswer_chart_question"),
+        ("describe_image", "adescribe_image"),
+    ]
+
+    def __init__(
+        self,
+        hd: HD4K | Runner,
+        settings: ToolSettings | None = None,
+        registry: ImageRegistry | None = None,
+    ) -> None:
+        """``hd``: the model (an :class:`hd4k_tools.HD4K`, or a :class:`hd4k_tools.Runner` to wrap);
+        ``settings``: limits for untrusted arguments (default: no file or URL access);
+        ``registry``: images the agent may name as ``image://...``."""
+        self.agent_tools = AgentTools(hd if isinstance(hd, HD4K) else HD4K(hd), settings, registry)
+
+    @property
+    def settings(self) -> ToolSettings:
+        return self.agent_tools.settings
+
+    @property
+    def registry(self) -> ImageRegistry:
+        return self.agent_tools.registry
+
+    # -- the tools -----------------------------------------------------------------------------------
+    def _call(self, name: str, arguments: dict[str, Any]) -> ToolAnswer:
+        try:
+            return self.agent_tools.call(name, **arguments)
+        except ValidationError as err:
+            raise _invalid_arguments(name, TOOL_ARGS[name], err) from err
+
+    def read_document(self, image: str, pages: str | None = None, hd_num: int | None = None) -> ToolAnswer:
+        """Transcribe a document image or PDF (pages: '1', '2-4', '1,3'); see ``ReadDocumentArgs``."""
+        return self._call("read_document", {"image": image, "pages": pages, "hd_num": hd_num})
+
+    def answer_chart_question(self, image: str, question: str, hd_num: int | None = None) -> ToolAnswer:
+        """Answer a question about a chart; see ``ChartQuestionArgs``."""
+        return self._call("answer_chart_question", {"image": image, "question": question, "hd_num": hd_num})
+
+    def describe_image(self, image: str, detail: str = "detailed", hd_num: int | None = None) -> ToolAnswer:
+        """Describe an image ('brief' or 'detailed'); see ``DescribeImageArgs``."""
+        return self._call("describe_image", {"image": image, "detail": detail, "hd_num": hd_num})
+
+    async def aread_document(self, image: str, pages: str | None = None, hd_num: int | None = None) -> ToolAnswer:
+        """Async :meth:`read_document` (runs in a worker thread)."""
+        return await asyncio.to_thread(self.read_document, image, pages, hd_num)
+
+    async def aanswer_chart_question(self, image: str, question: str, hd_num: int | None = None) -> ToolAnswer:
+        """Async :meth:`answer_chart_question` (runs in a worker thread)."""
+        return await asyncio.to_thread(self.answer_chart_question, image, question, hd_num)
+
+    async def adescribe_image(self, image: str, detail: str = "detailed", hd_num: int | None = None) -> ToolAnswer:
+        """Async :meth:`describe_image` (runs in a worker thread)."""
+        return await asyncio.to_thread(self.describe_image, image, detail, hd_num)
+
+    # -- LlamaIndex plumbing -------------------------------------------------------------------------
+    def get_metadata_from_fn_name(
+        self, fn_name: str, spec_functions: list[SPEC_FUNCTION_TYPE] | None = None
+    ) -> ToolMetadata | None:
+        """Name, description and argument schema shared with the other integrations."""
+        name = fn_name[1:] if fn_name not in TOOL_ARGS and fn_name[1:] in TOOL_ARGS else fn_name
+        if name not in TOOL_ARGS:
+            return None
+        return ToolMetadata(name=name, description=TOOL_DESCRIPTIONS[name], fn_schema=TOOL_ARGS[name])
+
+    def to_tool_list(
+        self,
+        spec_functions: list[SPEC_FUNCTION_TYPE] | None = None,
+        func_to_metadata_mapping: dict[str, ToolMetadata] | None = None,
+    ) -> list[FunctionTool]:
+        """One :class:`HD4KFunctionTool` (sync and async) per tool; ``spec_functions`` may pick a subset,
+        by name (``["describe_image"]``) or as (sync, async) pairs."""
+        mapping = func_to_metadata_mapping or {}
+        tools: list[FunctionTool] = []
+        for spec in spec_functions or self.spec_functions:
+            if isinstance(spec, str):
+                sync_name = spec[1:] if spec.startswith("a") and spec[1:] in TOOL_ARGS else spec
+                async_name = "a" + sync_name
+            elif isinstance(spec, tuple) and len(spec) == 2:
+                sync_name, async_name = spec
+            else:
+                raise ValueError("spec_functions must be tool names or (sync name, async name) pairs.")
+            metadata = mapping.get(sync_name) or self.get_metadata_from_fn_name(sync_name)
+            if metadata is None:
+                raise ValueError(f"Unknown hd4k tool {sync_name!r}; tools are {sorted(TOOL_ARGS)}.")
+            tools.append(
+                HD4KFunctionTool(fn=getattr(self, sync_name), async_fn=getattr(self, async_name), metadata=metadata)
+            )
+        return tools

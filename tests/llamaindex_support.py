@@ -1,0 +1,164 @@
+"""Helpers shared by the LlamaIndex integration tests (not a test module).
+
+``RecordingRunner`` wraps the *real* runner over the tiny checkpoint: it records every request and
+result (so a test can check which image pixels reached the model and what it answered) and caps
+``max_new_tokens``: the tiny random model never emits an end token, and the task defaults (512-1024
+tokens, some with 3 beams) would make every tool call take seconds. Everything else — loading,
+tiling, vision, prompt assembly, generation settings — is the real pipeline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import http.server
+import io
+import struct
+import threading
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from hd4k_tools import GenerationRequest, Runner, RunnerResult, TextStream, image_content_hash, load_image
+
+MAX_NEW_TOKENS = 12
+
+
+class RecordingRunner:
+    """A :class:`hd4k_tools.Runner` that delegates to ``inner`` and records the requests."""
+
+    def __init__(self, inner: Runner, max_new_tokens: int = MAX_NEW_TOKENS) -> None:
+        self.inner = inner
+        self.max_new_tokens = max_new_tokens
+        self.requests: list[GenerationRequest] = []
+        self.results: list[RunnerResult] = []
+
+    @property
+    def model_id(self) -> str:
+        return self.inner.model_id
+
+    @property
+    def context_length(self) -> int:
+        return self.inner.context_length
+
+    def count_text_tokens(self, text: str) -> int:
+        return self.inner.count_text_tokens(text)
+
+    def _capped(self, request: GenerationRequest) -> GenerationRequest:
+        self.requests.append(request)
+        gen = request.generation
+        if gen.max_new_tokens <= self.max_new_tokens:
+            return request
+        return dataclasses.replace(request, generation=gen.replace(max_new_tokens=self.max_new_tokens))
+
+    def generate(self, request: GenerationRequest, *, cancel: threading.Event | None = None) -> RunnerResult:
+        result = self.inner.generate(self._capped(request), cancel=cancel)
+        self.results.append(result)
+        return result
+
+    def stream(self, request: GenerationRequest, *, cancel: threading.Event | None = None) -> TextStream:
+        return self.inner.stream(self._capped(request), cancel=cancel)
+
+    def close(self) -> None:
+        """The inner runner is shared between tests and stays open."""
+
+    def image_hashes(self) -> list[str]:
+        """Content hashes of every image the model was asked about, in order."""
+        return [image_content_hash(img) for request in self.requests for img in request.images]
+
+
+def file_hash(path: Path) -> str:
+    """Content hash of the RGB pixels the core loads from ``path``."""
+    return image_content_hash(load_image(path))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Files
+# ----------------------------------------------------------------------------------------------------
+def write_image(path: Path, color: tuple[int, int, int], size: tuple[int, int] = (96, 64), label: str = "") -> Path:
+    """A small PNG: a coloured field with a darker square and an optional label (deterministic)."""
+    image = Image.new("RGB", size, color)
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((8, 8, 40, 40), fill=tuple(c // 2 for c in color))
+    if label:
+        draw.text((44, 20), label, fill=(0, 0, 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format="PNG")
+    return path
+
+
+def png_bytes(color: tuple[int, int, int], size: tuple[int, int] = (80, 60)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_pdf(path: Path, labels: list[str]) -> Path:
+    """A PDF with one page per label, each page visibly different (colour band and text)."""
+    colors = [(230, 90, 90), (90, 200, 90), (90, 90, 230), (220, 200, 60)]
+    pages = []
+    for i, label in enumerate(labels):
+        page = Image.new("RGB", (200, 260), (255, 255, 255))
+        draw = ImageDraw.Draw(page)
+        draw.rectangle((0, 0, 200, 40 + 30 * i), fill=colors[i % len(colors)])
+        draw.text((10, 120), label, fill=(0, 0, 0))
+        pages.append(page)
+    pages[0].save(path, format="PDF", save_all=True, append_images=pages[1:], resolution=72)
+    return path
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def write_huge_png(path: Path, width: int = 20_000, height: int = 20_000) -> Path:
+    """A valid 1-bit ``width`` x ``height`` PNG of zeros, written row by row (no pixel buffer)."""
+    compressor = zlib.compressobj(9)
+    row = b"\x00" * (1 + (width + 7) // 8)  # filter byte + packed bits
+    body = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", body) + _png_chunk(b"IEND", b"")
+    )
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# A local HTTP server that counts requests (to prove that a refused URL was never fetched)
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class CountingServer:
+    url: str
+    hits: list[str] = field(default_factory=list)
+
+
+@contextmanager
+def counting_server(body: bytes, content_type: str = "image/png") -> Iterator[CountingServer]:
+    """Serve ``body`` at every path of ``http://127.0.0.1:<port>/`` and record each request path."""
+    server_info = CountingServer(url="")
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            server_info.hits.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            return None
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    server_info.url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        yield server_info
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

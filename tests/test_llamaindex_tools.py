@@ -1,0 +1,167 @@
+"""HD4KToolSpec: LlamaIndex FunctionTools over the shared AgentTools, on the tiny checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from llama_index.core.tools import FunctionTool, ToolOutput
+from llama_index_hd4k import HD4KFunctionTool, HD4KToolSpec
+from llamaindex_support import RecordingRunner, file_hash, png_bytes, write_image, write_pdf
+
+from hd4k_tools import (
+    HD4K,
+    TOOL_ARGS,
+    TOOL_DESCRIPTIONS,
+    ChartResult,
+    DocumentResult,
+    ImageRegistry,
+    TaskResult,
+    ToolAnswer,
+    ToolSettings,
+    errors,
+)
+
+
+@pytest.fixture
+def runner(hd4k_tiny: HD4K) -> RecordingRunner:
+    """The session's tiny-model runner, recorded (see llamaindex_support)."""
+    return RecordingRunner(hd4k_tiny.runner)
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    folder = tmp_path / "allowed"
+    write_image(folder / "photo.png", (200, 60, 60), label="cat")
+    write_image(folder / "chart.png", (60, 60, 200), size=(120, 80), label="42")
+    return folder
+
+
+@pytest.fixture
+def spec(runner: RecordingRunner, root: Path) -> HD4KToolSpec:
+    return HD4KToolSpec(HD4K(runner), ToolSettings(allowed_root=root))
+
+
+def tools_by_name(spec: HD4KToolSpec) -> dict[str, FunctionTool]:
+    return {tool.metadata.name: tool for tool in spec.to_tool_list()}
+
+
+def test_three_function_tools_with_shared_schemas_and_async(spec: HD4KToolSpec) -> None:
+    tools = spec.to_tool_list()
+    assert [t.metadata.name for t in tools] == ["read_document", "answer_chart_question", "describe_image"]
+    for tool in tools:
+        name = tool.metadata.name
+        assert isinstance(tool, FunctionTool) and isinstance(tool, HD4KFunctionTool)
+        assert tool.metadata.fn_schema is TOOL_ARGS[name]
+        assert tool.metadata.description == TOOL_DESCRIPTIONS[name]
+        assert tool.real_fn == getattr(spec, name)
+        assert tool.async_fn == getattr(spec, "a" + name)
+        # What an OpenAI-style function-calling LLM is shown.
+        params = tool.metadata.to_openai_tool()["function"]["parameters"]
+        assert "image" in params["required"] and "hd_num" in params["properties"]
+    chart = tools[1].metadata.get_parameters_dict()
+    assert set(chart["properties"]) == {"image", "question", "hd_num"}
+
+
+def test_subset_and_unknown_spec_functions(spec: HD4KToolSpec) -> None:
+    assert [t.metadata.name for t in spec.to_tool_list(spec_functions=["describe_image"])] == ["describe_image"]
+    with pytest.raises(ValueError, match="Unknown hd4k tool"):
+        spec.to_tool_list(spec_functions=["delete_files"])
+
+
+def test_describe_image_output_is_result_text_and_raw_output_is_result(
+    spec: HD4KToolSpec, runner: RecordingRunner, root: Path
+) -> None:
+    out = tools_by_name(spec)["describe_image"].call(image="photo.png", detail="brief", hd_num=1)
+    assert isinstance(out, ToolOutput) and not out.is_error
+    result = out.raw_output
+    assert isinstance(result, TaskResult) and result.task == "describe_image"
+    assert out.content and out.content == result.text
+    assert result.plan is not None and result.plan.hd_num == 1 and result.plan.image_tokens > 0
+    assert runner.image_hashes() == [file_hash(root / "photo.png")]
+    # Deterministic greedy decoding: the same call straight through the core gives the same text.
+    direct = HD4K(runner).describe_image(root / "photo.png", detail="brief", hd_num=1)
+    assert out.content == direct.text
+
+
+async def test_async_chart_question(spec: HD4KToolSpec, runner: RecordingRunner, root: Path) -> None:
+    out = await tools_by_name(spec)["answer_chart_question"].acall(
+        image="chart.png", question="What is the value?", hd_num=1
+    )
+    assert not out.is_error
+    assert isinstance(out.raw_output, ChartResult) and out.raw_output.question == "What is the value?"
+    assert out.content and out.content == out.raw_output.text
+    assert runner.image_hashes() == [file_hash(root / "chart.png")]
+    assert "What is the value?" in runner.requests[0].messages[-1].text
+
+
+def test_read_document_pdf_pages(spec: HD4KToolSpec, runner: RecordingRunner, root: Path) -> None:
+    write_pdf(root / "report.pdf", ["Quarterly report", "Revenue table"])
+    out = tools_by_name(spec)["read_document"].call(image="report.pdf", hd_num=1)
+    assert not out.is_error
+    result = out.raw_output
+    assert isinstance(result, DocumentResult) and [p.page for p in result.pages] == [1, 2]
+    assert out.content == "\n\n".join(f"--- page {p.page} ---\n{p.text}" for p in result.pages)
+    assert len(runner.requests) == 2
+
+    runner.requests.clear()
+    one = tools_by_name(spec)["read_document"].call(image="report.pdf", pages="2", hd_num=1)
+    assert [p.page for p in one.raw_output.pages] == [2]
+    assert one.content == one.raw_output.pages[0].text
+    assert len(runner.requests) == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({"image": "../../etc/passwd"}, "PathNotAllowedError"),
+        ({"image": "missing.png"}, "ImageNotFoundError"),
+        ({"image": "http://127.0.0.1/x.png"}, "URLs are disabled"),
+        ({"image": "file:///etc/passwd"}, "URLNotAllowedError"),
+        ({"image": "photo.png", "hd_num": 500}, "Invalid arguments for describe_image: hd_num"),
+        ({"image": "photo.png", "colour": "red"}, "Invalid arguments for describe_image: colour"),
+        ({"detail": "brief"}, "Invalid arguments for describe_image: image: Field required"),
+        ({"image": "image://img-9"}, "No image is registered"),
+    ],
+)
+def test_errors_become_actionable_error_outputs(
+    spec: HD4KToolSpec, runner: RecordingRunner, kwargs: dict[str, object], expected: str
+) -> None:
+    out = tools_by_name(spec)["describe_image"].call(**kwargs)
+    assert out.is_error
+    assert out.content.startswith("Error (")
+    assert expected in out.content
+    assert isinstance(out.exception, errors.HD4KError)
+    assert out.raw_output is out.exception
+    assert runner.requests == []  # refused before the model ran
+
+
+async def test_async_errors_too(spec: HD4KToolSpec) -> None:
+    out = await tools_by_name(spec)["read_document"].acall(image="../outside.pdf")
+    assert out.is_error and "PathNotAllowedError" in out.content
+
+
+def test_no_allowed_root_means_no_file_access(runner: RecordingRunner, root: Path) -> None:
+    spec = HD4KToolSpec(HD4K(runner))  # default settings: no folder, no URLs
+    out = tools_by_name(spec)["describe_image"].call(image=str(root / "photo.png"))
+    assert out.is_error and "may not read files" in out.content
+    assert runner.requests == []
+
+
+def test_registry_references(runner: RecordingRunner) -> None:
+    registry = ImageRegistry()
+    ref = registry.add(png_bytes((10, 200, 10)), name="upload")
+    spec = HD4KToolSpec(runner, registry=registry)  # a Runner is wrapped in an HD4K
+    assert spec.registry is registry
+    out = tools_by_name(spec)["describe_image"].call(image=ref, hd_num=1)
+    assert not out.is_error and out.content == out.raw_output.text
+    assert len(runner.requests) == 1
+
+
+def test_spec_functions_called_directly_return_answers_and_raise(spec: HD4KToolSpec) -> None:
+    answer = spec.describe_image("photo.png", detail="brief", hd_num=1)
+    assert isinstance(answer, ToolAnswer) and answer.content == answer.result.text
+    with pytest.raises(errors.PathNotAllowedError):
+        spec.describe_image("../secret.png")
+    with pytest.raises(errors.InputError, match="hd_num"):
+        spec.answer_chart_question("chart.png", "Which bar?", hd_num=0)

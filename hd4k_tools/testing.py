@@ -306,6 +306,8 @@ def make_tiny_checkpoint(
         i for i in range(sp.get_piece_size()) if sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i)
     ]
     control_ids += [sp.piece_to_id(t) for t in (IM_END, IM_START)]
+    # A config_overrides vocab larger than the tokenizer (benchmarks) gets rows no piece decodes.
+    control_ids += list(range(sp.get_piece_size(), model.config.vocab_size))
     with torch.no_grad():
         model.output.weight[control_ids] = 0.0
     write_weights(model.state_dict(), folder, format=format, shards=shards)

@@ -237,6 +237,19 @@ class ChartResult(TaskResult):
     question: str = ""
     table: ChartTable | None = None
 
+    def _repr_html_(self) -> str:
+        parts = []
+        if self.question:
+            parts.append(f"<div><b>Q:</b> {html.escape(self.question)}</div>")
+        parts.append(super()._repr_html_())
+        if self.table is not None:
+            head = "".join(f"<th>{html.escape(c)}</th>" for c in self.table.columns)
+            body = "".join(
+                "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in self.table.rows
+            )
+            parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        return "".join(parts)
+
 
 class DocumentResult(BaseModel):
     """A transcribed document: one :class:`TaskResult` per page (one page for an image)."""

@@ -107,3 +107,13 @@ def test_thumbnail_is_shown_but_not_serialised() -> None:
     result = _result(thumbnail=url)
     assert url in result._repr_html_()
     assert "thumbnail" not in result.model_dump()
+
+
+def test_chart_result_html_shows_question_and_table() -> None:
+    from hd4k_tools.tasks import ChartResult
+
+    table = parse_table("| x | y |\n|---|---|\n| <1> | 2 |")
+    result = ChartResult(task="answer_chart_question", text="t", model="m", question="How <many>?", table=table)
+    html = result._repr_html_()
+    assert "How &lt;many&gt;?" in html
+    assert "<th>x</th>" in html and "<td>&lt;1&gt;</td>" in html

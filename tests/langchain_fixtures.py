@@ -1,8 +1,7 @@
 """Fixtures of the LangChain integration tests, loaded by their ``pytest_plugins``.
 
-One tiny random checkpoint and one ``HD4K`` on it serve every LangChain test. The checkpoint uses
-seed 3: with seed 0 the random weights answer every image prompt with ``[UNUSED_TOKEN_146]`` only,
-which decodes to an empty string and would make "the tool's text is the result's text" vacuous.
+The session's tiny checkpoint and the ``hd4k_tiny`` HD4K of ``conftest.py`` serve every LangChain test
+(the tiny checkpoint answers in visible text, so "the tool's text is the result's text" is not vacuous).
 """
 
 from __future__ import annotations
@@ -12,21 +11,13 @@ from pathlib import Path
 import pytest
 from langchain_helpers import CappedRunner, chart_image, page_image, write_pdf
 
-from hd4k_tools import HD4K, make_tiny_checkpoint
-
-CHECKPOINT_SEED = 3
+from hd4k_tools import HD4K
 
 
 @pytest.fixture(scope="session")
-def lc_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny checkpoint of the LangChain tests (seed 3, see the module docstring)."""
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("lc_tiny"), seed=CHECKPOINT_SEED, format="bin", shards=2)
-
-
-@pytest.fixture(scope="session")
-def hd4k_tiny(lc_checkpoint: Path) -> HD4K:
-    """One real HD4K (random tiny weights, CPU, float32) shared by all LangChain tests."""
-    return HD4K.from_pretrained(str(lc_checkpoint), device="cpu", dtype="float32")
+def lc_checkpoint(tiny_checkpoint: Path) -> Path:
+    """The tiny checkpoint the LangChain tests load by path (the session's, seed 0)."""
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,9 @@ Ctrl-C exits with 130 and no traceback.
 
     hd4k tiles examples/page.png                 # plan, token table, preview PNG
     hd4k tiles scan.jpg --hd-num auto --max-tokens 4096 --json
+
+The model commands (``read``, ``chart``, ``describe``, ``serve``, ``make-tiny-checkpoint``) live in
+:mod:`hd4k_tools.cli_model`.
 """
 
 from __future__ import annotations
@@ -193,6 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     tiles.add_argument("--no-preview", action="store_true", help="do not write the preview PNG")
     tiles.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     tiles.set_defaults(func=_cmd_tiles)
+
+    from hd4k_tools import cli_model
+
+    cli_model.register(commands)
     return parser
 
 

@@ -90,7 +90,9 @@ def _cmd_describe(args: argparse.Namespace) -> int:
                     args.image, detail=args.detail, hd_num=hd_num, generation=_streaming_generation(args)
                 )
             )
-        return _emit(hd.describe_image(args.image, detail=args.detail, hd_num=hd_num, generation=_generation(args)), args)
+        return _emit(
+            hd.describe_image(args.image, detail=args.detail, hd_num=hd_num, generation=_generation(args)), args
+        )
 
 
 def _cmd_chart(args: argparse.Namespace) -> int:
@@ -144,7 +146,9 @@ def _add_model_options(p: argparse.ArgumentParser, *, default_hd: int) -> None:
         metavar="DIR|HUB_ID",
         help=f"checkpoint folder or hub id (default: $HD4K_MODEL or {OFFICIAL_MODEL})",
     )
-    p.add_argument("--hd-num", default=None, metavar="N|auto", help=f"maximum tiles (default for this task: {default_hd})")
+    p.add_argument(
+        "--hd-num", default=None, metavar="N|auto", help=f"maximum tiles (default for this task: {default_hd})"
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (default)")
     p.add_argument("--max-new-tokens", type=int, default=None, metavar="N", help="cap on the answer length")
@@ -179,6 +183,16 @@ def register(commands: Any) -> None:
     chart.add_argument("--table", action="store_true", help="extract the chart's data as a table instead")
     _add_model_options(chart, default_hd=25)
     chart.set_defaults(func=_cmd_chart)
+
+    from hd4k_tools import server
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve the model over an OpenAI-compatible HTTP API (extra: serve)",
+        description="Serve InternLM-XComposer2-4KHD: /v1/chat/completions, /v1/models, /health.",
+    )
+    server.build_parser(serve)
+    serve.set_defaults(func=server.serve_from_args)
 
     tiny = commands.add_parser(
         "make-tiny-checkpoint",

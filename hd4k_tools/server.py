@@ -926,9 +926,10 @@ def _hd_num_arg(value: str) -> HDNum:
     return n
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command-line options of ``python -m hd4k_tools.server``."""
-    p = argparse.ArgumentParser(
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """The command-line options of ``python -m hd4k_tools.server``; ``hd4k serve`` passes its sub-parser
+    to be filled with the same options."""
+    p = parser or argparse.ArgumentParser(
         prog="python -m hd4k_tools.server",
         description="Serve InternLM-XComposer2-4KHD over an OpenAI-compatible HTTP API.",
     )
@@ -957,25 +958,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m hd4k_tools.server``."""
     args = build_parser().parse_args(argv)
     try:
-        run_server(
-            args.model,
-            host=args.host,
-            port=args.port,
-            device=args.device,
-            dtype=args.dtype,
-            quantization=args.quantization,
-            served_model_name=args.served_model_name,
-            allow_image_urls=args.allow_image_urls,
-            max_request_bytes=args.max_request_bytes,
-            max_pixels=args.max_pixels,
-            max_image_bytes=args.max_image_bytes,
-            default_hd_num=args.default_hd_num,
-            api_key=args.api_key,
-            log_level=args.log_level,
-        )
+        return serve_from_args(args)
     except HD4KError as err:  # a bad model folder, a missing extra: the message says what to do
         print(f"error: {err}", file=sys.stderr)
         return 1
+
+
+def serve_from_args(args: argparse.Namespace) -> int:
+    """Run :func:`run_server` with options parsed by :func:`build_parser` (``hd4k serve`` calls this and
+    reports errors its own way)."""
+    run_server(
+        args.model,
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        dtype=args.dtype,
+        quantization=args.quantization,
+        served_model_name=args.served_model_name,
+        allow_image_urls=args.allow_image_urls,
+        max_request_bytes=args.max_request_bytes,
+        max_pixels=args.max_pixels,
+        max_image_bytes=args.max_image_bytes,
+        default_hd_num=args.default_hd_num,
+        api_key=args.api_key,
+        log_level=args.log_level,
+    )
     return 0
 
 

@@ -73,7 +73,7 @@ def test_chart_stream_matches_plain(capsys, tiny_checkpoint: Path, page: Path) -
 def test_chart_table_from_a_model_that_writes_no_table_is_a_clean_error(
     capsys, tiny_checkpoint: Path, page: Path
 ) -> None:
-    code, out, err = _run(
+    code, _out, err = _run(
         capsys, "chart", str(page), "--table", "--model", str(tiny_checkpoint), "--hd-num", "1", "--max-new-tokens", "4"
     )
     assert code == 2
@@ -96,7 +96,7 @@ def test_errors_are_one_line_with_exit_code_2(
     capsys, tiny_checkpoint: Path, page: Path, tmp_path: Path, argv: list[str], needle: str
 ) -> None:
     args = [a.format(page=page, tmp=tmp_path, ckpt=tiny_checkpoint) for a in argv]
-    code, out, err = _run(capsys, *args)
+    code, _out, err = _run(capsys, *args)
     assert code == 2
     assert err.startswith("hd4k: error: ")
     assert len(err.strip().splitlines()) == 1
@@ -113,8 +113,9 @@ def test_offline_hub_id_says_how_to_pass_a_folder(capsys, page: Path) -> None:
 def test_make_tiny_checkpoint_then_use_it(capsys, tmp_path: Path, page: Path) -> None:
     code, out, _ = _run(capsys, "make-tiny-checkpoint", str(tmp_path / "tiny"))
     assert code == 0
+    assert str(tmp_path / "tiny") in out
     assert (tmp_path / "tiny" / "config.json").is_file()
-    code, out, err = _run(
+    code, _out, err = _run(
         capsys, "describe", str(page), "--model", str(tmp_path / "tiny"), "--hd-num", "1", "--max-new-tokens", "3"
     )
     assert code == 0, err

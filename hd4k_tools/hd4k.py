@@ -33,13 +33,16 @@ from hd4k_tools.tasks import (
     parse_table,
     thumbnail_data_url,
 )
-from hd4k_tools.tiling import HDNum, resolve_hd_num
+from hd4k_tools.tiling import HDNum, auto_hd_num, resolve_hd_num
 
 T = TypeVar("T")
 GenerationArg = GenerationConfig | Mapping[str, Any] | None
 
 # Tokens kept free for the prompt text when hd_num="auto" picks the image budget.
 _TEXT_MARGIN = 256
+# hd_num="auto" never goes past the largest budget the authors evaluated (DocVQA/InfoVQA test, spec §4):
+# the context would allow HD-100 for one page, but nothing shows the model reads better there.
+MAX_AUTO_HD_NUM = 65
 
 
 class HD4K:
@@ -132,7 +135,7 @@ class HD4K:
 
     def _hd_num(self, hd_num: HDNum | None, image: Image.Image, spec: TaskSpec, gen: GenerationConfig) -> int:
         budget = self.runner.context_length - gen.max_new_tokens - _TEXT_MARGIN
-        return resolve_hd_num(hd_num, image.width, image.height, default=spec.default_hd_num, max_tokens=budget)
+        return _resolve(hd_num, image, spec.default_hd_num, budget)
 
     def load(self, source: ImageSource, policy: ImagePolicy | None = None) -> Image.Image:
         """Load ``source`` as an RGB image under ``policy`` (default: this object's policy)."""
@@ -385,7 +388,7 @@ class HD4K:
             hd_list = [hd_num] * len(images)
         budget = (self.runner.context_length - gen.max_new_tokens - _TEXT_MARGIN) // max(1, len(images))
         resolved = tuple(
-            resolve_hd_num(h, im.width, im.height, default=spec.default_hd_num, max_tokens=budget)
+            _resolve(h, im, spec.default_hd_num, budget)
             for h, im in zip(hd_list, images, strict=True)
         )
         return GenerationRequest(messages=tuple(messages), hd_nums=resolved, generation=gen, layout=spec.layout)
@@ -456,6 +459,14 @@ class HD4K:
 
     def astream_chat(self, prompt: str, images: Sequence[ImageSource] = (), **kwargs: Any) -> AsyncIterator[str]:
         return _aiter_stream(lambda cancel: self.stream_chat(prompt, images, cancel=cancel, **kwargs))
+
+
+def _resolve(hd_num: HDNum | None, image: Image.Image, default: int, budget: int) -> int:
+    """Concrete hd_num for ``image``: ``None`` -> the task default, ``"auto"`` -> the largest that fits
+    ``budget`` image tokens (at most :data:`MAX_AUTO_HD_NUM`), an int as given (validated)."""
+    if isinstance(hd_num, str) and hd_num.strip().lower() == "auto":
+        return auto_hd_num(image.width, image.height, budget, max_hd_num=MAX_AUTO_HD_NUM)
+    return resolve_hd_num(hd_num, image.width, image.height, default=default, max_tokens=budget)
 
 
 async def _in_thread(call: Callable[[threading.Event], T]) -> T:

@@ -206,3 +206,11 @@ def test_multi_turn_messages_and_system_prompt(hd4k_tiny: HD4K) -> None:
     assert out.usage.image_tokens == plan(640, 480, 2).num_tokens
     with pytest.raises(InputError, match="end with a user message"):
         hd4k_tiny.run(hd4k_tiny.build_request([Message("assistant", ("x",))]))
+
+
+def test_auto_hd_num_stops_at_the_largest_evaluated_budget(hd4k_tiny: HD4K) -> None:
+    from hd4k_tools.hd4k import MAX_AUTO_HD_NUM
+
+    # A 16k context would allow HD-100 for a page; "auto" caps at the authors' largest budget (65).
+    request = hd4k_tiny.build_request([Message.user(_image(1240, 1754), "read")], hd_num="auto", generation=FAST)
+    assert request.hd_nums == (MAX_AUTO_HD_NUM,)

@@ -42,6 +42,8 @@ _EXPORTS: dict[str, str] = {
     "ImageSource": "hd4k_tools.imaging",
     "make_tiny_checkpoint": "hd4k_tools.testing",
     "resolve_hd_num": "hd4k_tools.tiling",
+    "StopFilter": "hd4k_tools.stops",
+    "cut_at_stops": "hd4k_tools.stops",
     "page_count": "hd4k_tools.pdf",
     "parse_page_range": "hd4k_tools.pdf",
     "render_pages": "hd4k_tools.pdf",
@@ -97,6 +99,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from hd4k_tools.pdf import page_count, parse_page_range, render_pages
     from hd4k_tools.remote import RemoteRunner
     from hd4k_tools.runner import GenerationRequest, LocalRunner, Message, Runner, RunnerResult, TextStream
+    from hd4k_tools.stops import StopFilter, cut_at_stops
     from hd4k_tools.tasks import TASKS, ChartResult, ChartTable, DocumentResult, PlanSummary, TaskResult, Timings, Usage
     from hd4k_tools.testing import make_tiny_checkpoint
     from hd4k_tools.tiling import HDPlan, auto_hd_num, draw_plan, hd_transform, plan, resolve_hd_num, to_model_inputs

@@ -62,6 +62,7 @@ from hd4k_tools.errors import (
 from hd4k_tools.generation import GenerationConfig
 from hd4k_tools.imaging import ImagePolicy, load_image
 from hd4k_tools.runner import GenerationRequest, Message, Runner, RunnerResult, TextStream
+from hd4k_tools.stops import StopFilter, cut_at_stops
 from hd4k_tools.tiling import HDNum, resolve_hd_num
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -253,55 +254,6 @@ def _validation_message(err: Any) -> tuple[str, str | None]:
 # ----------------------------------------------------------------------------------------------------
 # Stop sequences and whitespace, identical for streamed and whole answers
 # ----------------------------------------------------------------------------------------------------
-class _TextFilter:
-    """Turns raw text deltas into what the client sees: leading/trailing whitespace removed (as the
-    runner's whole answer is) and the text cut before the first stop sequence.
-
-    Streamed and non-streamed answers both go through it, so their texts are identical. Text that may
-    still become (the start of) a stop sequence, or trailing whitespace, is held back until it is decided.
-    """
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self._stops = [s for s in stops if s]
-        self._buf = ""
-        self._started = False
-        self.stopped = False
-
-    def feed(self, delta: str) -> str:
-        if self.stopped or not delta:
-            return ""
-        if not self._started:
-            delta = delta.lstrip()
-            if not delta:
-                return ""
-            self._started = True
-        self._buf += delta
-        hits = [i for i in (self._buf.find(s) for s in self._stops) if i >= 0]
-        if hits:
-            self.stopped = True
-            out, self._buf = self._buf[: min(hits)], ""
-            return out
-        keep = len(self._buf.rstrip())
-        for s in self._stops:
-            for n in range(min(len(s) - 1, len(self._buf)), 0, -1):
-                if self._buf.endswith(s[:n]):
-                    keep = min(keep, len(self._buf) - n)
-                    break
-        out, self._buf = self._buf[:keep], self._buf[keep:]
-        return out
-
-    def finish(self) -> str:
-        out, self._buf = ("" if self.stopped else self._buf.rstrip()), ""
-        return out
-
-
-def _filter_whole(text: str, stops: Sequence[str]) -> tuple[str, bool]:
-    f = _TextFilter(stops)
-    out = f.feed(text)
-    out += f.finish()
-    return out, f.stopped
-
-
 # ----------------------------------------------------------------------------------------------------
 # Building the runner request
 # ----------------------------------------------------------------------------------------------------
@@ -706,7 +658,7 @@ def create_app(
             # Stream internally so generation stops as soon as a stop sequence appears.
             def consume() -> tuple[str, bool, RunnerResult | None]:
                 stream = settings.runner.stream(prep.request, cancel=cancel)
-                filt = _TextFilter(prep.stops)
+                filt = StopFilter(prep.stops)
                 pieces: list[str] = []
                 try:
                     for delta in stream:
@@ -723,7 +675,7 @@ def create_app(
             result = await in_thread_until_disconnect(
                 request, lambda: settings.runner.generate(prep.request, cancel=cancel), cancel
             )
-            text, stopped = _filter_whole(result.text, ())
+            text, stopped = cut_at_stops(result.text, ())
         if result is None:  # pragma: no cover - a runner that produced no result without raising
             raise _internal_error()
         body = _completion_body(
@@ -745,7 +697,7 @@ def create_app(
         model = settings.model_name
 
         async def events() -> AsyncIterator[bytes]:
-            filt = _TextFilter(prep.stops)
+            filt = StopFilter(prep.stops)
             finished = False
             try:
                 yield _chunk(cid, created, model, {"role": "assistant", "content": ""}, None)

@@ -10,7 +10,7 @@ import pytest
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_hd4k import ChatHD4K
-from langchain_hd4k.chat_models import TextAssembler, check_json_schema, extract_json_object, schema_validator
+from langchain_hd4k.chat_models import check_json_schema, extract_json_object, schema_validator
 from langchain_helpers import chart_image, page_image, png_bytes
 from pydantic import BaseModel
 from typing_extensions import TypedDict
@@ -453,18 +453,3 @@ def test_structured_output_with_image_input(chat: ChatHD4K) -> None:
     out = structured.invoke([image_message(IMAGE_BLOCKS["v1-base64"])], config={"callbacks": [handler]})
     assert out["parsing_error"] is not None
     assert out["raw"].usage_metadata["input_token_details"]["image"] == plan(240, 120, 1).num_tokens
-
-
-def test_text_assembler() -> None:
-    def run(deltas: list[str], stop: list[str]) -> tuple[list[str], str]:
-        assembler = TextAssembler(stop)
-        pieces = [assembler.feed(d) for d in deltas]
-        pieces.append(assembler.finish())
-        return [p for p in pieces if p], "".join(pieces)
-
-    assert run(["  Hel", "lo wor", "ld  \n"], []) == (["Hel", "lo wor", "ld"], "Hello world")
-    # A stop sequence split over deltas is held back, then cut with the whitespace before it.
-    assert run(["Hello ", "wo", "rld ", "STO", "P more"], ["STOP"])[1] == "Hello world"
-    assert run(["abcSTOPdef"], ["STOP", "cS"])[1] == "ab"
-    assert run(["ST", "x"], ["STOP"])[1] == "STx"
-    assert run(["\n\n", "  "], ["x"])[1] == ""

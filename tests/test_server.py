@@ -38,7 +38,8 @@ from hd4k_tools.runner import (
     TextStream,
     stream_in_thread,
 )
-from hd4k_tools.server import _TextFilter, create_app
+from hd4k_tools.server import create_app
+from hd4k_tools.stops import StopFilter
 from hd4k_tools.tasks import PlanSummary, Usage
 from hd4k_tools.tiling import plan
 
@@ -702,7 +703,7 @@ def test_stream_matches_whole_answer_and_usage_chunk() -> None:
 @pytest.mark.parametrize(
     ("stop", "expected"),
     [
-        (["wor"], "Hello "),
+        (["wor"], "Hello"),  # the answer is stripped, also before a stop string
         ("d. B", "Hello worl"),
         (["Bye", "llo"], "He"),
         (["\n"], "Hello world. Bye"),
@@ -721,11 +722,12 @@ def test_stop_sequences_cut_stream_and_whole_alike(stop: str | list[str], expect
 
 
 def test_text_filter_holds_back_partial_stops() -> None:
-    f = _TextFilter(["STOP"])
+    f = StopFilter(["STOP"])
     out = [f.feed(d) for d in ["  ab", "cS", "T", "x ", " STO", "P tail"]]
-    assert out == ["ab", "c", "", "STx", "  ", ""]
+    # The spaces before "STOP" are never sent: the answer ends at "STx", as the non-streamed one does.
+    assert out == ["ab", "c", "", "STx", "", ""]
     assert f.stopped and f.finish() == ""
-    g = _TextFilter([])
+    g = StopFilter([])
     assert "".join([g.feed("\n a "), g.feed(" b\n"), g.finish()]) == "a  b"
 
 

@@ -40,6 +40,7 @@ from hd4k_tools import (
     OutputParseError,
     Runner,
     RunnerResult,
+    StopFilter,
     errors,
 )
 
@@ -287,7 +288,7 @@ class ChatHD4K(BaseChatModel):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         request = self._build_request(messages, kwargs)
-        assembler = TextAssembler(self._stop_sequences(stop))
+        assembler = StopFilter(self._stop_sequences(stop))
         stream = self.hd.runner.stream(request)
         try:
             for delta in stream:
@@ -313,7 +314,7 @@ class ChatHD4K(BaseChatModel):
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         request = self._build_request(messages, kwargs)
-        assembler = TextAssembler(self._stop_sequences(stop))
+        assembler = StopFilter(self._stop_sequences(stop))
         cancel = threading.Event()
         stream = await asyncio.to_thread(self.hd.runner.stream, request, cancel=cancel)
         done = object()
@@ -335,7 +336,7 @@ class ChatHD4K(BaseChatModel):
             await asyncio.to_thread(stream.close)
         yield self._final_chunk(assembler, stream.result)
 
-    def _final_chunk(self, assembler: TextAssembler, result: RunnerResult | None) -> ChatGenerationChunk:
+    def _final_chunk(self, assembler: StopFilter, result: RunnerResult | None) -> ChatGenerationChunk:
         """The last chunk: held-back text, usage and metadata (set once, so merging never doubles it)."""
         tail = assembler.finish()
         if result is None:  # pragma: no cover - the runner always leaves a result after close()
@@ -568,48 +569,6 @@ def _result_from_chunks(chunks: Sequence[ChatGenerationChunk]) -> ChatResult:
     return ChatResult(generations=[ChatGeneration(message=ai)])
 
 
-class TextAssembler:
-    """Turns raw text deltas into the deltas of the final answer.
-
-    The answer is the generated text with leading and trailing whitespace removed (as the runner
-    strips its non-streamed text), cut before the first stop sequence. Text that may still turn out
-    to start a stop sequence, and trailing whitespace, are held back until the next delta decides.
-    """
-
-    def __init__(self, stop: Sequence[str] = ()) -> None:
-        self._stop = [s for s in stop if s]
-        self._hold = max((len(s) for s in self._stop), default=1) - 1
-        self._buffer = ""
-        self._started = False
-        self.stopped = False
-
-    def feed(self, delta: str) -> str:
-        """Add a raw delta; returns the text that is now certain to be part of the answer."""
-        if self.stopped:
-            return ""
-        if not self._started:
-            delta = delta.lstrip()
-            if not delta:
-                return ""
-            self._started = True
-        self._buffer += delta
-        cuts = [i for i in (self._buffer.find(s) for s in self._stop) if i >= 0]
-        if cuts:
-            self.stopped = True
-            out = self._buffer[: min(cuts)].rstrip()
-            self._buffer = ""
-            return out
-        safe = self._buffer[: max(0, len(self._buffer) - self._hold)].rstrip()
-        self._buffer = self._buffer[len(safe) :]
-        return safe
-
-    def finish(self) -> str:
-        """The held-back text at the end of the generation (without trailing whitespace)."""
-        out = "" if self.stopped else self._buffer.rstrip()
-        self._buffer = ""
-        return out
-
-
 # ----------------------------------------------------------------------------------------------------
 # Structured output helpers
 # ----------------------------------------------------------------------------------------------------
@@ -746,4 +705,4 @@ def _input_messages(value: LanguageModelInput) -> list[BaseMessage]:
     return list(convert_to_messages(value))
 
 
-__all__ = ["ChatHD4K", "TextAssembler", "extract_json_object"]
+__all__ = ["ChatHD4K", "extract_json_object"]

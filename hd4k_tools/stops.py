@@ -3,9 +3,9 @@
 The model stops on token ids (eos, ``[UNUSED_TOKEN_145]``); callers may also give stop *strings*
 (OpenAI ``stop``, LangChain ``stop=``). :class:`StopFilter` turns raw text deltas into the deltas of
 the final answer: leading whitespace dropped (the non-streamed answer is stripped too), text cut before
-the first stop string (and the whitespace before it), and anything that may still turn out to start a stop string — or be trailing
-whitespace — held back until the next delta decides. Joined, the deltas equal :func:`cut_at_stops`
-of the whole text, so streamed and non-streamed answers agree.
+the first stop string (and the whitespace before it), and anything that may still turn out to start a
+stop string — or be trailing whitespace — held back until the next delta decides. Joined, the deltas
+equal :func:`cut_at_stops` of the whole text, so streamed and non-streamed answers agree.
 """
 
 from __future__ import annotations

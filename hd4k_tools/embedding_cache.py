@@ -13,13 +13,13 @@ readers of other entries.
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from hd4k_tools.lru import BytesLRU
 
 __all__ = ["EmbeddingCacheKey", "ImageEmbeddingCache", "cache_key", "tensor_nbytes"]
 
@@ -50,8 +50,8 @@ def tensor_nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-class ImageEmbeddingCache:
-    """LRU map ``key -> Tensor`` bounded by ``max_bytes`` of tensor data.
+class ImageEmbeddingCache(BytesLRU[torch.Tensor]):
+    """LRU map ``key -> Tensor`` bounded by ``max_bytes`` of tensor data (a :class:`~hd4k_tools.lru.BytesLRU`).
 
     * ``get`` marks an entry most-recently used; ``put`` inserts (or replaces) and evicts
       least-recently-used entries until the total fits.
@@ -62,54 +62,13 @@ class ImageEmbeddingCache:
     """
 
     def __init__(self, max_bytes: int = 1 << 30) -> None:
-        if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 0:
-            raise ValueError(f"max_bytes must be a non-negative int, got {max_bytes!r}")
-        self.max_bytes = max_bytes
-        self._entries: OrderedDict[Any, tuple[torch.Tensor, int]] = OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
-        self.evictions = 0
-        self.current_bytes = 0
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._entries)
-
-    def __contains__(self, key: object) -> bool:
-        """Membership test that does not count as a hit or miss and does not touch the LRU order."""
-        with self._lock:
-            return key in self._entries
-
-    def get(self, key: Any) -> torch.Tensor | None:
-        """The cached tensor for ``key`` (now most-recently used), or ``None``; counts a hit or a miss."""
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
-                self.misses += 1
-                return None
-            self._entries.move_to_end(key)
-            self.hits += 1
-            return entry[0]
+        super().__init__(max_bytes, tensor_nbytes)
 
     def put(self, key: Any, tensor: torch.Tensor) -> bool:
         """Store ``tensor`` under ``key``; returns whether it was stored (``False`` if over the budget)."""
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"ImageEmbeddingCache stores tensors, got {type(tensor).__name__}")
-        nbytes = tensor_nbytes(tensor)
-        with self._lock:
-            old = self._entries.pop(key, None)
-            if old is not None:
-                self.current_bytes -= old[1]
-            if nbytes > self.max_bytes:
-                return False
-            while self._entries and self.current_bytes + nbytes > self.max_bytes:
-                _, (_, evicted_bytes) = self._entries.popitem(last=False)
-                self.current_bytes -= evicted_bytes
-                self.evictions += 1
-            self._entries[key] = (tensor, nbytes)
-            self.current_bytes += nbytes
-            return True
+        return super().put(key, tensor)
 
     def get_or_compute(self, key: Any, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Return the cached tensor or compute it with ``fn()`` (outside the lock) and store it.
@@ -117,32 +76,4 @@ class ImageEmbeddingCache:
         Two threads missing the same key at once may both compute it; the second ``put`` replaces the
         first with an equal value. That wastes one vision pass in a rare race but never blocks other keys.
         """
-        cached = self.get(key)
-        if cached is not None:
-            return cached
-        value = fn()
-        self.put(key, value)
-        return value
-
-    def stats(self) -> dict[str, int]:
-        """Counters and sizes as a plain dict (for logs and the server's health endpoint)."""
-        with self._lock:
-            return {
-                "entries": len(self._entries),
-                "current_bytes": self.current_bytes,
-                "max_bytes": self.max_bytes,
-                "hits": self.hits,
-                "misses": self.misses,
-                "evictions": self.evictions,
-            }
-
-    def clear(self) -> None:
-        """Drop every entry (the hit/miss/eviction counters are kept)."""
-        with self._lock:
-            self._entries.clear()
-            self.current_bytes = 0
-
-    def keys(self) -> list[Any]:
-        """Keys from least- to most-recently used (a snapshot)."""
-        with self._lock:
-            return list(self._entries)
+        return super().get_or_compute(key, fn)

@@ -7,7 +7,9 @@ the parts the project uses, with HF semantics where it matters:
 * **Prefill + decode.** One :class:`KVCache` per call, sized ``prompt + max_new_tokens`` (× beams). The
   prompt is prefilled in one forward with its ``im_mask``; every generated token is then fed alone with
   ``im_mask=False`` — generated tokens never get Partial LoRA (spec §3.2: the HF decoder zeroes
-  ``im_mask`` whenever it is given ``input_ids``).
+  ``im_mask`` whenever it is given ``input_ids``). Given a ``prefix`` (the K/V of the prompt's first
+  positions from an earlier call, :mod:`hd4k_tools.kv_prefix_cache`), the cache starts with it and only
+  the rest of the prompt is prefilled.
 * **Logits processing** (HF order): repetition penalty, then temperature, top-k, top-p. The repetition
   penalty only sees *generated* tokens: with ``inputs_embeds`` HF's ``generate`` starts from an empty
   ``input_ids`` for decoder-only models, so prompt tokens were never penalised in the official path.
@@ -33,7 +35,7 @@ import heapq
 import math
 import threading
 import time
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -41,6 +43,7 @@ from typing import Any, Literal, Protocol
 import torch
 import torch.nn.functional as F
 
+from hd4k_tools.models.xcomposer2_4khd.kv_cache import KVCache, KVPrefix
 from hd4k_tools.models.xcomposer2_4khd.prompt import IM_END, PromptInputs
 
 __all__ = [
@@ -208,29 +211,55 @@ def stream_text(tokenizer: _Tokenizer, token_iter: Iterable[int]) -> Iterator[st
 # ----------------------------------------------------------------------------------------------------
 class _Decoder:
     """Owns the KV cache of one call and runs prefill / single-token steps, returning last-position
-    logits ``[B, V]`` float32."""
+    logits ``[B, V]`` float32.
 
-    def __init__(self, model: torch.nn.Module, inputs: PromptInputs, max_new_tokens: int) -> None:
-        from hd4k_tools.models.xcomposer2_4khd.kv_cache import KVCache
+    The cache is allocated once for ``batch`` rows (the beams) and ``P + T + max_new_tokens`` positions.
+    The prompt is prefilled as one sequence through a row-0 view of it; :meth:`prefill` then copies row 0
+    to the other rows. With a ``prefix`` (K/V of positions ``0..P-1``, see :mod:`hd4k_tools.kv_prefix_cache`)
+    those positions are copied in first and only ``inputs`` — positions ``P..P+T-1`` — are prefilled.
+    """
 
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        inputs: PromptInputs,
+        max_new_tokens: int,
+        *,
+        batch: int = 1,
+        prefix: KVPrefix | None = None,
+        on_prefill: Callable[[KVCache], None] | None = None,
+    ) -> None:
         self.model = model
         self.inputs = inputs
+        self.prefix = prefix
+        self.on_prefill = on_prefill
         embeds = inputs.inputs_embeds
         self.dtype = embeds.dtype
         self.device = embeds.device
-        self.prompt_len = int(embeds.shape[1])
+        self.start = prefix.length if prefix is not None else 0
+        self.prompt_len = self.start + int(embeds.shape[1])
         self.pos = self.prompt_len
-        # Batch 1 for the prefill; beam search duplicates the rows afterwards (KVCache.reorder).
-        self.cache = KVCache(model.config, 1, self.prompt_len + max_new_tokens, self.dtype, self.device)
+        self.cache = KVCache(model.config, batch, self.prompt_len + max_new_tokens, self.dtype, self.device)
 
-    def _forward(self, embeds: torch.Tensor, im_mask: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    def _forward(
+        self, embeds: torch.Tensor, im_mask: torch.Tensor, input_pos: torch.Tensor, cache: KVCache
+    ) -> torch.Tensor:
         # logits_to_keep=1: the full [1, T, V] float32 prefill output would be large (10k x 92544 x 4 B).
-        logits = self.model(embeds, im_mask, input_pos, self.cache, logits_to_keep=1)  # [B, 1, V]
+        logits = self.model(embeds, im_mask, input_pos, cache, logits_to_keep=1)  # [B, 1, V]
         return logits[:, -1].float()  # [B, V]
 
     def prefill(self) -> torch.Tensor:
-        input_pos = torch.arange(self.prompt_len, device=self.device)  # [T]
-        return self._forward(self.inputs.inputs_embeds, self.inputs.im_mask.bool(), input_pos)
+        """Prefill the prompt (after the prefix, if any) as one sequence → logits ``[1, V]``."""
+        row0 = self.cache.row_view(1) if self.cache.batch_size > 1 else self.cache
+        if self.prefix is not None:
+            row0.load_prefix(self.prefix)
+        input_pos = torch.arange(self.start, self.prompt_len, device=self.device)  # [T]
+        logits = self._forward(self.inputs.inputs_embeds, self.inputs.im_mask.bool(), input_pos, row0)
+        if self.on_prefill is not None:
+            self.on_prefill(row0)
+        self.cache.length = row0.length
+        self.cache.broadcast_row(0)  # every beam starts from the prompt (no-op for one row)
+        return logits
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed ``tokens [B]`` at the next position; generated tokens get no LoRA (spec §3.2)."""
@@ -239,7 +268,7 @@ class _Decoder:
         im_mask = torch.zeros(batch, 1, dtype=torch.bool, device=self.device)  # [B, 1]
         input_pos = torch.tensor([self.pos], dtype=torch.long, device=self.device)  # [1]
         self.pos += 1
-        return self._forward(embeds.to(self.dtype), im_mask, input_pos)
+        return self._forward(embeds.to(self.dtype), im_mask, input_pos, self.cache)
 
 
 def _apply_repetition_penalty(scores: torch.Tensor, generated: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -319,13 +348,16 @@ def _sample_steps(
     stop_ids: frozenset[int],
     cancel: threading.Event | None,
     stats: _RunStats,
+    *,
+    prefix: KVPrefix | None = None,
+    on_prefill: Callable[[KVCache], None] | None = None,
 ) -> Iterator[int]:
     """Yield generated tokens one by one (num_beams == 1); ``stats`` gets the finish reason and times."""
     if _is_cancelled(cancel):
         stats.finish_reason = "cancelled"
         return
     with _timed(stats, prefill=True):
-        decoder = _Decoder(model, inputs, config.max_new_tokens)
+        decoder = _Decoder(model, inputs, config.max_new_tokens, prefix=prefix, on_prefill=on_prefill)
         gen = _make_generator(config, decoder.device)
         generated = torch.zeros(1, config.max_new_tokens, dtype=torch.long, device=decoder.device)  # [1, N]
         logits = decoder.prefill()  # [1, V]
@@ -375,6 +407,9 @@ def _beam_search(
     cancel: threading.Event | None,
     stats: _RunStats,
     num_beams: int | None = None,
+    *,
+    prefix: KVPrefix | None = None,
+    on_prefill: Callable[[KVCache], None] | None = None,
 ) -> None:
     """Deterministic beam search (HF semantics, see the module docstring); fills ``stats``.
 
@@ -385,12 +420,12 @@ def _beam_search(
         stats.finish_reason = "cancelled"
         return
     with _timed(stats, prefill=True):
-        decoder = _Decoder(model, inputs, config.max_new_tokens)
+        # The cache holds nb rows from the start; the prefill fills row 0 and copies it to the others.
+        decoder = _Decoder(model, inputs, config.max_new_tokens, batch=nb, prefix=prefix, on_prefill=on_prefill)
         device = decoder.device
         logits = decoder.prefill()  # [1, V]
         vocab = logits.shape[-1]
-        # Duplicate the prefilled row for every beam; only beam 0 is live at the first step.
-        decoder.cache.reorder(torch.zeros(nb, dtype=torch.long, device=device))
+        # Every beam holds the prompt; only beam 0 is live at the first step.
         logits = logits.expand(nb, vocab)  # [nb, V]
         beam_scores = torch.full((nb,), -math.inf, dtype=torch.float32, device=device)  # [nb]
         beam_scores[0] = 0.0
@@ -447,7 +482,7 @@ def _beam_search(
             sources = [b for _, b, _ in running]
             new_tokens = torch.tensor([t for _, _, t in running], dtype=torch.long, device=device)  # [nb]
             if sources != list(range(nb)):
-                # Reordering copies the whole cache (all layers), so it is skipped when no beam moved.
+                # In place, copying only the rows whose source changed (KVCache.reorder).
                 order = torch.tensor(sources, dtype=torch.long, device=device)  # [nb]
                 seqs.copy_(seqs.index_select(0, order))
                 decoder.cache.reorder(order)
@@ -467,11 +502,13 @@ def _beam_search(
 # ----------------------------------------------------------------------------------------------------
 # Public entry points
 # ----------------------------------------------------------------------------------------------------
-def _output(stats: _RunStats, inputs: PromptInputs, tokenizer: _Tokenizer | None) -> GenerationOutput:
+def _output(
+    stats: _RunStats, inputs: PromptInputs, tokenizer: _Tokenizer | None, prefix: KVPrefix | None
+) -> GenerationOutput:
     return GenerationOutput(
         token_ids=list(stats.tokens),
         finish_reason=stats.finish_reason,
-        num_prompt_tokens=int(inputs.length),
+        num_prompt_tokens=int(inputs.length) + (prefix.length if prefix is not None else 0),
         num_generated_tokens=len(stats.tokens),
         prefill_seconds=stats.prefill_seconds,
         decode_seconds=stats.decode_seconds,
@@ -482,10 +519,16 @@ def _output(stats: _RunStats, inputs: PromptInputs, tokenizer: _Tokenizer | None
     )
 
 
-def _check_inputs(inputs: PromptInputs, stop_ids: Collection[int]) -> frozenset[int]:
-    if inputs.inputs_embeds.dim() != 3 or inputs.inputs_embeds.shape[0] != 1:
+def _check_inputs(inputs: PromptInputs, stop_ids: Collection[int], prefix: KVPrefix | None) -> frozenset[int]:
+    embeds = inputs.inputs_embeds
+    if embeds.dim() != 3 or embeds.shape[0] != 1:
+        raise ValueError(f"inputs.inputs_embeds must be [1, T, D] (one prompt), got {tuple(embeds.shape)}")
+    if embeds.shape[1] == 0:
+        raise ValueError("inputs hold no position: with a prefix, at least the last prompt token must follow it")
+    if prefix is not None and (prefix.dtype != embeds.dtype or prefix.device != embeds.device):
         raise ValueError(
-            f"inputs.inputs_embeds must be [1, T, D] (one prompt), got {tuple(inputs.inputs_embeds.shape)}"
+            f"the prefix K/V are {prefix.dtype} on {prefix.device} but the inputs are {embeds.dtype} on "
+            f"{embeds.device}; prefixes are only valid for the dtype/device they were computed in"
         )
     return frozenset(int(i) for i in stop_ids)
 
@@ -499,6 +542,8 @@ def iter_tokens(
     cancel: threading.Event | None = None,
     output: list[GenerationOutput] | None = None,
     tokenizer: _Tokenizer | None = None,
+    prefix: KVPrefix | None = None,
+    on_prefill: Callable[[KVCache], None] | None = None,
 ) -> Iterator[int]:
     """Yield generated token ids (stop token excluded) as they are decided.
 
@@ -506,17 +551,26 @@ def iter_tokens(
     search is over. When the iterator ends — stop id, ``max_new_tokens``, or ``cancel`` set (checked
     between tokens; no exception) — a :class:`GenerationOutput` is appended to ``output`` if given
     (``text`` is filled when ``tokenizer`` is given).
+
+    ``prefix``: the keys/values of the prompt's first ``P = prefix.length`` positions, computed earlier
+    for the same model, dtype and device (:class:`~hd4k_tools.kv_prefix_cache.PrefixKVCache`); ``inputs``
+    then hold only the rest of the prompt, positions ``P..``, and only those are prefilled. Results equal
+    those of the whole prompt without a prefix (causal attention: positions ``< P`` never see later
+    ones). ``on_prefill(cache)`` is called once, right after the prompt prefill, with a one-row
+    :class:`KVCache` whose positions ``0..num_prompt_tokens-1`` are filled (prefix included); it may copy
+    from it (:meth:`KVCache.snapshot`) but must neither keep nor modify it.
     """
     config = config or GenerationConfig()
-    stops = _check_inputs(inputs, stop_ids)
+    stops = _check_inputs(inputs, stop_ids, prefix)
     stats = _RunStats()
+    hooks = {"prefix": prefix, "on_prefill": on_prefill}
     if config.num_beams == 1:
-        yield from _sample_steps(model, inputs, config, stops, cancel, stats)
+        yield from _sample_steps(model, inputs, config, stops, cancel, stats, **hooks)
     else:
-        _beam_search(model, inputs, config, stops, cancel, stats)
+        _beam_search(model, inputs, config, stops, cancel, stats, **hooks)
         yield from stats.tokens
     if output is not None:
-        output.append(_output(stats, inputs, tokenizer))
+        output.append(_output(stats, inputs, tokenizer, prefix))
 
 
 def generate(
@@ -527,15 +581,28 @@ def generate(
     stop_ids: Collection[int],
     cancel: threading.Event | None = None,
     tokenizer: _Tokenizer | None = None,
+    prefix: KVPrefix | None = None,
+    on_prefill: Callable[[KVCache], None] | None = None,
 ) -> GenerationOutput:
     """Generate a reply to ``inputs`` (see the module docstring for the semantics).
 
     ``stop_ids`` is usually :func:`stop_ids_for` ``(tokenizer)``. If ``cancel`` is set the result holds
     the tokens produced so far and ``finish_reason == "cancelled"``. ``text`` is decoded (official
-    post-processing, :func:`decode_output`) when ``tokenizer`` is given, else left empty.
+    post-processing, :func:`decode_output`) when ``tokenizer`` is given, else left empty. ``prefix`` and
+    ``on_prefill`` as in :func:`iter_tokens` (``num_prompt_tokens`` counts the prefix).
     """
     box: list[GenerationOutput] = []
-    for _ in iter_tokens(model, inputs, config, stop_ids=stop_ids, cancel=cancel, output=box, tokenizer=tokenizer):
+    for _ in iter_tokens(
+        model,
+        inputs,
+        config,
+        stop_ids=stop_ids,
+        cancel=cancel,
+        output=box,
+        tokenizer=tokenizer,
+        prefix=prefix,
+        on_prefill=on_prefill,
+    ):
         pass
     return box[0]
 
@@ -549,9 +616,12 @@ def stream(
     stop_ids: Collection[int] | None = None,
     cancel: threading.Event | None = None,
     output: list[GenerationOutput] | None = None,
+    prefix: KVPrefix | None = None,
 ) -> Iterator[str]:
     """Text deltas of a generation: :func:`stream_text` over :func:`iter_tokens` (stop ids default to
-    :func:`stop_ids_for` ``(tokenizer)``)."""
+    :func:`stop_ids_for` ``(tokenizer)``; ``prefix`` as there)."""
     stops = stop_ids_for(tokenizer) if stop_ids is None else stop_ids
-    tokens = iter_tokens(model, inputs, config, stop_ids=stops, cancel=cancel, output=output, tokenizer=tokenizer)
+    tokens = iter_tokens(
+        model, inputs, config, stop_ids=stops, cancel=cancel, output=output, tokenizer=tokenizer, prefix=prefix
+    )
     yield from stream_text(tokenizer, tokens)

@@ -27,6 +27,7 @@ from hd4k_tools.tiling import HDPlan, plan
 
 if TYPE_CHECKING:  # pragma: no cover
     from hd4k_tools.embedding_cache import ImageEmbeddingCache
+    from hd4k_tools.kv_prefix_cache import PrefixKVCache
     from hd4k_tools.models.xcomposer2_4khd import LoadedModel
 
 Role = Literal["system", "user", "assistant"]
@@ -190,8 +191,10 @@ def stream_in_thread(
 class LocalRunner:
     """Runs the native InternLM-XComposer2-4KHD model loaded by ``load_pretrained``.
 
-    Model calls are serialised by a lock; vision outputs are cached by (image content, hd_num, dtype,
-    device), so a second question about the same image skips the vision tower.
+    Model calls are serialised by a lock. Vision outputs are cached by (image content, hd_num, dtype,
+    device), and the decoder K/V of the prompt up to its last image by that prefix's exact content
+    (:mod:`hd4k_tools.kv_prefix_cache`), so a second question about the same image skips the vision tower
+    and the prefill over the image tokens.
     """
 
     def __init__(
@@ -201,8 +204,14 @@ class LocalRunner:
         model_id: str | None = None,
         embedding_cache: ImageEmbeddingCache | None = None,
         cache_bytes: int = 1 << 30,
+        prefix_cache: PrefixKVCache | None = None,
+        prefix_cache_bytes: int = 2 << 30,
     ) -> None:
+        """``cache_bytes`` bounds the image-embedding cache, ``prefix_cache_bytes`` the prefix KV cache
+        (decoder K/V up to the last image, on the model's device; 0 disables it). Pass ready caches to
+        share or inspect them."""
         from hd4k_tools.embedding_cache import ImageEmbeddingCache
+        from hd4k_tools.kv_prefix_cache import PrefixKVCache
 
         self._loaded = loaded
         self._model = loaded.model
@@ -210,6 +219,7 @@ class LocalRunner:
         self._model_id = model_id or str(loaded.path)
         self._lock = threading.Lock()
         self.embedding_cache = embedding_cache if embedding_cache is not None else ImageEmbeddingCache(cache_bytes)
+        self.prefix_cache = prefix_cache if prefix_cache is not None else PrefixKVCache(prefix_cache_bytes)
         self.load_seconds = float(getattr(loaded, "load_seconds", 0.0))
 
     @classmethod
@@ -254,6 +264,7 @@ class LocalRunner:
 
     def close(self) -> None:
         self.embedding_cache.clear()
+        self.prefix_cache.clear()  # K/V entries may hold GBs (of GPU memory)
 
     def generate(self, request: GenerationRequest, *, cancel: threading.Event | None = None) -> RunnerResult:
         return self._run(request, emit=None, cancel=cancel)
@@ -304,6 +315,7 @@ class LocalRunner:
 
         from hd4k_tools.generation import generate, iter_tokens, stop_ids_for, stream_text
         from hd4k_tools.imaging import image_content_hash
+        from hd4k_tools.kv_prefix_cache import split_at_last_image, suffix_inputs
         from hd4k_tools.models.xcomposer2_4khd.prompt import assemble_inputs, check_context
         from hd4k_tools.tiling import to_model_inputs
 
@@ -328,34 +340,64 @@ class LocalRunner:
         model = self._model
         param = next(model.parameters())
         dtype, device = param.dtype, param.device
+        hashes = [image_content_hash(img) for img in images]
+        # The prompt up to the end of its last image: its decoder K/V may be cached (None: no image, or
+        # nothing after the last image).
+        split = split_at_last_image(self._tokenizer, prompt, [p.num_tokens for p in plans], bos_each_part=bos_each_part)
+        prefix_key = (
+            split.key([(h, p.hd_num) for h, p in zip(hashes, plans, strict=True)], dtype, device)
+            if split is not None
+            else None
+        )
         with self._lock, torch.inference_mode():
             t0 = time.perf_counter()
             hits_before = self.embedding_cache.hits
-            embeds = []
-            for img, p in zip(images, plans, strict=True):
-                key = (image_content_hash(img), p.hd_num, str(dtype), str(device))
+            embedding_keys = [(h, p.hd_num, str(dtype), str(device)) for h, p in zip(hashes, plans, strict=True)]
+            prefix = self.prefix_cache.get(prefix_key) if prefix_key is not None else None
+            on_prefill = None
+            if prefix is not None:
+                # Prefix hit: the images live in the cached K/V, so neither the vision tower nor their
+                # embeddings are needed; only the text after the last image is prefilled. Exact, because
+                # attention is causal (the prefix K/V do not depend on later tokens) and Partial LoRA
+                # applied to the image positions inside the prefix exactly as in a full prefill (spec
+                # §3.2-3.3; kv_prefix_cache). The embedding entries are kept warm (they are far smaller
+                # and outlive an evicted prefix).
+                for key in embedding_keys:
+                    self.embedding_cache.touch(key)
+                vision_s = time.perf_counter() - t0
+                inputs = suffix_inputs(model, split)
+            else:
+                embeds = []
+                for img, p, key in zip(images, plans, embedding_keys, strict=True):
 
-                def compute(img: Image.Image = img, p: HDPlan = p) -> torch.Tensor:
-                    inputs = to_model_inputs(img, p.hd_num, dtype=dtype)
-                    return model.encode_image(inputs)
+                    def compute(img: Image.Image = img, p: HDPlan = p) -> torch.Tensor:
+                        inputs = to_model_inputs(img, p.hd_num, dtype=dtype)
+                        return model.encode_image(inputs)
 
-                embeds.append(self.embedding_cache.get_or_compute(key, compute))
-            vision_s = time.perf_counter() - t0
-            inputs = assemble_inputs(
-                model, self._tokenizer, prompt, embeds, max_length=max_length, bos_each_part=bos_each_part
-            )
+                    embeds.append(self.embedding_cache.get_or_compute(key, compute))
+                vision_s = time.perf_counter() - t0
+                inputs = assemble_inputs(
+                    model, self._tokenizer, prompt, embeds, max_length=max_length, bos_each_part=bos_each_part
+                )
+                if prefix_key is not None and inputs.length == split.total_length:
+                    # Keep the prefix's K/V after this call's prefill for the next question.
+                    on_prefill = self.prefix_cache.capture(prefix_key, split.prefix_length)
+            prompt_len = inputs.length + (prefix.length if prefix is not None else 0)
             stop_ids = stop_ids_for(self._tokenizer)
             config = request.generation
             if budget > max_length:
                 # Leave room in the context for the answer rather than overflowing mid-generation.
-                config = config.replace(max_new_tokens=max(1, max_length - inputs.length))
+                config = config.replace(max_new_tokens=max(1, max_length - prompt_len))
+            cache_args = {"prefix": prefix, "on_prefill": on_prefill}
             if emit is None:
-                out = generate(model, inputs, config, stop_ids=stop_ids, cancel=cancel)
+                out = generate(model, inputs, config, stop_ids=stop_ids, cancel=cancel, **cache_args)
                 text = self._tokenizer_text(out.token_ids)
             else:
                 out_box: list = []
                 pieces: list[str] = []
-                tokens = iter_tokens(model, inputs, config, stop_ids=stop_ids, cancel=cancel, output=out_box)
+                tokens = iter_tokens(
+                    model, inputs, config, stop_ids=stop_ids, cancel=cancel, output=out_box, **cache_args
+                )
                 for delta in stream_text(self._tokenizer, tokens):
                     pieces.append(delta)
                     emit(delta)
@@ -369,9 +411,10 @@ class LocalRunner:
             decode_tokens_per_s=out.tokens_per_second,
             total_s=time.perf_counter() - t_start,
             vision_cache_hits=self.embedding_cache.hits - hits_before,
+            prefix_cache_hit=prefix is not None,
         )
         usage = Usage(
-            prompt_tokens=inputs.length,
+            prompt_tokens=prompt_len,
             image_tokens=sum(p.num_tokens for p in plans),
             completion_tokens=out.num_generated_tokens,
         )

@@ -144,6 +144,9 @@ class Timings(BaseModel):
     decode_tokens_per_s: float = 0.0
     total_s: float = 0.0
     vision_cache_hits: int = 0
+    prefix_cache_hit: bool = False
+    """The decoder K/V of the prompt up to the last image came from the prefix KV cache (the vision tower
+    and that part of the prefill were skipped)."""
 
 
 class Usage(BaseModel):

@@ -180,3 +180,64 @@ def test_unavailable_device_and_quantization(tiny_checkpoint):
         load_pretrained(tiny_checkpoint, device="cpu", quantization="3bit", progress=False)
     with pytest.raises(DeviceError):
         load_pretrained(tiny_checkpoint, device="tpu", progress=False)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Memory: shards read once, parameters own their memory (issue 3: peak RSS <= 1.3x the checkpoint)
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["bin", "safetensors"])
+def test_parameters_do_not_depend_on_the_files_after_loading(tmp_path, reference_logits, fmt):
+    """Parameters are not memory-mapped views: overwriting the weight files in place changes nothing."""
+    folder = make_tiny_checkpoint(tmp_path / "c", seed=0, format=fmt, shards=2)
+    loaded = _load(folder)
+    for f in folder.glob("model*.safetensors" if fmt == "safetensors" else "pytorch_model*.bin"):
+        size = f.stat().st_size
+        with open(f, "r+b") as handle:
+            handle.write(b"\0" * size)
+    assert torch.equal(_logits(loaded), reference_logits)
+
+
+def test_safetensors_reader_matches_the_reference(tmp_path):
+    from hd4k_tools.models.xcomposer2_4khd.checkpoint import _iter_safetensors, _shard_keys
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        "bf16": torch.randn(3, 5, generator=gen).bfloat16(),
+        "f16": torch.randn(7, generator=gen).half(),
+        "f32": torch.randn(2, 3, 4, generator=gen),
+        "i64": torch.arange(-5, 5),
+        "bool": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+    }
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    ours = dict(_iter_safetensors(path))
+    reference = load_file(str(path))
+    assert set(ours) == set(reference) == set(_shard_keys(path))
+    for key, tensor in reference.items():
+        assert ours[key].dtype == tensor.dtype and torch.equal(ours[key], tensor), key
+        assert ours[key].untyped_storage().nbytes() == tensor.numel() * tensor.element_size()  # compact
+
+
+def test_truncated_safetensors_is_a_checkpoint_error(tmp_path):
+    folder, _ = _single_safetensors(tmp_path)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=r"re-download|do not fit"):
+        _load(folder)
+    weights.write_bytes(b"\xff" * 16)
+    with pytest.raises(CheckpointError, match="header"):
+        _load(folder)
+
+
+def test_views_in_a_checkpoint_are_stored_compactly():
+    from hd4k_tools.models.xcomposer2_4khd.checkpoint import _owned
+
+    whole = torch.arange(12.0)
+    assert _owned(whole) is whole  # assigned as read: no second copy
+    part = whole[2:6]
+    compact = _owned(part)
+    assert torch.equal(compact, part) and compact.untyped_storage().nbytes() == 16
+    transposed = whole.view(3, 4).t()
+    assert _owned(transposed).is_contiguous()

@@ -152,3 +152,38 @@ def test_thread_safety_smoke() -> None:
     assert stats["hits"] + stats["misses"] == 8 * 300
     assert stats["current_bytes"] == 40 * stats["entries"] <= cache.max_bytes
     assert stats["evictions"] > 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# The shared BytesLRU (also behind the prefix KV cache)
+# ----------------------------------------------------------------------------------------------------
+def test_embedding_cache_is_a_bytes_lru() -> None:
+    from hd4k_tools.lru import BytesLRU
+
+    assert isinstance(ImageEmbeddingCache(), BytesLRU)
+
+
+def test_bytes_lru_with_a_custom_size() -> None:
+    from hd4k_tools.lru import BytesLRU
+
+    cache: BytesLRU[str] = BytesLRU(10, len)
+    assert cache.put("a", "xxxx") and cache.put("b", "yyyy")
+    assert cache.put("c", "zzzz")  # 12 > 10: the least recent ("a") goes
+    assert cache.keys() == ["b", "c"] and cache.current_bytes == 8
+    assert cache.get_or_compute("d", lambda: "ww") == "ww"
+    assert cache.fits(10) and not cache.fits(11)
+    assert cache.put("e", "e" * 11) is False
+    with pytest.raises(ValueError, match="sizeof"):
+        BytesLRU(10, lambda v: -1).put("a", "x")
+
+
+def test_touch_refreshes_and_counts_a_hit_but_never_a_miss() -> None:
+    cache = ImageEmbeddingCache(max_bytes=80)
+    a, b, c = _key("a"), _key("b"), _key("c")
+    cache.put(a, _t(10))
+    cache.put(b, _t(10))
+    assert cache.touch(a) is True  # a becomes most recent
+    assert cache.touch(c) is False  # absent: no miss counted
+    assert (cache.hits, cache.misses) == (1, 0)
+    cache.put(c, _t(10))  # evicts b, the least recent
+    assert cache.keys() == [a, c]

@@ -395,3 +395,32 @@ def test_stream_text_never_emits_the_end_marker() -> None:
     # A '[' that does not become the marker is released once the text moves on.
     deltas = list(stream_text(tok, iter([2, 7, 8])))
     assert "".join(deltas) == "Hia[b" and deltas[-1].endswith("[b")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Beam search memory: one cache for all beams, reordered in place
+# ----------------------------------------------------------------------------------------------------
+def test_beam_search_keeps_one_cache_and_reorders_in_place(tiny_model, prompt_inputs, monkeypatch) -> None:
+    from hd4k_tools.models.xcomposer2_4khd.kv_cache import KVCache
+
+    seen: list[tuple[int, int, int, int]] = []
+    original = KVCache.reorder
+
+    def recording(self: KVCache, index: torch.Tensor) -> None:
+        before = (self.k.data_ptr(), self.v.data_ptr())
+        original(self, index)
+        seen.append((*before, self.k.data_ptr(), self.v.data_ptr()))
+        assert self.batch_size == 3
+
+    monkeypatch.setattr(KVCache, "reorder", recording)
+    out = generate(tiny_model.model, prompt_inputs, GenerationConfig(max_new_tokens=12, num_beams=3), stop_ids=NO_STOP)
+    monkeypatch.undo()
+    assert len(out.token_ids) == 12
+    assert seen, "the beams never moved: the test prompt gives no signal"
+    assert all(k0 == k1 and v0 == v1 for k0, v0, k1, v1 in seen)  # never a new cache
+    assert len({(k0, v0) for k0, v0, _, _ in seen}) == 1  # one cache for the whole search
+    # And the result is what the search gives without the recording wrapper.
+    again = generate(
+        tiny_model.model, prompt_inputs, GenerationConfig(max_new_tokens=12, num_beams=3), stop_ids=NO_STOP
+    )
+    assert again.token_ids == out.token_ids

@@ -385,3 +385,131 @@ def test_bf16_model_returns_float32_logits(tiny_model):
         logits = model(embeds, im_mask)
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
     assert model.embed_tokens([1, 2]).dtype == torch.bfloat16
+
+
+# ----------------------------------------------------------------------------------------------------
+# Partial LoRA by spans (issue 3 review: no boolean gather/scatter per projection)
+# ----------------------------------------------------------------------------------------------------
+def _random_span_mask(batch: int, t: int, spans: int, seed: int, same_rows: bool) -> torch.Tensor:
+    """``spans`` disjoint runs of True per row: one of random start and length in each window of ``t // spans``."""
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(batch, t, dtype=torch.bool)
+    window = t // spans
+    for b in range(batch):
+        for w in range(spans):
+            start = w * window + int(torch.randint(1, window // 2, (1,), generator=gen))
+            mask[b, start : start + int(torch.randint(1, window // 2, (1,), generator=gen))] = True
+    if same_rows:
+        mask[:] = mask[0]
+    return mask
+
+
+def test_image_spans_finds_the_runs():
+    from hd4k_tools.models.xcomposer2_4khd.modeling import image_spans
+
+    mask = torch.tensor([[False, True, True, False, True, False, True]])
+    assert image_spans(mask) == ((None, 1, 3), (None, 4, 5), (None, 6, 7))
+    assert image_spans(torch.zeros(2, 5, dtype=torch.bool)) == ()
+    assert image_spans(torch.ones(3, 4, dtype=torch.bool)) == ((None, 0, 4),)
+    rows = torch.tensor([[True, True, False], [False, True, True]])
+    assert image_spans(rows) == ((0, 0, 2), (1, 1, 3))
+    assert image_spans(mask, max_spans=2) is None  # fragmented masks keep the boolean path
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_plora_spans_equal_the_mask_path(seed: int):
+    from hd4k_tools.models.xcomposer2_4khd.modeling import image_spans
+
+    torch.manual_seed(seed)
+    lin = PLoRALinear(48, 40, bias=seed % 2 == 0, lora_r=4, lora_alpha=8 if seed % 3 else 3)
+    torch.nn.init.normal_(lin.Plora_B.weight)
+    batch = 1 if seed < 2 else 3
+    mask = _random_span_mask(batch, 64, spans=3, seed=seed, same_rows=seed % 2 == 0)
+    x = torch.randn(batch, 64, 48)
+    spans = image_spans(mask)
+    assert spans is not None and len(spans) == (3 if seed % 2 == 0 else 3 * batch)
+    with torch.no_grad():
+        by_mask, by_spans = lin(x, mask), lin(x, spans)
+    # The same arithmetic per position; BLAS may pick another kernel for another row count, so the
+    # last bits may differ (rtol 1e-6), never more.
+    torch.testing.assert_close(by_spans, by_mask, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(by_spans[~mask], F.linear(x, lin.weight, lin.bias)[~mask], rtol=0, atol=0)
+
+
+def test_model_logits_equal_with_spans_and_with_masks(tiny_model, monkeypatch):
+    from hd4k_tools.models.xcomposer2_4khd import modeling
+
+    model = tiny_model.model
+    embeds, im_mask = _mixed_inputs(model)
+    im_mask[0, 1:3] = True  # a second image span
+    with torch.inference_mode():
+        spans = model(embeds, im_mask)
+        monkeypatch.setattr(modeling, "MAX_LORA_SPANS", 0)  # force the boolean-mask path
+        masked = model(embeds, im_mask)
+    torch.testing.assert_close(spans, masked, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# KV cache: in-place reorder, row views, prefixes
+# ----------------------------------------------------------------------------------------------------
+def _filled_cache(batch: int = 3, length: int = 7) -> KVCache:
+    config = _tiny_attention_config()
+    with torch.inference_mode():
+        cache = KVCache(config, batch, 10, torch.float32, "cpu")
+        cache.k.normal_(generator=torch.Generator().manual_seed(0))
+        cache.v.normal_(generator=torch.Generator().manual_seed(1))
+    cache.length = length
+    return cache
+
+
+@pytest.mark.parametrize("index", [[0, 0, 0], [2, 1, 0], [1, 1, 2], [0, 1, 2], [2, 0, 1], [1, 2, 2]])
+def test_kv_cache_reorder_is_in_place_with_unchanged_semantics(index):
+    cache = _filled_cache()
+    ref_k = cache.k.index_select(1, torch.tensor(index))  # the old semantics: a full reordered copy
+    ref_v = cache.v.index_select(1, torch.tensor(index))
+    k_ptr, v_ptr = cache.k.data_ptr(), cache.v.data_ptr()
+    with torch.inference_mode():
+        cache.reorder(torch.tensor(index))
+    assert cache.k.data_ptr() == k_ptr and cache.v.data_ptr() == v_ptr  # no new cache
+    assert cache.batch_size == 3 and cache.length == 7
+    # Every valid position equals the reordered copy (positions >= length are rewritten before use).
+    assert torch.equal(cache.k[:, :, :, :7], ref_k[:, :, :, :7])
+    assert torch.equal(cache.v[:, :, :, :7], ref_v[:, :, :, :7])
+
+
+def test_kv_cache_reorder_repeated_steps_and_batch_change():
+    cache = _filled_cache()
+    ref_k = cache.k.clone()
+    with torch.inference_mode():
+        for index in ([1, 0, 2], [2, 2, 0], [0, 0, 1]):
+            cache.reorder(torch.tensor(index))
+            ref_k = ref_k.index_select(1, torch.tensor(index))
+            assert torch.equal(cache.k[:, :, :, :7], ref_k[:, :, :, :7])
+        with pytest.raises(IndexError):
+            cache.reorder(torch.tensor([0, 3, 1]))
+        cache.reorder(torch.tensor([2, 0]))  # another batch size: a new, smaller cache
+    assert cache.batch_size == 2
+    assert torch.equal(cache.k[:, :, :, :7], ref_k.index_select(1, torch.tensor([2, 0]))[:, :, :, :7])
+
+
+def test_row_view_broadcast_snapshot_and_load_prefix():
+    cache = _filled_cache(length=0)
+    with torch.inference_mode():
+        row0 = cache.row_view(1)
+        assert row0.batch_size == 1 and row0.k.data_ptr() == cache.k.data_ptr()  # shares memory
+        row0.k[:, :, :, :5] = 1.0  # written through the view
+        row0.length = cache.length = 5
+        cache.broadcast_row(0)
+        assert (cache.k[:, :, :, :5] == 1.0).all()
+        prefix = cache.snapshot(4, row=2)
+        assert prefix.length == 4 and prefix.k.is_contiguous()
+        assert prefix.k.untyped_storage().data_ptr() != cache.k.untyped_storage().data_ptr()  # a copy
+        fresh = KVCache(_tiny_attention_config(), 2, 10, torch.float32, "cpu")
+        fresh.load_prefix(prefix)
+    assert fresh.length == 4
+    assert torch.equal(fresh.k[:, :, :, :4], prefix.k.expand(-1, 2, -1, -1, -1))
+    assert torch.equal(fresh.v[:, :, :, :4], cache.v[:, 2:3, :, :4].expand(-1, 2, -1, -1, -1))
+    with pytest.raises(ValueError):
+        cache.snapshot(6)  # beyond the positions written
+    with pytest.raises(ValueError):
+        cache.row_view(4)

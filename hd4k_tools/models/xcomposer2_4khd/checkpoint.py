@@ -1,9 +1,20 @@
 """Load the official InternLM-XComposer2-4KHD-7B checkpoint (or a tiny one in the same layout).
 
 The model is built on the meta device (no memory), then filled shard by shard with
-``load_state_dict(..., strict=False, assign=True)``, each tensor cast to the target dtype and device
-first, each shard released before the next: peak memory ≈ the model + one shard. Every parameter ends
-up in one dtype, as the official ``from_pretrained(torch_dtype=torch.bfloat16)`` does (norms included).
+``load_state_dict(..., strict=False, assign=True)``. Every parameter ends up in one dtype, as the
+official ``from_pretrained(torch_dtype=torch.bfloat16)`` does (norms included).
+
+Peak memory ≈ the model + at most one shard (issue 3 target: <= 1.3x the checkpoint's bytes):
+
+* ``.bin`` shards are read with ``torch.load(mmap=False)``: the tensors land in anonymous memory once.
+  A tensor already in the target dtype on a CPU target is assigned as it is (no second copy); others are
+  cast / moved and the shard's own tensor is dropped right away. (With ``mmap=True`` the file's pages
+  stay resident next to every copy until the shard is unmapped — 1.46x measured — and assigning the
+  mmap views themselves would leave the parameters backed by a file the user may delete or replace.)
+* ``.safetensors`` shards are read tensor by tensor with plain file reads straight into the tensor's
+  final buffer (:func:`_iter_safetensors`), so no mapping of the shard is resident at all.
+* Each shard is released (its dict emptied as it is consumed) before the next is read.
+
 Keys and shapes are checked strictly against the model before any tensor data is read when the
 checkpoint has an index (spec §3.4); buffers some transformers versions saved (``rotary_emb.inv_freq``,
 CLIP ``position_ids``) and the unused CLIP ``post_layernorm`` are accepted and ignored.
@@ -12,12 +23,15 @@ CLIP ``position_ids``) and the unused CLIP ``post_layernorm`` are accepted and i
 from __future__ import annotations
 
 import json
+import math
 import re
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from torch import nn
@@ -193,27 +207,112 @@ def _listing(items: list[str]) -> str:
 # ----------------------------------------------------------------------------------------------------
 # Reading
 # ----------------------------------------------------------------------------------------------------
-def _read_shard(file: Path) -> dict[str, torch.Tensor]:
-    try:
-        if file.suffix == ".safetensors":
-            from safetensors.torch import load_file
+# safetensors dtype names (https://github.com/huggingface/safetensors, format description).
+_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+}
+_MAX_SAFETENSORS_HEADER = 100 << 20  # the reference implementation's limit
 
-            return load_file(str(file), device="cpu")
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+
+def _safetensors_header(f: BinaryIO, file: Path) -> tuple[dict[str, dict], int]:
+    """``(entries, data_start)`` of an open ``.safetensors`` file: 8-byte little-endian header size,
+    a JSON header ``{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": …}``, then the
+    data, offsets relative to its start."""
+    size = file.stat().st_size
+    raw = f.read(8)
+    if len(raw) != 8:
+        raise CheckpointError(f"{file} is too short to be a safetensors file")
+    n = int.from_bytes(raw, "little")
+    if n > _MAX_SAFETENSORS_HEADER or 8 + n > size:
+        raise CheckpointError(f"{file} has an invalid safetensors header size ({n} bytes)")
+    try:
+        header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{file} has an invalid safetensors header ({exc})") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file} has an invalid safetensors header")
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def _safetensors_keys(file: Path) -> list[str]:
+    with open(file, "rb") as f:
+        return list(_safetensors_header(f, file)[0])
+
+
+def _iter_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(key, tensor)`` of a ``.safetensors`` file, one at a time, each read from the file straight into
+    a fresh CPU tensor (no memory map, no intermediate buffer): only the tensor being read is extra."""
+    if sys.byteorder != "little":  # the format is little-endian; the reference reader converts
+        from safetensors.torch import load_file
+
+        yield from load_file(str(file), device="cpu").items()
+        return
+    with open(file, "rb", buffering=0) as f:
+        header, data_start = _safetensors_header(f, file)
+        size = file.stat().st_size
+        for key, info in header.items():
+            try:
+                dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+                shape = [int(d) for d in info["shape"]]
+                begin, end = (int(o) for o in info["data_offsets"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise CheckpointError(f"{file}: unsupported or malformed entry for {key!r} ({exc})") from exc
+            nbytes = math.prod(shape) * dtype.itemsize
+            if end - begin != nbytes or begin < 0 or data_start + end > size:
+                raise CheckpointError(f"{file}: {key!r} has data offsets {begin}..{end} that do not fit its shape")
+            flat = torch.empty(nbytes, dtype=torch.uint8)  # [nbytes], becomes the tensor's storage
+            if nbytes:
+                f.seek(data_start + begin)
+                view = memoryview(flat.numpy())
+                done = 0
+                while done < nbytes:
+                    got = f.readinto(view[done:])
+                    if not got:
+                        raise CheckpointError(f"{file} ends inside {key!r}; re-download it")
+                    done += got
+            yield key, flat.view(dtype).reshape(shape)  # [nbytes] -> [numel] -> shape, same storage
+
+
+def _iter_bin(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(key, tensor)`` of a ``.bin`` file read into memory (``mmap=False``); each tensor is removed
+    from the loaded dict as it is handed out, so nothing keeps the shard alive behind the caller."""
+    state = torch.load(file, map_location="cpu", weights_only=True, mmap=False)
+    while state:
+        key = next(iter(state))
+        yield key, state.pop(key)
+
+
+def _read_shard(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of one weight file, lazily; read errors become :class:`CheckpointError`."""
+    tensors = _iter_safetensors(file) if file.suffix == ".safetensors" else _iter_bin(file)
+    try:
+        yield from tensors
+    except CheckpointError:
+        raise
     except Exception as exc:
         raise CheckpointError(f"cannot read {file} ({type(exc).__name__}: {exc}); re-download it.") from exc
 
 
 def _shard_keys(file: Path) -> list[str]:
-    if file.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                return list(f.keys())
-        except Exception as exc:
-            raise CheckpointError(f"cannot read {file} ({exc}); re-download it.") from exc
-    return list(_read_shard(file).keys())  # mmap: reads the pickled key table, not the tensor data
+    try:
+        if file.suffix == ".safetensors":
+            return _safetensors_keys(file)
+        # mmap: reads the pickled key table, not the tensor data (nothing of it becomes resident).
+        return list(torch.load(file, map_location="cpu", weights_only=True, mmap=True).keys())
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"cannot read {file} ({type(exc).__name__}: {exc}); re-download it.") from exc
 
 
 def _check_keys(checkpoint_keys: list[str], expected: dict[str, torch.Size], source: Path) -> None:
@@ -234,9 +333,45 @@ def _check_keys(checkpoint_keys: list[str], expected: dict[str, torch.Size], sou
 
 def _iter_shards(
     files: list[Path], *, progress: bool | None, cancel: threading.Event | None
-) -> Iterator[dict[str, torch.Tensor]]:
+) -> Iterator[Iterator[tuple[str, torch.Tensor]]]:
     for file in track(files, total=len(files), desc="Loading shards", unit="shard", progress=progress, cancel=cancel):
         yield _read_shard(file)
+
+
+def _owned(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` if it is contiguous and alone in its storage, else a compact copy: a parameter must not
+    keep a larger storage alive (a checkpoint may hold views of a bigger tensor)."""
+    whole = tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    return tensor if whole and tensor.is_contiguous() else tensor.contiguous().clone()
+
+
+def _load_shard(
+    model: nn.Module,
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    expected: dict[str, torch.Size],
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    folder: Path,
+) -> None:
+    """Cast/move one shard's tensors and assign them to ``model``; the shard's own tensors are dropped
+    as they are consumed, so at most one shard (in its stored dtype) is held next to the model."""
+    ready: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors:
+        if key not in expected:
+            continue  # ignorable buffer (checked before)
+        if tensor.shape != expected[key]:
+            raise CheckpointError(
+                f"{folder}: {key} has shape {list(tensor.shape)} in the checkpoint but the model "
+                f"(from config.json) expects {list(expected[key])}; config.json and the weights "
+                "do not belong together — re-download the checkpoint."
+            )
+        cast = dtype if tensor.is_floating_point() else tensor.dtype
+        if tensor.dtype == cast and tensor.device == device:
+            ready[key] = _owned(tensor)  # already what the model needs: no second copy
+        else:
+            ready[key] = tensor.to(device=device, dtype=cast)  # a new tensor; the read one is freed now
+    model.load_state_dict(ready, strict=False, assign=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -340,20 +475,8 @@ def load_pretrained(
     # Quantised loads stage the weights on the CPU: bitsandbytes quantises on the way to the GPU.
     load_device = torch.device("cpu") if quantization else target_device
     for shard in _iter_shards(files, progress=progress, cancel=cancel):
-        ready: dict[str, torch.Tensor] = {}
-        for key, tensor in shard.items():
-            if key not in expected:
-                continue  # ignorable buffer (checked above)
-            if tensor.shape != expected[key]:
-                raise CheckpointError(
-                    f"{folder}: {key} has shape {list(tensor.shape)} in the checkpoint but the model "
-                    f"(from config.json) expects {list(expected[key])}; config.json and the weights "
-                    "do not belong together — re-download the checkpoint."
-                )
-            cast = target_dtype if tensor.is_floating_point() else tensor.dtype
-            ready[key] = tensor.to(device=load_device, dtype=cast, copy=True)
-        model.load_state_dict(ready, strict=False, assign=True)
-        del shard, ready
+        # One shard at a time; _load_shard's locals (and the shard) are gone before the next is read.
+        _load_shard(model, shard, expected, dtype=target_dtype, device=load_device, folder=folder)
 
     if config.tie_word_embeddings:
         model.output.weight = model.model.tok_embeddings.weight

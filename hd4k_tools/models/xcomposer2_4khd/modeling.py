@@ -26,6 +26,44 @@ from hd4k_tools.models.xcomposer2_4khd.vision import (
 if TYPE_CHECKING:
     from hd4k_tools.tiling import ModelInputs
 
+ImageSpan = tuple[int | None, int, int]
+"""``(row, start, end)``: positions ``start..end-1`` of batch row ``row`` (``None``: every row) are image
+positions."""
+ImageSpans = tuple[ImageSpan, ...]
+LoRAPositions = Tensor | ImageSpans
+"""Where Partial LoRA applies: an ``im_mask [B, T]`` bool tensor or the :data:`ImageSpans` derived from it."""
+
+# Beyond this many spans the per-span LoRA calls cost more than one boolean gather/scatter; real prompts
+# have one span per image (the image's tokens are contiguous, spec §4), so this only guards odd masks.
+MAX_LORA_SPANS = 64
+
+
+def image_spans(im_mask: Tensor, max_spans: int | None = None) -> ImageSpans | None:
+    """The runs of ``True`` in ``im_mask [B, T]`` as :data:`ImageSpans`, or ``None`` if there are more
+    than ``max_spans`` (default :data:`MAX_LORA_SPANS`) of them (callers then keep the mask).
+
+    Rows with identical runs (batch 1, or beams of one prompt) give ``row=None`` spans that slice every
+    row at once; otherwise each span names its row. No ``True`` at all gives ``()``. One host transfer of
+    the mask per call (the model's forward calls this once, not once per layer).
+    """
+    max_spans = MAX_LORA_SPANS if max_spans is None else max_spans
+    mask = im_mask.to(device="cpu", dtype=torch.int8)  # [B, T]
+    if not mask.any():
+        return ()  # every decode step (generated tokens get no LoRA): skip the run search
+    # +1 where a run starts, -1 one past where it ends: [B, T+1].
+    edges = torch.diff(F.pad(mask, (1, 1)), dim=1)
+    per_row: list[list[tuple[int, int]]] = []
+    for row in edges:
+        starts = (row == 1).nonzero().flatten().tolist()
+        ends = (row == -1).nonzero().flatten().tolist()
+        if len(starts) > max_spans:
+            return None
+        per_row.append(list(zip(starts, ends, strict=True)))
+    if all(r == per_row[0] for r in per_row):
+        return tuple((None, s, e) for s, e in per_row[0])
+    spans = tuple((b, s, e) for b, runs in enumerate(per_row) for s, e in runs)
+    return spans if len(spans) <= max_spans else None
+
 
 # ----------------------------------------------------------------------------------------------------
 # Building blocks
@@ -66,14 +104,35 @@ class PLoRALinear(nn.Linear):
             return self.quantized_base(x)
         return F.linear(x, self.weight, self.bias)
 
-    def forward(self, x: Tensor, im_mask: Tensor | None = None) -> Tensor:
-        """``x [B, T, in]``, ``im_mask [B, T]`` bool or ``None`` (no image position) → ``[B, T, out]``."""
+    def forward(self, x: Tensor, im_mask: LoRAPositions | None = None) -> Tensor:
+        """``x [B, T, in]`` → ``[B, T, out]``; the LoRA delta is added where ``im_mask`` says.
+
+        ``im_mask`` is ``None`` (no image position), an ``[B, T]`` bool mask, or :data:`ImageSpans`
+        (what the model passes: computed once per forward by :func:`image_spans`). Spans slice the
+        contiguous image runs — ``out[:, s:e] += B(A(x[:, s:e])) * scale`` — which is the same
+        arithmetic as the mask's ``out[m] += B(A(x[m])) * scale`` (spec §3.2) per position, without the
+        boolean gather/scatter copies of ``x[m]`` and ``out[m]`` in every projection.
+        """
         out = self.base_forward(x)
         if im_mask is None:
             return out
-        picked = x[im_mask]  # [N_img, in]
-        delta = self.Plora_B(self.Plora_A(picked)) * self.lora_scaling  # [N_img, out]
-        out[im_mask] += delta.to(out.dtype)
+        if isinstance(im_mask, Tensor):
+            picked = x[im_mask]  # [N_img, in]
+            delta = self.Plora_B(self.Plora_A(picked)) * self.lora_scaling  # [N_img, out]
+            out[im_mask] += delta.to(out.dtype)
+            return out
+        lora_b = self.Plora_B.weight.t()  # [r, out]
+        for row, start, end in im_mask:
+            rows = slice(None) if row is None else slice(row, row + 1)
+            low = self.Plora_A(x[rows, start:end])  # [B', n, r]
+            target = out[rows, start:end]  # [B', n, out], a view of `out`
+            if low.dtype != out.dtype:  # e.g. a quantised base computing in another dtype
+                target += (self.Plora_B(low) * self.lora_scaling).to(out.dtype)
+                continue
+            for b in range(target.shape[0]):
+                # One GEMM accumulating into the view, scale as its alpha: no [n, out] delta tensor and
+                # no separate scale and add passes over it (those cost more than the LoRA matmuls).
+                target[b].addmm_(low[b], lora_b, alpha=self.lora_scaling)  # [n, out] += s * [n, r] @ [r, out]
         return out
 
 
@@ -178,7 +237,7 @@ class Attention(nn.Module):
     def forward(
         self,
         x: Tensor,
-        im_mask: Tensor | None,
+        im_mask: LoRAPositions | None,
         cos: Tensor,
         sin: Tensor,
         input_pos: Tensor,
@@ -222,7 +281,7 @@ class FeedForward(nn.Module):
         self.w3 = PLoRALinear(d, f, **lora)
         self.w2 = PLoRALinear(f, d, **lora)
 
-    def forward(self, x: Tensor, im_mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, im_mask: LoRAPositions | None) -> Tensor:
         return self.w2(F.silu(self.w1(x, im_mask)) * self.w3(x, im_mask), im_mask)
 
 
@@ -237,7 +296,7 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: Tensor,
-        im_mask: Tensor | None,
+        im_mask: LoRAPositions | None,
         cos: Tensor,
         sin: Tensor,
         input_pos: Tensor,
@@ -262,11 +321,12 @@ class InternLM2Model(nn.Module):
     def forward(
         self,
         inputs_embeds: Tensor,
-        im_mask: Tensor | None,
+        im_mask: LoRAPositions | None,
         input_pos: Tensor,
         cache: KVCache | None,
     ) -> Tensor:
-        """``inputs_embeds [B, T, D]`` → final hidden states ``[B, T, D]`` (after ``norm``)."""
+        """``inputs_embeds [B, T, D]`` → final hidden states ``[B, T, D]`` (after ``norm``); ``im_mask``
+        as in :meth:`PLoRALinear.forward` (spans computed once by the caller serve every layer)."""
         t = inputs_embeds.shape[1]
         kv_len = int(input_pos[-1]) + 1 if cache is not None else t
         cos, sin = self.rotary_emb(input_pos, kv_len, inputs_embeds.dtype)  # [T, d]
@@ -403,9 +463,12 @@ class XComposer2ForCausalLM(nn.Module):
             if im_mask.shape != (b, t):
                 raise ValueError(f"im_mask must be [{b}, {t}], got {tuple(im_mask.shape)}")
             im_mask = im_mask.to(device=self.device, dtype=torch.bool)
-            if not bool(im_mask.any()):
-                im_mask = None  # no image position: skip every LoRA branch
-        hidden = self.model(inputs_embeds.to(self.dtype), im_mask, input_pos, cache)  # [B, T, D]
+        lora_at: LoRAPositions | None = None
+        if im_mask is not None:
+            # Once per forward: the image runs as slices for every PLoRA projection of every layer.
+            spans = image_spans(im_mask)
+            lora_at = im_mask if spans is None else (spans or None)  # () = no image position: no LoRA
+        hidden = self.model(inputs_embeds.to(self.dtype), lora_at, input_pos, cache)  # [B, T, D]
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]  # [B, k, D]
         return self.output(hidden).float()  # [B, T', V]

@@ -162,15 +162,18 @@ def bench_task_overhead(hd: HD4K, runner: LocalRunner, workdir: Path, runs: int)
         layout=TASKS["describe_image"].layout,
     )
     runner.embedding_cache.clear()
+    runner.prefix_cache.clear()
     if hd.describe_image(str(path), hd_num=HD_NUM, generation=gen).text != runner.generate(request).text:
         raise RuntimeError("describe_image and the hand-built request disagree; the comparison would be unfair")
 
     def task() -> None:
         runner.embedding_cache.clear()
+        runner.prefix_cache.clear()
         hd.describe_image(str(path), hd_num=HD_NUM, generation=gen)
 
     def raw() -> None:
         runner.embedding_cache.clear()
+        runner.prefix_cache.clear()
         runner.generate(request)
 
     task_times, raw_times = [], []

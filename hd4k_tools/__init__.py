@@ -21,7 +21,7 @@ _EXPORTS: dict[str, str] = {
     "GenerationRequest": "hd4k_tools.runner",
     "RunnerResult": "hd4k_tools.runner",
     "TextStream": "hd4k_tools.runner",
-    "GenerationConfig": "hd4k_tools.generation",
+    "GenerationConfig": "hd4k_tools.generation_config",
     "TaskResult": "hd4k_tools.tasks",
     "ChartResult": "hd4k_tools.tasks",
     "ChartTable": "hd4k_tools.tasks",
@@ -86,7 +86,7 @@ if TYPE_CHECKING:  # pragma: no cover
         resolve_image_argument,
     )
     from hd4k_tools.errors import CancelledError, ContextOverflowError, HD4KError, InputError, OutputParseError
-    from hd4k_tools.generation import GenerationConfig
+    from hd4k_tools.generation_config import GenerationConfig
     from hd4k_tools.hd4k import HD4K
     from hd4k_tools.imaging import (
         ImagePolicy,

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from PIL import Image
 
 from hd4k_tools.errors import InputError
-from hd4k_tools.generation import GenerationConfig
+from hd4k_tools.generation_config import GenerationConfig
 from hd4k_tools.imaging import ImagePolicy, ImageSource, load_image, read_source_bytes
 from hd4k_tools.runner import GenerationRequest, LocalRunner, Message, Runner, RunnerResult, TextStream
 from hd4k_tools.tasks import (
@@ -77,10 +77,14 @@ class HD4K:
         policy: ImagePolicy | None = None,
         progress: bool | None = None,
         cache_bytes: int = 1 << 30,
+        prefix_cache_bytes: int = 2 << 30,
         **kwargs: Any,
     ) -> HD4K:
         """Load the native model from a checkpoint folder or a hub id (downloaded where there is
-        internet; offline, the error says how to fetch the weights and pass the folder)."""
+        internet; offline, the error says how to fetch the weights and pass the folder).
+
+        ``cache_bytes`` bounds the image-embedding cache and ``prefix_cache_bytes`` the decoder K/V kept
+        for follow-up questions about the same image (on the model's device; 0 turns it off)."""
         runner = LocalRunner.from_pretrained(
             str(path_or_hub_id),
             device=device,
@@ -88,6 +92,7 @@ class HD4K:
             quantization=quantization,
             progress=progress,
             cache_bytes=cache_bytes,
+            prefix_cache_bytes=prefix_cache_bytes,
         )
         return cls(runner, policy=policy, **kwargs)
 

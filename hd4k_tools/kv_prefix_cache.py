@@ -45,8 +45,8 @@ from hd4k_tools.models.xcomposer2_4khd.kv_cache import KVCache, KVPrefix
 from hd4k_tools.models.xcomposer2_4khd.prompt import (
     PromptInputs,
     PromptTokenizer,
-    _text_part_ids,
     split_prompt,
+    text_part_ids,
 )
 
 __all__ = ["PrefixKVCache", "PrefixKey", "PromptSplit", "split_at_last_image", "suffix_inputs"]
@@ -110,7 +110,7 @@ def split_at_last_image(
     if not image_token_counts:
         return None
     parts = split_prompt(prompt, len(image_token_counts))
-    part_ids = _text_part_ids(tokenizer, parts, bos_each_part)
+    part_ids = text_part_ids(tokenizer, parts, bos_each_part)
     suffix = tuple(part_ids[-1])
     if not suffix:
         return None

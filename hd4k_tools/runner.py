@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 from PIL import Image
 
 from hd4k_tools.errors import HD4KError, InputError
-from hd4k_tools.generation import GenerationConfig
+from hd4k_tools.generation_config import GenerationConfig
+from hd4k_tools.stops import StopFilter
 from hd4k_tools.tasks import Layout, PlanSummary, Timings, Usage
 from hd4k_tools.tiling import HDPlan, plan
 
@@ -233,6 +234,7 @@ class LocalRunner:
         progress: bool | None = None,
         cancel: threading.Event | None = None,
         cache_bytes: int = 1 << 30,
+        prefix_cache_bytes: int = 2 << 30,
     ) -> LocalRunner:
         """Load a checkpoint folder or hub id (see ``load_pretrained``) and wrap it."""
         from hd4k_tools.models.xcomposer2_4khd import load_pretrained
@@ -240,7 +242,9 @@ class LocalRunner:
         loaded = load_pretrained(
             path_or_hub_id, dtype=dtype, device=device, quantization=quantization, progress=progress, cancel=cancel
         )
-        return cls(loaded, model_id=str(path_or_hub_id), cache_bytes=cache_bytes)
+        return cls(
+            loaded, model_id=str(path_or_hub_id), cache_bytes=cache_bytes, prefix_cache_bytes=prefix_cache_bytes
+        )
 
     # -- Runner protocol ---------------------------------------------------------------------------
     @property
@@ -398,9 +402,15 @@ class LocalRunner:
                 tokens = iter_tokens(
                     model, inputs, config, stop_ids=stop_ids, cancel=cancel, output=out_box, **cache_args
                 )
+                # Deltas of the *stripped* answer, so that joined they equal the non-streamed text.
+                trim = StopFilter()
                 for delta in stream_text(self._tokenizer, tokens):
-                    pieces.append(delta)
-                    emit(delta)
+                    if piece := trim.feed(delta):
+                        pieces.append(piece)
+                        emit(piece)
+                if tail := trim.finish():
+                    pieces.append(tail)
+                    emit(tail)
                 out = out_box[0]
                 text = "".join(pieces)
         timings = Timings(

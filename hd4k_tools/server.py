@@ -59,7 +59,7 @@ from hd4k_tools.errors import (
     URLFetchError,
     URLNotAllowedError,
 )
-from hd4k_tools.generation import GenerationConfig
+from hd4k_tools.generation_config import GenerationConfig
 from hd4k_tools.imaging import ImagePolicy, load_image
 from hd4k_tools.runner import GenerationRequest, Message, Runner, RunnerResult, TextStream
 from hd4k_tools.stops import StopFilter, cut_at_stops

@@ -214,3 +214,11 @@ def test_auto_hd_num_stops_at_the_largest_evaluated_budget(hd4k_tiny: HD4K) -> N
     # A 16k context would allow HD-100 for a page; "auto" caps at the authors' largest budget (65).
     request = hd4k_tiny.build_request([Message.user(_image(1240, 1754), "read")], hd_num="auto", generation=FAST)
     assert request.hd_nums == (MAX_AUTO_HD_NUM,)
+
+
+def test_stream_deltas_are_the_stripped_answer(hd4k_tiny: HD4K) -> None:
+    gen = {"max_new_tokens": 6, "num_beams": 1}
+    stream = hd4k_tiny.stream_describe_image(_image(), hd_num=1, generation=gen)
+    deltas = list(stream)
+    assert deltas and not deltas[0][:1].isspace() and not deltas[-1][-1:].isspace()
+    assert "".join(deltas) == stream.result.text == hd4k_tiny.describe_image(_image(), hd_num=1, generation=gen).text

@@ -139,7 +139,7 @@ def split_prompt(prompt: str, num_images: int) -> list[str]:
     return parts
 
 
-def _text_part_ids(tokenizer: PromptTokenizer, parts: Sequence[str], bos_each_part: bool) -> list[list[int]]:
+def text_part_ids(tokenizer: PromptTokenizer, parts: Sequence[str], bos_each_part: bool) -> list[list[int]]:
     """Token ids of each text part (empty list for an empty part).
 
     ``bos_each_part=True`` is the official chat: every NON-EMPTY part is tokenised with BOS, so a BOS
@@ -173,7 +173,7 @@ def count_prompt_tokens(
     the placeholder count is validated as in :func:`assemble_inputs`.
     """
     parts = split_prompt(prompt, len(image_token_counts))
-    num_text = sum(len(ids) for ids in _text_part_ids(tokenizer, parts, bos_each_part))
+    num_text = sum(len(ids) for ids in text_part_ids(tokenizer, parts, bos_each_part))
     return num_text + sum(int(n) for n in image_token_counts)
 
 
@@ -259,7 +259,7 @@ def check_context(
     ``max_length``. Give ``image_sizes`` (``(width, height)`` per image) to get the largest fitting
     ``hd_num`` in the message (and as ``err.suggested_hd_num``); ``hd_num`` is the one that overflowed."""
     parts = split_prompt(prompt, len(image_token_counts))
-    num_text = sum(len(ids) for ids in _text_part_ids(tokenizer, parts, bos_each_part))
+    num_text = sum(len(ids) for ids in text_part_ids(tokenizer, parts, bos_each_part))
     total = num_text + sum(int(n) for n in image_token_counts)
     if total > max_length:
         raise _overflow_error(
@@ -308,7 +308,7 @@ def assemble_inputs(
     for i, emb in enumerate(image_embeds):
         if emb.dim() != 2:
             raise ValueError(f"image_embeds[{i}] must be [L, D] (one image's vision output), got {tuple(emb.shape)}")
-    part_ids = _text_part_ids(tokenizer, parts, bos_each_part)
+    part_ids = text_part_ids(tokenizer, parts, bos_each_part)
     num_text = sum(len(ids) for ids in part_ids)
     image_counts = [int(e.shape[0]) for e in image_embeds]
     total = num_text + sum(image_counts)

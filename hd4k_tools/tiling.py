@@ -19,10 +19,16 @@ from __future__ import annotations
 
 import math
 import operator
+import os
+import sys
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import numpy as np
+import PIL
 from PIL import Image, ImageDraw, ImageFont
 
 from hd4k_tools.errors import InputError, InvalidHDNumError
@@ -319,19 +325,195 @@ def _resolve_for_image(image: Image.Image, hd_num: HDNum, max_tokens: int | None
 # ----------------------------------------------------------------------------------------------------
 # Pixels
 # ----------------------------------------------------------------------------------------------------
-def _resized_working(image: Image.Image, p: HDPlan) -> Image.Image:
-    """The reference's resize, in the working (landscape) frame: ``(new_w, new_h)``.
+#: Most threads one call uses (resampling bands and tile conversion run on a per-call pool).
+_MAX_WORKERS = 8
+#: Below this many output pixels a resize is a few milliseconds: it runs in one piece.
+_PARALLEL_MIN_PIXELS = 1 << 20
+#: Pillow's major version: 13 changed the order of the two resampling passes for some sizes.
+_PILLOW_MAJOR = int(PIL.__version__.split(".")[0])
 
-    Portrait images are literally transposed first: Pillow resamples horizontally then vertically with
-    uint8 rounding in between, so resizing the portrait directly is *not* pixel-identical (spec §1,
-    bit-exactness notes).
+
+def _num_workers() -> int:
+    """Threads one call may use: torch's intra-op thread count when torch is loaded (so
+    ``torch.set_num_threads(1)`` makes preprocessing single-threaded too), else the usable CPUs."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        n = torch.get_num_threads()
+    elif hasattr(os, "sched_getaffinity"):
+        n = len(os.sched_getaffinity(0))
+    else:  # pragma: no cover - macOS, Windows
+        n = os.cpu_count() or 1
+    return max(1, min(n, _MAX_WORKERS))
+
+
+class _Tasks:
+    """Runs batches of independent calls on a thread pool that lives for one preprocessing call.
+
+    Pillow's resampling, crop, paste and split and numpy's arithmetic release the GIL, so the threads
+    run in parallel. With one worker there is no pool and the calls run inline, in order.
     """
-    img = image if image.mode == "RGB" else image.convert("RGB")
-    if p.transposed:
-        img = img.transpose(Image.Transpose.TRANSPOSE)
-    size = (p.resized_size[1], p.resized_size[0]) if p.transposed else p.resized_size
-    # torchvision F.resize on a PIL image == PIL BILINEAR (always area-aware on downscale; spec §1.5).
-    return img.resize(size, Image.Resampling.BILINEAR)
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="hd4k-tiling") if workers > 1 else None
+
+    def __enter__(self) -> _Tasks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def run(self, calls: Sequence[tuple[Callable[..., object], tuple[Any, ...]]]) -> None:
+        """Run ``fn(*args)`` for every pair and wait for all of them; the first error is re-raised."""
+        if self._pool is None or len(calls) < 2:
+            for fn, args in calls:
+                fn(*args)
+            return
+        futures = [self._pool.submit(fn, *args) for fn, args in calls]
+        for future in futures:
+            future.result()
+
+
+def _vertical_pass_first(in_size: tuple[int, int], out_size: tuple[int, int]) -> bool:
+    """Whether ``Image.resize`` runs its vertical pass before the horizontal one for these sizes.
+
+    Pillow resamples in two separable passes with uint8 rounding in between, so the order matters for
+    the pixels. Up to Pillow 12 the horizontal pass always comes first; Pillow 13 goes vertical first
+    when the height shrinks by more than twice as many pixels as the width (python-pillow/Pillow#9549;
+    the rule below was measured on Pillow 13.0.0 against thousands of sizes, boundaries included, and
+    ``tests/test_tiling.py`` re-checks it). The reference's working frame is landscape and scaled
+    proportionally, so in practice only pure vertical resizes (no horizontal pass at all) reach it.
+    """
+    (w, h), (ow, oh) = in_size, out_size
+    return _PILLOW_MAJOR >= 13 and oh < h and h - oh > 2 * (w - ow)
+
+
+def _resize_in_bands(
+    img: Image.Image,
+    size: tuple[int, int],
+    tasks: _Tasks,
+    emit: Callable[[Image.Image, int, int], object],
+    *,
+    transposed: bool = False,
+    side_calls: Sequence[tuple[Callable[..., object], tuple[Any, ...]]] = (),
+    min_pixels: int = _PARALLEL_MIN_PIXELS,
+) -> None:
+    """Pillow's BILINEAR resize of ``img`` to ``size``, pixel for pixel, computed in parallel bands.
+
+    The result is ``img.resize(size)``, or with ``transposed=True`` what the reference computes for a
+    portrait image, ``img.transpose(T).resize(size[::-1]).transpose(T)`` (``T`` = TRANSPOSE), without
+    transposing anything. ``emit(band, x0, y0)`` receives it in pieces (``band`` sits at ``(x0, y0)``
+    of the result), possibly from several threads at once; ``side_calls`` run alongside the first batch.
+
+    Pillow resizes in two separable passes with uint8 rounding in between: the horizontal pass treats
+    every row on its own and the vertical pass every column, each with integer arithmetic and
+    coefficients that depend only on the input and output lengths. Hence:
+
+    * the horizontal pass can run on horizontal bands of its input, each cropped (so its coefficients
+      are those of the full width), and the vertical pass on vertical bands, each cropped to the full
+      height: the same computations as one ``resize``, once the passes run in the order Pillow uses
+      (:func:`_vertical_pass_first`); the second pass's bands go to ``emit``;
+    * Pillow's vertical pass over ``img`` computes exactly its horizontal pass over the transposed
+      image, transposed (same coefficients, same integer sums), so portrait images need no transposes.
+
+    Resizing with ``box=`` instead of crops is *not* identical: Pillow 13 picks the pass order from the
+    output size, and a box shifts the filter centres by float rounding. With one worker or a small
+    image the passes run in one piece each.
+    """
+    w, h = img.size
+    ow, oh = size
+    if transposed:  # the reference resizes the transposed image: its first pass is our other one
+        vertical_first = not _vertical_pass_first((h, w), (oh, ow))
+    else:
+        vertical_first = _vertical_pass_first((w, h), (ow, oh))
+
+    def horizontal(src: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
+        """Pillow's horizontal pass (to width ``ow``) over the rows ``box`` selects."""
+        band = src if box == (0, 0, *src.size) else src.crop(box)
+        return band if band.width == ow else band.resize((ow, band.height), Image.Resampling.BILINEAR)
+
+    def vertical(src: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
+        """Pillow's vertical pass (to height ``oh``) over the columns ``box`` selects."""
+        band = src if box == (0, 0, *src.size) else src.crop(box)
+        return band if band.height == oh else band.resize((band.width, oh), Image.Resampling.BILINEAR)
+
+    img.load()  # a lazily decoded image must not be loaded by several threads at once
+    if tasks.workers < 2 or ow * max(h, oh) < min_pixels:
+
+        def whole() -> None:
+            if not transposed:
+                emit(img.resize(size, Image.Resampling.BILINEAR), 0, 0)
+            elif vertical_first:
+                emit(horizontal(vertical(img, (0, 0, w, h)), (0, 0, w, oh)), 0, 0)
+            else:
+                emit(vertical(horizontal(img, (0, 0, w, h)), (0, 0, ow, h)), 0, 0)
+
+        tasks.run([*side_calls, (whole, ())])
+        return
+
+    # First pass on several bands per thread (a core taken by another process delays only a small
+    # one), second pass on one-tile-wide bands, each assembled from the first pass's bands by pasting
+    # them at a negative offset (one copy, no intermediate full-size image).
+    n = 4 * tasks.workers
+    if vertical_first:
+        n = min(n, w)
+        x_edges = [w * i // n for i in range(n + 1)]
+        firsts: list[Image.Image | None] = [None] * n
+
+        def first(i: int) -> None:
+            firsts[i] = vertical(img, (x_edges[i], 0, x_edges[i + 1], h))
+
+        def second(y0: int, y1: int) -> None:
+            if oh == h:  # no vertical pass
+                band = img.crop((0, y0, w, y1))
+            else:
+                band = Image.new(img.mode, (w, y1 - y0), None)
+                for x0, part in zip(x_edges, firsts, strict=False):
+                    band.paste(part, (x0, -y0))
+            emit(horizontal(band, (0, 0, w, y1 - y0)), 0, y0)
+
+        seconds = [(second, (y0, min(y0 + TILE, oh))) for y0 in range(0, oh, TILE)]
+    else:
+        n = min(n, h)
+        y_edges = [h * i // n for i in range(n + 1)]
+        firsts = [None] * n
+
+        def first(i: int) -> None:
+            firsts[i] = horizontal(img, (0, y_edges[i], w, y_edges[i + 1]))
+
+        def second(x0: int, x1: int) -> None:
+            if ow == w:  # no horizontal pass
+                band = img.crop((x0, 0, x1, h))
+            else:
+                band = Image.new(img.mode, (x1 - x0, h), None)
+                for y0, part in zip(y_edges, firsts, strict=False):
+                    band.paste(part, (-x0, y0))
+            emit(vertical(band, (0, 0, x1 - x0, h)), x0, 0)
+
+        seconds = [(second, (x0, min(x0 + TILE, ow))) for x0 in range(0, ow, TILE)]
+    no_first_pass = (oh == h) if vertical_first else (ow == w)
+    tasks.run([*side_calls, *([] if no_first_pass else [(first, (i,)) for i in range(n)])])
+    tasks.run(seconds)
+
+
+def _working_image(image: Image.Image, p: HDPlan) -> tuple[Image.Image, tuple[int, int]]:
+    """The RGB input and the size of its resized content, both in the image's own orientation.
+
+    The reference resizes portrait images transposed (Pillow's two passes round in between, so
+    resizing the portrait directly is *not* pixel-identical; spec §1, bit-exactness notes);
+    :func:`_resize_in_bands` with ``transposed=p.transposed`` reproduces that without transposing.
+    """
+    return (image if image.mode == "RGB" else image.convert("RGB")), p.resized_size
+
+
+def _padding_boxes(p: HDPlan) -> list[tuple[int, int, int, int]]:
+    """The white margins of the padded canvas as ``(left, top, right, bottom)`` boxes (empty ones left out)."""
+    pad_w, pad_h = p.padded_size
+    left, top = p.padding[0], p.padding[1]
+    right, bottom = left + p.resized_size[0], top + p.resized_size[1]
+    boxes = [(0, 0, pad_w, top), (0, bottom, pad_w, pad_h), (0, top, left, bottom), (right, top, pad_w, bottom)]
+    return [b for b in boxes if b[2] > b[0] and b[3] > b[1]]
 
 
 def hd_transform(image: Image.Image, hd_num: HDNum, *, max_tokens: int | None = None) -> Image.Image:
@@ -339,7 +521,7 @@ def hd_transform(image: Image.Image, hd_num: HDNum, *, max_tokens: int | None = 
 
     Pixel-identical to the reference (transpose portrait, BILINEAR resize, white pad top/bottom,
     transpose back). Non-RGB images are converted to RGB first. Returns an RGB image of
-    ``plan.padded_size``.
+    ``plan.padded_size``. The resize runs in parallel bands (see :func:`to_model_inputs`).
 
     Args:
         image: the input image.
@@ -350,13 +532,15 @@ def hd_transform(image: Image.Image, hd_num: HDNum, *, max_tokens: int | None = 
         InvalidHDNumError, InputError: see :func:`plan` and :func:`resolve_hd_num`.
     """
     p = _resolve_for_image(image, hd_num, max_tokens)
-    resized = _resized_working(image, p)
-    if p.transposed:
-        # Transposing is an exact permutation, so transposing the (smaller) resized image and padding
-        # left/right equals the reference's pad-top/bottom-then-transpose.
-        resized = resized.transpose(Image.Transpose.TRANSPOSE)
+    img, size = _working_image(image, p)
     canvas = Image.new("RGB", p.padded_size, _WHITE)
-    canvas.paste(resized, (p.padding[0], p.padding[1]))
+    left, top = p.padding[0], p.padding[1]
+
+    def emit(band: Image.Image, x0: int, y0: int) -> None:
+        canvas.paste(band, (left + x0, top + y0))
+
+    with _Tasks(_num_workers()) as tasks:
+        _resize_in_bands(img, size, tasks, emit, transposed=p.transposed)
     return canvas
 
 
@@ -381,48 +565,235 @@ class ModelInputs:
         return self.plan.num_tokens
 
 
-def _build_inputs(image: Image.Image, p: HDPlan, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised canvas ``[3, R*336, C*336]`` (float32) and tiles ``[R*C, 3, 336, 336]`` (``dtype``).
+_F255 = np.float32(255)
+_MEAN32 = tuple(np.float32(v) for v in CLIP_MEAN)
+_STD32 = tuple(np.float32(v) for v in CLIP_STD)
+#: Normalised white, ``(255/255 - mean) / std`` in float32, as ToTensor + Normalize compute it.
+_WHITE32 = tuple((_F255 / _F255 - m) / s for m, s in zip(_MEAN32, _STD32, strict=True))
 
-    Equal, value for value, to ToTensor + Normalize(CLIP) of the reference ``HD_transform`` canvas
-    (spec §1.9), without building the padded PIL canvas: the resized pixels are converted once
-    (uint8 -> float32) straight into their place in the canvas, the padding is set to 255.0, and the
-    whole canvas then goes through the very operations of ToTensor + Normalize (``/255``, ``-mean``,
-    ``/std``), so padding and content are bit-identical to the reference.
 
-    Few, large operations on purpose: a cache-blocked loop of small ones was faster on an idle machine
-    but many times slower on a busy one, where every small parallel region waits for a time slice.
+def _tile_spans(start: int, stop: int) -> Iterator[tuple[int, int, int]]:
+    """Split ``[start, stop)`` at multiples of 336: ``(tile index, offset in tile, length)`` per piece."""
+    while start < stop:
+        index, offset = divmod(start, TILE)
+        length = min(stop - start, TILE - offset)
+        yield index, offset, length
+        start += length
+
+
+def _bicubic_taps(k: int) -> tuple[int, list[tuple[int, int, int, int, int]]]:
+    """How to shorten one axis of the canvas for the global view without changing a single bit of it.
+
+    The canvas axis is ``k * 336`` long and ``F.interpolate(..., size=336, mode="bicubic",
+    align_corners=False)`` scales it by the integer ``k``: output ``o`` sits at source coordinate
+    ``k*o + (k-1)/2`` (exact in float32), so every output uses the same fractional offset ``t`` (0 for
+    odd ``k``, 1/2 for even ``k``), hence the same four weights, on the four taps
+    ``k*o + (k-1)//2 - 1 + d``, ``d = 0..3``. For ``k >= 4`` those taps lie inside the output's own
+    block of ``k`` samples (no clamping at the edges), so a shorter axis of ``m`` samples per output,
+    ``m`` = 4 for even ``k`` and 5 for odd ``k`` (same ``t``), holding the taps at ``m*o + (m-4) + d``,
+    gives the very same arithmetic on the very same values. Shorter than 4 blocks the axis is kept.
+
+    Returns the shortened length and lattices ``(canvas start, canvas step, short start, short step,
+    count)``: sample ``canvas start + i * canvas step`` goes to ``short start + i * short step``.
     """
+    if k < 4:
+        return k * TILE, [(0, 1, 0, 1, k * TILE)]
+    m = 4 if k % 2 == 0 else 5
+    first = (k - 1) // 2 - 1
+    return m * TILE, [(first + d, k, m - 4 + d, m, TILE) for d in range(4)]
+
+
+def _lattice_slices(lattices: list[tuple[int, int, int, int, int]], start: int, stop: int) -> list[tuple[slice, slice]]:
+    """For canvas samples ``[start, stop)``: ``(slice relative to start, slice of the short axis)`` pairs."""
+    out = []
+    for c0, cstep, q0, qstep, count in lattices:
+        lo = max(0, -((c0 - start) // cstep))  # first i with c0 + i*cstep >= start
+        hi = min(count, -((c0 - stop) // cstep))  # first i with c0 + i*cstep >= stop
+        if lo < hi:
+            a, b = c0 + cstep * lo - start, c0 + cstep * (hi - 1) - start + 1
+            out.append((slice(a, b, cstep), slice(q0 + qstep * lo, q0 + qstep * (hi - 1) + 1, qstep)))
+    return out
+
+
+def _bicubic(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``F.interpolate(x[None], size, mode="bicubic", align_corners=False)[0]`` of a float32 ``[3, h, w]`` array."""
     import torch
+    import torch.nn.functional as F
 
-    # [h, w, 3] uint8 in the working frame; np.array (not asarray) gives a writable copy, which
-    # torch.from_numpy needs to stay silent.
-    working = torch.from_numpy(np.array(_resized_working(image, p)))
-    pixels = working.permute(1, 0, 2) if p.transposed else working  # [ch, cw, 3] final frame (view)
-    pad_w, pad_h = p.padded_size
+    out = F.interpolate(torch.from_numpy(x)[None], size=size, mode="bicubic", align_corners=False)
+    return out[0].numpy()
+
+
+class _ViewFromTaps:
+    """Global view, any grid: interpolate a copy of the canvas shortened to the samples bicubic reads.
+
+    The copy (:func:`_bicubic_taps`) is 2-34 MB where the canvas is up to 75 MB; gathering it costs
+    strided copies of about a third of the canvas.
+    """
+
+    def __init__(self, p: HDPlan) -> None:
+        height, self._row_taps = _bicubic_taps(p.rows)
+        width, self._col_taps = _bicubic_taps(p.cols)
+        self._src = np.zeros((3, height, width), np.float32)  # samples never read stay 0.0 (finite)
+
+    def piece(self, tiles: np.ndarray, cols: int, top: int, left: int, height: int, width: int) -> None:
+        """The canvas block ``[top, top+height) × [left, left+width)`` (inside one tile) is final."""
+        row, i0 = divmod(top, TILE)
+        col, j0 = divmod(left, TILE)
+        block = tiles[row * cols + col, :, i0 : i0 + height, j0 : j0 + width]
+        for rs, qrs in _lattice_slices(self._row_taps, top, top + height):
+            for cs, qcs in _lattice_slices(self._col_taps, left, left + width):
+                self._src[:, qrs, qcs] = block[:, rs, cs]
+
+    def final_calls(self, tiles: np.ndarray) -> list[tuple[Callable[..., object], tuple[Any, ...]]]:
+        return []
+
+    def result(self) -> np.ndarray:
+        return _bicubic(self._src, (TILE, TILE))[None]
+
+
+class _ViewFromTiles:
+    """Global view of a grid of at least 4×4 tiles, interpolated tile by tile as tiles are finished.
+
+    With ``k >= 4`` blocks per axis, output ``o`` depends only on its own block of ``k`` canvas samples
+    (:func:`_bicubic_taps`). So the outputs whose blocks lie inside one tile are ``F.interpolate`` of that
+    tile's whole blocks (same integer scale, same taps, same weights: bit-identical), computed by the
+    thread that finishes the tile while it is still in cache; the few outputs whose block straddles two
+    tiles (none when ``k`` divides 336) come from a ``k``-sample strip across the whole canvas at the end.
+    No canvas, not even a shortened one, is built.
+    """
+
+    def __init__(self, p: HDPlan) -> None:
+        self._rows, self._cols = p.rows, p.cols
+        self._view = np.empty((3, TILE, TILE), np.float32)
+        self._missing = [TILE * TILE] * p.num_tiles  # pixels of each tile not written yet
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _inner(k: int, t: int) -> tuple[int, int, int, int]:
+        """Outputs ``[lo, hi)`` whose blocks lie in tile ``t`` of an axis of ``k`` tiles, and their samples
+        ``[a, b)`` in the tile."""
+        lo, hi = -(-TILE * t // k), TILE * (t + 1) // k
+        return lo, hi, k * lo - TILE * t, k * hi - TILE * t
+
+    def piece(self, tiles: np.ndarray, cols: int, top: int, left: int, height: int, width: int) -> None:
+        index = (top // TILE) * cols + left // TILE
+        with self._lock:
+            self._missing[index] -= height * width
+            finished = self._missing[index] == 0
+        if finished:
+            row, col = divmod(index, cols)
+            o0, o1, y0, y1 = self._inner(self._rows, row)
+            p0, p1, x0, x1 = self._inner(self._cols, col)
+            self._view[:, o0:o1, p0:p1] = _bicubic(tiles[index, :, y0:y1, x0:x1], (o1 - o0, p1 - p0))
+
+    def _row_strip(self, tiles: np.ndarray, t: int, o: int) -> None:
+        """Output row ``o``, whose block of rows straddles tile rows ``t`` and ``t + 1``."""
+        k, cols = self._rows, self._cols
+        a = TILE * (t + 1) - k * o  # rows of the block in tile row t
+        grid = tiles.reshape(self._rows, cols, 3, TILE, TILE)
+        strip = np.empty((3, k, cols, TILE), np.float32)  # the block's k canvas rows, all columns
+        strip[:, :a] = grid[t, :, :, TILE - a :, :].transpose(1, 2, 0, 3)
+        strip[:, a:] = grid[t + 1, :, :, : k - a, :].transpose(1, 2, 0, 3)
+        self._view[:, o, :] = _bicubic(strip.reshape(3, k, cols * TILE), (1, TILE))[:, 0]
+
+    def _col_strip(self, tiles: np.ndarray, t: int, o: int) -> None:
+        """Output column ``o``, whose block of columns straddles tile columns ``t`` and ``t + 1``."""
+        k, rows = self._cols, self._rows
+        a = TILE * (t + 1) - k * o
+        grid = tiles.reshape(rows, k, 3, TILE, TILE)
+        strip = np.empty((3, rows, TILE, k), np.float32)
+        strip[..., :a] = grid[:, t, :, :, TILE - a :].transpose(1, 0, 2, 3)
+        strip[..., a:] = grid[:, t + 1, :, :, : k - a].transpose(1, 0, 2, 3)
+        self._view[:, :, o] = _bicubic(strip.reshape(3, rows * TILE, k), (TILE, 1))[:, :, 0]
+
+    def final_calls(self, tiles: np.ndarray) -> list[tuple[Callable[..., object], tuple[Any, ...]]]:
+        """The outputs whose block straddles two tiles (none when the grid divides 336), once all
+        tiles are finished: each from a strip of its ``k`` canvas rows (columns) across the canvas."""
+        assert not any(self._missing), "unfinished tiles"
+        calls: list[tuple[Callable[..., object], tuple[Any, ...]]] = []
+        for k, strip in ((self._rows, self._row_strip), (self._cols, self._col_strip)):
+            for t in range(k - 1):
+                if TILE * (t + 1) % k:
+                    calls.append((strip, (tiles, t, TILE * (t + 1) // k)))
+        return calls
+
+    def result(self) -> np.ndarray:
+        return self._view[None]
+
+
+class _TileWriter:
+    """Writes normalised pixels straight into the tiles and hands finished pieces to the global view.
+
+    ``tiles`` is a fresh numpy float32 buffer: numpy asks the kernel for transparent huge pages on large
+    allocations, so first-touching it costs a few 2 MiB page faults instead of ~18k 4 KiB ones per
+    75 MB (torch.empty does not). It is returned to the caller (torch.from_numpy, no copy); nothing is
+    reused across calls. The full canvas is never built (:class:`_ViewFromTiles`, :class:`_ViewFromTaps`).
+    """
+
+    def __init__(self, p: HDPlan) -> None:
+        self.cols = p.cols
+        self.tiles = np.empty((p.num_tiles, 3, TILE, TILE), np.float32)
+        self.view = _ViewFromTiles(p) if min(p.rows, p.cols) >= 4 else _ViewFromTaps(p)
+
+    def pixels(self, rgb: Image.Image, top: int, left: int) -> None:
+        """Normalise an RGB block whose top-left corner sits at ``(left, top)`` of the padded canvas.
+
+        ToTensor + Normalize as float32 arithmetic in their order, ``(x / 255 - mean) / std``, one
+        tile-sized piece at a time so the three passes stay in cache: bit-identical to the reference.
+        """
+        width, height = rgb.size
+        planes = [np.frombuffer(rgb.tobytes("raw", band), np.uint8).reshape(height, width) for band in "RGB"]
+        y = top
+        for row, i0, rows in _tile_spans(top, top + height):
+            x = left
+            for col, j0, cols in _tile_spans(left, left + width):
+                tile = self.tiles[row * self.cols + col, :, i0 : i0 + rows, j0 : j0 + cols]
+                for ch in range(3):
+                    dst = tile[ch]
+                    src = planes[ch][y - top : y - top + rows, x - left : x - left + cols]
+                    np.divide(src, _F255, out=dst, dtype=np.float32)
+                    np.subtract(dst, _MEAN32[ch], out=dst)
+                    np.divide(dst, _STD32[ch], out=dst)
+                self.view.piece(self.tiles, self.cols, y, x, rows, cols)
+                x += cols
+            y += rows
+
+    def padding(self, left: int, top: int, right: int, bottom: int) -> None:
+        """Fill the box ``[left, right) × [top, bottom)`` with normalised white."""
+        y = top
+        for row, i0, rows in _tile_spans(top, bottom):
+            x = left
+            for col, j0, cols in _tile_spans(left, right):
+                tile = self.tiles[row * self.cols + col]
+                for ch in range(3):
+                    tile[ch, i0 : i0 + rows, j0 : j0 + cols] = _WHITE32[ch]
+                self.view.piece(self.tiles, self.cols, y, x, rows, cols)
+                x += cols
+            y += rows
+
+
+def _build_inputs(image: Image.Image, p: HDPlan) -> tuple[np.ndarray, np.ndarray]:
+    """Tiles ``[R*C, 3, 336, 336]`` and global view ``[1, 3, 336, 336]``, float32 numpy arrays.
+
+    Equal, value for value, to the blocks of ToTensor + Normalize(CLIP) of the reference
+    ``HD_transform`` canvas (spec §1.9) and to its bicubic 336×336 view; the canvas is never built: the
+    resize runs in parallel bands (:func:`_resize_in_bands`) and each band, as soon as it is ready, is
+    normalised on the same thread into its tiles, which feed the global view as they are finished; the
+    margins are filled with normalised white meanwhile.
+    """
+    img, size = _working_image(image, p)
+    writer = _TileWriter(p)
     left, top = p.padding[0], p.padding[1]
-    right, bottom = left + p.resized_size[0], top + p.resized_size[1]  # content box, exclusive
 
-    canvas = torch.empty((3, pad_h, pad_w), dtype=torch.float32)
-    for strip in (
-        canvas[:, :top],
-        canvas[:, bottom:],
-        canvas[:, top:bottom, :left],
-        canvas[:, top:bottom, right:],
-    ):
-        if strip.numel():
-            strip.fill_(255.0)
-    canvas[:, top:bottom, left:right].copy_(pixels.permute(2, 0, 1))  # [3, ch, cw] <- uint8
-    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD, dtype=torch.float32).view(3, 1, 1)
-    canvas.div_(255).sub_(mean).div_(std)
+    def emit(band: Image.Image, x0: int, y0: int) -> None:
+        writer.pixels(band, top + y0, left + x0)
 
-    rows, cols = p.rows, p.cols
-    # [3, R*336, C*336] -> [3, R, 336, C, 336] -> permute -> [R, C, 3, 336, 336] == [R*C, 3, 336, 336]
-    blocks = canvas.view(3, rows, TILE, cols, TILE).permute(1, 3, 0, 2, 4)
-    tiles = torch.empty((rows * cols, 3, TILE, TILE), dtype=dtype)
-    tiles.view(rows, cols, 3, TILE, TILE).copy_(blocks)  # one pass: reorder (+ cast)
-    return canvas, tiles
+    with _Tasks(_num_workers()) as tasks:
+        pads = [(writer.padding, box) for box in _padding_boxes(p)]
+        _resize_in_bands(img, size, tasks, emit, transposed=p.transposed, side_calls=pads)
+        tasks.run(writer.view.final_calls(writer.tiles))
+    return writer.tiles, writer.view.result()
 
 
 def to_model_inputs(
@@ -440,6 +811,9 @@ def to_model_inputs(
     ``F.interpolate(canvas[None], size=(336, 336), mode="bicubic", align_corners=False)`` (no antialias)
     of the *normalised, padded* canvas. Both are computed in float32 and then cast to ``dtype``.
 
+    Uses up to ``torch.get_num_threads()`` threads (at most 8) for the resize and the conversion; the
+    output does not depend on the thread count.
+
     Args:
         image: the input image (converted to RGB if needed).
         hd_num: tile budget, or ``"auto"`` together with ``max_tokens``.
@@ -450,14 +824,14 @@ def to_model_inputs(
         InvalidHDNumError, InputError: see :func:`plan` and :func:`resolve_hd_num`.
     """
     import torch
-    import torch.nn.functional as F
 
     p = _resolve_for_image(image, hd_num, max_tokens)
     dtype = torch.float32 if dtype is None else dtype
-    canvas, tiles = _build_inputs(image, p, dtype)  # [3, R*336, C*336] f32, [R*C, 3, 336, 336] dtype
-    # The reference interpolates in float32 and casts back to the tower's dtype (spec §2).
-    global_view = F.interpolate(canvas[None], size=(TILE, TILE), mode="bicubic", align_corners=False)
-    return ModelInputs(tiles=tiles, global_view=global_view.to(dtype), plan=p)  # global: [1, 3, 336, 336]
+    tiles, global_view = _build_inputs(image, p)  # [R*C, 3, 336, 336], [1, 3, 336, 336] float32
+    # Like the reference, the global view is interpolated in float32 and cast to the tower's dtype (spec §2).
+    return ModelInputs(
+        tiles=torch.from_numpy(tiles).to(dtype), global_view=torch.from_numpy(global_view).to(dtype), plan=p
+    )
 
 
 # ----------------------------------------------------------------------------------------------------

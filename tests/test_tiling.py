@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -15,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageOps
 
+import hd4k_tools.tiling as tiling
 from hd4k_tools.errors import InputError, InvalidHDNumError
 from hd4k_tools.tiling import (
     CLIP_MEAN,
@@ -359,9 +363,8 @@ def test_pixel_functions_refuse_bad_input() -> None:
 # ----------------------------------------------------------------------------------------------------
 # Model inputs
 # ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("w", "h", "hd", "kind"), PIXEL_CASES, ids=[c[3] for c in PIXEL_CASES])
-def test_model_inputs_match_reference(w: int, h: int, hd: int, kind: str) -> None:
-    img = random_image(w, h, seed=w + 7 * h)
+def assert_model_inputs_match_reference(img: Image.Image, hd: int) -> None:
+    w, h = img.size
     got = to_model_inputs(img, hd)
     p = got.plan
     assert isinstance(got, ModelInputs)
@@ -378,6 +381,181 @@ def test_model_inputs_match_reference(w: int, h: int, hd: int, kind: str) -> Non
     expected_global = F.interpolate(canvas[None], size=(TILE, TILE), mode="bicubic", align_corners=False)
     assert got.global_view.shape == (1, 3, TILE, TILE)
     assert torch.equal(got.global_view, expected_global)
+
+
+@pytest.mark.parametrize(("w", "h", "hd", "kind"), PIXEL_CASES, ids=[c[3] for c in PIXEL_CASES])
+def test_model_inputs_match_reference(w: int, h: int, hd: int, kind: str) -> None:
+    assert_model_inputs_match_reference(random_image(w, h, seed=w + 7 * h), hd)
+
+
+@pytest.fixture(params=[1, 2, 3], ids=["1-thread", "2-threads", "3-threads"])
+def workers(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Run the pixel functions on a fixed number of threads, with the banded resize even for small images."""
+    monkeypatch.setattr(tiling, "_num_workers", lambda: request.param)
+    monkeypatch.setattr(tiling, "_PARALLEL_MIN_PIXELS", 0)
+    return request.param
+
+
+# Grids of at least 4×4 tiles take the tile-by-tile global view; 336 = 2^4·3·7, so 5, 9, 10, 11 and 13
+# rows or columns give blocks that straddle tiles. Upscaled, downscaled, landscape and portrait.
+GRID_CASES = [
+    (48, 20, 55, "5x11-up"),
+    (3840, 1600, 55, "5x11-down"),
+    (20, 31, 49, "8x6-portrait-up"),
+    (1240, 1754, 55, "8x6-portrait-down"),
+    (20, 53, 55, "11x5-portrait"),
+    (27, 20, 64, "7x9"),
+    (20, 20, 16, "4x4"),
+    (27, 31, 100, "10x9-portrait"),
+    (400, 10, 55, "1x40-strip"),
+    (300, 300, 9, "3x3"),
+]
+
+
+@pytest.mark.parametrize(("w", "h", "hd", "kind"), GRID_CASES, ids=[c[3] for c in GRID_CASES])
+def test_model_inputs_match_reference_on_threads(w: int, h: int, hd: int, kind: str, workers: int) -> None:
+    assert_model_inputs_match_reference(random_image(w, h, seed=w * 3 + h), hd)
+
+
+@pytest.mark.parametrize(("w", "h", "hd", "kind"), GRID_CASES[:6], ids=[c[3] for c in GRID_CASES[:6]])
+def test_hd_transform_pixel_parity_on_threads(w: int, h: int, hd: int, kind: str, workers: int) -> None:
+    img = random_image(w, h, seed=w + h)
+    assert np.array_equal(np.asarray(hd_transform(img, hd)), np.asarray(ref_hd_transform(img, hd)))
+
+
+def test_model_inputs_from_a_lazily_decoded_image(workers: int) -> None:
+    buf = io.BytesIO()
+    random_image(700, 300, seed=4).save(buf, format="PNG")
+    lazy = Image.open(io.BytesIO(buf.getvalue()))  # not decoded until first used, by several threads
+    assert torch.equal(to_model_inputs(lazy, 25).tiles, to_model_inputs(random_image(700, 300, seed=4), 25).tiles)
+
+
+def test_normalisation_is_exact_for_every_byte() -> None:
+    """All 256 values of every channel normalise exactly as ToTensor + Normalize (float32) does."""
+    values = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    img = Image.fromarray(np.stack([values, values.T, 255 - values], axis=-1), "RGB")
+    p = plan(TILE, TILE, 1)
+    writer = tiling._TileWriter(p)
+    writer.pixels(img.resize((TILE, TILE), Image.Resampling.NEAREST), 0, 0)
+    expected = ref_normalise(img.resize((TILE, TILE), Image.Resampling.NEAREST))
+    assert torch.equal(torch.from_numpy(writer.tiles[0]), expected)
+    assert set(np.unique(np.asarray(img)[..., 0]).tolist()) == set(range(256))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parallel pixel-identical resize
+# ----------------------------------------------------------------------------------------------------
+def _pillow_order(img: Image.Image, size: tuple[int, int]) -> str:
+    """Which pass ``img.resize(size, BILINEAR)`` runs first, found by redoing it one pass at a time."""
+    (w, h), (ow, oh), bilinear = img.size, size, Image.Resampling.BILINEAR
+    ref = np.asarray(img.resize(size, bilinear))
+    h_first = np.array_equal(ref, np.asarray(img.resize((ow, h), bilinear).resize(size, bilinear)))
+    v_first = np.array_equal(ref, np.asarray(img.resize((w, oh), bilinear).resize(size, bilinear)))
+    assert h_first or v_first
+    return "either" if h_first and v_first else ("horizontal" if h_first else "vertical")
+
+
+def _resize_sizes(seed: int, n: int) -> list[tuple[int, int, int, int]]:
+    rng = np.random.default_rng(seed)
+    sizes = [tuple(int(v) for v in rng.integers(1, 700, 4)) for _ in range(n)]
+    # Around Pillow 13's order rule: the height shrinks by exactly, one less than and one more than
+    # twice the width's shrink; plus pure horizontal, pure vertical and identity resizes.
+    for d in (0, 1, 9, 40):
+        for delta in (-1, 0, 1):
+            w, ow = 300 + d, 300
+            oh = 200
+            sizes.append((w, oh + 2 * d + delta, ow, oh))
+    sizes += [(640, 480, 700, 480), (640, 480, 640, 333), (333, 444, 333, 444), (1, 1, 700, 3), (700, 3, 1, 1)]
+    return [s for s in sizes if min(s) >= 1]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_vertical_pass_first_rule_matches_pillow(seed: int) -> None:
+    rng = np.random.default_rng(seed + 100)
+    for w, h, ow, oh in _resize_sizes(seed, 150):
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        order = _pillow_order(img, (ow, oh))
+        if order != "either":
+            expected = "vertical" if tiling._vertical_pass_first((w, h), (ow, oh)) else "horizontal"
+            assert order == expected, (w, h, ow, oh)
+
+
+def _paste_at(out: Image.Image, band: Image.Image, x: int, y: int) -> None:
+    out.paste(band, (x, y))
+
+
+@pytest.mark.parametrize("n_workers", [1, 2, 3])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_resize_in_bands_is_pillow_resize(seed: int, n_workers: int) -> None:
+    """Banded, threaded resize == one Image.resize (landscape) or transpose-resize-transpose (portrait)."""
+    rng = np.random.default_rng(seed)
+    bilinear, transpose = Image.Resampling.BILINEAR, Image.Transpose.TRANSPOSE
+    with tiling._Tasks(n_workers) as tasks:
+        for w, h, ow, oh in _resize_sizes(seed, 60):
+            img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+            for transposed in (False, True):
+                if transposed:
+                    expected = img.transpose(transpose).resize((oh, ow), bilinear).transpose(transpose)
+                else:
+                    expected = img.resize((ow, oh), bilinear)
+                out = Image.new("RGB", (ow, oh))
+                tiling._resize_in_bands(
+                    img, (ow, oh), tasks, partial(_paste_at, out), transposed=transposed, min_pixels=0
+                )
+                assert np.array_equal(np.asarray(out), np.asarray(expected)), (w, h, ow, oh, transposed)
+
+
+def test_tasks_reraise_the_first_error() -> None:
+    def boom(x: int) -> None:
+        if x == 3:
+            raise ValueError("boom")
+
+    for n in (1, 2):
+        with tiling._Tasks(n) as tasks, pytest.raises(ValueError, match="boom"):
+            tasks.run([(boom, (i,)) for i in range(6)])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Global view without the canvas
+# ----------------------------------------------------------------------------------------------------
+VIEW_GRIDS = [(1, 1), (1, 40), (2, 7), (3, 3), (3, 11), (4, 4), (4, 25), (5, 11), (8, 6), (7, 9), (13, 4), (11, 5)]
+
+
+@pytest.mark.parametrize(("rows", "cols"), VIEW_GRIDS, ids=[f"{r}x{c}" for r, c in VIEW_GRIDS])
+def test_global_view_without_canvas_is_bit_identical(rows: int, cols: int) -> None:
+    rng = np.random.default_rng(rows * 100 + cols)
+    grid = SimpleNamespace(rows=rows, cols=cols, num_tiles=rows * cols)
+    tiles = (rng.standard_normal((rows * cols, 3, TILE, TILE)) * 2).astype(np.float32)
+    canvas = tiles.reshape(rows, cols, 3, TILE, TILE).transpose(2, 0, 3, 1, 4).reshape(3, rows * TILE, cols * TILE)
+    expected = F.interpolate(torch.from_numpy(np.ascontiguousarray(canvas))[None], size=(TILE, TILE), mode="bicubic")
+    views = [tiling._ViewFromTaps(grid)]  # type: ignore[arg-type]
+    if min(rows, cols) >= 4:
+        views.append(tiling._ViewFromTiles(grid))  # type: ignore[arg-type]
+    for view in views:
+        # Hand the tiles over in uneven pieces, in an order that finishes tiles at different times.
+        for k in reversed(range(rows * cols)):
+            top, left = divmod(k, cols)
+            for i0, i1 in ((0, 100), (100, 336)):
+                view.piece(tiles, cols, top * TILE + i0, left * TILE, i1 - i0, TILE)
+        for fn, args in view.final_calls(tiles):
+            fn(*args)
+        assert torch.equal(torch.from_numpy(view.result()), expected), type(view).__name__
+
+
+def test_global_view_reads_only_the_taps() -> None:
+    """The shortened canvas holds every sample bicubic reads: poisoning all others changes nothing."""
+    for k in (4, 5, 6, 7, 8, 11, 12):
+        length, lattices = tiling._bicubic_taps(k)
+        assert length == (4 if k % 2 == 0 else 5) * TILE
+        used = np.zeros(k * TILE, bool)
+        for c0, cstep, _q0, _qstep, count in lattices:
+            used[c0 : c0 + cstep * count : cstep] = True
+        canvas = np.random.default_rng(k).standard_normal((3, k * TILE, 4 * TILE)).astype(np.float32)
+        poisoned = canvas.copy()
+        poisoned[:, ~used] = np.nan
+        expect = F.interpolate(torch.from_numpy(canvas)[None], size=(TILE, TILE), mode="bicubic")
+        got = F.interpolate(torch.from_numpy(poisoned)[None], size=(TILE, TILE), mode="bicubic")
+        assert torch.equal(got, expect), k
 
 
 def test_padded_pixels_are_normalised_white() -> None:

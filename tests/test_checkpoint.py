@@ -78,6 +78,47 @@ def test_missing_and_unexpected_keys_are_listed(tmp_path):
     assert "1 unexpected key(s): model.layers.0.attention.extra_proj.weight" in message
 
 
+def test_missing_and_unexpected_keys_are_listed_for_bin(tmp_path):
+    folder = make_tiny_checkpoint(tmp_path / "c", format="bin", shards=1)
+    state = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    del state["vision_proj.0.weight"]
+    state["plora_extra_GN"] = torch.zeros(1, 1, 4)
+    torch.save(state, folder / "pytorch_model.bin")
+    with pytest.raises(CheckpointError) as err:
+        _load(folder)
+    message = str(err.value)
+    assert "1 missing key(s): vision_proj.0.weight" in message
+    assert "1 unexpected key(s): plora_extra_GN" in message
+
+
+def test_unexpected_key_in_the_index_is_listed(tmp_path, tiny_checkpoint):
+    folder = tmp_path / "c"
+    shutil.copytree(tiny_checkpoint, folder)
+    index_file = folder / "pytorch_model.bin.index.json"
+    index = json.loads(index_file.read_text())
+    index["weight_map"]["model.layers.0.attention.extra_proj.weight"] = next(iter(index["weight_map"].values()))
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"1 unexpected key\(s\): model\.layers\.0\.attention\.extra_proj"):
+        _load(folder)
+
+
+@pytest.mark.parametrize("fmt", ["bin", "safetensors"])
+def test_key_in_a_shard_but_not_in_the_index_is_refused(tmp_path, fmt):
+    folder = make_tiny_checkpoint(tmp_path / "c", format=fmt, shards=2)
+    index = json.loads(next(folder.glob("*.index.json")).read_text())
+    shard = folder / sorted(set(index["weight_map"].values()))[-1]
+    if fmt == "bin":
+        state = torch.load(shard, weights_only=True)
+        state["bogus.weight"] = torch.zeros(3)
+        torch.save(state, shard)
+    else:
+        state = load_file(str(shard))
+        state["bogus.weight"] = torch.zeros(3)
+        save_file(state, str(shard))
+    with pytest.raises(CheckpointError, match=r"'bogus\.weight', which the index does not list"):
+        _load(folder)
+
+
 def test_key_check_uses_the_index_before_reading_shards(tmp_path, tiny_checkpoint):
     folder = tmp_path / "c"
     shutil.copytree(tiny_checkpoint, folder)

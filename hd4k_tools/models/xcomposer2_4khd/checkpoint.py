@@ -353,13 +353,23 @@ def _load_shard(
     dtype: torch.dtype,
     device: torch.device,
     folder: Path,
+    tolerated: frozenset[str] = frozenset(),
 ) -> None:
     """Cast/move one shard's tensors and assign them to ``model``; the shard's own tensors are dropped
-    as they are consumed, so at most one shard (in its stored dtype) is held next to the model."""
+    as they are consumed, so at most one shard (in its stored dtype) is held next to the model.
+
+    A key that is neither expected, a known buffer nor in ``tolerated`` raises :class:`CheckpointError`
+    (strict loading also when an index does not list everything its shards hold)."""
     ready: dict[str, torch.Tensor] = {}
     for key, tensor in tensors:
         if key not in expected:
-            continue  # ignorable buffer (checked before)
+            if _IGNORED_KEYS.search(key) or key in tolerated:
+                continue  # a known buffer, or the tied output head
+            # Only reachable with an index: the index is checked up front, the shards' own keys here.
+            raise CheckpointError(
+                f"{folder}: a weight file holds {key!r}, which the index does not list and the model does "
+                f"not have. Use the complete, unmodified {DEFAULT_MODEL_ID} checkpoint."
+            )
         if tensor.shape != expected[key]:
             raise CheckpointError(
                 f"{folder}: {key} has shape {list(tensor.shape)} in the checkpoint but the model "
@@ -472,11 +482,12 @@ def load_pretrained(
         keys = [k for k in keys if k != "output.weight"]  # tied to the embeddings below
     _check_keys(keys, expected, folder)
 
+    tolerated = frozenset({"output.weight"}) if config.tie_word_embeddings else frozenset()
     # Quantised loads stage the weights on the CPU: bitsandbytes quantises on the way to the GPU.
     load_device = torch.device("cpu") if quantization else target_device
     for shard in _iter_shards(files, progress=progress, cancel=cancel):
         # One shard at a time; _load_shard's locals (and the shard) are gone before the next is read.
-        _load_shard(model, shard, expected, dtype=target_dtype, device=load_device, folder=folder)
+        _load_shard(model, shard, expected, dtype=target_dtype, device=load_device, folder=folder, tolerated=tolerated)
 
     if config.tie_word_embeddings:
         model.output.weight = model.model.tok_embeddings.weight

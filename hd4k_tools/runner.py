@@ -103,19 +103,27 @@ class TextStream:
         self._deltas = deltas
         self._box = result_box
         self._cancel = cancel
+        self._exhausted = False
 
     def __iter__(self) -> TextStream:
         return self
 
     def __next__(self) -> str:
-        return next(self._deltas)
+        try:
+            return next(self._deltas)
+        except StopIteration:
+            self._exhausted = True
+            raise
 
     @property
     def result(self) -> RunnerResult | None:
         return self._box[0] if self._box else None
 
     def close(self) -> None:
-        self._cancel.set()
+        # A finished stream leaves ``cancel`` alone: the caller's event may go on to guard more work
+        # (e.g. the next page of a document).
+        if not self._exhausted:
+            self._cancel.set()
         close = getattr(self._deltas, "close", None)
         if close is not None:
             close()
@@ -170,17 +178,21 @@ def stream_in_thread(
     worker.start()
 
     def deltas() -> Iterator[str]:
+        done = False
         try:
             while True:
                 kind, value = q.get()
                 if kind == "delta":
                     yield value  # type: ignore[misc]
                 elif kind == "error":
+                    done = True
                     raise value  # type: ignore[misc]
                 else:
+                    done = True
                     return
         finally:
-            cancel.set() if worker.is_alive() else None
+            if not done:  # abandoned mid-stream: stop the worker at its next token
+                cancel.set()
             worker.join()
 
     return TextStream(deltas(), box, cancel)

@@ -98,6 +98,46 @@ def test_read_pdf_page_by_page(hd4k_tiny: HD4K) -> None:
         hd4k_tiny.read_document(_image(), pages="2")
 
 
+def test_stream_read_document_streams_every_pdf_page(hd4k_tiny: HD4K) -> None:
+    pdf = _pdf(3)
+    doc = hd4k_tiny.read_document(pdf, hd_num=2, dpi=72, generation=FAST, progress=False)
+    cancel = threading.Event()  # the caller's event guards the whole document, page after page
+    deltas = list(hd4k_tiny.stream_read_document(pdf, hd_num=2, dpi=72, generation=FAST, progress=False, cancel=cancel))
+    pages = "".join(deltas).split("\n\n")
+    assert [p.strip() for p in pages] == [p.text for p in doc.pages]
+    assert not cancel.is_set()
+
+
+def test_stream_read_document_closed_early_cancels_the_rest(hd4k_tiny: HD4K) -> None:
+    cancel = threading.Event()
+    stream = hd4k_tiny.stream_read_document(
+        _pdf(3), hd_num=1, dpi=72, generation={"max_new_tokens": 400}, progress=False, cancel=cancel
+    )
+    next(stream)
+    stream.close()
+    assert cancel.is_set()
+    assert hd4k_tiny.chat("hi", generation=FAST).usage.completion_tokens == 4
+
+
+async def test_async_stream_twins_match_sync(hd4k_tiny: HD4K) -> None:
+    img, pdf = _image(), _pdf(2)
+    chart = hd4k_tiny.answer_chart_question(img, "Which row is longest?", hd_num=2, generation=FAST)
+    chat = hd4k_tiny.chat("Describe it.", [img], hd_num=2, generation=FAST)
+    doc = hd4k_tiny.read_document(pdf, hd_num=2, dpi=72, generation=FAST, progress=False)
+
+    async def joined(stream) -> str:  # type: ignore[no-untyped-def]
+        return "".join([d async for d in stream])
+
+    a_chart = await joined(
+        hd4k_tiny.astream_answer_chart_question(img, "Which row is longest?", hd_num=2, generation=FAST)
+    )
+    a_chat = await joined(hd4k_tiny.astream_chat("Describe it.", [img], hd_num=2, generation=FAST))
+    a_doc = await joined(hd4k_tiny.astream_read_document(pdf, hd_num=2, dpi=72, generation=FAST, progress=False))
+    assert a_chart.strip() == chart.text
+    assert a_chat.strip() == chat.text
+    assert [p.strip() for p in a_doc.split("\n\n")] == [p.text for p in doc.pages]
+
+
 def test_hd_num_auto_fits_the_context(tiny_checkpoint: Path, tmp_path: Path) -> None:
     small = make_tiny_checkpoint(tmp_path / "ckpt", config_overrides={"max_length": 3000})
     hd = HD4K(LocalRunner(load_pretrained(small, dtype="float32", device="cpu", progress=False)))
@@ -174,6 +214,22 @@ def test_second_question_about_an_image_skips_the_vision_tower(tiny_model) -> No
     # A different hd_num is a different key.
     hd.answer_chart_question(img, "third?", hd_num=2, generation=FAST)
     assert cache.misses == 2
+
+
+def test_embedding_cache_hit_answers_like_uncached(tiny_model) -> None:
+    """An embedding-cache hit alone (prefix cache off) gives the very answer of a runner with no cache."""
+    cached = HD4K(LocalRunner(tiny_model, prefix_cache_bytes=0))
+    uncached = HD4K(LocalRunner(tiny_model, prefix_cache_bytes=0, cache_bytes=0))
+    img = _image(seed=5)
+    gen = {"max_new_tokens": 8, "num_beams": 2}
+    cached.answer_chart_question(img, "first?", hd_num=4, generation=gen)  # fills the cache
+    hit = cached.answer_chart_question(img, "second?", hd_num=4, generation=gen)
+    assert hit.timings.vision_cache_hits == 1
+    assert cached.runner.embedding_cache.hits == 1
+    reference = uncached.answer_chart_question(img, "second?", hd_num=4, generation=gen)
+    assert uncached.runner.embedding_cache.hits == 0
+    assert hit.text == reference.text
+    assert hit.usage == reference.usage
 
 
 def test_sixteen_threads_get_the_sequential_answers(hd4k_tiny: HD4K) -> None:

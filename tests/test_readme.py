@@ -3,8 +3,13 @@ command installs what it runs."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,3 +37,24 @@ def test_ci_runs_the_readme_test_command_verbatim() -> None:
 def test_ci_treats_no_tests_as_failure() -> None:
     ci = (ROOT / ".ci" / "run").read_text()
     assert '"$rc" -eq 5' in ci and "exit 1" in ci
+
+
+def _python_blocks(section: str) -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    body = readme.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", body, flags=re.S)
+
+
+@pytest.mark.parametrize("section", ["LangChain", "LlamaIndex"])
+def test_readme_framework_example_runs_as_written(section: str, tmp_path: Path) -> None:
+    """Each framework's README example runs top to bottom in a fresh process (tiny checkpoint, no network)."""
+    (code,) = _python_blocks(section)
+    script = tmp_path / "example.py"
+    script.write_text(code)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HD4K_NO_PROGRESS": "1"}
+    run = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    if section == "LlamaIndex":  # the example shows a refused path coming back as text for the agent
+        assert "PathNotAllowedError" in run.stdout

@@ -301,6 +301,13 @@ class LocalRunner:
             return "".join(IMAGE_PLACEHOLDER if isinstance(p, Image.Image) else p for p in m.content)
 
         messages = list(request.messages)
+        for m in messages:
+            if any(isinstance(p, str) and IMAGE_PLACEHOLDER in p for p in m.content):
+                # Text is untrusted: a literal marker would take an image's place in the prompt.
+                raise InputError(
+                    f"The {m.role} text contains {IMAGE_PLACEHOLDER}, which marks where an image goes in this "
+                    "model's prompt; pass images as image parts and remove the marker from the text."
+                )
         if not messages or messages[-1].role != "user":
             raise InputError("The conversation must end with a user message (the question to answer).")
         if request.layout == "eval":

@@ -109,13 +109,19 @@ TOOL_ARGS: dict[str, type[BaseModel]] = {
 class ToolSettings(BaseModel):
     """Limits for untrusted tool arguments."""
 
-    model_config = ConfigDict(frozen=True)
+    # forbid: a misspelt limit must fail loudly, never leave the default (e.g. a looser one) in force.
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     allowed_root: Path | None = Field(
         default=None, description="Folder the tools may read files from; None: no file access at all."
     )
     allow_urls: bool = False
     allow_private_urls: bool = False
+    allowed_private_hosts: frozenset[str] = Field(
+        default=frozenset(),
+        description="Private/loopback hosts (as written in URLs) exempt from the private-address refusal, "
+        "e.g. an intranet image server; everything else private stays refused.",
+    )
     max_pixels: int = 64_000_000
     max_bytes: int = 32 * 2**20
     max_pdf_pages: int = 20
@@ -143,6 +149,7 @@ class ToolSettings(BaseModel):
             allowed_roots=roots,
             allow_urls=self.allow_urls,
             allow_private_urls=self.allow_private_urls,
+            allowed_private_hosts=self.allowed_private_hosts,
             url_timeout=self.url_timeout,
         )
 

@@ -1,5 +1,8 @@
 """Helpers shared by the LlamaIndex integration tests (not a test module).
 
+``ScriptedTextLLM`` is a text-only LlamaIndex LLM (no function calling) for ReAct loops: it answers
+each call with the next scripted text and records the prompt text it was shown.
+
 ``RecordingRunner`` wraps the *real* runner over the tiny checkpoint: it records every request and
 result (so a test can check which image pixels reached the model and what it answered) and caps
 ``max_new_tokens``: the tiny random model never emits an end token, and the task defaults (512-1024
@@ -19,8 +22,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from llama_index.core.base.llms.types import CompletionResponse, CompletionResponseGen, LLMMetadata
+from llama_index.core.llms import CustomLLM
+from llama_index.core.llms.callbacks import llm_completion_callback
 from PIL import Image, ImageDraw
+from pydantic import Field
 
 from hd4k_tools import GenerationRequest, Runner, RunnerResult, TextStream, image_content_hash, load_image
 
@@ -68,6 +76,45 @@ class RecordingRunner:
     def image_hashes(self) -> list[str]:
         """Content hashes of every image the model was asked about, in order."""
         return [image_content_hash(img) for request in self.requests for img in request.images]
+
+
+class ScriptedTextLLM(CustomLLM):
+    """A plain text LLM: call ``i`` returns ``responses[i]``; ``prompts[i]`` is the text it was shown.
+
+    Only ``complete``/``stream_complete`` are implemented, so ``chat`` goes through ``CustomLLM``'s
+    ``messages_to_prompt``: an agent talks to it in text alone, as with a model that has no tool calling.
+    """
+
+    responses: list[str]
+    prompts: list[str] = Field(default_factory=list)
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        return LLMMetadata(is_chat_model=False, is_function_calling_model=False, model_name="scripted-text")
+
+    def _answer(self, prompt: str) -> str:
+        self.prompts.append(prompt)
+        turn = len(self.prompts) - 1
+        if turn >= len(self.responses):
+            raise AssertionError(f"the script has {len(self.responses)} responses; call {turn + 1} was made")
+        return self.responses[turn]
+
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        return CompletionResponse(text=self._answer(prompt))
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
+        text = self._answer(prompt)
+
+        def pieces() -> CompletionResponseGen:
+            # Several deltas, so that a streaming agent really accumulates the text.
+            done = ""
+            for line in text.splitlines(keepends=True):
+                done += line
+                yield CompletionResponse(text=done, delta=line)
+
+        return pieces()
 
 
 def file_hash(path: Path) -> str:

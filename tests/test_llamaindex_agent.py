@@ -1,6 +1,7 @@
 """Agent loops (FunctionAgent, ReActAgent) calling the hd4k tools on real files with the tiny model.
 
-The agents' LLMs are scripted (LlamaIndex's ``MockFunctionCallingLLM``); the tools run the real
+The agents' LLMs are scripted: LlamaIndex's ``MockFunctionCallingLLM`` for ``FunctionAgent``, a
+text-only ``ScriptedTextLLM`` (llamaindex_support) for ``ReActAgent``; the tools run the real
 pipeline over the tiny checkpoint. Each test checks what the agent recorded (``ToolCallResult``) and
 what the scripted LLM was shown on its next turn.
 """
@@ -18,7 +19,14 @@ from llama_index.core.agent.workflow import AgentOutput, FunctionAgent, ReActAge
 from llama_index.core.base.llms.types import ChatMessage, MessageRole, ToolCallBlock
 from llama_index.core.llms.mock import MockFunctionCallingLLM
 from llama_index_hd4k import HD4KToolSpec
-from llamaindex_support import RecordingRunner, counting_server, file_hash, write_huge_png, write_image
+from llamaindex_support import (
+    RecordingRunner,
+    ScriptedTextLLM,
+    counting_server,
+    file_hash,
+    write_huge_png,
+    write_image,
+)
 
 from hd4k_tools import HD4K, ChartResult, DocumentResult, TaskResult, ToolSettings
 
@@ -69,32 +77,23 @@ class FunctionCallScript:
         return ChatMessage(role=MessageRole.ASSISTANT, content=FINAL)
 
 
-class ReActScript:
-    """Response generator for a text-only ReAct loop: Thought/Action/Action Input per call, then an
-    Answer. Records the observations the agent showed it."""
+def react_turns(calls: Sequence[Call]) -> list[str]:
+    """What a text-only LLM says in a ReAct loop: Thought/Action/Action Input per call, then an Answer."""
+    turns = [
+        "Thought: I need to use a tool to help me answer the question.\n"
+        f"Action: {name}\nAction Input: {json.dumps(arguments)}"
+        for name, arguments in calls
+    ]
+    return [*turns, f"Thought: I can answer without using any more tools.\nAnswer: {FINAL}"]
 
-    def __init__(self, calls: Sequence[Call]) -> None:
-        self.calls = list(calls)
-        self.observations: list[str] = []
 
-    def __call__(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatMessage:
-        prefix = "Observation: "
-        observations = [
-            (m.content or "")[len(prefix) :]
-            for m in messages
-            if m.role == MessageRole.USER and (m.content or "").startswith(prefix)
-        ]
-        self.observations = observations
-        turn = len(observations)
-        if turn < len(self.calls):
-            name, arguments = self.calls[turn]
-            text = (
-                "Thought: I need to use a tool to help me answer the question.\n"
-                f"Action: {name}\nAction Input: {json.dumps(arguments)}"
-            )
-        else:
-            text = f"Thought: I can answer without using any more tools.\nAnswer: {FINAL}"
-        return ChatMessage(role=MessageRole.ASSISTANT, content=text)
+def observations_shown(llm: ScriptedTextLLM, results: Sequence[ToolCallResult]) -> list[bool]:
+    """For each tool result, whether the LLM's next prompt ends with it as the newest observation
+    (the prompt text is the conversation, then ``assistant:`` for the LLM to continue)."""
+    return [
+        llm.prompts[turn].rstrip().endswith(f"user: Observation: {result.tool_output.content}\nassistant:")
+        for turn, result in enumerate(results, start=1)
+    ]
 
 
 async def run_agent(agent: FunctionAgent | ReActAgent, question: str) -> tuple[list[ToolCallResult], AgentOutput]:
@@ -149,12 +148,16 @@ async def test_function_agent_calls_each_tool(runner: RecordingRunner, root: Pat
 
 
 async def test_react_agent_calls_each_tool(runner: RecordingRunner, root: Path) -> None:
-    script = ReActScript(HAPPY_CALLS)
+    llm = ScriptedTextLLM(responses=react_turns(HAPPY_CALLS))
+    assert not llm.metadata.is_function_calling_model
     tools = HD4KToolSpec(HD4K(runner), ToolSettings(allowed_root=root)).to_tool_list()
-    agent = ReActAgent(tools=tools, llm=MockFunctionCallingLLM(response_generator=script))
+    agent = ReActAgent(tools=tools, llm=llm)
     results, output = await run_agent(agent, "Look at my three files.")
-    check_happy_results(results, runner, root)
-    assert script.observations == [r.tool_output.content for r in results]
+    check_happy_results(results, runner, root)  # parsed from text, run on the real files and model
+    assert len(llm.prompts) == len(HAPPY_CALLS) + 1
+    # The tools were offered in the prompt text, and each observation reached the next prompt.
+    assert all(f"> Tool Name: {name}" in llm.prompts[0] for name, _ in HAPPY_CALLS)
+    assert observations_shown(llm, results) == [True] * len(HAPPY_CALLS)
     assert output.response.content == FINAL
 
 
@@ -206,14 +209,12 @@ async def test_react_agent_recovers_from_a_refused_path(runner: RecordingRunner,
         ("describe_image", {"image": "/etc/hostname"}),
         ("describe_image", {"image": "photo.png", "hd_num": 1}),
     ]
-    script = ReActScript(calls)
-    agent = ReActAgent(
-        tools=HD4KToolSpec(HD4K(runner), ToolSettings(allowed_root=root)).to_tool_list(),
-        llm=MockFunctionCallingLLM(response_generator=script),
-    )
+    llm = ScriptedTextLLM(responses=react_turns(calls))
+    agent = ReActAgent(tools=HD4KToolSpec(HD4K(runner), ToolSettings(allowed_root=root)).to_tool_list(), llm=llm)
     results, output = await run_agent(agent, "Describe /etc/hostname.")
     assert [r.tool_output.is_error for r in results] == [True, False]
-    assert script.observations[0].startswith("Error (PathNotAllowedError)")
-    assert script.observations[1] == results[1].tool_output.raw_output.text
+    assert results[0].tool_output.content.startswith("Error (PathNotAllowedError)")
+    assert results[1].tool_output.content == results[1].tool_output.raw_output.text
+    assert observations_shown(llm, results) == [True, True]
     assert runner.image_hashes() == [file_hash(root / "photo.png")]
     assert output.response.content == FINAL

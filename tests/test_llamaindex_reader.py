@@ -75,16 +75,31 @@ def test_pdf_pages_become_documents(reader: HD4KReader, runner: RecordingRunner,
     assert [r.hd_nums for r in runner.requests] == [(1,), (1,), (1,)]
 
 
-def test_lazy_load_reads_one_page_at_a_time(reader: HD4KReader, runner: RecordingRunner, pdf: Path) -> None:
-    pages = reader.lazy_load_data(pdf)
+@pytest.mark.parametrize("pages", [None, "1-3", "all", "-3", [1, 2, 3]])
+def test_lazy_load_reads_one_page_at_a_time(
+    reader: HD4KReader, runner: RecordingRunner, pdf: Path, pages: object
+) -> None:
+    documents = reader.lazy_load_data(pdf, pages=pages)
     assert runner.requests == []
-    first = next(pages)
-    assert first.metadata["page"] == 1 and len(runner.requests) == 1
-    assert [d.metadata["page"] for d in pages] == [2, 3]
+    first = next(documents)
+    assert first.metadata["page"] == 1 and len(runner.requests) == 1  # only the first page transcribed
+    second = next(documents)
+    assert second.metadata["page"] == 2 and len(runner.requests) == 2
+    assert [d.metadata["page"] for d in documents] == [3]
     assert len(runner.requests) == 3
+    assert [d.text for d in (first, second)] == [r.text for r in runner.results[:2]]
 
 
-@pytest.mark.parametrize(("pages", "expected"), [(2, [2]), ([3, 1], [1, 3]), ("2-3", [2, 3])])
+def test_max_pages_refuses_a_long_selection_before_reading(runner: RecordingRunner, pdf: Path) -> None:
+    reader = HD4KReader(HD4K(runner), hd_num=1, generation=GENERATION, max_pages=2)
+    documents = reader.lazy_load_data(pdf)
+    with pytest.raises(errors.PDFError, match="3 are selected, more than max_pages=2"):
+        next(documents)
+    assert runner.requests == []
+    assert [d.metadata["page"] for d in reader.load_data(pdf, pages="2-")] == [2, 3]
+
+
+@pytest.mark.parametrize(("pages", "expected"), [(2, [2]), ([3, 1], [1, 3]), ("2-3", [2, 3]), ("3,1-2", [1, 2, 3])])
 def test_page_selection(
     reader: HD4KReader, runner: RecordingRunner, pdf: Path, pages: object, expected: list[int]
 ) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from llama_index.core.tools import FunctionTool, ToolOutput
 from llama_index_hd4k import HD4KFunctionTool, HD4KToolSpec
-from llamaindex_support import RecordingRunner, file_hash, png_bytes, write_image, write_pdf
+from llamaindex_support import RecordingRunner, counting_server, file_hash, png_bytes, write_image, write_pdf
 
 from hd4k_tools import (
     HD4K,
@@ -16,10 +16,14 @@ from hd4k_tools import (
     ChartResult,
     DocumentResult,
     ImageRegistry,
+    PlanSummary,
     TaskResult,
     ToolAnswer,
     ToolSettings,
     errors,
+    image_content_hash,
+    load_image,
+    plan,
 )
 
 
@@ -165,3 +169,34 @@ def test_spec_functions_called_directly_return_answers_and_raise(spec: HD4KToolS
         spec.describe_image("../secret.png")
     with pytest.raises(errors.InputError, match="hd_num"):
         spec.answer_chart_question("chart.png", "Which bar?", hd_num=0)
+
+
+async def test_allowed_url_is_fetched_and_read(runner: RecordingRunner, root: Path) -> None:
+    size = (700, 300)
+    body = png_bytes((30, 120, 200), size=size)
+    with counting_server(body) as server:
+        url = f"{server.url}/chart.png"
+        question = {"image": url, "question": "What is the largest value?", "hd_num": 4}
+
+        # allow_urls alone keeps the private-address guard: the loopback server is never contacted.
+        guarded = tools_by_name(HD4KToolSpec(HD4K(runner), ToolSettings(allowed_root=root, allow_urls=True)))
+        refused = guarded["answer_chart_question"].call(**question)
+        assert refused.is_error and isinstance(refused.raw_output, errors.URLNotAllowedError)
+        assert refused.content.startswith("Error (URLNotAllowedError): ") and "127.0.0.1" in refused.content
+        assert server.hits == [] and runner.requests == []
+
+        # ToolSettings' explicit allowance for loopback/private hosts (it has no per-host list).
+        settings = ToolSettings(allowed_root=root, allow_urls=True, allow_private_urls=True)
+        tools = tools_by_name(HD4KToolSpec(HD4K(runner), settings))
+        out = tools["answer_chart_question"].call(**question)
+        assert server.hits == ["/chart.png"]
+        described = await tools["describe_image"].acall(image=url, detail="brief", hd_num=1)
+        assert server.hits == ["/chart.png", "/chart.png"]
+
+    assert not out.is_error, out.content
+    result = out.raw_output
+    assert isinstance(result, ChartResult) and out.content == result.text
+    assert result.plan == PlanSummary.from_plan(plan(*size, 4))
+    assert result.plan.input_size == size and result.plan.grid == "1x2"
+    assert not described.is_error and described.raw_output.plan == PlanSummary.from_plan(plan(*size, 1))
+    assert runner.image_hashes() == [image_content_hash(load_image(body))] * 2  # the served pixels

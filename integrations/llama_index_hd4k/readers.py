@@ -19,6 +19,8 @@ from hd4k_tools import (
     Runner,
     TaskResult,
     errors,
+    page_count,
+    parse_page_range,
     read_source_bytes,
 )
 
@@ -62,7 +64,8 @@ class HD4KReader(BaseReader):
         """``hd_num``: tiles per page (default 55 for documents, ``"auto"`` to fit the context);
         ``output``: ``"markdown"`` or ``"text"``; ``dpi``: PDF render resolution (default 200);
         ``pages``: default page selection; ``generation``: decoding options (e.g. ``max_new_tokens``);
-        ``policy``: limits for the files read; ``max_pages``: refuse longer PDFs."""
+        ``policy``: limits for the files read; ``max_pages``: refuse selections of more PDF pages
+        (default: the ``HD4K`` object's ``max_pdf_pages``)."""
         self.hd = hd if isinstance(hd, HD4K) else HD4K(hd)
         self.hd_num = hd_num
         self.output = output
@@ -88,25 +91,20 @@ class HD4KReader(BaseReader):
 
     def _page_results(self, data: bytes, is_pdf: bool, pages: PageSelection) -> Iterator[TaskResult]:
         """One result per page, each page read only when the consumer asks for it."""
-        if not is_pdf or isinstance(pages, str):
-            # A page-range string needs the page count to expand, which the public API does not
-            # expose: read the selection in one call.
+        if not is_pdf:
+            # The core refuses a page selection other than page 1 for a single image.
             yield from self._read(data, pages).pages
             return
-        if pages is None:
-            number = 1
-            while True:
-                try:
-                    result = self._read(data, number)
-                except errors.PageRangeError:
-                    if number == 1:
-                        raise
-                    return  # past the last page
-                yield from result.pages
-                number += 1
-        numbers = [pages] if isinstance(pages, int) else sorted(set(pages))
-        for number in numbers:
-            yield from self._read(data, number).pages
+        total = page_count(data, policy=self.policy or self.hd.policy)
+        indices = parse_page_range(pages, total)  # validates the whole selection before any page is read
+        limit = self.max_pages or self.hd.max_pdf_pages
+        if len(indices) > limit:
+            raise errors.PDFError(
+                f"The PDF has {total} pages and {len(indices)} are selected, more than max_pages={limit}; "
+                f"pass pages=... to pick fewer (e.g. pages='1-{min(limit, total)}'), or raise max_pages."
+            )
+        for index in indices:
+            yield from self._read(data, index + 1).pages
 
     @staticmethod
     def _document(result: TaskResult, file: str, extra_info: dict[str, Any]) -> Document:
@@ -151,7 +149,9 @@ class HD4KReader(BaseReader):
         Args:
             file_path: a path, encoded bytes, or a list of them.
             pages: PDF pages, 1-based (``2``, ``[1, 3]``, ``"1-3,5"``); default: the reader's ``pages``
-                (all pages). Ints and lists are read page by page; a range string in one call.
+                (all pages). The selection is checked against the page count (and ``max_pages``)
+                before the first page is transcribed; then each page is read when its document is
+                asked for.
             extra_info: metadata added to every document (``SimpleDirectoryReader`` passes the file's).
             fs: an fsspec filesystem to read paths from (``SimpleDirectoryReader`` passes it).
         """

@@ -1,18 +1,24 @@
-"""Helpers of the LangChain integration tests: a generation cap around the real runner, test images,
-PDFs and tool calls. The fixtures are in ``langchain_fixtures`` (a ``pytest_plugins`` module)."""
+"""Helpers of the LangChain integration tests: a generation cap around the real runner, a scripted
+runner, a local image server, test images, PDFs and tool calls. The fixtures are in
+``langchain_fixtures`` (a ``pytest_plugins`` module)."""
 
 from __future__ import annotations
 
 import dataclasses
+import http.server
 import io
+import re
+import socketserver
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw
 
-from hd4k_tools import GenerationRequest, Runner, RunnerResult, TextStream
+from hd4k_tools import GenerationRequest, PlanSummary, Runner, RunnerResult, TextStream, Usage
 
 # Tool calls cannot choose generation settings (AgentTools has no such option), and the task defaults
 # (describe: 512 tokens x 3 beams, read: 1024 tokens) make a random tiny model run for many seconds.
@@ -68,6 +74,107 @@ class CappedRunner:
 
     def close(self) -> None:
         """The wrapped runner is shared by the session; closing a wrapper leaves it alone."""
+
+
+class ScriptedRunner:
+    """A :class:`hd4k_tools.Runner` that answers with scripted texts in order (the last one repeats)
+    and records every request.
+
+    Random tiny weights never write JSON, so this is how tests reach the success paths of structured
+    output; the images of a request are still planned, so plans and image tokens are real.
+    """
+
+    model_id = "scripted-model"
+
+    def __init__(self, answers: Sequence[str], context_length: int = 16384) -> None:
+        if not answers:
+            raise ValueError("ScriptedRunner needs at least one answer")
+        self.answers = list(answers)
+        self._context_length = context_length
+        self.requests: list[GenerationRequest] = []
+        self._lock = threading.Lock()
+
+    @property
+    def context_length(self) -> int:
+        return self._context_length
+
+    def count_text_tokens(self, text: str) -> int:
+        return len(text.split())
+
+    @property
+    def prompts(self) -> list[str]:
+        """The text of the last message of each request (the instruction the model answered)."""
+        return [request.messages[-1].text for request in self.requests]
+
+    def generate(self, request: GenerationRequest, *, cancel: threading.Event | None = None) -> RunnerResult:
+        with self._lock:
+            text = self.answers[min(len(self.requests), len(self.answers) - 1)]
+            self.requests.append(request)
+        plans = [PlanSummary.from_plan(p) for p in request.plans()]
+        image_tokens = sum(p.image_tokens for p in plans)
+        prompt_tokens = image_tokens + sum(self.count_text_tokens(m.text) for m in request.messages)
+        return RunnerResult(
+            text=text,
+            model=self.model_id,
+            plans=plans,
+            usage=Usage(prompt_tokens=prompt_tokens, image_tokens=image_tokens, completion_tokens=len(text.split())),
+        )
+
+    def stream(self, request: GenerationRequest, *, cancel: threading.Event | None = None) -> TextStream:
+        result = self.generate(request, cancel=cancel)
+        # Several deltas (words with their trailing space), so streaming really assembles pieces.
+        pieces = re.findall(r"\S+\s*|\s+", result.text)
+        return TextStream(iter(pieces), [result], cancel or threading.Event())
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+@dataclass
+class LocalImageServer:
+    """Where :func:`local_image_server` listens, and the paths it was asked for."""
+
+    url: str
+    hits: list[str] = field(default_factory=list)
+
+
+class _QuickHTTPServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind does a reverse DNS lookup (getfqdn), which can stall for seconds.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = "127.0.0.1", self.server_address[1]
+
+
+@contextmanager
+def local_image_server(body: bytes, content_type: str = "image/png") -> Iterator[LocalImageServer]:
+    """Serve ``body`` at every path of ``http://127.0.0.1:<port>`` (in a thread) and record each
+    requested path, so a test can prove that a URL was fetched, or never was."""
+    info = LocalImageServer(url="")
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            info.hits.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            return None
+
+    server = _QuickHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    info.url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        yield info
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
 
 
 def png_bytes(image: Image.Image) -> bytes:

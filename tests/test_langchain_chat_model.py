@@ -1,5 +1,6 @@
 """ChatHD4K on the tiny random checkpoint: image formats, usage, streaming, stop sequences, per-call
-options, conversations, structured output and the refusal of tool calling."""
+options, conversations, structured output and the refusal of tool calling; http(s) image URLs from a
+local server; and, on a scripted runner that writes JSON, structured output that succeeds."""
 
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_hd4k import ChatHD4K
 from langchain_hd4k.chat_models import check_json_schema, extract_json_object, schema_validator
-from langchain_helpers import chart_image, page_image, png_bytes
+from langchain_helpers import ScriptedRunner, chart_image, local_image_server, page_image, png_bytes
 from pydantic import BaseModel
 from typing_extensions import TypedDict
 
-from hd4k_tools import HD4K, HD4KError, InputError, OutputParseError, errors, plan, to_data_url
+from hd4k_tools import HD4K, HD4KError, ImagePolicy, InputError, OutputParseError, errors, plan, to_data_url
 
 pytest_plugins = ["langchain_fixtures"]
 
@@ -453,3 +454,185 @@ def test_structured_output_with_image_input(chat: ChatHD4K) -> None:
     out = structured.invoke([image_message(IMAGE_BLOCKS["v1-base64"])], config={"callbacks": [handler]})
     assert out["parsing_error"] is not None
     assert out["raw"].usage_metadata["input_token_details"]["image"] == plan(240, 120, 1).num_tokens
+
+
+# ----------------------------------------------------------------------------------------------------
+# Structured output that succeeds: a scripted runner answers with (eventually) valid JSON
+# ----------------------------------------------------------------------------------------------------
+VALID_ANSWER = '{"quarter": "Q2", "value": 80}'
+WRONG_TYPE_ANSWER = '{"quarter": "Q2", "value": "eighty"}'
+
+
+def scripted_chat(*answers: str) -> tuple[ChatHD4K, ScriptedRunner]:
+    runner = ScriptedRunner(answers)
+    return ChatHD4K(hd=HD4K(runner), max_new_tokens=MAX_NEW_TOKENS, hd_num=1), runner
+
+
+STRUCTURED_SCHEMAS = {
+    "pydantic": (Answer, Answer(quarter="Q2", value=80)),
+    "typeddict": (AnswerDict, {"quarter": "Q2", "value": 80}),
+    "json_schema": (Answer.model_json_schema(), {"quarter": "Q2", "value": 80}),
+}
+
+
+@pytest.mark.parametrize("schema_type", list(STRUCTURED_SCHEMAS))
+def test_structured_output_parses_valid_json(schema_type: str) -> None:
+    schema, expected = STRUCTURED_SCHEMAS[schema_type]
+    # Prose and a code fence around the object, as real models write it.
+    chat, runner = scripted_chat(f"Sure:\n```json\n{VALID_ANSWER}\n```")
+    parsed = chat.with_structured_output(schema).invoke("Which quarter is highest, and its value?")
+    assert parsed == expected
+    assert type(parsed) is type(expected)
+    assert len(runner.requests) == 1
+    assert "conforms to this JSON schema" in runner.prompts[0]
+    assert '"quarter"' in runner.prompts[0]
+
+
+@pytest.mark.parametrize(
+    ("first", "error"),
+    [
+        ("I think it is Q2.", "The answer contains no JSON object"),
+        (WRONG_TYPE_ANSWER, "value: Input should be a valid integer"),
+        ('{"value": 80}', "quarter: Field required"),
+    ],
+    ids=["no-json", "wrong-type", "missing-field"],
+)
+def test_structured_output_retry_succeeds_and_shows_the_error(first: str, error: str) -> None:
+    chat, runner = scripted_chat(first, VALID_ANSWER)
+    handler = _RecordingHandler()
+    parsed = chat.with_structured_output(Answer).invoke("Which quarter is highest?", config={"callbacks": [handler]})
+    assert parsed == Answer(quarter="Q2", value=80)
+    assert len(runner.requests) == 2
+    retry_prompt = runner.prompts[1]
+    assert retry_prompt.startswith("Your answer was not valid: ")
+    assert error in retry_prompt
+    assert '"quarter"' in retry_prompt  # the schema is repeated
+    # The model sees its own failed answer before the correction.
+    retry = runner.requests[1].messages
+    assert (retry[-2].role, retry[-2].text) == ("assistant", first)
+    assert len(handler.calls) == 2
+
+
+def test_structured_output_json_schema_dict_retry_names_the_bad_field() -> None:
+    schema = Answer.model_json_schema()
+    chat, runner = scripted_chat(WRONG_TYPE_ANSWER, VALID_ANSWER)
+    assert chat.with_structured_output(schema).invoke("Which quarter?") == {"quarter": "Q2", "value": 80}
+    assert "value: expected integer, got str" in runner.prompts[1]
+
+
+def test_structured_output_include_raw_success_and_after_retry() -> None:
+    chat, _ = scripted_chat(VALID_ANSWER)
+    out = chat.with_structured_output(Answer, include_raw=True).invoke("Which quarter?")
+    assert out["parsed"] == Answer(quarter="Q2", value=80)
+    assert out["parsing_error"] is None
+    assert isinstance(out["raw"], AIMessage)
+    assert out["raw"].text == VALID_ANSWER
+    assert out["raw"].response_metadata["model_name"] == ScriptedRunner.model_id
+
+    chat, runner = scripted_chat("no json", VALID_ANSWER)
+    out = chat.with_structured_output(AnswerDict, include_raw=True).invoke("Which quarter?")
+    assert out == {"raw": out["raw"], "parsed": {"quarter": "Q2", "value": 80}, "parsing_error": None}
+    assert out["raw"].text == VALID_ANSWER  # the raw message of the answer that parsed
+    assert len(runner.requests) == 2
+
+    chat, runner = scripted_chat("no json", WRONG_TYPE_ANSWER)
+    out = chat.with_structured_output(Answer, include_raw=True).invoke("Which quarter?")
+    assert out["parsed"] is None
+    assert isinstance(out["parsing_error"], OutputParseError)
+    assert "value" in str(out["parsing_error"])
+    assert out["raw"].text == WRONG_TYPE_ANSWER
+
+
+async def test_structured_output_async_retry_succeeds() -> None:
+    chat, runner = scripted_chat(WRONG_TYPE_ANSWER, VALID_ANSWER)
+    parsed = await chat.with_structured_output(Answer).ainvoke("Which quarter is highest?")
+    assert parsed == Answer(quarter="Q2", value=80)
+    assert "value: Input should be a valid integer" in runner.prompts[1]
+    chat, _ = scripted_chat(VALID_ANSWER)
+    out = await chat.with_structured_output(Answer.model_json_schema(), include_raw=True).ainvoke("Which quarter?")
+    assert out["parsed"] == {"quarter": "Q2", "value": 80}
+
+
+def test_structured_output_streams_the_parsed_object() -> None:
+    chat, _ = scripted_chat(VALID_ANSWER)
+    assert list(chat.with_structured_output(Answer).stream("Which quarter?")) == [Answer(quarter="Q2", value=80)]
+
+
+def test_structured_output_with_an_image_keeps_the_image_in_both_attempts() -> None:
+    chat, runner = scripted_chat("no json", VALID_ANSWER)
+    parsed = chat.with_structured_output(Answer).invoke([image_message(IMAGE_BLOCKS["v1-base64"])])
+    assert parsed == Answer(quarter="Q2", value=80)
+    assert [[img.size for img in r.images] for r in runner.requests] == [[(240, 120)], [(240, 120)]]
+
+
+def test_image_in_a_tool_message_reaches_the_model() -> None:
+    chat, runner = scripted_chat("A bar chart.")
+    messages = [
+        HumanMessage("Fetch the chart and describe it."),
+        AIMessage("", tool_calls=[{"type": "tool_call", "id": "t1", "name": "get_chart", "args": {}}]),
+        ToolMessage(content=[IMAGE_BLOCKS["openai-image-url"]], tool_call_id="t1", name="get_chart"),
+    ]
+    result = chat.invoke(messages)
+    assert result.text == "A bar chart."
+    last = runner.requests[0].messages[-1]
+    assert last.role == "user"
+    assert last.text == "Result of the tool get_chart:\n"
+    assert [img.size for img in last.images] == [(240, 120)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# http(s) image URLs: fetched only when allowed, from a loopback host only when that is allowed too
+# ----------------------------------------------------------------------------------------------------
+URL_BLOCKS = {
+    "v1-url": lambda url: {"type": "image", "url": url},
+    "openai-image-url": lambda url: {"type": "image_url", "image_url": {"url": url}},
+    "openai-image-url-str": lambda url: {"type": "image_url", "image_url": url},
+}
+
+
+@pytest.mark.parametrize("fmt", list(URL_BLOCKS))
+def test_allowed_image_url_is_fetched_from_a_local_server(
+    hd4k_tiny: HD4K, fmt: str, image_reference: AIMessage
+) -> None:
+    with local_image_server(png_bytes(chart_image())) as server:
+        block = URL_BLOCKS[fmt](f"{server.url}/chart.png")
+        allowed = ChatHD4K(
+            hd=hd4k_tiny, max_new_tokens=MAX_NEW_TOKENS, hd_num=1, allow_image_urls=True, allow_private_urls=True
+        )
+        result = allowed.invoke([image_message(block)])
+        assert server.hits == ["/chart.png"]
+    expected = plan(240, 120, 1)
+    plans = result.response_metadata["hd4k"]["plans"]
+    assert [(p["input_size"], p["rows"], p["cols"]) for p in plans] == [((240, 120), expected.rows, expected.cols)]
+    assert result.usage_metadata["input_token_details"]["image"] == expected.num_tokens  # type: ignore[index]
+    # The downloaded pixels are the inline image's: the tiny model gives the same answer.
+    assert result.text == image_reference.text
+
+
+def test_loopback_host_allowed_by_name_in_the_hd4k_policy(hd4k_tiny: HD4K) -> None:
+    hd = HD4K(hd4k_tiny.runner, policy=ImagePolicy(allowed_private_hosts=frozenset({"127.0.0.1"})))
+    chat = ChatHD4K(hd=hd, max_new_tokens=MAX_NEW_TOKENS, hd_num=1, allow_image_urls=True)
+    with local_image_server(png_bytes(chart_image())) as server:
+        result = chat.invoke([image_message({"type": "image", "url": f"{server.url}/chart.png"})])
+        assert server.hits == ["/chart.png"]
+    assert result.response_metadata["hd4k"]["plans"][0]["input_size"] == (240, 120)
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"allow_image_urls": True}, "Only public hosts"),  # URLs on, but no private-host allowance
+        ({"allow_private_urls": True}, "allow_image_urls"),  # the allowance alone does not turn URLs on
+        ({}, "allow_image_urls"),
+    ],
+    ids=["urls-only", "private-only", "neither"],
+)
+@pytest.mark.parametrize("fmt", list(URL_BLOCKS))
+def test_local_image_url_refused_without_both_allowances(
+    hd4k_tiny: HD4K, fmt: str, options: dict[str, bool], match: str
+) -> None:
+    chat = ChatHD4K(hd=hd4k_tiny, max_new_tokens=MAX_NEW_TOKENS, hd_num=1, **options)
+    with local_image_server(png_bytes(chart_image())) as server:
+        with pytest.raises(errors.URLNotAllowedError, match=match):
+            chat.invoke([image_message(URL_BLOCKS[fmt](f"{server.url}/chart.png"))])
+        assert server.hits == []

@@ -20,7 +20,7 @@ from langchain_hd4k import (
     HD4KReadDocumentTool,
     HD4KToolkit,
 )
-from langchain_helpers import CappedRunner, chart_image, huge_png, png_bytes, tool_call
+from langchain_helpers import CappedRunner, chart_image, huge_png, local_image_server, png_bytes, tool_call
 from PIL import Image
 
 from hd4k_tools import (
@@ -332,3 +332,74 @@ def test_data_url_argument(toolkit: HD4KToolkit) -> None:
     )
     assert message.status == "success"
     assert message.artifact.plan.input_size == (240, 120)
+
+
+# ----------------------------------------------------------------------------------------------------
+# http(s) URL arguments: fetched only with allow_urls, from a loopback host only with allow_private_urls
+# ----------------------------------------------------------------------------------------------------
+URL_TOOL_ARGS = {
+    "read_document": {"hd_num": 1},
+    "answer_chart_question": {"question": "Which quarter is highest?", "hd_num": 1},
+    "describe_image": {"detail": "brief", "hd_num": 1},
+}
+
+
+def _url_calls(url: str) -> dict[str, dict[str, Any]]:
+    return {name: tool_call(name, {"image": url, **args}) for name, args in URL_TOOL_ARGS.items()}
+
+
+@pytest.mark.parametrize(
+    "allowance",
+    [{"allow_private_urls": True}, {"allowed_private_hosts": frozenset({"127.0.0.1"})}],
+    ids=["all-private-hosts", "loopback-host-by-name"],
+)
+def test_allowed_url_is_fetched_from_a_local_server(hd4k_capped: HD4K, allowance: dict[str, Any]) -> None:
+    settings = ToolSettings(allow_urls=True, **allowance)
+    tools = tools_by_name(HD4KToolkit(hd4k_capped, settings=settings))
+    expected = plan(240, 120, 1)
+    with local_image_server(png_bytes(chart_image())) as server:
+        messages = {name: tools[name].invoke(call) for name, call in _url_calls(f"{server.url}/chart.png").items()}
+        assert server.hits == ["/chart.png"] * 3
+    for name, message in messages.items():
+        assert message.status == "success", (name, message.content)
+        result = message.artifact.pages[0] if name == "read_document" else message.artifact
+        assert result.plan is not None
+        grid = (result.plan.input_size, result.plan.rows, result.plan.cols)
+        assert grid == ((240, 120), expected.rows, expected.cols)
+        assert result.usage.image_tokens == expected.num_tokens
+        assert message.content  # the tiny model answered with text
+    # The downloaded pixels are the data URL's: the same greedy answer.
+    inline = tools["describe_image"].invoke(
+        tool_call("describe_image", {"image": to_data_url(chart_image()), **URL_TOOL_ARGS["describe_image"]})
+    )
+    assert messages["describe_image"].content == inline.content
+
+
+async def test_allowed_url_async(hd4k_capped: HD4K) -> None:
+    tool = tools_by_name(HD4KToolkit(hd4k_capped, settings=ToolSettings(allow_urls=True, allow_private_urls=True)))
+    with local_image_server(png_bytes(chart_image())) as server:
+        message = await tool["describe_image"].ainvoke(_url_calls(f"{server.url}/c.png")["describe_image"])
+        assert server.hits == ["/c.png"]
+    assert message.status == "success"
+    assert message.artifact.plan.input_size == (240, 120)
+
+
+@pytest.mark.parametrize(
+    ("settings", "hint"),
+    [
+        (ToolSettings(allow_urls=True), "Only public hosts are fetched"),
+        # The exemption is per host as written in the URL: another name for loopback does not count.
+        (ToolSettings(allow_urls=True, allowed_private_hosts=frozenset({"localhost"})), "Only public hosts"),
+        (ToolSettings(allow_private_urls=True), "URLs are disabled for this tool"),
+    ],
+    ids=["urls-without-private-hosts", "other-host-exempted", "private-hosts-without-urls"],
+)
+def test_local_url_refused_without_both_allowances(hd4k_capped: HD4K, settings: ToolSettings, hint: str) -> None:
+    tools = tools_by_name(HD4KToolkit(hd4k_capped, settings=settings))
+    with local_image_server(png_bytes(chart_image())) as server:
+        for name, call in _url_calls(f"{server.url}/chart.png").items():
+            message = tools[name].invoke(call)
+            assert message.status == "error", name
+            assert message.content.startswith("Error (URLNotAllowedError):")
+            assert hint in message.content
+        assert server.hits == []

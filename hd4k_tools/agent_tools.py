@@ -25,6 +25,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from hd4k_tools.errors import HD4KError, InputError, PathNotAllowedError, URLNotAllowedError
+from hd4k_tools.generation_config import MAX_NUM_BEAMS
 from hd4k_tools.hd4k import HD4K
 from hd4k_tools.imaging import ImagePolicy, ImageSource
 from hd4k_tools.tasks import ChartResult, DocumentResult, TaskResult
@@ -129,7 +130,9 @@ class ToolSettings(BaseModel):
     max_new_tokens: int | None = Field(
         default=None, ge=1, description="Cap on the answer length of every tool call (None: the task's default)."
     )
-    num_beams: int | None = Field(default=None, ge=1, description="Beams per tool call (None: the task's default).")
+    num_beams: int | None = Field(
+        default=None, ge=1, le=MAX_NUM_BEAMS, description="Beams per tool call (None: the task's default)."
+    )
 
     def generation(self) -> dict[str, int]:
         """Generation overrides for tool calls (bounded latency per agent step)."""

@@ -99,9 +99,13 @@ def _cmd_chart(args: argparse.Namespace) -> int:
     from hd4k_tools.cli import parse_hd_num
 
     _check_stream_json(args)
+    if args.stream and args.table:
+        raise InputError(
+            "--table and --stream do not combine: the table is parsed from the whole answer; drop --stream."
+        )
     hd_num = parse_hd_num(args.hd_num) if args.hd_num else None
     with _open(args) as hd:
-        if args.stream and not args.table:
+        if args.stream:
             return _stream(
                 hd.stream_answer_chart_question(
                     args.image, args.question, hd_num=hd_num, generation=_streaming_generation(args)
@@ -180,7 +184,9 @@ def register(commands: Any) -> None:
     chart = commands.add_parser("chart", help="answer a question about a chart", description="Ask about a chart.")
     chart.add_argument("image", metavar="IMAGE")
     chart.add_argument("question", nargs="?", default="", metavar="QUESTION")
-    chart.add_argument("--table", action="store_true", help="extract the chart's data as a table instead")
+    chart.add_argument(
+        "--table", action="store_true", help="extract the chart's data as a table instead (not with --stream)"
+    )
     _add_model_options(chart, default_hd=25)
     chart.set_defaults(func=_cmd_chart)
 

@@ -9,6 +9,12 @@ from typing import Any
 
 from hd4k_tools.errors import InputError
 
+__all__ = ["MAX_NUM_BEAMS", "GenerationConfig"]
+
+#: Widest beam search accepted. Each beam keeps its own KV cache, so memory grows linearly with the
+#: width; the authors evaluate with 3 beams, and past a handful the answers stop improving.
+MAX_NUM_BEAMS = 16
+
 
 @dataclass(frozen=True)
 class GenerationConfig:
@@ -17,7 +23,8 @@ class GenerationConfig:
     The official ``chat()`` defaults are ``do_sample=True, top_p=0.8, repetition_penalty=1.005,
     max_new_tokens=1024``; the README example and the authors' evaluation use ``do_sample=False,
     num_beams=3`` (spec §4). ``top_k=0`` and ``top_p=1.0`` disable those filters. Sampling with
-    ``num_beams > 1`` (HF's beam-sample) is not supported. Invalid values raise
+    ``num_beams > 1`` (HF's beam-sample) is not supported, nor more than :data:`MAX_NUM_BEAMS` beams
+    (memory grows with every beam). Invalid values raise
     :class:`~hd4k_tools.errors.InputError` (a ``ValueError``).
     """
 
@@ -56,6 +63,11 @@ class GenerationConfig:
             )
         if not is_int(self.num_beams) or self.num_beams < 1:
             raise InputError(f"num_beams must be an int >= 1, got {self.num_beams!r}")
+        if self.num_beams > MAX_NUM_BEAMS:
+            raise InputError(
+                f"num_beams must be at most {MAX_NUM_BEAMS}, got {self.num_beams} (every beam holds its own "
+                "KV cache; 3 is the authors' setting)"
+            )
         if self.seed is not None and (not is_int(self.seed) or self.seed < 0):
             raise InputError(f"seed must be None or an int >= 0, got {self.seed!r}")
         if not is_num(self.length_penalty):

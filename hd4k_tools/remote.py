@@ -1,8 +1,8 @@
 """``RemoteRunner``: the :class:`~hd4k_tools.runner.Runner` protocol over an OpenAI-compatible server.
 
 It talks to ``hd4k serve`` (this project's server) or to any chat-completions endpoint (LMDeploy, vLLM,
-SGLang) with :mod:`httpx`: timeouts, retries with exponential backoff and jitter on 429/502/503/504 and
-connection errors (``Retry-After`` honoured), other 4xx answered at once as
+SGLang) with :mod:`httpx`: timeouts, retries with exponential backoff and jitter on 429/500/502/503/504
+and connection errors (``Retry-After`` honoured), other 4xx answered at once as
 :class:`~hd4k_tools.errors.RemoteResponseError`, and a concurrency limit shared by all threads that use
 the same runner.
 
@@ -55,8 +55,9 @@ from hd4k_tools.tiling import HDPlan, plan
 
 __all__ = ["RETRY_STATUSES", "RemoteRunner", "presize"]
 
-#: Statuses worth retrying: rate limited, or a gateway/server that is (re)starting or overloaded.
-RETRY_STATUSES = frozenset({429, 502, 503, 504})
+#: Statuses worth retrying: rate limited, a transient server failure (500: e.g. a GPU out-of-memory error
+#: under load), or a gateway/server that is (re)starting or overloaded. 501 and 505 will not change.
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 # Longest single wait between two attempts, whatever Retry-After says.
 _MAX_DELAY_S = 60.0
 # Errors before any byte of an answer: the request can safely be sent again.
@@ -191,7 +192,7 @@ class RemoteRunner:
         api_key: sent as ``Authorization: Bearer <api_key>`` when given.
         timeout: seconds to wait for an answer (per read; generous, answers can be long).
         connect_timeout: seconds to establish a connection.
-        max_retries: extra attempts after a connection error or a 429/502/503/504 answer.
+        max_retries: extra attempts after a connection error or a 429/500/502/503/504 answer.
         backoff: first wait between attempts in seconds; doubles every attempt, with ±50% jitter, and
             never shorter than the server's ``Retry-After``.
         max_concurrency: requests in flight at once from this runner (more callers wait their turn).

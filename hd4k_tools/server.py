@@ -16,15 +16,20 @@ the policy says so), and every error is answered in OpenAI's shape
 (the traceback goes to the server log only) for bugs.
 
 Decoding defaults are the runner's (:class:`GenerationConfig`: greedy, 512 new tokens) for every setting a
-request leaves out; ``temperature: 0`` is greedy, any other temperature samples. The request's ``model``
-field is not checked (one server serves one model). Streamed and whole answers are cut at ``stop``
-sequences and trimmed of surrounding whitespace the same way, so the deltas join to the whole answer.
+request leaves out; ``temperature: 0`` is greedy, any other temperature samples. So that one request cannot
+hold the model for long or exhaust its memory, ``max_tokens`` above the server's ``max_tokens_limit``
+(default :data:`DEFAULT_MAX_TOKENS_LIMIT`) is refused with 400 (not clamped: a silently shorter answer
+would look like a complete one), and ``num_beams`` is at most
+:data:`~hd4k_tools.generation_config.MAX_NUM_BEAMS`. The request's ``model`` field is not checked (one
+server serves one model). Streamed and whole answers are cut at ``stop`` sequences and trimmed of
+surrounding whitespace the same way, so the deltas join to the whole answer.
 
 Generation runs in a worker thread, so the event loop keeps answering (``/health`` stays responsive
 during a long answer); a client that disconnects cancels its generation between two tokens.
 
-``run_server(model_dir)`` loads the native model and serves it with uvicorn;
-``python -m hd4k_tools.server --model DIR`` does the same from a shell.
+``run_server(model_dir)`` binds the port (a port already in use fails at once, before the model loads),
+loads the native model and serves it with uvicorn; ``hd4k serve --model DIR`` (or
+``python -m hd4k_tools.server --model DIR``) does the same from a shell.
 
 FastAPI and uvicorn are imported only when an app is built or served; without them
 :class:`~hd4k_tools.errors.MissingDependencyError` says what to install.
@@ -33,11 +38,14 @@ FastAPI and uvicorn are imported only when an app is built or served; without th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import errno
 import hmac
 import json
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -59,7 +67,7 @@ from hd4k_tools.errors import (
     URLFetchError,
     URLNotAllowedError,
 )
-from hd4k_tools.generation_config import GenerationConfig
+from hd4k_tools.generation_config import MAX_NUM_BEAMS, GenerationConfig
 from hd4k_tools.imaging import ImagePolicy, load_image
 from hd4k_tools.runner import GenerationRequest, Message, Runner, RunnerResult, TextStream
 from hd4k_tools.stops import StopFilter, cut_at_stops
@@ -72,8 +80,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "DEFAULT_MAX_REQUEST_BYTES",
+    "DEFAULT_MAX_TOKENS_LIMIT",
     "APIError",
     "ChatCompletionRequest",
+    "ServeError",
     "build_parser",
     "create_app",
     "main",
@@ -84,6 +94,8 @@ logger = logging.getLogger("hd4k_tools.server")
 
 #: Default cap on a request body: a few full-resolution images as base64 data URLs.
 DEFAULT_MAX_REQUEST_BYTES = 32 * 2**20
+#: Default cap on ``max_tokens``: four times the longest task default (``read_document``, 1024 tokens).
+DEFAULT_MAX_TOKENS_LIMIT = 4096
 # Tokens kept free for the prompt text when hd_num="auto" shares the context between images
 # (the same margin HD4K uses).
 _TEXT_MARGIN = 256
@@ -149,7 +161,7 @@ class ChatCompletionRequest(BaseModel):
     hd_num: StrictInt | Literal["auto"] | list[StrictInt | Literal["auto"]] | None = None
     top_k: StrictInt | None = Field(default=None, ge=0)
     repetition_penalty: float | None = Field(default=None, gt=0)
-    num_beams: StrictInt | None = Field(default=None, ge=1)
+    num_beams: StrictInt | None = Field(default=None, ge=1, le=MAX_NUM_BEAMS)
     layout: Literal["chat", "eval"] | None = None
 
 
@@ -274,13 +286,26 @@ class _Settings:
     model_name: str
     max_request_bytes: int
     api_key: str | None
+    max_tokens_limit: int
 
 
-def _generation_config(body: ChatCompletionRequest) -> GenerationConfig:
+def _generation_config(body: ChatCompletionRequest, max_tokens_limit: int) -> GenerationConfig:
     changes: dict[str, Any] = {}
     max_tokens = body.max_completion_tokens or body.max_tokens
     if max_tokens is not None:
+        if max_tokens > max_tokens_limit:
+            field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+            raise APIError(
+                400,
+                f"{field}={max_tokens} is over this server's limit of {max_tokens_limit} new tokens; ask for "
+                f"at most {max_tokens_limit} (the server's --max-tokens-limit).",
+                param=field,
+                code="max_tokens_too_large",
+            )
         changes["max_new_tokens"] = max_tokens
+    elif GenerationConfig.max_new_tokens > max_tokens_limit:
+        # The client asked for nothing: the server's own default must respect the server's own cap.
+        changes["max_new_tokens"] = max_tokens_limit
     if body.temperature is not None:
         # OpenAI's temperature 0 means "as deterministic as possible": greedy decoding.
         if body.temperature == 0:
@@ -417,7 +442,7 @@ def _prepare(raw: bytes, settings: _Settings) -> _Prepared:
         raise APIError(400, message, param=param) from err
     if body.n not in (None, 1):
         raise APIError(400, "Only n=1 is supported: one answer per request.", param="n", code="unsupported_n")
-    gen = _generation_config(body)
+    gen = _generation_config(body, settings.max_tokens_limit)
     stops = _stops(body.stop)
     messages = _messages(body, settings)
     hd_nums = _hd_nums(body, messages, gen, settings)
@@ -517,6 +542,7 @@ def create_app(
     default_hd_num: HDNum = 25,
     served_model_name: str | None = None,
     api_key: str | None = None,
+    max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
 ) -> FastAPI:
     """Build the OpenAI-compatible FastAPI app that answers with ``runner``.
 
@@ -531,6 +557,9 @@ def create_app(
         default_hd_num: tile budget for images when a request has no ``hd_num`` (an int or ``"auto"``).
         served_model_name: the model name reported by the API; defaults to ``runner.model_id``.
         api_key: when set, requests to ``/v1/*`` must send ``Authorization: Bearer <api_key>``.
+        max_tokens_limit: largest ``max_tokens`` (or ``max_completion_tokens``) a request may ask for;
+            more is refused with 400 ``max_tokens_too_large``. A request without ``max_tokens`` gets the
+            runner's default, lowered to this limit if needed.
 
     Raises:
         MissingDependencyError: FastAPI/uvicorn are not installed (``pip install "hd4k-tools[serve]"``).
@@ -550,6 +579,8 @@ def create_app(
         resolve_hd_num(default_hd_num, 1, 1, default=1, max_tokens=None)  # validates
     if max_request_bytes < 1:
         raise ValueError(f"max_request_bytes must be >= 1, got {max_request_bytes}")
+    if isinstance(max_tokens_limit, bool) or not isinstance(max_tokens_limit, int) or max_tokens_limit < 1:
+        raise ValueError(f"max_tokens_limit must be an int >= 1, got {max_tokens_limit!r}")
     settings = _Settings(
         runner=runner,
         policy=policy or ImagePolicy(),
@@ -558,6 +589,7 @@ def create_app(
         model_name=served_model_name or runner.model_id,
         max_request_bytes=max_request_bytes,
         api_key=api_key,
+        max_tokens_limit=max_tokens_limit,
     )
     started = int(time.time())
     app = FastAPI(title="hd4k-tools", description="OpenAI-compatible server for InternLM-XComposer2-4KHD")
@@ -814,6 +846,44 @@ def create_app(
 # ----------------------------------------------------------------------------------------------------
 # Serving the native model
 # ----------------------------------------------------------------------------------------------------
+class ServeError(HD4KError):
+    """The server cannot start: the address is taken or cannot be bound, or uvicorn failed at startup."""
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``(host, port)``, not yet listening (uvicorn starts listening on it).
+
+    Binding here, before the model loads, turns a port already in use into an immediate one-line error
+    instead of uvicorn's log lines after minutes of loading; handing the bound socket to uvicorn leaves
+    no window for another process to take the port in between.
+
+    Raises:
+        ServeError: the port is in use, or the address cannot be bound (unknown host, privileged port).
+    """
+    # Same choices as uvicorn's own binding: IPv6 for literal IPv6 hosts, SO_REUSEADDR so a restart does
+    # not wait for TIME_WAIT (on Linux it still refuses a port another socket listens on).
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        if err.errno == errno.EADDRINUSE:
+            raise ServeError(
+                f"port {port} on {host} is already in use; pass --port with a free port (e.g. --port "
+                f"{port + 1 if port < 65535 else 8000}) or stop the process that holds it"
+            ) from None
+        reason = err.strerror or str(err)
+        if err.errno == errno.EACCES:
+            reason += " (ports below 1024 need privileges; pass --port 8000 or higher)"
+        raise ServeError(f"cannot listen on {host}:{port}: {reason}; check --host and --port") from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def run_server(
     model: str,
     *,
@@ -831,11 +901,18 @@ def run_server(
     api_key: str | None = None,
     log_level: str = "info",
     cache_bytes: int = 1 << 30,
+    max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
 ) -> None:
-    """Load the native model from ``model`` (a checkpoint folder or hub id) and serve it until stopped.
+    """Bind ``host:port``, load the native model from ``model`` (a checkpoint folder or hub id) and serve
+    it until stopped.
 
     ``host`` defaults to loopback: pass ``host="0.0.0.0"`` deliberately (ideally with ``api_key``) to
-    serve other machines. ``max_pixels``/``max_image_bytes`` tighten the default :class:`ImagePolicy`.
+    serve other machines. ``max_pixels``/``max_image_bytes`` tighten the default :class:`ImagePolicy`;
+    ``max_tokens_limit`` caps ``max_tokens`` per request (see :func:`create_app`).
+
+    Raises:
+        ServeError: the port is already in use or cannot be bound (raised before the model loads), or
+            uvicorn did not start.
     """
     _require_serve()
     import uvicorn
@@ -848,22 +925,44 @@ def run_server(
     if max_image_bytes is not None:
         policy_changes["max_bytes"] = max_image_bytes
     policy = ImagePolicy(**policy_changes)
-    runner = LocalRunner.from_pretrained(
-        model, device=device, dtype=dtype, quantization=quantization, cache_bytes=cache_bytes
-    )
+    sock = _bind(host, port)
     try:
-        app = create_app(
-            runner,
-            policy=policy,
-            max_request_bytes=max_request_bytes,
-            allow_image_urls=allow_image_urls,
-            default_hd_num=default_hd_num,
-            served_model_name=served_model_name,
-            api_key=api_key,
+        runner = LocalRunner.from_pretrained(
+            model, device=device, dtype=dtype, quantization=quantization, cache_bytes=cache_bytes
         )
-        uvicorn.run(app, host=host, port=port, log_level=log_level)
+        try:
+            app = create_app(
+                runner,
+                policy=policy,
+                max_request_bytes=max_request_bytes,
+                allow_image_urls=allow_image_urls,
+                default_hd_num=default_hd_num,
+                served_model_name=served_model_name,
+                api_key=api_key,
+                max_tokens_limit=max_tokens_limit,
+            )
+            bound = sock.getsockname()[1]
+            where = f"[{host}]" if ":" in host else host
+
+            class _Server(uvicorn.Server):
+                async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+                    await super().startup(sockets=sockets)
+                    # uvicorn announces its address only when it binds the socket itself.
+                    if self.started:
+                        logging.getLogger("uvicorn.error").info(
+                            "Uvicorn running on http://%s:%d (Press CTRL+C to quit)", where, bound
+                        )
+
+            server = _Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+            # uvicorn.run treats Ctrl-C as a clean stop too.
+            with contextlib.suppress(KeyboardInterrupt):
+                server.run(sockets=[sock])
+            if not server.started:
+                raise ServeError(f"the server on {host}:{bound} did not start; see the log above")
+        finally:
+            runner.close()
     finally:
-        runner.close()
+        sock.close()
 
 
 def _hd_num_arg(value: str) -> HDNum:
@@ -875,6 +974,16 @@ def _hd_num_arg(value: str) -> HDNum:
         raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {value!r}") from None
     if n < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {value!r}")
+    return n
+
+
+def _positive_int_arg(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
     return n
 
 
@@ -897,6 +1006,17 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--max-pixels", type=int, default=None, help="largest image (width*height) accepted")
     p.add_argument("--max-image-bytes", type=int, default=None, help="largest encoded image accepted")
     p.add_argument("--default-hd-num", type=_hd_num_arg, default=25, help="an int or 'auto' (default 25)")
+    p.add_argument(
+        "--max-tokens-limit",
+        type=_positive_int_arg,
+        default=DEFAULT_MAX_TOKENS_LIMIT,
+        metavar="N",
+        help=(
+            f"largest max_tokens one request may ask for (default {DEFAULT_MAX_TOKENS_LIMIT}); a request over "
+            "it is refused with 400, not clamped, so a client never mistakes a cut answer for a whole one. "
+            "Requests without max_tokens get min(512, N)"
+        ),
+    )
     p.add_argument(
         "--api-key",
         default=os.environ.get("HD4K_API_KEY"),
@@ -934,6 +1054,7 @@ def serve_from_args(args: argparse.Namespace) -> int:
         default_hd_num=args.default_hd_num,
         api_key=args.api_key,
         log_level=args.log_level,
+        max_tokens_limit=args.max_tokens_limit,
     )
     return 0
 

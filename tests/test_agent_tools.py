@@ -87,3 +87,9 @@ def test_one_allowed_private_host_and_no_other(hd4k_tiny: HD4K, image_server: tu
     with pytest.raises(URLNotAllowedError):
         AgentTools(hd4k_tiny, ToolSettings(allow_urls=True)).describe_image(f"{base}/photo.png")
     assert hits == ["/photo.png"]
+
+
+def test_beams_per_tool_call_are_bounded() -> None:
+    assert ToolSettings(num_beams=16).generation() == {"num_beams": 16}
+    with pytest.raises(ValidationError, match="less than or equal to 16"):
+        ToolSettings(num_beams=17)

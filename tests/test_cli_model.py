@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -127,6 +131,41 @@ def test_serve_shares_the_server_options() -> None:
     from hd4k_tools.server import serve_from_args
 
     assert args.func is serve_from_args
+
+
+def test_serve_max_tokens_limit_option() -> None:
+    from hd4k_tools.server import DEFAULT_MAX_TOKENS_LIMIT
+
+    assert build_parser().parse_args(["serve", "--model", "DIR"]).max_tokens_limit == DEFAULT_MAX_TOKENS_LIMIT == 4096
+    assert build_parser().parse_args(["serve", "--model", "DIR", "--max-tokens-limit", "64"]).max_tokens_limit == 64
+
+
+def test_serve_on_a_port_in_use_is_one_line_and_exit_2(tiny_checkpoint: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HD4K_NO_PROGRESS": "1"}
+        argv = ["serve", "--model", str(tiny_checkpoint), "--host", "127.0.0.1", "--port", str(port)]
+        proc = subprocess.run(
+            [sys.executable, "-m", "hd4k_tools.cli", *argv], capture_output=True, text=True, env=env, timeout=120
+        )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"hd4k: error: port {port} on 127.0.0.1 is already in use")
+    assert "--port" in lines[0]
+
+
+def test_chart_table_with_stream_is_refused_before_loading(capsys, tmp_path: Path, page: Path) -> None:
+    # The model path does not exist: the option conflict must be reported first, without loading anything.
+    argv = ["chart", str(page), "--table", "--stream", "--model", str(tmp_path / "no-such-model")]
+    code, out, err = _run(capsys, *argv)
+    assert code == 2
+    assert out == ""
+    assert len(err.strip().splitlines()) == 1
+    assert err.startswith("hd4k: error: --table and --stream do not combine")
 
 
 def test_stdout_is_only_the_answer(monkeypatch, tiny_checkpoint: Path, page: Path) -> None:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from hd4k_tools.errors import InputError
 from hd4k_tools.generation import (
     GenerationConfig,
     GenerationOutput,
@@ -25,6 +26,7 @@ from hd4k_tools.generation import (
     stream,
     stream_text,
 )
+from hd4k_tools.generation_config import MAX_NUM_BEAMS
 from hd4k_tools.models.xcomposer2_4khd.prompt import IM_END, PromptInputs, assemble_inputs, build_prompt
 from hd4k_tools.tiling import to_model_inputs
 
@@ -118,6 +120,16 @@ def _sequence_logprob(model: Any, inputs: PromptInputs, tokens: list[int]) -> fl
 def test_invalid_config(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         GenerationConfig(**kwargs)
+
+
+def test_num_beams_is_bounded() -> None:
+    # One request asking for 100000 beams used to allocate 100000 KV caches and OOM the server.
+    assert GenerationConfig(num_beams=MAX_NUM_BEAMS).num_beams == MAX_NUM_BEAMS
+    for beams in (MAX_NUM_BEAMS + 1, 100_000):
+        with pytest.raises(InputError, match=f"at most {MAX_NUM_BEAMS}"):
+            GenerationConfig(num_beams=beams)
+    with pytest.raises(InputError, match="num_beams"):
+        GenerationConfig().replace(num_beams=MAX_NUM_BEAMS + 1)
 
 
 def test_config_defaults_and_replace() -> None:

@@ -268,6 +268,54 @@ def test_persistent_503_gives_up_after_max_retries(fake_server: Any) -> None:
     assert server.count == 3
 
 
+def test_500_is_retried_with_backoff_and_retry_after(fake_server: Any) -> None:
+    def script(n: int, body: dict[str, Any]) -> Reply:
+        if n == 0:
+            return _json_reply(500, {"error": {"message": "CUDA out of memory"}})
+        if n == 1:
+            return _json_reply(500, {"error": {"message": "still failing"}}, {"Retry-After": "4"})
+        return _json_reply(200, _completion())
+
+    server = fake_server(script)
+    runner = _runner(server.url, max_retries=3, backoff=0.1)
+    waits = _RecordingWaits()
+    runner._wait = waits  # type: ignore[method-assign]
+    assert runner.generate(_text_request()).text == "An answer."
+    assert server.count == 3
+    d0, d1 = waits.delays
+    assert 0.05 <= d0 <= 0.15  # backoff * 2**0 with ±50% jitter
+    assert d1 >= 4.0  # Retry-After on a 500 is honoured as well
+
+
+def test_persistent_500_gives_up_with_the_server_message(fake_server: Any) -> None:
+    server = fake_server(lambda n, body: _json_reply(500, {"error": {"message": "internal failure"}}))
+    with pytest.raises(RemoteResponseError, match="internal failure") as info:
+        _runner(server.url, max_retries=2).generate(_text_request())
+    assert info.value.status_code == 500
+    assert server.count == 3
+
+
+def test_stream_500_is_retried(fake_server: Any) -> None:
+    sse = _sse(_delta("ok"), _delta(None, "stop"), "[DONE]")
+    server = fake_server(
+        lambda n, body: (
+            _json_reply(500, {"error": {"message": "boom"}})
+            if n == 0
+            else (200, {"Content-Type": "text/event-stream"}, sse)
+        )
+    )
+    assert "".join(_runner(server.url, max_retries=1).stream(_text_request())) == "ok"
+    assert server.count == 2
+
+
+@pytest.mark.parametrize("status", [501, 505])
+def test_permanent_5xx_not_retried(fake_server: Any, status: int) -> None:
+    server = fake_server(lambda n, body: _json_reply(status, {"error": {"message": "never"}}))
+    with pytest.raises(RemoteResponseError, match="never"):
+        _runner(server.url, max_retries=3).generate(_text_request())
+    assert server.count == 1
+
+
 def test_400_is_not_retried_and_keeps_the_server_message(fake_server: Any) -> None:
     error = {"error": {"message": "hd_num must be at least 1", "type": "invalid_request_error", "param": "hd_num"}}
     server = fake_server(lambda n, body: _json_reply(400, error))

@@ -1,5 +1,5 @@
-"""The OpenAI-compatible server: a real ``python -m hd4k_tools.server`` process on 127.0.0.1 serving a tiny
-random checkpoint, plus fast in-process tests of ``create_app`` error paths with a fake runner."""
+"""The OpenAI-compatible server: a real ``hd4k serve`` process (the console script) on 127.0.0.1 serving a
+tiny random checkpoint, plus fast in-process tests of ``create_app`` error paths with a fake runner."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import io
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -28,6 +29,7 @@ from fastapi.testclient import TestClient
 
 from hd4k_tools.errors import ContextOverflowError, MissingDependencyError, RemoteResponseError
 from hd4k_tools.generation import GenerationConfig
+from hd4k_tools.generation_config import MAX_NUM_BEAMS
 from hd4k_tools.imaging import ImagePolicy, to_data_url
 from hd4k_tools.remote import RemoteRunner, presize
 from hd4k_tools.runner import (
@@ -38,7 +40,7 @@ from hd4k_tools.runner import (
     TextStream,
     stream_in_thread,
 )
-from hd4k_tools.server import create_app
+from hd4k_tools.server import DEFAULT_MAX_TOKENS_LIMIT, create_app
 from hd4k_tools.stops import StopFilter
 from hd4k_tools.tasks import PlanSummary, Usage
 from hd4k_tools.tiling import plan
@@ -46,6 +48,7 @@ from hd4k_tools.tiling import plan
 HOST = "127.0.0.1"
 SERVER_MAX_PIXELS = 4_000_000
 SERVER_MAX_BODY = 3_000_000
+SERVER_MAX_TOKENS = 1024
 STARTUP_TIMEOUT_S = 60.0
 QUESTION = "What is shown in the picture?"
 
@@ -104,17 +107,26 @@ def server_checkpoint(tiny_checkpoint: Path) -> Path:
     return Path(tiny_checkpoint)
 
 
+def _hd4k_command() -> list[str]:
+    """The ``hd4k`` console script ([project.scripts]) next to this interpreter, so the tests run what a user
+    runs; ``python -m hd4k_tools.cli`` (the same ``main``) where the project is not installed as a script."""
+    for name in ("hd4k", "hd4k.exe"):
+        script = Path(sys.executable).with_name(name)
+        if script.is_file():
+            return [str(script)]
+    return [sys.executable, "-m", "hd4k_tools.cli"]
+
+
 @pytest.fixture(scope="session")
 def live_server(server_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``python -m hd4k_tools.server`` on a free loopback port; yields its base URL."""
+    """``hd4k serve`` on a free loopback port; yields its base URL."""
     port = _free_port()
     log_path = tmp_path_factory.mktemp("server-log") / "server.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HD4K_NO_PROGRESS": "1"}
     env.pop("HD4K_API_KEY", None)  # this server is open; a key in the caller's environment would lock it
     cmd = [
-        sys.executable,
-        "-m",
-        "hd4k_tools.server",
+        *_hd4k_command(),
+        "serve",
         "--model",
         str(server_checkpoint),
         "--host",
@@ -127,6 +139,8 @@ def live_server(server_checkpoint: Path, tmp_path_factory: pytest.TempPathFactor
         str(SERVER_MAX_PIXELS),
         "--max-request-bytes",
         str(SERVER_MAX_BODY),
+        "--max-tokens-limit",
+        str(SERVER_MAX_TOKENS),
         "--log-level",
         "warning",
     ]
@@ -344,6 +358,63 @@ def test_remote_runner_gets_server_error_message(remote: RemoteRunner, local_run
     assert info.value.status_code == 400
 
 
+def test_generation_limits_of_the_served_process(live_server: str) -> None:
+    # --max-tokens-limit given to `hd4k serve` reaches the app; a huge num_beams is refused, not run.
+    url = f"{live_server}/v1/chat/completions"
+    over = httpx.post(url, json=_chat_body(None, max_tokens=SERVER_MAX_TOKENS + 1), timeout=60)
+    err = _assert_openai_error(over, 400, code="max_tokens_too_large")
+    assert str(SERVER_MAX_TOKENS) in err["message"] and err["param"] == "max_tokens"
+    beams = httpx.post(url, json=_chat_body(None, max_tokens=4, num_beams=100_000), timeout=60)
+    err = _assert_openai_error(beams, 400)
+    assert err["param"] == "num_beams" and str(MAX_NUM_BEAMS) in err["message"]
+
+
+def _read_sse_events(sock: socket.socket, count: int) -> bytes:
+    """Bytes from ``sock`` until ``count`` SSE ``data:`` events have arrived."""
+    received = b""
+    while received.count(b"data:") < count:
+        chunk = sock.recv(65536)
+        assert chunk, f"the server closed the stream early: {received!r}"
+        received += chunk
+    return received
+
+
+def test_dropped_stream_leaves_the_server_answering(live_server: str) -> None:
+    image = _noise(672, 336, seed=5)
+    url = f"{live_server}/v1/chat/completions"
+    baseline = httpx.post(url, json=_chat_body(image, max_tokens=12, hd_num=2), timeout=120)
+    assert baseline.status_code == 200, baseline.text
+    expected = baseline.json()["choices"][0]["message"]["content"]
+
+    # A long streamed answer (the tiny model never stops before max_tokens) abandoned after its first tokens.
+    body = json.dumps(_chat_body(image, max_tokens=SERVER_MAX_TOKENS, hd_num=2, stream=True)).encode()
+    host, port = live_server.removeprefix("http://").rsplit(":", 1)
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection((host, int(port)), timeout=60) as client:
+        client.sendall(head + body)
+        received = _read_sse_events(client, 3)  # the role chunk and the first content deltas
+        assert received.startswith(b"HTTP/1.1 200"), received[:200]
+        # Abruptly: linger 0 makes close() send a reset instead of an orderly FIN.
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    assert httpx.get(f"{live_server}/health", timeout=60).json() == {"status": "ok", "model": "tiny"}
+    # The model is free again and its state (KV and vision caches) was not left half-written: the same
+    # question gets the same greedy answer, whole and streamed.
+    again = httpx.post(url, json=_chat_body(image, max_tokens=12, hd_num=2), timeout=120)
+    assert again.status_code == 200, again.text
+    assert again.json()["choices"][0]["message"]["content"] == expected
+    streamed = {**_chat_body(image, max_tokens=12, hd_num=2), "stream": True}
+    with httpx.stream("POST", url, json=streamed, timeout=120) as response:
+        assert response.status_code == 200
+        events = _sse_events(response.iter_lines())
+    assert events[-1] == "[DONE]"
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1] if e.get("choices"))
+    assert text == expected
+
+
 def test_server_survives_client_errors(live_server: str) -> None:
     # After all the refusals above, the process still serves.
     assert httpx.get(f"{live_server}/health").status_code == 200
@@ -483,6 +554,8 @@ def test_in_process_basic_answer_and_models() -> None:
         (_text_body(hd_num="most"), "hd_num"),
         (_text_body(stop=5), "stop"),
         (_text_body(stream="yes"), "stream"),
+        (_text_body(num_beams=0), "num_beams"),
+        (_text_body(num_beams=MAX_NUM_BEAMS + 1), "num_beams"),
     ],
 )
 def test_schema_errors_are_400(body: dict[str, Any], param: str) -> None:
@@ -605,6 +678,48 @@ def test_generation_settings_reach_the_runner() -> None:
     # Beam search with sampling is not supported: a clear 400, not a 500.
     err = _assert_openai_error(_post(client, _text_body(num_beams=3, temperature=0.5)), 400)
     assert "num_beams" in err["message"]
+
+
+def test_num_beams_is_bounded() -> None:
+    # num_beams=100000 used to reach the decoder and get the server OOM-killed.
+    runner = FakeRunner()
+    client = _client(runner)
+    for beams in (MAX_NUM_BEAMS + 1, 100_000):
+        err = _assert_openai_error(_post(client, _text_body(num_beams=beams)), 400)
+        assert err["param"] == "num_beams"
+        assert str(MAX_NUM_BEAMS) in err["message"]
+    assert runner.requests == []
+    assert _post(client, _text_body(num_beams=MAX_NUM_BEAMS)).status_code == 200
+    assert runner.requests[-1].generation.num_beams == MAX_NUM_BEAMS
+
+
+def test_max_tokens_over_the_server_limit_is_400() -> None:
+    runner = FakeRunner()
+    client = _client(runner, max_tokens_limit=100)
+    for field in ("max_tokens", "max_completion_tokens"):
+        err = _assert_openai_error(_post(client, _text_body(**{field: 101})), 400, code="max_tokens_too_large")
+        assert err["param"] == field
+        assert "100" in err["message"] and "--max-tokens-limit" in err["message"]
+        streamed = _post(client, _text_body(stream=True, **{field: 10**9}))
+        _assert_openai_error(streamed, 400, code="max_tokens_too_large")
+    assert runner.requests == []
+    assert _post(client, _text_body(max_tokens=100)).status_code == 200
+    assert runner.requests[-1].generation.max_new_tokens == 100
+    # Without max_tokens the runner's default (512) is lowered to the server's limit.
+    assert _post(client, _text_body()).status_code == 200
+    assert runner.requests[-1].generation.max_new_tokens == 100
+
+
+def test_max_tokens_limit_default_and_validation() -> None:
+    runner = FakeRunner()
+    client = _client(runner)
+    assert _post(client, _text_body(max_tokens=DEFAULT_MAX_TOKENS_LIMIT)).status_code == 200
+    _assert_openai_error(_post(client, _text_body(max_tokens=DEFAULT_MAX_TOKENS_LIMIT + 1)), 400)
+    assert _post(client, _text_body()).status_code == 200
+    assert runner.requests[-1].generation.max_new_tokens == GenerationConfig().max_new_tokens
+    for bad in (0, -1, True, 2.5):
+        with pytest.raises(ValueError, match="max_tokens_limit"):
+            create_app(FakeRunner(), max_tokens_limit=bad)  # type: ignore[arg-type]
 
 
 def test_roles_and_parts_become_messages() -> None:

@@ -5,14 +5,10 @@ runner, a local image server, test images, PDFs and tool calls. The fixtures are
 from __future__ import annotations
 
 import dataclasses
-import http.server
 import io
 import re
-import socketserver
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,53 +124,6 @@ class ScriptedRunner:
 
     def close(self) -> None:
         """Nothing to release."""
-
-
-@dataclass
-class LocalImageServer:
-    """Where :func:`local_image_server` listens, and the paths it was asked for."""
-
-    url: str
-    hits: list[str] = field(default_factory=list)
-
-
-class _QuickHTTPServer(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind does a reverse DNS lookup (getfqdn), which can stall for seconds.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = "127.0.0.1", self.server_address[1]
-
-
-@contextmanager
-def local_image_server(body: bytes, content_type: str = "image/png") -> Iterator[LocalImageServer]:
-    """Serve ``body`` at every path of ``http://127.0.0.1:<port>`` (in a thread) and record each
-    requested path, so a test can prove that a URL was fetched, or never was."""
-    info = LocalImageServer(url="")
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            info.hits.append(self.path)
-            self.send_response(200)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: object) -> None:
-            return None
-
-    server = _QuickHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    info.url = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
-        yield info
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
 
 
 def png_bytes(image: Image.Image) -> bytes:

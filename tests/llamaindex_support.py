@@ -13,14 +13,10 @@ tiling, vision, prompt assembly, generation settings — is the real pipeline.
 from __future__ import annotations
 
 import dataclasses
-import http.server
 import io
 import struct
 import threading
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -171,41 +167,3 @@ def write_huge_png(path: Path, width: int = 20_000, height: int = 20_000) -> Pat
         b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", body) + _png_chunk(b"IEND", b"")
     )
     return path
-
-
-# ----------------------------------------------------------------------------------------------------
-# A local HTTP server that counts requests (to prove that a refused URL was never fetched)
-# ----------------------------------------------------------------------------------------------------
-@dataclass
-class CountingServer:
-    url: str
-    hits: list[str] = field(default_factory=list)
-
-
-@contextmanager
-def counting_server(body: bytes, content_type: str = "image/png") -> Iterator[CountingServer]:
-    """Serve ``body`` at every path of ``http://127.0.0.1:<port>/`` and record each request path."""
-    server_info = CountingServer(url="")
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            server_info.hits.append(self.path)
-            self.send_response(200)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: object) -> None:
-            return None
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    server_info.url = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
-        yield server_info
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()

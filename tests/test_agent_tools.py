@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import http.server
 import io
-import socketserver
-import threading
 from collections.abc import Iterator
 
 import pytest
+from image_server import LOOPBACK, LocalImageServer, local_image_server
 from PIL import Image
 from pydantic import ValidationError
 
 from hd4k_tools import HD4K, AgentTools, ToolSettings
 from hd4k_tools.errors import URLNotAllowedError
-
-LOOPBACK = "127.0.0.1"
 
 
 def _png(width: int, height: int) -> bytes:
@@ -24,39 +20,10 @@ def _png(width: int, height: int) -> bytes:
     return buf.getvalue()
 
 
-class _QuickServer(http.server.ThreadingHTTPServer):
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind does a reverse DNS lookup (getfqdn) that can take a second.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = LOOPBACK, self.server_address[1]
-
-
 @pytest.fixture
-def image_server() -> Iterator[tuple[str, list[str]]]:
-    """A PNG server on 127.0.0.1; yields its base URL and the paths it was asked for."""
-    body, hits = _png(500, 300), []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            hits.append(self.path)
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    httpd = _QuickServer((LOOPBACK, 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://{LOOPBACK}:{httpd.server_address[1]}", hits
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(5)
+def image_server() -> Iterator[LocalImageServer]:
+    with local_image_server(_png(500, 300)) as server:
+        yield server
 
 
 def test_unknown_settings_are_refused() -> None:
@@ -71,8 +38,8 @@ def test_allowed_private_hosts_reach_the_policy() -> None:
     assert not policy.allow_private_urls
 
 
-def test_one_allowed_private_host_and_no_other(hd4k_tiny: HD4K, image_server: tuple[str, list[str]]) -> None:
-    base, hits = image_server
+def test_one_allowed_private_host_and_no_other(hd4k_tiny: HD4K, image_server: LocalImageServer) -> None:
+    base, hits = image_server.url, image_server.hits
     settings = ToolSettings(allow_urls=True, allowed_private_hosts=frozenset({LOOPBACK}), max_new_tokens=2)
     tools = AgentTools(hd4k_tiny, settings)
     answer = tools.describe_image(f"{base}/photo.png", hd_num=4)

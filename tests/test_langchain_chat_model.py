@@ -8,11 +8,12 @@ import base64
 from typing import Any
 
 import pytest
+from image_server import local_image_server
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_hd4k import ChatHD4K
 from langchain_hd4k.chat_models import check_json_schema, extract_json_object, schema_validator
-from langchain_helpers import ScriptedRunner, chart_image, local_image_server, page_image, png_bytes
+from langchain_helpers import ScriptedRunner, chart_image, page_image, png_bytes
 from pydantic import BaseModel
 from typing_extensions import TypedDict
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from image_server import local_image_server
 from langchain_core.messages import HumanMessage, ToolMessage
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
@@ -20,7 +21,7 @@ from langchain_hd4k import (
     HD4KReadDocumentTool,
     HD4KToolkit,
 )
-from langchain_helpers import CappedRunner, chart_image, huge_png, local_image_server, png_bytes, tool_call
+from langchain_helpers import CappedRunner, chart_image, huge_png, png_bytes, tool_call
 from PIL import Image
 
 from hd4k_tools import (

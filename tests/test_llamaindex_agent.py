@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from image_server import local_image_server
 from llama_index.core.agent.workflow import AgentOutput, FunctionAgent, ReActAgent, ToolCallResult
 from llama_index.core.base.llms.types import ChatMessage, MessageRole, ToolCallBlock
 from llama_index.core.llms.mock import MockFunctionCallingLLM
@@ -22,7 +23,6 @@ from llama_index_hd4k import HD4KToolSpec
 from llamaindex_support import (
     RecordingRunner,
     ScriptedTextLLM,
-    counting_server,
     file_hash,
     write_huge_png,
     write_image,
@@ -166,7 +166,7 @@ async def test_untrusted_arguments_through_the_agent(runner: RecordingRunner, ro
     os.symlink(outside, root / "link.png")
     write_huge_png(root / "huge.png")
     (root / "notes.png").write_text("Meeting notes: nothing to see here.\n" * 20)
-    with counting_server(b"\x89PNG\r\n\x1a\n") as server:
+    with local_image_server(b"\x89PNG\r\n\x1a\n") as server:
         calls: list[Call] = [
             ("describe_image", {"image": "../../etc/passwd"}),
             ("describe_image", {"image": "link.png"}),

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from image_server import local_image_server
 from llama_index.core.tools import FunctionTool, ToolOutput
 from llama_index_hd4k import HD4KFunctionTool, HD4KToolSpec
-from llamaindex_support import RecordingRunner, counting_server, file_hash, png_bytes, write_image, write_pdf
+from llamaindex_support import RecordingRunner, file_hash, png_bytes, write_image, write_pdf
 
 from hd4k_tools import (
     HD4K,
@@ -174,7 +175,7 @@ def test_spec_functions_called_directly_return_answers_and_raise(spec: HD4KToolS
 async def test_allowed_url_is_fetched_and_read(runner: RecordingRunner, root: Path) -> None:
     size = (700, 300)
     body = png_bytes((30, 120, 200), size=size)
-    with counting_server(body) as server:
+    with local_image_server(body) as server:
         url = f"{server.url}/chart.png"
         question = {"image": url, "question": "What is the largest value?", "hd_num": 4}
 

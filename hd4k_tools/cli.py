@@ -19,7 +19,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from hd4k_tools import __version__
 from hd4k_tools.errors import HD4KError, InvalidHDNumError
@@ -158,9 +158,19 @@ def _format_comparison(plans: Sequence[Any], chosen: int) -> str:
 # ----------------------------------------------------------------------------------------------------
 # Parser and entry point
 # ----------------------------------------------------------------------------------------------------
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """argparse with usage errors as one line (like every other ``hd4k`` error), pointing at ``--help``.
+
+    Sub-command parsers are made of the same class (argparse uses the parent's class by default).
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{PROG}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``hd4k`` parser; each sub-command sets ``func`` to its ``_cmd_<name>``."""
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrorParser(
         prog=PROG,
         description="Let agents see high-resolution documents, charts and images (InternLM-XComposer2-4KHD).",
     )

@@ -119,12 +119,20 @@ def test_unwritable_output(image_path: Path, tmp_path: Path, capsys: pytest.Capt
     assert "cannot write the preview" in _one_error_line(capsys.readouterr().err)
 
 
-def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main([]) == 2
-    assert main(["tiles"]) == 2
-    assert main(["tiles", "x.png", "--max-tokens", "many"]) == 2
-    assert main(["nosuchcommand"]) == 2
-    assert "usage:" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    ("argv", "names"),
+    [
+        ([], "COMMAND"),
+        (["tiles"], "IMAGE"),
+        (["tiles", "x.png", "--max-tokens", "many"], "--max-tokens"),
+        (["nosuchcommand"], "nosuchcommand"),
+        (["read"], "DOCUMENT"),
+    ],
+)
+def test_usage_errors_are_one_line_and_exit_2(argv: list[str], names: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert names in line and "--help" in line
 
 
 def test_help_and_version(capsys: pytest.CaptureFixture[str]) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from image_server import local_image_server
 from llama_index.core.base.llms.types import (
     ChatMessage,
     ChatResponse,
@@ -20,7 +21,7 @@ from llama_index.core.callbacks import CallbackManager, TokenCountingHandler
 from llama_index.core.prompts import ChatPromptTemplate, PromptTemplate
 from llama_index.core.schema import ImageDocument
 from llama_index_hd4k import HD4KMultiModalLLM, json_instruction, parse_structured_output
-from llamaindex_support import RecordingRunner, counting_server, file_hash, png_bytes, write_image
+from llamaindex_support import RecordingRunner, file_hash, png_bytes, write_image
 from pydantic import BaseModel, ValidationError
 
 from hd4k_tools import HD4K, ImagePolicy, OutputParseError, errors, image_content_hash, load_image
@@ -105,7 +106,7 @@ def test_chat_image_block_reaches_the_model(
 
 
 def test_url_block_refused_by_default_and_nothing_fetched(llm: HD4KMultiModalLLM, runner: RecordingRunner) -> None:
-    with counting_server(png_bytes((0, 0, 255))) as server:
+    with local_image_server(png_bytes((0, 0, 255))) as server:
         with pytest.raises(errors.URLNotAllowedError, match="allow_image_urls=True"):
             llm.chat(ask(ImageBlock(url=f"{server.url}/cat.png"), TextBlock(text="What is it?")))
         assert server.hits == []
@@ -114,7 +115,7 @@ def test_url_block_refused_by_default_and_nothing_fetched(llm: HD4KMultiModalLLM
 
 def test_url_block_allowed_goes_through_the_guarded_fetcher(runner: RecordingRunner) -> None:
     body = png_bytes((0, 0, 255))
-    with counting_server(body) as server:
+    with local_image_server(body) as server:
         # allow_image_urls alone keeps the private-address guard: 127.0.0.1 is still refused.
         guarded = HD4KMultiModalLLM(hd=HD4K(runner), hd_num=1, allow_image_urls=True)
         with pytest.raises(errors.URLNotAllowedError):

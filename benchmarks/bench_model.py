@@ -33,8 +33,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -49,6 +47,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from results import cpu_name, write_section  # noqa: E402
+
 from hd4k_tools.embedding_cache import ImageEmbeddingCache, cache_key  # noqa: E402
 from hd4k_tools.generation import GenerationConfig, generate, iter_tokens  # noqa: E402
 from hd4k_tools.kv_prefix_cache import PrefixKVCache, split_at_last_image, suffix_inputs  # noqa: E402
@@ -56,14 +56,8 @@ from hd4k_tools.models.xcomposer2_4khd import KVCache, load_pretrained  # noqa: 
 from hd4k_tools.models.xcomposer2_4khd.prompt import assemble_inputs, build_prompt  # noqa: E402
 from hd4k_tools.tiling import plan, to_model_inputs  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SECTION = "## Model (issue 3)"
 # Same header and convention as bench_tiling.py: each script rewrites only its own section.
-HEADER = (
-    "# Benchmark results\n\n"
-    "Figures from the scripts in `benchmarks/`, run by hand (`.venv/bin/python benchmarks/<script>.py`). "
-    "Each section names its machine, versions and date; each script rewrites only its own section.\n"
-)
 
 PROMPT_TOKENS = 2000
 DECODE_TOKENS = 64
@@ -383,14 +377,7 @@ def bench_load_rss(path: Path) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------------------------------
 def machine() -> str:
-    name = platform.processor() or "unknown CPU"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                name = line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
+    name = cpu_name()
     threads = torch.get_num_threads()
     return f"{name}, {threads} torch thread{'s' if threads > 1 else ''} ({os.cpu_count()} cores visible)"
 
@@ -528,17 +515,6 @@ def report(dec: dict[str, float], ttft: dict[str, float], rss: dict[str, dict[st
     return "\n".join(lines)
 
 
-def write_results(section: str) -> None:
-    """Replace this script's section of RESULTS.md (or append it), leaving the others untouched."""
-    text = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else HEADER
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text, encoding="utf-8")
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=5)
@@ -571,7 +547,7 @@ def main(argv: list[str] | None = None) -> None:
         text = report(dec, ttft, rss, args.runs)
         print(text)
         if args.append_results:
-            write_results(text)
+            write_section(SECTION, text)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,7 @@ import argparse
 import datetime as dt
 import os
 import platform
-import re
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -33,17 +31,13 @@ from PIL import Image, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from results import RESULTS, cpu_name, write_section
+
 from hd4k_tools.tiling import CLIP_MEAN, CLIP_STD, TILE, ModelInputs, hd_transform, plan, to_model_inputs
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "## Tiling (issue 2)"
 CASES = (("3840×1600 (ultrawide screenshot)", 3840, 1600), ("2480×3508 (A4 scan, 300 dpi)", 2480, 3508))
 HD_NUM = 55
-HEADER = (
-    "# Benchmark results\n\n"
-    "Figures from the scripts in `benchmarks/`, run by hand (`.venv/bin/python benchmarks/<script>.py`). "
-    "Each section names its machine, versions and date; each script rewrites only its own section.\n"
-)
 
 
 def make_image(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -125,32 +119,14 @@ def interleaved_ms(fns: dict[str, Callable[[], object]], runs: int) -> dict[str,
 
 
 def machine() -> dict[str, str]:
-    model = platform.processor() or "unknown"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        found = re.search(r"^Model name:\s*(.+)$", out, re.M)
-        if found:
-            model = found.group(1).strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
     return {
-        "cpu": model,
+        "cpu": cpu_name(),
         "cores": str(os.cpu_count()),
         "torch_threads": str(torch.get_num_threads()),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "date": dt.date.today().isoformat(),
     }
-
-
-def write_results(section: str) -> None:
-    text = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else HEADER
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text, encoding="utf-8")
 
 
 def main() -> int:
@@ -252,7 +228,7 @@ def main() -> int:
     ]
     section = "\n".join(lines)
     if not args.no_write:
-        write_results(section)
+        write_section(SECTION, section)
         print(f"updated {RESULTS}")
     return 0
 

@@ -1,0 +1,38 @@
+"""What the benchmark scripts share: the CPU's name and writing their own section of RESULTS.md."""
+
+from __future__ import annotations
+
+import platform
+import re
+import subprocess
+from pathlib import Path
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+HEADER = (
+    "# Benchmark results\n\n"
+    "Figures from the scripts in `benchmarks/`, run by hand (`.venv/bin/python benchmarks/<script>.py`). "
+    "Each section names its machine, versions and date; each script rewrites only its own section.\n"
+)
+
+
+def cpu_name() -> str:
+    """The CPU model as ``lscpu`` names it (``platform.processor()`` where lscpu is missing)."""
+    name = platform.processor() or "unknown CPU"
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return name
+    found = re.search(r"^Model name:\s*(.+)$", out, re.M)
+    return found.group(1).strip() if found else name
+
+
+def write_section(title: str, section: str) -> None:
+    """Replace the section headed ``title`` (e.g. ``"## Tiling (issue 2)"``) of RESULTS.md with
+    ``section`` (which starts with that heading), or append it; other sections stay untouched."""
+    text = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else HEADER
+    pattern = re.compile(rf"^{re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section, text, count=1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    RESULTS.write_text(text, encoding="utf-8")

@@ -204,7 +204,7 @@ def test_wqkv_interleave_split():
     for head in range(6):
         group, slot = divmod(head, g)
         first_row = (group * (g + 2) + slot) * d
-        assert q[0, 0, head].tolist() == list(range(first_row, first_row + d))
+        assert q[0, 0, group, slot].tolist() == list(range(first_row, first_row + d))
     for group in range(2):
         k_row, v_row = (group * (g + 2) + g) * d, (group * (g + 2) + g + 1) * d
         assert k[0, 0, group].tolist() == list(range(k_row, k_row + d))
@@ -243,8 +243,11 @@ def test_attention_matches_per_head_reference():
     x = torch.randn(1, 7, config.hidden_size)
     pos = torch.arange(7)
     cos, sin = rope(pos, 7, x.dtype)
-    out = attn(x, None, cos, sin, pos, None, 7, None)
-    torch.testing.assert_close(out, _reference_attention(attn, x, config.rope_theta), atol=1e-5, rtol=1e-5)
+    expected = _reference_attention(attn, x, config.rope_theta)
+    out = attn(x, None, cos, sin, pos, None, 7, None)  # no mask: SDPA's own GQA (enable_gqa)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    causal = torch.ones(7, 7, dtype=torch.bool).tril()  # [T, S]: the masked path expands K/V instead
+    torch.testing.assert_close(attn(x, None, cos, sin, pos, None, 7, causal), expected, atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -188,7 +188,7 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """``x [B, H, T, d]``, ``cos/sin [T, d]``."""
+    """RoPE of ``x [..., d]`` with ``cos/sin`` broadcastable to it (e.g. ``x [B, T, H, d]``, ``cos [T, 1, d]``)."""
     return x * cos + rotate_half(x) * sin
 
 
@@ -226,10 +226,11 @@ class Attention(nn.Module):
         )
 
     def split_qkv(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``qkv [B, T, n_kv*(q_per_kv+2)*d]`` → q ``[B, T, n_heads, d]``, k, v ``[B, T, n_kv, d]``."""
+        """``qkv [B, T, n_kv*(q_per_kv+2)*d]`` → views q ``[B, T, n_kv, q_per_kv, d]`` (query head
+        ``g*q_per_kv + j`` at ``[:, :, g, j]``), k, v ``[B, T, n_kv, d]``; nothing is copied."""
         b, t, _ = qkv.shape
         grouped = qkv.view(b, t, self.n_kv_heads, self.q_per_kv + 2, self.head_dim)  # [B, T, n_kv, g+2, d]
-        q = grouped[:, :, :, : self.q_per_kv].reshape(b, t, self.n_heads, self.head_dim)  # [B, T, H, d]
+        q = grouped[:, :, :, : self.q_per_kv]  # [B, T, n_kv, g, d]
         k = grouped[:, :, :, self.q_per_kv]  # [B, T, n_kv, d]
         v = grouped[:, :, :, self.q_per_kv + 1]  # [B, T, n_kv, d]
         return q, k, v
@@ -247,8 +248,11 @@ class Attention(nn.Module):
     ) -> Tensor:
         b, t, _ = x.shape
         q, k, v = self.split_qkv(self.wqkv(x, im_mask))
-        q = apply_rotary(q.transpose(1, 2), cos, sin)  # [B, H, T, d]
-        k = apply_rotary(k.transpose(1, 2), cos, sin)  # [B, n_kv, T, d]
+        # RoPE on the packed views, in token-major layout: its output is a fresh tensor, so gathering the
+        # query heads out of the packed rows costs no separate copy.
+        q = apply_rotary(q, cos[:, None, None], sin[:, None, None])  # [B, T, n_kv, g, d]
+        q = q.reshape(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, d] (a view)
+        k = apply_rotary(k, cos[:, None], sin[:, None]).transpose(1, 2)  # [B, n_kv, T, d]
         v = v.transpose(1, 2)  # [B, n_kv, T, d]
         if cache is not None:
             k, v = cache.update(self.layer_idx, input_pos, k, v, kv_len)  # [B, n_kv, S, d]
@@ -260,12 +264,17 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(grouped, k, v)  # [B, n_kv, g, d]
             out = out.reshape(b, self.n_heads, 1, self.head_dim)  # [B, H, 1, d]
         else:
-            if self.q_per_kv > 1:
-                # Query head h reads KV head h // q_per_kv; expanded K/V keep every SDPA kernel usable.
+            # Query head h reads KV head h // q_per_kv. Without a mask SDPA does that itself
+            # (enable_gqa: CPU and CUDA flash kernels, no K/V copies, same results); a masked call
+            # expands K/V first, because masked GQA falls back to the slow math kernel on CUDA.
+            gqa = self.q_per_kv > 1 and attn_mask is None
+            if self.q_per_kv > 1 and not gqa:
                 k = k.repeat_interleave(self.q_per_kv, dim=1)  # [B, H, S, d]
                 v = v.repeat_interleave(self.q_per_kv, dim=1)  # [B, H, S, d]
             causal = attn_mask is None and t == k.shape[2]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)  # [B, H, T, d]
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, is_causal=causal, enable_gqa=gqa
+            )  # [B, H, T, d]
         out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)  # [B, T, H*d]
         return self.wo(out, im_mask)
 

@@ -266,8 +266,9 @@ class Attention(nn.Module):
         else:
             # Query head h reads KV head h // q_per_kv. Without a mask SDPA does that itself
             # (enable_gqa: CPU and CUDA flash kernels, no K/V copies, same results); a masked call
-            # expands K/V first, because masked GQA falls back to the slow math kernel on CUDA.
-            gqa = self.q_per_kv > 1 and attn_mask is None
+            # expands K/V first, because masked GQA falls back to the slow math kernel on CUDA, and so
+            # does MPS, whose SDPA supports GQA only in recent torch releases.
+            gqa = self.q_per_kv > 1 and attn_mask is None and q.device.type != "mps"
             if self.q_per_kv > 1 and not gqa:
                 k = k.repeat_interleave(self.q_per_kv, dim=1)  # [B, H, S, d]
                 v = v.repeat_interleave(self.q_per_kv, dim=1)  # [B, H, S, d]

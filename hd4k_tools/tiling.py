@@ -497,14 +497,9 @@ def _resize_in_bands(
     tasks.run(seconds)
 
 
-def _working_image(image: Image.Image, p: HDPlan) -> tuple[Image.Image, tuple[int, int]]:
-    """The RGB input and the size of its resized content, both in the image's own orientation.
-
-    The reference resizes portrait images transposed (Pillow's two passes round in between, so
-    resizing the portrait directly is *not* pixel-identical; spec §1, bit-exactness notes);
-    :func:`_resize_in_bands` with ``transposed=p.transposed`` reproduces that without transposing.
-    """
-    return (image if image.mode == "RGB" else image.convert("RGB")), p.resized_size
+def _rgb(image: Image.Image) -> Image.Image:
+    """``image`` itself when it is RGB, else an RGB conversion (what the reference feeds its transform)."""
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def _padding_boxes(p: HDPlan) -> list[tuple[int, int, int, int]]:
@@ -532,15 +527,16 @@ def hd_transform(image: Image.Image, hd_num: HDNum, *, max_tokens: int | None = 
         InvalidHDNumError, InputError: see :func:`plan` and :func:`resolve_hd_num`.
     """
     p = _resolve_for_image(image, hd_num, max_tokens)
-    img, size = _working_image(image, p)
     canvas = Image.new("RGB", p.padded_size, _WHITE)
     left, top = p.padding[0], p.padding[1]
 
     def emit(band: Image.Image, x0: int, y0: int) -> None:
         canvas.paste(band, (left + x0, top + y0))
 
+    # The reference resizes portrait images transposed (Pillow's two passes round in between, so resizing
+    # the portrait directly is *not* pixel-identical; spec §1); transposed=True reproduces that.
     with _Tasks(_num_workers()) as tasks:
-        _resize_in_bands(img, size, tasks, emit, transposed=p.transposed)
+        _resize_in_bands(_rgb(image), p.resized_size, tasks, emit, transposed=p.transposed)
     return canvas
 
 
@@ -782,7 +778,6 @@ def _build_inputs(image: Image.Image, p: HDPlan) -> tuple[np.ndarray, np.ndarray
     normalised on the same thread into its tiles, which feed the global view as they are finished; the
     margins are filled with normalised white meanwhile.
     """
-    img, size = _working_image(image, p)
     writer = _TileWriter(p)
     left, top = p.padding[0], p.padding[1]
 
@@ -791,7 +786,7 @@ def _build_inputs(image: Image.Image, p: HDPlan) -> tuple[np.ndarray, np.ndarray
 
     with _Tasks(_num_workers()) as tasks:
         pads = [(writer.padding, box) for box in _padding_boxes(p)]
-        _resize_in_bands(img, size, tasks, emit, transposed=p.transposed, side_calls=pads)
+        _resize_in_bands(_rgb(image), p.resized_size, tasks, emit, transposed=p.transposed, side_calls=pads)
         tasks.run(writer.view.final_calls(writer.tiles))
     return writer.tiles, writer.view.result()
 
@@ -967,8 +962,7 @@ def draw_plan(
         round((left + p.resized_size[0]) * f),
         round((top + p.resized_size[1]) * f),
     )
-    img = image if image.mode == "RGB" else image.convert("RGB")
-    shown = img.resize(
+    shown = _rgb(image).resize(
         (max(1, content[2] - content[0]), max(1, content[3] - content[1])),
         Image.Resampling.BILINEAR,
         reducing_gap=2.0,

@@ -47,6 +47,7 @@ _EXPORTS: dict[str, str] = {
     "page_count": "hd4k_tools.pdf",
     "parse_page_range": "hd4k_tools.pdf",
     "render_pages": "hd4k_tools.pdf",
+    "select_pages": "hd4k_tools.pdf",
     "AgentTools": "hd4k_tools.agent_tools",
     "ToolSettings": "hd4k_tools.agent_tools",
     "ToolAnswer": "hd4k_tools.agent_tools",
@@ -96,7 +97,7 @@ if TYPE_CHECKING:  # pragma: no cover
         read_source_bytes,
         to_data_url,
     )
-    from hd4k_tools.pdf import page_count, parse_page_range, render_pages
+    from hd4k_tools.pdf import page_count, parse_page_range, render_pages, select_pages
     from hd4k_tools.remote import RemoteRunner
     from hd4k_tools.runner import GenerationRequest, LocalRunner, Message, Runner, RunnerResult, TextStream
     from hd4k_tools.stops import StopFilter, cut_at_stops

@@ -31,7 +31,7 @@ from hd4k_tools.progress import track
 if TYPE_CHECKING:
     import pypdfium2
 
-__all__ = ["RenderedPage", "is_pdf", "page_count", "parse_page_range", "render_pages"]
+__all__ = ["RenderedPage", "is_pdf", "page_count", "parse_page_range", "render_pages", "select_pages"]
 
 PageSpec = int | str | Sequence[int] | None
 
@@ -143,6 +143,37 @@ def page_count(source: ImageSource | SourceBytes, *, policy: ImagePolicy | None 
         return len(document)
 
 
+def select_pages(
+    source: ImageSource | SourceBytes,
+    pages: PageSpec = None,
+    *,
+    policy: ImagePolicy | None = None,
+    max_pages: int = 200,
+) -> list[int]:
+    """The 0-based indices that ``pages`` selects in the PDF ``source``, checked against the document and
+    ``max_pages`` without rendering anything (e.g. to read the pages one call at a time).
+
+    Raises:
+        PageRangeError, PDFError (not a PDF, or more selected pages than ``max_pages``), and the errors of
+        :func:`page_count`.
+    """
+    raw = _read_pdf_bytes(source, policy if policy is not None else ImagePolicy())
+    return _selected_indices(raw, pages, max_pages)
+
+
+def _selected_indices(raw: SourceBytes, pages: PageSpec, max_pages: int) -> list[int]:
+    with _open_document(raw) as document:
+        total = len(document)
+    indices = parse_page_range(pages, total)
+    if len(indices) > max_pages:
+        raise PDFError(
+            f"{raw.name} has {total} pages and {len(indices)} are selected, more than max_pages="
+            f"{max_pages}; pass pages=... to pick fewer (e.g. pages='1-{min(max_pages, total)}'), or "
+            "raise max_pages."
+        )
+    return indices
+
+
 def render_pages(
     source: ImageSource | SourceBytes,
     *,
@@ -180,15 +211,7 @@ def render_pages(
     if isinstance(dpi, bool) or not isinstance(dpi, int | float) or not 0 < dpi <= _MAX_DPI:
         raise PDFError(f"dpi={dpi!r} is not usable; pass a number between 1 and {_MAX_DPI} (e.g. 150-200).")
     raw = _read_pdf_bytes(source, policy)
-    with _open_document(raw) as document:
-        total = len(document)
-    indices = parse_page_range(pages, total)
-    if len(indices) > max_pages:
-        raise PDFError(
-            f"{raw.name} has {total} pages and {len(indices)} are selected, more than max_pages="
-            f"{max_pages}; pass pages=... to pick fewer (e.g. pages='1-{min(max_pages, total)}'), or "
-            "raise max_pages."
-        )
+    indices = _selected_indices(raw, pages, max_pages)
     return _render_lazily(raw, indices, float(dpi), policy, progress, cancel)
 
 

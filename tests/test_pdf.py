@@ -15,7 +15,7 @@ from PIL import Image
 
 from hd4k_tools import errors
 from hd4k_tools.imaging import ImagePolicy, read_source_bytes
-from hd4k_tools.pdf import RenderedPage, is_pdf, page_count, parse_page_range, render_pages
+from hd4k_tools.pdf import RenderedPage, is_pdf, page_count, parse_page_range, render_pages, select_pages
 
 pypdfium2 = pytest.importorskip("pypdfium2")
 
@@ -125,6 +125,15 @@ def test_max_pages(three_pages: bytes) -> None:
         render_pages(three_pages, max_pages=2)  # refused at the call, before any rendering
     assert "pages='1-2'" in str(info.value)
     assert len(list(render_pages(three_pages, pages="1-2", max_pages=2, dpi=36))) == 2
+
+
+def test_select_pages_checks_without_rendering(three_pages: bytes) -> None:
+    assert select_pages(three_pages) == [0, 1, 2]
+    assert select_pages(three_pages, "3,1") == [0, 2]
+    with pytest.raises(errors.PDFError, match=r"3 are selected, more than max_pages=2; pass pages="):
+        select_pages(three_pages, max_pages=2)
+    with pytest.raises(errors.PageRangeError, match="page 4 does not exist"):
+        select_pages(three_pages, 4)
 
 
 def test_page_too_large_for_max_pixels_is_refused_before_rendering(three_pages: bytes) -> None:

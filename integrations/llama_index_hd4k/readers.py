@@ -18,10 +18,8 @@ from hd4k_tools import (
     ImageSource,
     Runner,
     TaskResult,
-    errors,
-    page_count,
-    parse_page_range,
     read_source_bytes,
+    select_pages,
 )
 
 __all__ = ["HD4KReader"]
@@ -95,15 +93,9 @@ class HD4KReader(BaseReader):
             # The core refuses a page selection other than page 1 for a single image.
             yield from self._read(data, pages).pages
             return
-        total = page_count(data, policy=self.policy or self.hd.policy)
-        indices = parse_page_range(pages, total)  # validates the whole selection before any page is read
-        limit = self.max_pages or self.hd.max_pdf_pages
-        if len(indices) > limit:
-            raise errors.PDFError(
-                f"The PDF has {total} pages and {len(indices)} are selected, more than max_pages={limit}; "
-                f"pass pages=... to pick fewer (e.g. pages='1-{min(limit, total)}'), or raise max_pages."
-            )
-        for index in indices:
+        # The whole selection is validated (pages exist, max_pages) before any page is read.
+        policy, limit = self.policy or self.hd.policy, self.max_pages or self.hd.max_pdf_pages
+        for index in select_pages(data, pages, policy=policy, max_pages=limit):
             yield from self._read(data, index + 1).pages
 
     @staticmethod

@@ -1,7 +1,7 @@
 """``HD4K``: the one object users hold.
 
 It turns sources (paths, bytes, URLs, data URLs, PIL images, PDFs) into safe images, picks an HD-N
-budget per task, runs a :class:`~hd4k_tools.runner.Runner` (the native model in process, or a remote
+budget per task, runs a :class:`~hd4k_tools.runtime.runner.Runner` (the native model in process, or a remote
 OpenAI-compatible server) and returns pydantic results. Every method has an async twin (``a`` prefix)
 and a streaming twin (``stream_`` / ``astream_`` prefix).
 """
@@ -10,39 +10,82 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from PIL import Image
 
-from hd4k_tools.errors import InputError
-from hd4k_tools.generation_config import GenerationConfig
-from hd4k_tools.imaging import ImagePolicy, ImageSource, load_image, read_source_bytes
-from hd4k_tools.runner import GenerationRequest, LocalRunner, Message, Runner, RunnerResult, TextStream
-from hd4k_tools.tasks import (
-    TABLE_PROMPT,
-    TASKS,
-    ChartResult,
-    DocumentResult,
-    TaskResult,
-    TaskSpec,
-    chart_prompt,
-    describe_prompt,
-    document_prompt,
-    parse_table,
-    thumbnail_data_url,
+from hd4k_tools.errors import ContextOverflowError, InputError, InvalidHDNumError
+from hd4k_tools.inputs.images import ImageSource, load_image, read_source_bytes
+from hd4k_tools.inputs.pdf import render_pages
+from hd4k_tools.inputs.policy import ImagePolicy
+from hd4k_tools.models.xcomposer2_4khd.tiling import MAX_AUTO_HD_NUM, HDNum, HDPlan, auto_hd_num, check_hd_num, plan
+from hd4k_tools.results import ChartResult, DocumentResult, TaskResult, parse_table, thumbnail_data_url
+from hd4k_tools.runtime.engines import load_engine
+from hd4k_tools.runtime.generation_config import GenerationConfig
+from hd4k_tools.runtime.remote import RemoteRunner
+from hd4k_tools.runtime.runner import (
+    BatchRunner,
+    GenerationRequest,
+    Message,
+    Runner,
+    RunnerResult,
+    TextStream,
+    generate_all,
 )
-from hd4k_tools.tiling import HDNum, auto_hd_num, resolve_hd_num
+from hd4k_tools.tasks import TABLE_PROMPT, TASKS, TaskSpec, chart_prompt, describe_prompt, document_prompt
 
 T = TypeVar("T")
 GenerationArg = GenerationConfig | Mapping[str, Any] | None
 
+# Pages of a PDF submitted together to a batching engine (BatchRunner).
+PAGE_BATCH = 16
 # Tokens kept free for the prompt text when hd_num="auto" picks the image budget.
-_TEXT_MARGIN = 256
-# hd_num="auto" never goes past the largest budget the authors evaluated (DocVQA/InfoVQA test, spec §4):
-# the context would allow HD-100 for one page, but nothing shows the model reads better there.
-MAX_AUTO_HD_NUM = 65
+TEXT_MARGIN = 256
+
+
+def plan_images(
+    images: Sequence[Image.Image],
+    hd_num: HDNum | Sequence[HDNum] | None,
+    *,
+    default_hd_num: HDNum,
+    context_length: int,
+    max_new_tokens: int,
+) -> tuple[HDPlan, ...]:
+    """The one place where ``hd_num`` becomes an :class:`HDPlan`: in process, on the server, in every engine.
+
+    ``hd_num`` is one value for every image or one per image; ``None`` means ``default_hd_num``. An int is
+    validated as given; ``"auto"`` picks the largest hd_num whose image tokens fit the context left after
+    the answer and :data:`TEXT_MARGIN` tokens of text, shared equally between the images, and never more
+    than :data:`MAX_AUTO_HD_NUM` (the largest budget the authors evaluated).
+    """
+    if isinstance(hd_num, (list, tuple)):
+        if len(hd_num) != len(images):
+            raise InvalidHDNumError(
+                f"{len(hd_num)} hd_num values for {len(images)} images; give one per image, or one value for all."
+            )
+        requested = list(hd_num)
+    else:
+        requested = [hd_num] * len(images)
+    if not images:
+        return ()
+    budget = (context_length - max_new_tokens - TEXT_MARGIN) // len(images)
+    plans = []
+    for image, h in zip(images, requested, strict=True):
+        h = default_hd_num if h is None else h
+        if isinstance(h, str) and h.strip().lower() == "auto":
+            if budget < 1:
+                raise ContextOverflowError(
+                    f"No room for images: the context is {context_length} tokens and "
+                    f"max_tokens={max_new_tokens}; lower max_tokens."
+                )
+            n = auto_hd_num(image.width, image.height, budget, max_hd_num=MAX_AUTO_HD_NUM)
+        else:
+            n = check_hd_num(h)
+        plans.append(plan(image.width, image.height, n))
+    return tuple(plans)
 
 
 class HD4K:
@@ -71,30 +114,23 @@ class HD4K:
         cls,
         path_or_hub_id: str,
         *,
-        device: str = "auto",
-        dtype: str = "auto",
-        quantization: str | None = None,
+        engine: str = "native",
         policy: ImagePolicy | None = None,
-        progress: bool | None = None,
-        cache_bytes: int = 1 << 30,
-        prefix_cache_bytes: int = 2 << 30,
-        **kwargs: Any,
+        dpi: int = 200,
+        max_pdf_pages: int = 200,
+        **engine_options: Any,
     ) -> HD4K:
-        """Load the native model from a checkpoint folder or a hub id (downloaded where there is
-        internet; offline, the error says how to fetch the weights and pass the folder).
+        """Load a checkpoint folder or hub id on an engine (downloaded where there is internet; offline,
+        the error says how to fetch the weights and pass the folder).
 
-        ``cache_bytes`` bounds the image-embedding cache and ``prefix_cache_bytes`` the decoder K/V kept
-        for follow-up questions about the same image (on the model's device; 0 turns it off)."""
-        runner = LocalRunner.from_pretrained(
-            str(path_or_hub_id),
-            device=device,
-            dtype=dtype,
-            quantization=quantization,
-            progress=progress,
-            cache_bytes=cache_bytes,
-            prefix_cache_bytes=prefix_cache_bytes,
-        )
-        return cls(runner, policy=policy, **kwargs)
+        ``engine="native"`` (default) runs the model in this process; its options are ``device``,
+        ``dtype``, ``quantization``, ``progress``, ``cache_bytes`` (image-embedding cache) and
+        ``prefix_cache_bytes`` (decoder K/V kept for follow-up questions; 0 turns it off).
+        ``engine="vllm"`` runs it on vLLM (see the README, "Serve at scale"). An option the engine does
+        not take is refused, never ignored.
+        """
+        runner = load_engine(engine, str(path_or_hub_id), **engine_options)
+        return cls(runner, policy=policy, dpi=dpi, max_pdf_pages=max_pdf_pages)
 
     @classmethod
     def remote(
@@ -107,8 +143,6 @@ class HD4K:
         **kwargs: Any,
     ) -> HD4K:
         """Use an OpenAI-compatible chat-completions server (``hd4k serve``, LMDeploy, vLLM, SGLang)."""
-        from hd4k_tools.remote import RemoteRunner
-
         runner_kwargs = {k: v for k, v in kwargs.items() if k not in ("dpi", "max_pdf_pages")}
         own = {k: v for k, v in kwargs.items() if k in ("dpi", "max_pdf_pages")}
         return cls(RemoteRunner(base_url, model, api_key=api_key, **runner_kwargs), policy=policy, **own)
@@ -138,9 +172,21 @@ class HD4K:
         except TypeError as err:
             raise InputError(f"Unknown generation option: {err}. Valid: {list(base.__dataclass_fields__)}") from err
 
-    def _hd_num(self, hd_num: HDNum | None, image: Image.Image, spec: TaskSpec, gen: GenerationConfig) -> int:
-        budget = self.runner.context_length - gen.max_new_tokens - _TEXT_MARGIN
-        return _resolve(hd_num, image, spec.default_hd_num, budget)
+    def plan(
+        self,
+        images: Sequence[Image.Image],
+        hd_num: HDNum | Sequence[HDNum] | None,
+        spec: TaskSpec,
+        gen: GenerationConfig,
+    ) -> tuple[HDPlan, ...]:
+        """The HD plans of ``images`` for a task: :func:`plan_images` against this runner's context."""
+        return plan_images(
+            images,
+            hd_num,
+            default_hd_num=spec.default_hd_num,
+            context_length=self.runner.context_length,
+            max_new_tokens=gen.max_new_tokens,
+        )
 
     def load(self, source: ImageSource, policy: ImagePolicy | None = None) -> Image.Image:
         """Load ``source`` as an RGB image under ``policy`` (default: this object's policy)."""
@@ -155,9 +201,8 @@ class HD4K:
         generation: GenerationArg,
     ) -> GenerationRequest:
         gen = self._generation(spec, generation)
-        n = self._hd_num(hd_num, image, spec, gen)
-        return GenerationRequest(
-            messages=(Message.user(image, prompt),), hd_nums=(n,), generation=gen, layout=spec.layout
+        return GenerationRequest.planned(
+            (Message.user(image, prompt),), self.plan([image], hd_num, spec, gen), generation=gen, layout=spec.layout
         )
 
     @staticmethod
@@ -274,8 +319,6 @@ class HD4K:
         if not isinstance(source, Image.Image):
             raw = read_source_bytes(source, policy=policy)
             if raw.kind == "pdf":
-                from hd4k_tools.pdf import render_pages
-
                 rendered = render_pages(
                     raw,
                     pages=pages,
@@ -316,10 +359,14 @@ class HD4K:
         prompt = document_prompt(output)
         name, page_iter = self._document_pages(source, pages, dpi, progress, cancel, policy, max_pages)
         results = []
-        for number, image in page_iter:
-            request = self._image_request(spec, image, prompt, hd_num, generation)
-            out = self.runner.generate(request, cancel=cancel)
-            results.append(self._result(TaskResult, "read_document", out, request, page=number, source=name))
+        # A batching engine gets the pages together (PAGE_BATCH at a time, so rendered pages stay bounded);
+        # any other runner one by one, each page rendered just before it is read.
+        chunk = PAGE_BATCH if isinstance(self.runner, BatchRunner) else 1
+        while batch := list(itertools.islice(page_iter, chunk)):
+            requests = [self._image_request(spec, image, prompt, hd_num, generation) for _, image in batch]
+            outs = generate_all(self.runner, requests, cancel=cancel)
+            for (number, _), request, out in zip(batch, requests, outs, strict=True):
+                results.append(self._result(TaskResult, "read_document", out, request, page=number, source=name))
         return DocumentResult(source=name, pages=results)
 
     def stream_read_document(
@@ -385,18 +432,8 @@ class HD4K:
         spec = TASKS["chat"]
         gen = self._generation(spec, generation)
         images = [img for m in messages for img in m.images]
-        if isinstance(hd_num, (list, tuple)):
-            if len(hd_num) != len(images):
-                raise InputError(f"{len(hd_num)} hd_num values for {len(images)} images; give one per image.")
-            hd_list = list(hd_num)
-        else:
-            hd_list = [hd_num] * len(images)
-        budget = (self.runner.context_length - gen.max_new_tokens - _TEXT_MARGIN) // max(1, len(images))
-        resolved = tuple(
-            _resolve(h, im, spec.default_hd_num, budget)
-            for h, im in zip(hd_list, images, strict=True)
-        )
-        return GenerationRequest(messages=tuple(messages), hd_nums=resolved, generation=gen, layout=spec.layout)
+        plans = self.plan(images, hd_num, spec, gen)
+        return GenerationRequest.planned(tuple(messages), plans, generation=gen, layout=spec.layout)
 
     def chat(
         self,
@@ -464,14 +501,6 @@ class HD4K:
 
     def astream_chat(self, prompt: str, images: Sequence[ImageSource] = (), **kwargs: Any) -> AsyncIterator[str]:
         return _aiter_stream(lambda cancel: self.stream_chat(prompt, images, cancel=cancel, **kwargs))
-
-
-def _resolve(hd_num: HDNum | None, image: Image.Image, default: int, budget: int) -> int:
-    """Concrete hd_num for ``image``: ``None`` -> the task default, ``"auto"`` -> the largest that fits
-    ``budget`` image tokens (at most :data:`MAX_AUTO_HD_NUM`), an int as given (validated)."""
-    if isinstance(hd_num, str) and hd_num.strip().lower() == "auto":
-        return auto_hd_num(image.width, image.height, budget, max_hd_num=MAX_AUTO_HD_NUM)
-    return resolve_hd_num(hd_num, image.width, image.height, default=default, max_tokens=budget)
 
 
 async def _in_thread(call: Callable[[threading.Event], T]) -> T:

@@ -15,7 +15,8 @@ from typing import Any
 from hd4k_tools.cli.args import EXIT_OK, CommandError, parse_hd_num
 from hd4k_tools.errors import InvalidHDNumError
 from hd4k_tools.inputs.images import load_image
-from hd4k_tools.models.xcomposer2_4khd.tiling import HD_COMPARISON, draw_plan, plan, resolve_hd_num
+from hd4k_tools.models.xcomposer2_4khd.preview import draw_plan
+from hd4k_tools.models.xcomposer2_4khd.tiling import HD_COMPARISON, plan, resolve_hd_num
 
 DEFAULT_TILES_HD_NUM = 55
 DEFAULT_AUTO_MAX_TOKENS = 8192

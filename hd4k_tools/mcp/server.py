@@ -41,7 +41,7 @@ from hd4k_tools.agent_tools import (
     ToolAnswer,
     error_message,
 )
-from hd4k_tools.errors import FileTooLargeError, HD4KError, InputError, InvalidBase64Error
+from hd4k_tools.errors import CancelledError, FileTooLargeError, HD4KError, InputError, InvalidBase64Error
 from hd4k_tools.results import ChartResult, DocumentResult, PlanSummary, TaskResult, Timings, Usage
 
 __all__ = ["MCP_IMAGE_LIMIT", "SERVER_NAME", "PageOutput", "ToolOutput", "build_server", "tool_definitions"]
@@ -267,14 +267,20 @@ class _ToolCaller:
 
     async def _run(self, ctx: ServerRequestContext[Any, Any], name: str, arguments: dict[str, Any]) -> ToolAnswer:
         cancel = threading.Event()
+        pages = [0, 0]  # done, total
 
         def on_page(done: int, total: int) -> None:
+            pages[:] = [done, total]
             if not cancel.is_set():
                 message = f"{done}/{total} pages read"
                 anyio.from_thread.run(ctx.session.report_progress, float(done), float(total), message)
 
         def work() -> ToolAnswer:
-            return self.tools.invoke(name, arguments, cancel=cancel, on_page=on_page)
+            try:
+                return self.tools.invoke(name, arguments, cancel=cancel, on_page=on_page)
+            except CancelledError:
+                logger.info("tool %s stopped after the cancellation (%d of %d pages read)", name, *pages)
+                raise
 
         try:
             # abandon_on_cancel: the handler gives up at once on a cancellation; the worker sees ``cancel``

@@ -166,13 +166,15 @@ def run_from_args(args: argparse.Namespace) -> int:
     _require_sdk()
     from hd4k_tools.mcp.server import MCP_IMAGE_LIMIT, build_server
 
-    logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(), format="hd4k mcp: %(levelname)s %(message)s")
     settings = tool_settings(args)
     sock = _bind(args.host, args.port) if args.transport == "streamable-http" else None
     try:
         with open_hd4k(args) as hd:
             tools = AgentTools(hd, settings, ImageRegistry(max_images=MCP_IMAGE_LIMIT))
             server = build_server(tools, thumbnails=args.thumbnails)
+            logging.basicConfig(
+                stream=sys.stderr, level=args.log_level.upper(), format="hd4k mcp: %(levelname)s %(name)s: %(message)s"
+            )
             if sock is None:
                 anyio.run(_serve_stdio, server)
             else:

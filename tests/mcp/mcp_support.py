@@ -30,7 +30,7 @@ SERVER_OPTIONS = [
 PDF_PAGE_SIZE = (200, 280)  # points at 72 dpi; 556x778 px once rendered at 200 dpi
 
 
-def _env() -> dict[str, str]:
+def environment() -> dict[str, str]:
     keep = ("PATH", "HOME", "PYTHONPATH", "VIRTUAL_ENV", "TMPDIR", "LANG")
     env = {k: os.environ[k] for k in keep if k in os.environ}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HD4K_NO_PROGRESS="1", PYTHONUNBUFFERED="1")
@@ -66,14 +66,14 @@ class McpConnection:
 def stdio_transport(checkpoint: Path, root: Path, errlog: Any) -> Any:
     """The SDK's stdio transport spawning ``python -m hd4k_tools.cli mcp ...`` (the ``hd4k mcp`` command)."""
     args = ["-m", "hd4k_tools.cli", "mcp", "--model", str(checkpoint), "--allowed-root", str(root), *SERVER_OPTIONS]
-    params = StdioServerParameters(command=sys.executable, args=args, env=_env(), cwd=str(REPO))
+    params = StdioServerParameters(command=sys.executable, args=args, env=environment(), cwd=str(REPO))
     return stdio_client(params, errlog=errlog)
 
 
 def start_http_server(checkpoint: Path, root: Path, lines: list[str]) -> tuple[subprocess.Popen, str]:
     command = [sys.executable, "-m", "hd4k_tools.mcp", "--transport", "streamable-http", "--host", "127.0.0.1"]
     command += ["--port", "0", "--model", str(checkpoint), "--allowed-root", str(root), *SERVER_OPTIONS]
-    proc = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=_env())
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=environment())
     found: list[str] = []
     ready = threading.Event()
 

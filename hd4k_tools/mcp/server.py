@@ -271,9 +271,13 @@ class _ToolCaller:
 
         def on_page(done: int, total: int) -> None:
             pages[:] = [done, total]
-            if not cancel.is_set():
+            if cancel.is_set():
+                return
+            try:
                 message = f"{done}/{total} pages read"
                 anyio.from_thread.run(ctx.session.report_progress, float(done), float(total), message)
+            except Exception:  # a lost progress note must not fail the reading
+                logger.warning("could not send progress for %s", name, exc_info=True)
 
         def work() -> ToolAnswer:
             try:

@@ -1,9 +1,10 @@
 """The ``hd4k mcp`` server as a real subprocess, driven by the MCP SDK's own client.
 
 One server process per transport per module: stdio (``python -m hd4k_tools.cli mcp``, the ``hd4k mcp``
-entry point, spawned by the SDK's stdio client) and streamable HTTP (``python -m hd4k_tools.mcp`` on a free
-127.0.0.1 port). The async client runs in an anyio blocking portal, so the tests are plain functions and a
-call can be started, watched and cancelled from the test thread.
+entry point, spawned by the SDK's stdio client; initialize handshake) and streamable HTTP
+(``python -m hd4k_tools.mcp`` on a free 127.0.0.1 port; the protocol the client negotiates, 2026-07-28).
+The async client runs in an anyio blocking portal, so the tests are plain functions and a call can be
+started, watched and cancelled from the test thread.
 """
 
 from __future__ import annotations
@@ -51,7 +52,11 @@ def mcp_server(request: pytest.FixtureRequest, tiny_checkpoint: Path, mcp_root: 
         if transport == "stdio":
             log_path = tmp_path_factory.mktemp("mcp-log") / "stderr.txt"
             errlog = stack.enter_context(log_path.open("w"))
-            client = Client(stdio_transport(tiny_checkpoint, mcp_root, errlog), read_timeout_seconds=CALL_TIMEOUT_S)
+            # The initialize handshake (protocol <= 2025-11-25), as today's desktop clients speak it: progress
+            # tokens and notifications/cancelled. HTTP below negotiates the 2026-07-28 protocol, where a
+            # cancellation closes the request's stream.
+            transport_cm = stdio_transport(tiny_checkpoint, mcp_root, errlog)
+            client = Client(transport_cm, read_timeout_seconds=CALL_TIMEOUT_S, mode="legacy")
 
             def log() -> str:
                 return log_path.read_text()

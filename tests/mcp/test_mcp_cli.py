@@ -106,3 +106,13 @@ def test_vllm_engine_is_refused_by_name_when_missing(capsys: pytest.CaptureFixtu
         pytest.skip("this installation has the vLLM engine; its own errors apply")
     err = _run(capsys, "--engine", "vllm", "--model", str(tmp_path))
     assert "hd4k-tools[vllm]" in err
+
+
+def test_remote_engine_is_the_server_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hd4k_tools.remote import RemoteRunner
+
+    monkeypatch.setenv("HD4K_API_KEY", "secret")
+    args = mcp_cli.build_parser().parse_args(["--remote", "http://127.0.0.1:9/v1", "--remote-model", "ixc-4khd"])
+    with mcp_cli.open_hd4k(args) as hd:  # nothing is contacted until a call
+        assert isinstance(hd.runner, RemoteRunner)
+        assert hd.model_id == "ixc-4khd"

@@ -17,7 +17,6 @@ from PIL import Image
 
 from hd4k_tools.agent_tools import TOOL_ARGS, TOOL_DESCRIPTIONS
 from hd4k_tools.mcp.server import ToolOutput
-from hd4k_tools.tasks import TASKS
 
 MAX_NEW_TOKENS = 8  # the servers' --max-new-tokens
 
@@ -91,10 +90,12 @@ def test_describe_image_from_a_path(mcp_server: McpConnection) -> None:
 
 def test_answer_chart_question_from_a_data_url(mcp_server: McpConnection) -> None:
     data_url = "data:image/png;base64," + base64.b64encode(_png((300, 200), (10, 200, 30))).decode()
-    out = _ok(mcp_server.call("answer_chart_question", {"image": data_url, "question": "Which bar is tallest?"}))
+    arguments = {"image": data_url, "question": "Which bar is tallest?", "hd_num": 2}
+    out = _ok(mcp_server.call("answer_chart_question", arguments))
     (page,) = out.pages
     assert page.plan.input_size == (300, 200)
-    assert page.hd_num == TASKS["answer_chart_question"].default_hd_num
+    assert page.hd_num == 2
+    assert out.pages[0].text == out.text
     assert page.usage.completion_tokens <= MAX_NEW_TOKENS
 
 

@@ -42,7 +42,7 @@ from hd4k_tools.agent_tools import (
     error_message,
 )
 from hd4k_tools.errors import CancelledError, FileTooLargeError, HD4KError, InputError, InvalidBase64Error
-from hd4k_tools.results import ChartResult, DocumentResult, PlanSummary, TaskResult, Timings, Usage
+from hd4k_tools.results import DocumentResult, PlanSummary, TaskResult, Timings, Usage
 
 __all__ = ["MCP_IMAGE_LIMIT", "SERVER_NAME", "PageOutput", "ToolOutput", "build_server", "tool_definitions"]
 
@@ -218,7 +218,7 @@ def _decode_image_content(value: dict[str, Any], max_bytes: int) -> bytes:
 def _thumbnail(answer: ToolAnswer) -> types.ImageContent | None:
     result = answer.result
     first = result.pages[0] if isinstance(result, DocumentResult) and result.pages else result
-    url = first.thumbnail if isinstance(first, TaskResult | ChartResult) else None
+    url = first.thumbnail if isinstance(first, TaskResult) else None
     if not url or "," not in url:
         return None
     header, data = url.split(",", 1)
@@ -251,8 +251,7 @@ class _ToolCaller:
     ) -> types.CallToolResult:
         name = params.name
         try:
-            arguments, image_ref = self._arguments(params.arguments)
-            answer = await self._run(ctx, name, arguments)
+            answer, image_ref = await self._run(ctx, name, params.arguments)
         except HD4KError as err:
             logger.info("tool %s refused: %s", name, err)
             return _error_result(err)
@@ -265,7 +264,11 @@ class _ToolCaller:
         output = ToolOutput.from_answer(name, answer, image_ref)
         return types.CallToolResult(content=content, structured_content=output.model_dump(mode="json"))
 
-    async def _run(self, ctx: ServerRequestContext[Any, Any], name: str, arguments: dict[str, Any]) -> ToolAnswer:
+    async def _run(
+        self, ctx: ServerRequestContext[Any, Any], name: str, raw_arguments: dict[str, Any] | None
+    ) -> tuple[ToolAnswer, str | None]:
+        """The answer and the ``image://`` reference of image content sent with the call (decoded here, in
+        the worker, like everything else that takes time)."""
         cancel = threading.Event()
         pages = [0, 0]  # done, total
 
@@ -279,9 +282,10 @@ class _ToolCaller:
             except Exception:  # a lost progress note must not fail the reading
                 logger.warning("could not send progress for %s", name, exc_info=True)
 
-        def work() -> ToolAnswer:
+        def work() -> tuple[ToolAnswer, str | None]:
+            arguments, image_ref = self._arguments(raw_arguments)
             try:
-                return self.tools.invoke(name, arguments, cancel=cancel, on_page=on_page)
+                return self.tools.invoke(name, arguments, cancel=cancel, on_page=on_page), image_ref
             except CancelledError:
                 logger.info("tool %s stopped after the cancellation (%d of %d pages read)", name, *pages)
                 raise
@@ -300,7 +304,7 @@ def build_server(tools: AgentTools, *, thumbnails: bool = False) -> Server[Any]:
     """An MCP server offering ``read_document``, ``answer_chart_question`` and ``describe_image`` over ``tools``.
 
     ``thumbnails=True`` adds a small JPEG of the input image to every result as MCP image content.
-    Run it with :func:`hd4k_tools.mcp.cli.serve` (stdio or streamable HTTP).
+    ``hd4k mcp`` (:func:`hd4k_tools.mcp.cli.run_from_args`) runs it over stdio or streamable HTTP.
     """
     definitions = tool_definitions(tools)
     caller = _ToolCaller(tools, thumbnails=thumbnails)

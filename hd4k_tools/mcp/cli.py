@@ -18,16 +18,15 @@ import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import anyio
 from pydantic import ValidationError
 
+from hd4k_tools.agent_tools import AgentTools, ImageRegistry, ToolSettings
 from hd4k_tools.cli.model_commands import OFFICIAL_MODEL, default_model
 from hd4k_tools.errors import HD4KError, InputError, MissingDependencyError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from hd4k_tools.agent_tools import ToolSettings
-    from hd4k_tools.hd4k import HD4K
+from hd4k_tools.hd4k import HD4K
 
 TRANSPORTS = ("stdio", "streamable-http")
 ENGINES = ("native", "vllm")
@@ -99,8 +98,6 @@ def register(commands: Any) -> None:
 
 def tool_settings(args: argparse.Namespace) -> ToolSettings:
     """The :class:`ToolSettings` the options ask for (limits not given keep their defaults)."""
-    from hd4k_tools.agent_tools import ToolSettings
-
     values = {field: getattr(args, option) for option, field in _SETTING_OPTIONS.items()}
     values = {k: v for k, v in values.items() if v is not None}
     root = values.get("allowed_root")
@@ -118,8 +115,6 @@ def tool_settings(args: argparse.Namespace) -> ToolSettings:
 
 def open_hd4k(args: argparse.Namespace) -> HD4K:
     """The engine the options choose: ``--remote`` server, or the model loaded natively or in vLLM."""
-    from hd4k_tools.hd4k import HD4K
-
     if args.remote:
         if args.engine != "native":
             raise InputError("--remote and --engine vllm do not combine: the remote server is the engine.")
@@ -159,12 +154,8 @@ def _bind(host: str, port: int) -> socket.socket:
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Run the server the options describe until the client (stdio) or a signal (HTTP) ends it."""
-    import anyio
-
-    from hd4k_tools.agent_tools import AgentTools, ImageRegistry
-
     _require_sdk()
-    from hd4k_tools.mcp.server import MCP_IMAGE_LIMIT, build_server
+    from hd4k_tools.mcp.server import MCP_IMAGE_LIMIT, build_server  # needs the optional SDK
 
     settings = tool_settings(args)
     sock = _bind(args.host, args.port) if args.transport == "streamable-http" else None

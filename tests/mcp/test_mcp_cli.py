@@ -116,3 +116,14 @@ def test_remote_engine_is_the_server_given(monkeypatch: pytest.MonkeyPatch) -> N
     with mcp_cli.open_hd4k(args) as hd:  # nothing is contacted until a call
         assert isinstance(hd.runner, RemoteRunner)
         assert hd.model_id == "ixc-4khd"
+
+
+def test_missing_sdk_names_the_extra(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "mcp.server", None)  # as if the SDK were not installed
+    err = _run(capsys, "--model", "/nonexistent")
+    assert "pip install 'hd4k-tools[mcp]'" in err
+
+
+def test_missing_model_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    err = _run(capsys, "--model", str(tmp_path / "no-such-model"))
+    assert "no-such-model" in err

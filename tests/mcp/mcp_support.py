@@ -22,9 +22,11 @@ REPO = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 120
 CALL_TIMEOUT_S = 120
 MAX_PIXELS = 1_000_000
+MAX_IMAGE_BYTES = 1_000_000
 # Options every test server gets: the tiny model on CPU, short answers, a pixel limit a small file can break.
 SERVER_OPTIONS = [
     "--device", "cpu", "--dtype", "float32", "--max-new-tokens", "8", "--max-pixels", str(MAX_PIXELS),
+    "--max-image-bytes", str(MAX_IMAGE_BYTES),
     "--allow-urls", "--thumbnails", "--log-level", "info",
 ]  # fmt: skip
 PDF_PAGE_SIZE = (200, 280)  # points at 72 dpi; 556x778 px once rendered at 200 dpi

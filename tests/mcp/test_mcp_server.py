@@ -139,6 +139,7 @@ def test_read_document_pdf_reports_progress_per_page(mcp_server: McpConnection) 
         ({"image": "file:///etc/passwd"}, "URLNotAllowedError"),
         ({"image": "huge.png"}, "ImageTooLargeError"),
         ({"image": {"type": "image", "data": "not base64!", "mimeType": "image/png"}}, "InvalidBase64Error"),
+        ({"image": {"type": "image", "data": "A" * 1_400_000, "mimeType": "image/png"}}, "FileTooLargeError"),
         ({"image": {"type": "audio", "data": "AAAA", "mimeType": "audio/wav"}}, "InputError"),
         ({"image": "photo.png", "hd_num": 1000}, "InputError"),
         ({"image": "photo.png", "cancel": True}, "InputError"),

@@ -1,10 +1,10 @@
 """The ``hd4k`` command line: the parser of every sub-command and the entry point.
 
 One module per group of sub-commands registers its parsers (``register(commands)``) and sets ``func``:
-:mod:`~hd4k_tools.cli.tiles` (``tiles``) and :mod:`~hd4k_tools.cli.model_commands` (``read``, ``chart``,
-``describe``, ``serve``, ``make-tiny-checkpoint``) and :mod:`hd4k_tools.mcp.cli` (``mcp``). Errors the library raises on purpose
-(:class:`~hd4k_tools.errors.HD4KError`) are printed as one line, ``hd4k: error: <message>``, with exit code
-2; so are argparse usage errors. Ctrl-C exits with 130 and no traceback.
+:mod:`~hd4k_tools.cli.tiles` (``tiles``), :mod:`~hd4k_tools.cli.model_commands` (``read``, ``chart``,
+``describe``, ``serve``, ``make-tiny-checkpoint``) and :mod:`~hd4k_tools.mcp.cli` (``mcp``). Errors the
+library raises on purpose (:class:`~hd4k_tools.errors.HD4KError`) are printed as one line,
+``hd4k: error: <message>``, with exit code 2; so are argparse usage errors. Ctrl-C exits with 130 and no traceback.
 """
 
 from __future__ import annotations

@@ -11,7 +11,6 @@ port. The address served is printed on stderr; stdout belongs to the stdio trans
 from __future__ import annotations
 
 import argparse
-import inspect
 import logging
 import os
 import socket
@@ -27,9 +26,9 @@ from hd4k_tools.agent_tools import AgentTools, ImageRegistry, ToolSettings
 from hd4k_tools.cli.model_commands import OFFICIAL_MODEL, default_model
 from hd4k_tools.errors import HD4KError, InputError, MissingDependencyError
 from hd4k_tools.hd4k import HD4K
+from hd4k_tools.runtime.engines import ENGINES, engine_class
 
 TRANSPORTS = ("stdio", "streamable-http")
-ENGINES = ("native", "vllm")
 DEFAULT_PORT = 8765
 MCP_PATH = "/mcp"
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -62,7 +61,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         metavar="DIR|HUB_ID",
         help=f"checkpoint folder or hub id (default: $HD4K_MODEL or {OFFICIAL_MODEL})",
     )
-    p.add_argument("--engine", choices=ENGINES, default="native", help="native PyTorch (default) or vllm")
+    p.add_argument(
+        "--engine", choices=sorted(ENGINES), default="native", help="native PyTorch in this process (default) or vllm"
+    )
     p.add_argument("--remote", default=None, metavar="BASE_URL", help="use an OpenAI-compatible server instead")
     p.add_argument("--remote-model", default=None, metavar="NAME", help="model name on the server (default: --model)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
@@ -114,19 +115,27 @@ def tool_settings(args: argparse.Namespace) -> ToolSettings:
 
 
 def open_hd4k(args: argparse.Namespace) -> HD4K:
-    """The engine the options choose: ``--remote`` server, or the model loaded natively or in vLLM."""
+    """The engine the options choose: a ``--remote`` server, or the model loaded on ``--engine``."""
     if args.remote:
         if args.engine != "native":
-            raise InputError("--remote and --engine vllm do not combine: the remote server is the engine.")
+            raise InputError(f"--remote and --engine {args.engine} do not combine: the remote server is the engine.")
         return HD4K.remote(args.remote, args.remote_model or args.model, api_key=os.environ.get("HD4K_API_KEY"))
-    if args.engine == "vllm":
-        if "engine" not in inspect.signature(HD4K.from_pretrained).parameters:
-            raise MissingDependencyError(
-                "--engine vllm needs the vLLM engine, which this hd4k-tools installation lacks: install "
-                "'hd4k-tools[vllm]' (a version with HD4K.from_pretrained(engine='vllm')), or use --engine native."
-            )
-        return HD4K.from_pretrained(args.model, engine="vllm", device=args.device, dtype=args.dtype, progress=None)
-    return HD4K.from_pretrained(args.model, device=args.device, dtype=args.dtype, progress=None)
+    if args.engine == "native":
+        return HD4K.from_pretrained(args.model, device=args.device, dtype=args.dtype, progress=None)
+    _check_engine(args.engine)
+    # Only what was asked for: an engine refuses options it does not take (``engines.check_engine_options``).
+    options = {k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v != "auto"}
+    return HD4K.from_pretrained(args.model, engine=args.engine, **options)
+
+
+def _check_engine(name: str) -> None:
+    """Refuse an engine this installation cannot run, before anything loads, with its install line."""
+    try:
+        engine_class(name)
+    except ModuleNotFoundError as err:  # the engine's own module is not part of this hd4k-tools yet
+        raise MissingDependencyError(
+            f"--engine {name} is not available in this installation ({err.name} is missing): {ENGINES[name].install}."
+        ) from err
 
 
 def _require_sdk() -> None:

@@ -59,11 +59,6 @@ _INSTRUCTIONS = (
     "or MCP image content ({type: 'image', data: <base64>, mimeType}). Failed calls return an error text "
     "that says what to change."
 )
-_TITLES = {
-    "read_document": "Read a document (hd4k)",
-    "answer_chart_question": "Answer a chart question (hd4k)",
-    "describe_image": "Describe an image (hd4k)",
-}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -87,7 +82,7 @@ class ToolOutput(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    tool: Literal["read_document", "answer_chart_question", "describe_image"]
+    tool: str = Field(description="The tool that answered.")
     model: str
     text: str = Field(description="The answer (for a document: every page, separated by page markers).")
     source: str | None = Field(default=None, description="The document read (file name), when known.")
@@ -104,7 +99,7 @@ class ToolOutput(BaseModel):
         else:
             calls, source = [result], result.source
         return cls(
-            tool=name,  # type: ignore[arg-type]
+            tool=name,
             model=calls[0].model if calls else "",
             text=answer.content,
             source=source,
@@ -152,9 +147,16 @@ _IMAGE_CONTENT_SCHEMA: dict[str, Any] = {
 }
 
 
+def _title(name: str) -> str:
+    """A display title from the tool name: ``read_document`` -> ``Read document (hd4k)``."""
+    return f"{name.replace('_', ' ').capitalize()} ({SERVER_NAME})"
+
+
 def _input_schema(name: str) -> dict[str, Any]:
     """The tool's argument schema from ``TOOL_ARGS``, its ``image`` also accepting MCP image content."""
     schema = TOOL_ARGS[name].model_json_schema()
+    if "image" not in schema.get("properties", {}):
+        return schema
     image = schema["properties"]["image"]
     description = image.pop("description", "")
     title = image.pop("title", None)
@@ -172,12 +174,12 @@ def tool_definitions(tools: AgentTools) -> list[types.Tool]:
     return [
         types.Tool(
             name=name,
-            title=_TITLES[name],
+            title=_title(name),
             description=TOOL_DESCRIPTIONS[name],
             input_schema=_input_schema(name),
             output_schema=output_schema,
             annotations=types.ToolAnnotations(
-                title=_TITLES[name],
+                title=_title(name),
                 read_only_hint=True,
                 destructive_hint=False,
                 idempotent_hint=True,

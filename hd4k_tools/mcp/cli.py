@@ -32,6 +32,7 @@ TRANSPORTS = ("stdio", "streamable-http")
 DEFAULT_PORT = 8765
 MCP_PATH = "/mcp"
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 # ToolSettings fields set from options (None: the option was not given, ToolSettings' default applies).
 _SETTING_OPTIONS = {
@@ -53,7 +54,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--transport", choices=TRANSPORTS, default="stdio", help="stdio (default) or streamable-http")
     p.add_argument("--host", default="127.0.0.1", help="address for streamable-http (default: loopback only)")
     p.add_argument(
-        "--port", type=int, default=DEFAULT_PORT, help=f"port for streamable-http (default {DEFAULT_PORT}; 0: any free)"
+        "--port", type=_port, default=DEFAULT_PORT, help=f"port for streamable-http (default {DEFAULT_PORT}; 0: any)"
     )
     p.add_argument(
         "--model",
@@ -82,8 +83,18 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--max-new-tokens", type=int, default=None, metavar="N", help="cap on every answer's length")
     p.add_argument("--num-beams", type=int, default=None, metavar="N", help="beams per call (default: the task's)")
     p.add_argument("--thumbnails", action="store_true", help="add a small JPEG of the input to every result")
-    p.add_argument("--log-level", default="warning", help="server log level on stderr (default warning)")
+    p.add_argument("--log-level", choices=LOG_LEVELS, default="warning", help="server log on stderr (default warning)")
     return p
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text, 10)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"--port must be a number from 0 to 65535 (0: any free port), got {text!r}")
+    return port
 
 
 def register(commands: Any) -> None:

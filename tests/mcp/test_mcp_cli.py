@@ -91,6 +91,8 @@ def test_bad_options_fail_in_one_line_before_loading(capsys: pytest.CaptureFixtu
     missing_model = ["--model", str(tmp_path / "no-model")]
     assert "is not a folder" in _run(capsys, "--allowed-root", str(tmp_path / "nope"), *missing_model)
     assert "--num-beams" in _run(capsys, "--num-beams", "99", *missing_model)
+    assert "--port must be a number from 0 to 65535" in _run(capsys, "--port", "70000", *missing_model)
+    assert "invalid choice: 'loud'" in _run(capsys, "--log-level", "loud", *missing_model)
     assert "do not combine" in _run(capsys, "--remote", "http://127.0.0.1:1/v1", "--engine", "vllm")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

@@ -172,12 +172,13 @@ def resolve_image_argument(value: str, settings: ToolSettings, registry: ImageRe
     return path if path.is_absolute() else root / path
 
 
-def invalid_arguments(name: str, err: ValidationError) -> InputError:
-    """The error for tool arguments that do not match the tool's schema: the problems, then the valid names."""
+def invalid_arguments(name: str, err: ValidationError, schema: type[BaseModel] | None = None) -> InputError:
+    """The error for tool arguments that do not match the tool's schema (``TOOL_ARGS[name]`` unless given):
+    the problems, then the valid names. Every adapter (LangChain, LlamaIndex, MCP) words it this way."""
     problems = "; ".join(
         f"{'.'.join(str(p) for p in e['loc']) or '(arguments)'}: {e['msg']}" for e in err.errors(include_url=False)[:10]
     )
-    valid = ", ".join(TOOL_ARGS[name].model_fields)
+    valid = ", ".join((schema or TOOL_ARGS[name]).model_fields)
     return InputError(f"Invalid arguments for {name}: {problems}. Its arguments are: {valid}.")
 
 

@@ -44,6 +44,7 @@ R = TypeVar("R")  # what the caller's model call returns (an AIMessage, a Runner
 
 _SHOWN_CHARS = 300
 _MAX_PROBLEMS = 10
+_MAX_DEPTH = 64
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -106,8 +107,10 @@ def extract_json_object(text: str) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------
 _JSON_TYPES: dict[str, Callable[[Any], bool]] = {
     "string": lambda v: isinstance(v, str),
-    "integer": lambda v: (isinstance(v, int) and not isinstance(v, bool))
-    or (isinstance(v, float) and math.isfinite(v) and v.is_integer()),
+    "integer": lambda v: (
+        (isinstance(v, int) and not isinstance(v, bool))
+        or (isinstance(v, float) and math.isfinite(v) and v.is_integer())
+    ),
     "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
     "boolean": lambda v: isinstance(v, bool),
     "array": lambda v: isinstance(v, list),
@@ -117,35 +120,41 @@ _JSON_TYPES: dict[str, Callable[[Any], bool]] = {
 
 
 def _resolve(spec: Mapping[str, Any], root: Mapping[str, Any]) -> Mapping[str, Any]:
-    ref = spec.get("$ref")
-    if not isinstance(ref, str):
-        return spec
-    if not ref.startswith("#/"):
-        raise InputError(f"Only local JSON-schema references ('#/...') are supported, got {ref!r}.")
-    node: Any = root
-    for part in ref[2:].split("/"):
-        part = part.replace("~1", "/").replace("~0", "~")
-        if not isinstance(node, Mapping) or part not in node:
-            raise InputError(f"The JSON schema reference {ref!r} points nowhere.")
-        node = node[part]
-    if not isinstance(node, Mapping):
-        raise InputError(f"The JSON schema reference {ref!r} is not a schema.")
-    return node
+    """``spec`` with its local ``$ref`` chain followed."""
+    for _ in range(_MAX_DEPTH):
+        ref = spec.get("$ref")
+        if not isinstance(ref, str):
+            return spec
+        if not ref.startswith("#/") and ref != "#":
+            raise InputError(f"Only local JSON-schema references ('#/...') are supported, got {ref!r}.")
+        node: Any = root
+        for part in ref[2:].split("/") if ref != "#" else []:
+            part = part.replace("~1", "/").replace("~0", "~")
+            if not isinstance(node, Mapping) or part not in node:
+                raise InputError(f"The JSON schema reference {ref!r} points nowhere.")
+            node = node[part]
+        if not isinstance(node, Mapping):
+            raise InputError(f"The JSON schema reference {ref!r} is not a schema.")
+        spec = node
+    raise InputError(f"The JSON schema nests deeper than {_MAX_DEPTH} levels (or refers to itself in a loop).")
 
 
 def _check(value: Any, spec: Any, root: Mapping[str, Any], where: str, out: list[str], depth: int) -> None:
     if not isinstance(spec, Mapping) or len(out) >= _MAX_PROBLEMS:
         return
-    if depth > 64:
-        raise InputError("The JSON schema nests deeper than 64 levels (or refers to itself in a loop).")
+    if depth > _MAX_DEPTH:
+        raise InputError(f"The JSON schema nests deeper than {_MAX_DEPTH} levels (or refers to itself in a loop).")
     spec = _resolve(spec, root)
     label = where or "(root)"
     for key in ("anyOf", "oneOf"):
         branches = spec.get(key)
-        if isinstance(branches, list) and branches:
-            if not any(not _problems_of(value, b, root, depth + 1) for b in branches):
-                out.append(f"{label}: matches none of the allowed schemas")
-                return
+        if (
+            isinstance(branches, list)
+            and branches
+            and not any(not _problems_of(value, b, root, depth + 1) for b in branches)
+        ):
+            out.append(f"{label}: matches none of the allowed schemas")
+            return
     for sub in spec.get("allOf") or []:
         _check(value, sub, root, where, out, depth + 1)
     if "const" in spec and value != spec["const"]:

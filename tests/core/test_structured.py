@@ -63,10 +63,19 @@ def test_check_json_schema_nested_refs_enums_unions() -> None:
     assert check_json_schema({"name": "x", "tags": ["a"], "kind": "a", "child": {"n": 1}, "maybe": None}, SCHEMA) == []
     problems = check_json_schema({"tags": ["a", 3], "kind": "z", "child": {}, "maybe": "s", "extra": 1}, SCHEMA)
     joined = "; ".join(problems)
-    for fragment in ("name: Field required", "tags.1: expected string", "kind: must be one of", "child.n: Field", "maybe: matches none", "extra: unexpected"):
+    for fragment in (
+        "name: Field required",
+        "tags.1: expected string",
+        "kind: must be one of",
+        "child.n: Field",
+        "maybe: matches none",
+        "extra: unexpected",
+    ):
         assert fragment in joined
     assert check_json_schema({"name": True}, SCHEMA) == ["name: expected string, got boolean"]
-    assert check_json_schema({"n": True}, {"properties": {"n": {"type": "integer"}}}) == ["n: expected integer, got boolean"]
+    assert check_json_schema({"n": True}, {"properties": {"n": {"type": "integer"}}}) == [
+        "n: expected integer, got boolean"
+    ]
 
 
 def test_bad_schema_references_are_input_errors() -> None:
@@ -109,7 +118,12 @@ def _script(answers: list[str]) -> tuple[list[list[tuple[str, str]]], Any]:
 def _run(spec: StructuredOutput, answers: list[str]) -> tuple[Any, list[list[tuple[str, str]]]]:
     seen, call = _script(answers)
     out = generate_structured(
-        spec, [("user", "q")], call, text_of=lambda r: r, user=lambda t: ("user", t), assistant=lambda r: ("assistant", r)
+        spec,
+        [("user", "q")],
+        call,
+        text_of=lambda r: r,
+        user=lambda t: ("user", t),
+        assistant=lambda r: ("assistant", r),
     )
     return out, seen
 

@@ -1,0 +1,319 @@
+"""Serving the native model from a shell: bind the port first, load the model, run uvicorn.
+
+``run_server`` (and ``hd4k serve`` / ``python -m hd4k_tools.serve.app``, whose options :func:`build_parser`
+defines) binds ``host:port`` before the model loads, so a port in use fails at once; ``--model`` defaults to
+``$HD4K_MODEL`` or the official checkpoint, like every other ``hd4k`` command, and the served model id to the
+checkpoint's name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import logging
+import math
+import os
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hd4k_tools.errors import HD4KError
+from hd4k_tools.inputs.policy import ImagePolicy
+from hd4k_tools.models.xcomposer2_4khd.hub import DEFAULT_MODEL_ID, MODEL_ENV, default_model
+from hd4k_tools.models.xcomposer2_4khd.tiling import HDNum
+from hd4k_tools.runtime.engines import load_engine
+from hd4k_tools.serve.accesslog import ACCESS_LOGGER
+from hd4k_tools.serve.chat import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_TOKENS_LIMIT, DEFAULT_SSE_KEEPALIVE_S
+from hd4k_tools.serve.factory import create_app, require_serve
+
+__all__ = ["ServeError", "build_parser", "main", "run_server", "serve_from_args", "served_name"]
+
+
+class ServeError(HD4KError):
+    """The server cannot start: the address is taken or cannot be bound, or uvicorn failed at startup."""
+
+
+def served_name(model: str) -> str:
+    """The model id a server reports by default: a checkpoint folder's name, or the hub id as given."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path.resolve().name or str(model)
+    return str(model)
+
+
+def _configure_access_log(log_level: str) -> None:
+    """Show the JSON access lines on stderr (once per process), at uvicorn's log level."""
+    access = logging.getLogger(ACCESS_LOGGER)
+    if not any(getattr(h, "_hd4k_access", False) for h in access.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._hd4k_access = True  # type: ignore[attr-defined]
+        access.addHandler(handler)
+        access.propagate = False
+    level = logging.getLevelName(str(log_level).upper())
+    access.setLevel(level if isinstance(level, int) else logging.INFO)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``(host, port)``, not yet listening (uvicorn starts listening on it).
+
+    Binding here, before the model loads, turns a port already in use into an immediate one-line error
+    instead of uvicorn's log lines after minutes of loading; handing the bound socket to uvicorn leaves
+    no window for another process to take the port in between.
+
+    Raises:
+        ServeError: the port is in use, or the address cannot be bound (unknown host, privileged port).
+    """
+    # Same choices as uvicorn's own binding: IPv6 for literal IPv6 hosts, SO_REUSEADDR so a restart does
+    # not wait for TIME_WAIT (on Linux it still refuses a port another socket listens on).
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        if err.errno == errno.EADDRINUSE:
+            raise ServeError(
+                f"port {port} on {host} is already in use; pass --port with a free port (e.g. --port "
+                f"{port + 1 if port < 65535 else 8000}) or stop the process that holds it"
+            ) from None
+        reason = err.strerror or str(err)
+        if err.errno == errno.EACCES:
+            reason += " (ports below 1024 need privileges; pass --port 8000 or higher)"
+        raise ServeError(f"cannot listen on {host}:{port}: {reason}; check --host and --port") from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def run_server(
+    model: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    device: str = "auto",
+    dtype: str = "auto",
+    quantization: str | None = None,
+    served_model_name: str | None = None,
+    allow_image_urls: bool = False,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    max_pixels: int | None = None,
+    max_image_bytes: int | None = None,
+    default_hd_num: HDNum = 25,
+    api_key: str | None = None,
+    log_level: str = "info",
+    cache_bytes: int = 1 << 30,
+    max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
+    sse_keepalive_s: float = DEFAULT_SSE_KEEPALIVE_S,
+    revision: str | None = None,
+    cache_dir: str | None = None,
+    local_files_only: bool = False,
+) -> None:
+    """Bind ``host:port``, load the native model from ``model`` (a checkpoint folder or hub id) and serve
+    it until stopped.
+
+    The served model id is ``served_model_name``, by default the checkpoint's name (:func:`served_name`:
+    the folder's name, or the hub id). Access lines go to the ``hd4k_tools.serve.access`` logger as one
+    JSON object per request (shown at ``log_level`` info and below).
+
+    ``host`` defaults to loopback: pass ``host="0.0.0.0"`` deliberately (ideally with ``api_key``) to
+    serve other machines. ``max_pixels``/``max_image_bytes`` tighten the default :class:`ImagePolicy`;
+    ``max_tokens_limit`` caps ``max_tokens`` per request (see :func:`create_app`).
+
+    Raises:
+        ServeError: the port is already in use or cannot be bound (raised before the model loads), or
+            uvicorn did not start.
+    """
+    require_serve()
+    import uvicorn
+
+    policy_changes: dict[str, Any] = {}
+    if max_pixels is not None:
+        policy_changes["max_pixels"] = max_pixels
+    if max_image_bytes is not None:
+        policy_changes["max_bytes"] = max_image_bytes
+    policy = ImagePolicy(**policy_changes)
+    sock = _bind(host, port)
+    try:
+        runner = load_engine(
+            "native",
+            model,
+            device=device,
+            dtype=dtype,
+            quantization=quantization,
+            cache_bytes=cache_bytes,
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+        )
+        try:
+            app = create_app(
+                runner,
+                policy=policy,
+                max_request_bytes=max_request_bytes,
+                allow_image_urls=allow_image_urls,
+                default_hd_num=default_hd_num,
+                served_model_name=served_model_name or served_name(model),
+                api_key=api_key,
+                max_tokens_limit=max_tokens_limit,
+                sse_keepalive_s=sse_keepalive_s,
+            )
+            _configure_access_log(log_level)
+            bound = sock.getsockname()[1]
+            where = f"[{host}]" if ":" in host else host
+
+            class _Server(uvicorn.Server):
+                async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+                    await super().startup(sockets=sockets)
+                    # uvicorn announces its address only when it binds the socket itself.
+                    if self.started:
+                        logging.getLogger("uvicorn.error").info(
+                            "Uvicorn running on http://%s:%d (Press CTRL+C to quit)", where, bound
+                        )
+
+            server = _Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False))
+            # uvicorn.run treats Ctrl-C as a clean stop too.
+            with contextlib.suppress(KeyboardInterrupt):
+                server.run(sockets=[sock])
+            if not server.started:
+                raise ServeError(f"the server on {host}:{bound} did not start; see the log above")
+        finally:
+            runner.close()
+    finally:
+        sock.close()
+
+
+def _positive_int_arg(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return n
+
+
+def _positive_float_arg(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        x = 0.0
+    if not (math.isfinite(x) and x > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {value!r}")
+    return x
+
+
+def _hd_num_arg(value: str) -> HDNum:
+    if value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return _positive_int_arg(value)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {value!r}") from None
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """The command-line options of ``python -m hd4k_tools.serve.app``; ``hd4k serve`` passes its sub-parser
+    to be filled with the same options."""
+    p = parser or argparse.ArgumentParser(
+        prog="python -m hd4k_tools.serve.app",
+        description="Serve InternLM-XComposer2-4KHD over an OpenAI-compatible HTTP API.",
+    )
+    p.add_argument(
+        "--model",
+        default=default_model(),
+        metavar="DIR|HUB_ID",
+        help=f"checkpoint folder or hub id (default: ${MODEL_ENV} or {DEFAULT_MODEL_ID})",
+    )
+    p.add_argument("--revision", default=None, help="hub revision: branch, tag or commit (hub ids only)")
+    p.add_argument("--cache-dir", default=None, help="Hugging Face cache folder (default: the HF cache)")
+    p.add_argument(
+        "--local-files-only",
+        action="store_true",
+        help="never download: use a local folder or the HF cache ($HF_HUB_OFFLINE=1 does the same)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--quantization", default=None)
+    p.add_argument(
+        "--served-model-name",
+        default=None,
+        help="model id reported by the API (default: the checkpoint folder's name, or the hub id)",
+    )
+    p.add_argument("--allow-image-urls", action="store_true", help="fetch http(s) image URLs (public hosts)")
+    p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES)
+    p.add_argument("--max-pixels", type=int, default=None, help="largest image (width*height) accepted")
+    p.add_argument("--max-image-bytes", type=int, default=None, help="largest encoded image accepted")
+    p.add_argument("--default-hd-num", type=_hd_num_arg, default=25, help="an int or 'auto' (default 25)")
+    p.add_argument(
+        "--max-tokens-limit",
+        type=_positive_int_arg,
+        default=DEFAULT_MAX_TOKENS_LIMIT,
+        metavar="N",
+        help=(
+            f"largest max_tokens one request may ask for (default {DEFAULT_MAX_TOKENS_LIMIT}); a request over "
+            "it is refused with 400, not clamped, so a client never mistakes a cut answer for a whole one. "
+            "Requests without max_tokens get min(512, N)"
+        ),
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("HD4K_API_KEY"),
+        help="require 'Authorization: Bearer KEY' (default: $HD4K_API_KEY; the environment keeps it out of ps)",
+    )
+    p.add_argument(
+        "--sse-keepalive",
+        type=_positive_float_arg,
+        default=DEFAULT_SSE_KEEPALIVE_S,
+        metavar="SECONDS",
+        help=(
+            "interval of keep-alive comments while a stream waits for its first token "
+            f"(default {DEFAULT_SSE_KEEPALIVE_S:g})"
+        ),
+    )
+    p.add_argument("--log-level", default="info", help="uvicorn's log level; info shows the JSON access lines")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m hd4k_tools.serve.app``."""
+    args = build_parser().parse_args(argv)
+    try:
+        return serve_from_args(args)
+    except HD4KError as err:  # a bad model folder, a missing extra: the message says what to do
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+def serve_from_args(args: argparse.Namespace) -> int:
+    """Run :func:`run_server` with options parsed by :func:`build_parser` (``hd4k serve`` calls this and
+    reports errors its own way)."""
+    run_server(
+        args.model,
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        dtype=args.dtype,
+        quantization=args.quantization,
+        served_model_name=args.served_model_name,
+        allow_image_urls=args.allow_image_urls,
+        max_request_bytes=args.max_request_bytes,
+        max_pixels=args.max_pixels,
+        max_image_bytes=args.max_image_bytes,
+        default_hd_num=args.default_hd_num,
+        api_key=args.api_key,
+        log_level=args.log_level,
+        max_tokens_limit=args.max_tokens_limit,
+        sse_keepalive_s=args.sse_keepalive,
+        revision=args.revision,
+        cache_dir=args.cache_dir,
+        local_files_only=args.local_files_only,
+    )
+    return 0

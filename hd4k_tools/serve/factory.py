@@ -10,10 +10,12 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+from hd4k_tools import __version__
 from hd4k_tools.errors import InvalidHDNumError, MissingDependencyError
 from hd4k_tools.inputs.policy import ImagePolicy
 from hd4k_tools.models.xcomposer2_4khd.tiling import HDNum, check_hd_num
 from hd4k_tools.runtime.runner import Runner
+from hd4k_tools.serve.accesslog import AccessLogMiddleware
 from hd4k_tools.serve.chat import (
     DEFAULT_MAX_REQUEST_BYTES,
     DEFAULT_MAX_TOKENS_LIMIT,
@@ -93,8 +95,6 @@ def create_app(
     from starlette.requests import Request
     from starlette.responses import JSONResponse
 
-    from hd4k_tools import __version__
-    from hd4k_tools.serve.accesslog import AccessLogMiddleware
     from hd4k_tools.serve.routes import ServerState, error_response, logger, openapi_components, router
 
     default_hd_num = _checked_hd_num(default_hd_num)

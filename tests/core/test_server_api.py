@@ -1,21 +1,30 @@
 """``hd4k serve`` tells the truth (issue 13.2): tools refused, response_format, tool messages, OpenAPI,
-/metrics, /health?verbose, SSE keep-alive, access logs, served model name. In process, scripted runner."""
+/metrics, /health?verbose, SSE keep-alive, access logs, served model name. In process with a scripted runner,
+and one real ``hd4k serve`` process on the tiny checkpoint."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import socket
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from PIL import Image
 
 pytest.importorskip("fastapi")
 
 from fastapi.testclient import TestClient
 
+from hd4k_tools.inputs.images import to_data_url
 from hd4k_tools.results import PlanSummary, Timings, Usage
 from hd4k_tools.runtime.lru import BytesLRU
 from hd4k_tools.runtime.runner import GenerationRequest, RunnerResult, TextStream, stream_in_thread
@@ -317,3 +326,64 @@ def test_serve_model_defaults_to_hd4k_model(monkeypatch: pytest.MonkeyPatch) -> 
     assert args.local_files_only is False and args.revision is None
     monkeypatch.delenv("HD4K_MODEL")
     assert build_parser().parse_args([]).model == "internlm/internlm-xcomposer2-4khd-7b"
+
+
+# -- the real process: `hd4k serve` with $HD4K_MODEL, default served name, metrics and access lines ---------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_real_server_defaults_metrics_and_access_log(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """``hd4k serve`` with only ``$HD4K_MODEL`` set: the model id is the checkpoint folder's name, tools are
+    refused, /metrics and /health?verbose show the LocalRunner's caches, stderr has JSON access lines."""
+    port = _free_port()
+    script = Path(sys.executable).with_name("hd4k")
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "hd4k_tools.cli"]
+    env = {**os.environ, "HD4K_MODEL": str(tiny_checkpoint), "HF_HUB_OFFLINE": "1", "HD4K_NO_PROGRESS": "1"}
+    env.pop("HD4K_API_KEY", None)
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([*command, "serve", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, log_path.read_text(errors="replace")
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, log_path.read_text(errors="replace")
+            time.sleep(0.2)
+        assert httpx.get(f"{base}/v1/models").json()["data"][0]["id"] == Path(tiny_checkpoint).name
+        image = Image.new("RGB", (336, 336), "white")
+        question = [{"type": "image_url", "image_url": {"url": to_data_url(image)}}, {"type": "text", "text": "?"}]
+        body = {"messages": [{"role": "user", "content": question}], "max_tokens": 3, "hd_num": 1}
+        answer = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60)
+        assert answer.status_code == 200 and answer.json()["model"] == Path(tiny_checkpoint).name
+        refused = httpx.post(f"{base}/v1/chat/completions", json={**body, "tools": [TOOL]}, timeout=60)
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "tools_not_supported"
+        metrics = httpx.get(f"{base}/metrics").text
+        assert 'hd4k_requests_total{method="POST",path="/v1/chat/completions",status="200"} 1' in metrics
+        assert 'hd4k_cache_misses_total{cache="vision_embeddings"} 1' in metrics
+        assert 'hd4k_cache_entries{cache="prefix_kv"}' in metrics
+        verbose = httpx.get(f"{base}/health", params={"verbose": "true"}).json()
+        assert set(verbose["caches"]) == {"vision_embeddings", "prefix_kv"} and verbose["state"] == "idle"
+        assert httpx.get(f"{base}/openapi.json").json()["info"]["title"] == "hd4k-tools"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    access = []
+    for line in log_path.read_text(errors="replace").splitlines():
+        if line.startswith('{"event": "request"'):
+            access.append(json.loads(line))
+    chat = [a for a in access if a["path"] == "/v1/chat/completions"]
+    assert [a["status"] for a in chat] == [200, 400]
+    assert chat[0]["completion_tokens"] >= 1 and chat[0]["image_tokens"] > 0

@@ -313,7 +313,10 @@ def register(commands: Any) -> None:
     serve = commands.add_parser(
         "serve",
         help="serve the model over an OpenAI-compatible HTTP API (extra: serve)",
-        description="Serve InternLM-XComposer2-4KHD: /v1/chat/completions, /v1/models, /health.",
+        description=(
+            "Serve InternLM-XComposer2-4KHD: /v1/chat/completions, /v1/models, /health, /metrics; the API is "
+            "described at /docs and /openapi.json."
+        ),
     )
     server.build_parser(serve)
     serve.set_defaults(func=server.serve_from_args)

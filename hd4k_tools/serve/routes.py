@@ -237,16 +237,14 @@ async def _answer_stream(request: Request, prep: Prepared, cid: str, created: in
     async def events() -> AsyncIterator[bytes]:
         filt = StopFilter(prep.stops)
         finished = False
+        first_seen = False
         try:
             yield responses.chunk(cid, created, model, {"role": "assistant", "content": ""}, None)
             async for comment in _first_or_keepalive(first_task, settings.sse_keepalive_s):
                 yield comment
-            try:
-                first = first_task.result()
-            except BaseException:
-                metrics.dequeued()
-                raise
+            first = first_task.result()
             metrics.first_token(time.perf_counter() - start)
+            first_seen = True
             if isinstance(first, Answer):  # structured output: the whole validated JSON in one delta
                 if first.attempts == 2:
                     metrics.structured_retry()
@@ -315,6 +313,8 @@ async def _answer_stream(request: Request, prep: Prepared, cid: str, created: in
                     await first_task
                 if stream is not None:
                     await anyio.to_thread.run_sync(stream.close)
+            if not first_seen:  # an error or a disconnect before the first token: out of the queue too
+                metrics.dequeued()
             metrics.end_generation()
 
     return StreamingResponse(

@@ -170,3 +170,21 @@ def test_from_pretrained_hub_id_end_to_end(
         hd.close()
     loaded = load_pretrained(folder, device="cpu", dtype="float32")
     assert loaded.dtype == torch.float32
+
+
+def test_unreachable_hub_falls_back_to_the_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Online mode, but the Hub cannot be reached: a snapshot cached earlier still loads (transformers does
+    the same); nothing cached is a "not in the cache" error, not an auth one."""
+    hub = FakeHub(tmp_path).install(monkeypatch)
+
+    class Unreachable:
+        def list_repo_files(self, repo_id: str, **kwargs: Any) -> list[str]:
+            raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Unreachable)
+    assert resolve_checkpoint_path(REPO, HubOptions(revision="v1")) == tmp_path
+    assert hub.downloads[-1]["local_files_only"] is True and hub.downloads[-1]["revision"] == "v1"
+    hub.error = LocalEntryNotFoundError("not cached")
+    with pytest.raises(ModelNotFoundError, match="could not be fetched") as info:
+        resolve_checkpoint_path(REPO)
+    assert not isinstance(info.value, HubAuthError)

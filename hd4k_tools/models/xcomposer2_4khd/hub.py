@@ -181,10 +181,33 @@ def resolve_checkpoint_path(path_or_hub_id: str | Path, options: HubOptions | No
             # The cached snapshot as it is (only what was downloaded before is there).
             folder = huggingface_hub.snapshot_download(repo_id=text, local_files_only=True, **common)
         else:
-            files = _repo_files(huggingface_hub.HfApi(), text, options)
+            try:
+                files = _repo_files(huggingface_hub.HfApi(), text, options)
+            except Exception as exc:
+                if _answered(exc):
+                    raise
+                # The Hub cannot be reached: a snapshot cached earlier still serves, as in transformers.
+                return _cached_or_raise(huggingface_hub, text, options, common, exc)
             folder = huggingface_hub.snapshot_download(
                 repo_id=text, allow_patterns=download_patterns(files), local_files_only=False, **common
             )
     except Exception as exc:  # typed by _classify: auth, not found, offline, network
+        if isinstance(exc, HubAuthError | ModelNotFoundError):
+            raise
         raise _classify(exc, text, options) from exc
     return Path(folder)
+
+
+def _answered(exc: BaseException) -> bool:
+    """The Hub answered (an HTTP status: auth, not found...), as opposed to being unreachable."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    return _status(exc) is not None or bool(names & {"HfHubHTTPError", "RepositoryNotFoundError"})
+
+
+def _cached_or_raise(
+    huggingface_hub: Any, repo_id: str, options: HubOptions, common: dict[str, Any], network_error: Exception
+) -> Path:
+    try:
+        return Path(huggingface_hub.snapshot_download(repo_id=repo_id, local_files_only=True, **common))
+    except Exception:
+        raise _classify(network_error, repo_id, options) from network_error

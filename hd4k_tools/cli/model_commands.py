@@ -51,12 +51,17 @@ def _progress() -> bool:
 
 
 def _check_device(args: argparse.Namespace) -> None:
-    """The device exists (native engine only), checked before the model loads."""
+    """The device exists and the dtype is known (native engine only), checked before the model loads."""
     if args.remote:
         return
-    from hd4k_tools.models.xcomposer2_4khd.checkpoint import resolve_device  # torch: the native engine's extra
+    # torch: the native engine's extra
+    from hd4k_tools.models.xcomposer2_4khd.checkpoint import resolve_device, resolve_dtype
 
-    resolve_device(args.device)
+    device = resolve_device(args.device)
+    try:
+        resolve_dtype(args.dtype, device)
+    except ValueError as err:
+        raise InputError(f"--dtype: {err}") from None
 
 
 def _open(args: argparse.Namespace) -> HD4K:

@@ -65,6 +65,7 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]
         (["read", "{pdf}", "--dpi", "0"], "--dpi"),
         (["describe", "{image}", "--device", "cuda:7"], "cuda"),
         (["read", "{pdf}", "--device", "tpu"], "device"),
+        (["describe", "{image}", "--dtype", "int8"], "--dtype"),
     ],
 )
 def test_input_errors_come_before_the_model_loads(

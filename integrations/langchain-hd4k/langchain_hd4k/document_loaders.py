@@ -2,65 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
-import itertools
-import re
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 from langchain_core.document_loaders import BaseLoader
 from langchain_core.documents import Document
 
-from hd4k_tools import HD4K, ImagePolicy, ImageSource, InputError, Runner, TaskResult, errors, read_source_bytes
+from hd4k_tools import HD4K, ImagePolicy, ImageSource, Runner, TaskResult
+from hd4k_tools.adapters import DocumentPages, as_hd4k, page_metadata, run_cancellable, select_document_pages
 
 PageSpec = int | str | Sequence[int] | None
-
-_RANGE_PART = re.compile(r"^\s*(\d*)\s*(-?)\s*(\d*)\s*$")
-
-
-def _parse_pages(spec: PageSpec) -> tuple[list[int], int | None]:
-    """A 1-based page selection as (sorted explicit pages, first page of an open range or None).
-
-    ``None``/``"all"`` is every page, ``3``, ``[1, 4]``, ``"1-3,5"``, ``"2-"`` (page 2 to the end),
-    ``"-3"`` (pages 1 to 3). Whether the pages exist is checked when they are read.
-    """
-    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("all", "*")):
-        return [], 1
-    if isinstance(spec, bool):
-        raise InputError(f"pages={spec!r} is not a page selection; use e.g. 3, [1, 2] or '1-3,5'.")
-    if isinstance(spec, int):
-        numbers = [spec]
-    elif isinstance(spec, str):
-        numbers = []
-        open_start: int | None = None
-        for part in spec.split(","):
-            match = _RANGE_PART.match(part)
-            if (
-                match is None
-                or not (match.group(1) or match.group(3))
-                or (match.group(1) and match.group(3) and not match.group(2))
-            ):
-                raise InputError(f"Cannot read {part.strip()!r} in pages={spec!r}; use e.g. '1-3,5' or '2-'.")
-            start_text, dash, end_text = match.groups()
-            start = int(start_text) if start_text else 1
-            if dash and not end_text:
-                open_start = start if open_start is None else min(open_start, start)
-                continue
-            end = int(end_text) if dash else start
-            if start > end:
-                raise InputError(f"The range {part.strip()!r} in pages={spec!r} runs backwards.")
-            numbers.extend(range(start, end + 1))
-        if any(n < 1 for n in numbers) or (open_start is not None and open_start < 1):
-            raise InputError(f"pages={spec!r}: pages are numbered from 1.")
-        explicit = sorted({n for n in numbers if open_start is None or n < open_start})
-        return explicit, open_start
-    elif isinstance(spec, Sequence) and spec and all(isinstance(p, int) and not isinstance(p, bool) for p in spec):
-        numbers = list(spec)
-    else:
-        raise InputError(f"pages={spec!r} is not a page selection; use e.g. 3, [1, 2] or '1-3,5'.")
-    if any(n < 1 for n in numbers):
-        raise InputError(f"pages={spec!r}: pages are numbered from 1.")
-    return sorted(set(numbers)), None
 
 
 class HD4KDocumentLoader(BaseLoader):
@@ -68,8 +19,10 @@ class HD4KDocumentLoader(BaseLoader):
 
     Pages are rendered and transcribed one at a time as :meth:`lazy_load` is consumed, so the first
     page is available before the last one is read and nothing is done for pages never asked for.
-    Each ``Document`` holds the page's transcription as ``page_content`` and metadata: ``source``,
-    ``page`` (1-based; 1 for an image), ``hd_num``, ``grid`` (tile rows x columns), token counts
+    Each ``Document`` holds the page's transcription as ``page_content`` and metadata in LangChain's PDF
+    loader conventions: ``source``, ``page`` (0-based index), ``page_label`` (the printed label, e.g.
+    ``"iv"``; the 1-based number when the PDF has none), ``total_pages``; then ``hd_num``, ``grid`` (tile
+    rows x columns), token counts
     (``image_tokens``, ``input_tokens``, ``output_tokens``, ``tokens`` = input + output), ``model``
     and ``finish_reason`` — all flat values, so any vector store accepts them.
 
@@ -94,6 +47,7 @@ class HD4KDocumentLoader(BaseLoader):
         output: Literal["markdown", "text"] = "markdown",
         generation: Mapping[str, Any] | None = None,
         policy: ImagePolicy | None = None,
+        max_pages: int | None = None,
     ) -> None:
         """Create a loader (nothing is read until :meth:`lazy_load` is consumed).
 
@@ -108,24 +62,18 @@ class HD4KDocumentLoader(BaseLoader):
             output: ``"markdown"`` or ``"text"``.
             generation: generation options, e.g. ``{"max_new_tokens": 2048}``.
             policy: input limits (default: the HD4K's policy).
+            max_pages: refuse a selection of more PDF pages than this (default: the HD4K's
+                ``max_pdf_pages``), checked before the first page is transcribed.
         """
-        if isinstance(hd, HD4K):
-            self.hd = hd
-        elif isinstance(hd, Runner):
-            self.hd = HD4K(hd)
-        else:
-            raise TypeError(f"hd must be an hd4k_tools.HD4K or a Runner, got {type(hd).__name__}")
-        if isinstance(source, list | tuple):
-            self.sources: list[ImageSource] = list(source)
-        else:
-            self.sources = [source]
-        self.explicit_pages, self.open_from = _parse_pages(pages)
+        self.hd = as_hd4k(hd)
+        self.sources: list[ImageSource] = list(source) if isinstance(source, list | tuple) else [source]
         self.pages = pages
         self.dpi = dpi
         self.hd_num = hd_num
         self.output = output
         self.generation = dict(generation) if generation else None
         self.policy = policy
+        self.max_pages = max_pages
 
     # -- helpers -------------------------------------------------------------------------------------
     def _options(self) -> dict[str, Any]:
@@ -138,21 +86,18 @@ class HD4KDocumentLoader(BaseLoader):
             "policy": self.policy or self.hd.policy,
         }
 
-    def _page_numbers(self) -> Iterator[tuple[int, bool]]:
-        """(page number, whether it belongs to an open range that ends at the last page)."""
-        for number in self.explicit_pages:
-            yield number, False
-        if self.open_from is not None:
-            for number in itertools.count(self.open_from):
-                yield number, number > self.open_from
+    def _select(self, source: ImageSource) -> DocumentPages:
+        # The core's page selection: checked against the page count and max_pages before any page is read.
+        limit = self.max_pages or self.hd.max_pdf_pages
+        return select_document_pages(source, self.pages, policy=self.policy or self.hd.policy, max_pages=limit)
 
     @staticmethod
-    def _document(result: TaskResult, source: str) -> Document:
+    def _document(result: TaskResult, document: DocumentPages, index: int, label: str) -> Document:
         plan = result.plan
         usage = result.usage
         metadata: dict[str, Any] = {
-            "source": source,
-            "page": result.page if result.page is not None else 1,
+            "source": document.name,
+            **page_metadata(index, label, document.total_pages),
             "hd_num": result.hd_num,
             "grid": plan.grid if plan is not None else None,
             "image_tokens": usage.image_tokens,
@@ -169,39 +114,20 @@ class HD4KDocumentLoader(BaseLoader):
         """Yield one ``Document`` per page, transcribing each page only when it is asked for."""
         options = self._options()
         for source in self.sources:
-            raw = read_source_bytes(source, policy=options["policy"])
-            if raw.kind != "pdf":
-                result = self.hd.read_document(raw.data, pages=self.pages, **options)
-                for page in result.pages:
-                    yield self._document(page, raw.name)
-                continue
-            for number, may_be_past_end in self._page_numbers():
-                try:
-                    result = self.hd.read_document(raw.data, pages=[number], **options)
-                except errors.PageRangeError:
-                    if may_be_past_end:
-                        break  # an open range ("2-", all pages) ends at the last page
-                    raise
-                yield self._document(result.pages[0], raw.name)
+            document = self._select(source)
+            for index, page, label in document.pages():
+                result = self.hd.read_document(document.data, pages=page, max_pages=1, **options)
+                yield self._document(result.pages[0], document, index, label)
 
     async def alazy_load(self) -> AsyncIterator[Document]:
-        """Async :meth:`lazy_load`: the model runs in a worker thread, the event loop stays free."""
+        """Async :meth:`lazy_load`: the model runs in a worker thread, the event loop stays free, and
+        cancelling the consumer stops the model at its next token."""
         options = self._options()
         for source in self.sources:
-            raw = await asyncio.to_thread(read_source_bytes, source, policy=options["policy"])
-            if raw.kind != "pdf":
-                result = await self.hd.aread_document(raw.data, pages=self.pages, **options)
-                for page in result.pages:
-                    yield self._document(page, raw.name)
-                continue
-            for number, may_be_past_end in self._page_numbers():
-                try:
-                    result = await self.hd.aread_document(raw.data, pages=[number], **options)
-                except errors.PageRangeError:
-                    if may_be_past_end:
-                        break
-                    raise
-                yield self._document(result.pages[0], raw.name)
+            document = await run_cancellable(lambda _cancel, source=source: self._select(source))
+            for index, page, label in document.pages():
+                result = await self.hd.aread_document(document.data, pages=page, max_pages=1, **options)
+                yield self._document(result.pages[0], document, index, label)
 
 
 __all__ = ["HD4KDocumentLoader"]

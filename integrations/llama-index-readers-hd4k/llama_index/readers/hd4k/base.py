@@ -188,6 +188,4 @@ class HD4KReader(BaseReader):
         **kwargs: Any,
     ) -> list[Document]:
         """All documents of :meth:`lazy_load_data` as a list."""
-        return list(
-            self.lazy_load_data(file, pages=pages, extra_info=extra_info, fs=fs, file_path=file_path, **kwargs)
-        )
+        return list(self.lazy_load_data(file, pages=pages, extra_info=extra_info, fs=fs, file_path=file_path, **kwargs))

@@ -124,6 +124,7 @@ class HD4KToolSpec(BaseToolSpec):
         ``settings``: limits for untrusted arguments (default: no file or URL access);
         ``registry``: images the agent may name as ``image://...``."""
         self.agent_tools = AgentTools(as_hd4k(hd), settings, registry)
+        self.spec_functions = [(name, "a" + name) for name in TOOL_ARGS]
 
     @property
     def settings(self) -> ToolSettings:

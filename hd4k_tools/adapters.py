@@ -92,8 +92,8 @@ def assemble_messages(turns: Iterable[tuple[Role, Sequence[Part]]]) -> list[Mess
     System texts are joined into one leading system message (a system image is refused); ``tool`` turns
     become user turns introduced by :func:`tool_result_parts` (give them their parts already prefixed,
     or use the role ``"tool"`` for an unnamed result); adjacent text parts of one turn are joined with a
-    newline; empty user turns are dropped, empty assistant turns kept (dropping one would merge the user
-    turns around it).
+    newline (unless the first already ends with one); empty user turns are dropped, empty assistant turns
+    kept (dropping one would merge the user turns around it).
     """
     system: list[str] = []
     out: list[Message] = []
@@ -106,7 +106,8 @@ def assemble_messages(turns: Iterable[tuple[Role, Sequence[Part]]]) -> list[Mess
                 if not part:
                     continue
                 if merged and isinstance(merged[-1], str):
-                    merged[-1] = merged[-1] + "\n" + part
+                    separator = "" if merged[-1].endswith("\n") else "\n"
+                    merged[-1] = merged[-1] + separator + part
                     continue
             merged.append(part)
         if role == "system":

@@ -29,7 +29,6 @@ from hd4k_tools.ingestion.shards import records_from, write_shard
 from hd4k_tools.ingestion.work import EngineSpec, PageSettings, RayTranscriber, WorkPlan, render_rows
 from hd4k_tools.pdf import PageSpec
 
-
 # A rendering task asks for less than the actors' CPU, so Ray Data keeps rendering in its own tasks (it
 # fuses map steps with equal resources into the actor), overlapping it with transcription.
 RENDER_CPUS = 0.5

@@ -282,7 +282,7 @@ class Transcriber:
             return []
         runner = self.hd.runner
         batch = getattr(runner, "generate_batch", None)
-        if batch is not None and len(requests) > 1:
+        if batch is not None:
             try:
                 return list(batch(requests, cancel=cancel))
             except CancelledError:

@@ -32,6 +32,7 @@ from hd4k_tools.ingestion.shards import (
     remove_stale_temporaries,
     shard_paths,
 )
+from hd4k_tools.ingestion.shards import iter_records as iter_ingest_records
 from hd4k_tools.ingestion.work import EngineSpec, PageSettings, WorkPlan, plan_work
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "PageRecord",
     "RecordError",
     "ingest",
+    "iter_ingest_records",
     "iter_records",
     "record_key",
 ]

@@ -253,20 +253,11 @@ def _run_ray(
     from hd4k_tools.ingestion.ray_pipeline import describe_files, ray_session, run_ray
 
     tally = ShardBuffer(manifest.out, shard_size)
-    with ray_session(address if isinstance(address, str) else None, workers) as started_local:
+    with ray_session(address if isinstance(address, str) else None, workers):
         plan = _plan(manifest, describe_files(paths, pages, settings.policy), settings, done)
         bar = IngestProgress(len(plan.tasks) + len(plan.failed_files), progress=progress)
         try:
-            run_ray(
-                plan,
-                spec,
-                settings,
-                tally,
-                workers=workers,
-                batch_size=batch_size,
-                progress=bar,
-                started_local=started_local,
-            )
+            run_ray(plan, spec, settings, tally, workers=workers, batch_size=batch_size, progress=bar)
         finally:
             bar.close()
             manifest.pages_done, manifest.pages_failed = tally.ok, tally.failed

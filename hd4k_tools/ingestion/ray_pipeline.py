@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from hd4k_tools.errors import MissingDependencyError
+from hd4k_tools.errors import IngestError, MissingDependencyError
 from hd4k_tools.imaging import ImagePolicy
 from hd4k_tools.ingestion.corpus import FileInfo, describe_file
 from hd4k_tools.ingestion.local import ShardBuffer
@@ -47,25 +47,28 @@ def _ray() -> Any:
 
 @contextmanager
 def ray_session(address: str | None, workers: int):
-    """Use the Ray of this process, join ``address``, or start a local Ray sized for ``workers`` actors.
-
-    Yields whether this call started Ray on this machine (then it also shuts it down).
-    """
+    """Use the Ray of this process, join ``address``, or start a local Ray sized for ``workers`` actors
+    (a Ray this call started or joined is shut down at the end)."""
     ray = _ray()
     if ray.is_initialized():
-        yield False
+        yield
         return
     if address:
-        ray.init(address=address, log_to_driver=False)
-        started_local = False
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except (ConnectionError, ValueError, RuntimeError) as err:
+            raise IngestError(
+                f"cannot join the Ray cluster at {address!r} ({' '.join(str(err).split())[:300]}); start it with "
+                "'ray start --head' on the head node, check the address (or RAY_ADDRESS), and where the cluster uses "
+                "token authentication set RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN or ~/.ray/auth_token)."
+            ) from err
     else:
         # Logical CPUs: one per actor plus the machine's cores for rendering and writing, so the actor
         # pool can never take every CPU slot and starve the rendering tasks it waits for.
         cores = os.cpu_count() or 1
-        ray.init(num_cpus=cores + workers, include_dashboard=False, log_to_driver=False)
-        started_local = True
+        ray.init(address="local", num_cpus=cores + workers, include_dashboard=False, log_to_driver=False)
     try:
-        yield started_local
+        yield
     finally:
         ray.shutdown()
 
@@ -93,13 +96,15 @@ def write_shard_rows(batch: Mapping[str, Any], out: str) -> dict[str, list[Any]]
     return {"shard": [name], "pages": [len(records)], "failed": [failed]}
 
 
-def _actor_resources(ray: Any, spec: EngineSpec, workers: int, started_local: bool) -> tuple[dict[str, float], int]:
-    """Ray resources of one transcription actor, and the torch threads it may use."""
+def _actor_resources(ray: Any, spec: EngineSpec, workers: int) -> tuple[dict[str, float], int]:
+    """Ray resources of one transcription actor, and the torch threads it may use (0: torch's default)."""
     if spec.engine == "remote":  # the model runs elsewhere: actors only wait on HTTP
         return {"num_cpus": 0.5}, 0
     if ray.cluster_resources().get("GPU", 0) >= 1:
         return {"num_cpus": 1, "num_gpus": 1}, 0
-    threads = max(1, (os.cpu_count() or 1) // workers) if started_local else 0
+    # CPU only, one machine (a local Ray): the actors split its cores instead of each taking all of them.
+    single_node = len([n for n in ray.nodes() if n.get("Alive")]) == 1
+    threads = max(1, (os.cpu_count() or 1) // workers) if single_node else 0
     return {"num_cpus": 1}, threads
 
 
@@ -112,7 +117,6 @@ def run_ray(
     workers: int,
     batch_size: int,
     progress: IngestProgress,
-    started_local: bool,
 ) -> None:
     """Run ``plan`` on Ray, writing shards of ``tally.shard_size`` records into ``tally.out``; ``tally``
     keeps the counts and shard names as the shards arrive."""
@@ -122,7 +126,7 @@ def run_ray(
     progress.update(len(plan.failed_files))
     if not plan.tasks:
         return
-    resources, threads = _actor_resources(ray, spec, workers, started_local)
+    resources, threads = _actor_resources(ray, spec, workers)
     blocks = max(1, -(-len(plan.tasks) // batch_size))
     ds = ray.data.from_items([{"task": t.to_json()} for t in plan.tasks], override_num_blocks=blocks)
     ds = ds.map_batches(

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from hd4k_tools.errors import HD4KError
+from hd4k_tools.errors import IngestError
 from hd4k_tools.ingestion.records import RECORD_FORMAT, PageRecord
 
 SHARD_DIR = "shards"
@@ -30,7 +30,7 @@ MANIFEST = "manifest.json"
 _TMP_PREFIX = ".tmp-"
 
 
-class IngestOutputError(HD4KError):
+class IngestOutputError(IngestError):
     """The output folder cannot be used: an unreadable shard, or earlier runs with other settings."""
 
 

@@ -19,7 +19,7 @@ pytest.importorskip("ray.data")
 @pytest.fixture(scope="module", autouse=True)
 def ray_session():
     """One local Ray for the module (starting Ray costs seconds on 2 cores); ingest uses it as it is."""
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()

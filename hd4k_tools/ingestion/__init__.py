@@ -115,7 +115,7 @@ def ingest(
         device, dtype: for the native engine.
         policy: input limits (bytes, pixels) for every file and rendered page.
         progress: a bar on a terminal, plain lines otherwise; ``False`` = silent.
-        cancel: set it to stop between pages (local mode); finished records are kept.
+        cancel: set it to stop between pages (local mode only); finished records are kept.
 
     Returns:
         The run's :class:`Manifest` (also in ``out/manifest.json``); ``manifest.records()`` iterates the
@@ -132,6 +132,8 @@ def ingest(
     if remote:
         engine = "remote"
     use_ray = ray is not None and ray is not False
+    if cancel is not None and use_ray:
+        raise InputError("cancel= works in local mode only; stop a Ray run with Ctrl-C (finished shards are kept).")
     if hd is not None and use_ray:
         raise InputError("hd= (an object in this process) cannot be shipped to Ray actors; pass model= and engine=.")
     if model is None:

@@ -8,6 +8,7 @@ strings and bytes, so no stage depends on Arrow's type inference.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import threading
@@ -68,15 +69,12 @@ class EngineSpec:
             return HD4K.remote(self.remote_url or "", self.model, api_key=os.environ.get("HD4K_API_KEY"))
         if self.engine == "native":
             return HD4K.from_pretrained(self.model, device=self.device, dtype=self.dtype, progress=progress)
-        try:
-            return HD4K.from_pretrained(
-                self.model, engine="vllm", device=self.device, dtype=self.dtype, progress=progress
-            )
-        except TypeError as err:  # an hd4k-tools without the in-process vLLM engine
+        if "engine" not in inspect.signature(HD4K.from_pretrained).parameters:
             raise MissingDependencyError(
-                f"engine='vllm' is not available in this hd4k-tools ({err}); use engine='native', or serve "
-                "the model with vLLM and use engine='remote' with its URL."
-            ) from err
+                "engine='vllm' is not available in this hd4k-tools (HD4K.from_pretrained takes no engine=); use "
+                "engine='native', or serve the model with vLLM and use engine='remote' with its URL."
+            )
+        return HD4K.from_pretrained(self.model, engine="vllm", device=self.device, dtype=self.dtype, progress=progress)
 
 
 @dataclass(frozen=True)

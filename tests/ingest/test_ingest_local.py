@@ -319,3 +319,28 @@ def test_cli_refuses_bad_options_in_one_line(corpus, tmp_path, capsys, argv, mes
 def test_ray_option_that_swallowed_an_input_is_refused(corpus, tmp_path, capsys) -> None:
     assert main(["ingest", "--out", str(tmp_path / "o"), "--ray", str(corpus["root"]), str(corpus["scan"])]) == 2
     assert "put the inputs before --ray" in capsys.readouterr().err
+
+
+def test_engine_vllm_without_the_engine_is_refused_before_loading(corpus, tmp_path, monkeypatch) -> None:
+    import inspect
+
+    from hd4k_tools.ingestion.work import EngineSpec
+
+    if "engine" in inspect.signature(HD4K.from_pretrained).parameters:
+        pytest.skip("this hd4k-tools has the in-process vLLM engine")
+    loads: list[str] = []
+    monkeypatch.setattr(HD4K, "from_pretrained", classmethod(lambda cls, *a, **k: loads.append("x")))
+    with pytest.raises(errors.MissingDependencyError, match="engine='vllm' is not available"):
+        EngineSpec(engine="vllm", model="m").open()
+    assert loads == []
+
+
+def test_bad_arguments_are_refused(corpus, tmp_path, hd4k_tiny) -> None:
+    with pytest.raises(errors.InputError, match="cancel= works in local mode only"):
+        ingest([corpus["scan"]], tmp_path / "o", model="m", ray=True, cancel=threading.Event())
+    with pytest.raises(errors.InputError, match="cannot be shipped to Ray actors"):
+        ingest([corpus["scan"]], tmp_path / "o", hd=hd4k_tiny, ray="auto")
+    with pytest.raises(errors.InvalidHDNumError):
+        ingest([corpus["scan"]], tmp_path / "o", hd=hd4k_tiny, hd_num=0)
+    with pytest.raises(errors.InputError, match="needs the server's base URL"):
+        ingest([corpus["scan"]], tmp_path / "o", model="m", engine="remote")

@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from hd4k_tools.errors import CancelledError, InputError, InvalidHDNumError
-from hd4k_tools.imaging import ImagePolicy
 from hd4k_tools.ingestion.corpus import describe_file, list_inputs
+from hd4k_tools.ingestion.local import ShardBuffer, run_local
 from hd4k_tools.ingestion.progress import IngestProgress
+from hd4k_tools.ingestion.ray_pipeline import describe_files, ray_session, run_ray
 from hd4k_tools.ingestion.records import ENGINES, PageRecord, RecordError, record_key, requested_hd_num
 from hd4k_tools.ingestion.shards import (
     IngestOutputError,
@@ -34,6 +35,7 @@ from hd4k_tools.ingestion.shards import (
 )
 from hd4k_tools.ingestion.shards import iter_records as iter_ingest_records
 from hd4k_tools.ingestion.work import EngineSpec, PageSettings, WorkPlan, plan_work
+from hd4k_tools.inputs.policy import ImagePolicy
 
 __all__ = [
     "ENGINES",
@@ -97,7 +99,7 @@ def ingest(
         out: the output folder; a rerun over the same folder skips every page already done (keyed by
             content hash, page, hd_num, model and prompt) and ends with the same records.
         model: checkpoint folder or hub id (native, vllm) or the model name on the server (remote);
-            default ``$HD4K_MODEL`` or the official checkpoint. It is part of the resume key as given.
+            required unless ``hd`` is given. It is part of the resume key as given.
         engine: ``"native"`` (PyTorch in process), ``"vllm"`` (in-process vLLM engine, pages in batches)
             or ``"remote"`` (an OpenAI-compatible server at ``remote``).
         remote: the server's base URL; implies ``engine="remote"``.
@@ -137,12 +139,9 @@ def ingest(
     if hd is not None and use_ray:
         raise InputError("hd= (an object in this process) cannot be shipped to Ray actors; pass model= and engine=.")
     if model is None:
-        if hd is not None:
-            model = str(hd.model_id)
-        else:
-            from hd4k_tools.cli_model import default_model
-
-            model = default_model()
+        if hd is None:
+            raise InputError("no model given; pass model= (a checkpoint folder, hub id or remote model name).")
+        model = str(hd.model_id)
     spec = (
         None
         if hd is not None
@@ -212,8 +211,6 @@ def _run_local(
     progress: bool | None,
     cancel: threading.Event | None,
 ) -> None:
-    from hd4k_tools.ingestion.local import ShardBuffer, run_local
-
     plan = _plan(manifest, [describe_file(p, pages, settings.policy) for p in paths], settings, done)
     bar = IngestProgress(len(plan.tasks) + len(plan.failed_files), progress=progress)
     owned = hd is None and bool(plan.tasks)
@@ -251,9 +248,6 @@ def _run_ray(
     shard_size: int,
     progress: bool | None,
 ) -> None:
-    from hd4k_tools.ingestion.local import ShardBuffer
-    from hd4k_tools.ingestion.ray_pipeline import describe_files, ray_session, run_ray
-
     tally = ShardBuffer(manifest.out, shard_size)
     with ray_session(address if isinstance(address, str) else None, workers):
         plan = _plan(manifest, describe_files(paths, pages, settings.policy), settings, done)

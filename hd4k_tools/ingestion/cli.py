@@ -16,7 +16,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from hd4k_tools.cli.args import parse_hd_num
 from hd4k_tools.errors import InputError
+from hd4k_tools.ingestion import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE, ingest
 from hd4k_tools.ingestion.records import ENGINES, TASK
 
 LOCAL_RAY = ""
@@ -37,9 +39,6 @@ def _ray_argument(value: str | None) -> bool | str | None:
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     """Run ``hd4k ingest`` and print a one-line summary (or the manifest with ``--json``)."""
-    from hd4k_tools.cli import parse_hd_num
-    from hd4k_tools.ingestion import ingest
-
     if args.engine == "remote" and not args.remote:
         raise InputError("--engine remote needs the server's base URL: --remote http://host:8000/v1")
     generation: dict[str, Any] = {}
@@ -77,8 +76,6 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 def register(commands: Any, *, default_model: str) -> None:
     """Add ``ingest`` to the ``hd4k`` sub-commands."""
-    from hd4k_tools.ingestion import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE
-
     p = commands.add_parser(
         "ingest",
         help="transcribe a corpus of PDFs and images into page records (local or on Ray)",

@@ -16,9 +16,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from hd4k_tools.errors import HD4KError, ImageNotFoundError, InputError
-from hd4k_tools.imaging import ImagePolicy, read_source_bytes
 from hd4k_tools.ingestion.records import RecordError
-from hd4k_tools.pdf import PageSpec, parse_page_range, select_pages
+from hd4k_tools.inputs.images import read_source_bytes
+from hd4k_tools.inputs.pdf import PageSpec, parse_page_range, select_pages
+from hd4k_tools.inputs.policy import ImagePolicy
 
 PDF_EXTENSIONS = frozenset({".pdf"})
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif"})

@@ -19,6 +19,7 @@ from hd4k_tools.ingestion.records import PageRecord
 from hd4k_tools.ingestion.shards import write_shard
 from hd4k_tools.ingestion.work import PageSettings, PageTask, RenderedPage, Transcriber, WorkPlan, render_tasks
 from hd4k_tools.progress import check_cancelled
+from hd4k_tools.runtime.runner import BatchRunner
 
 
 class ShardBuffer:
@@ -97,7 +98,7 @@ def run_local(
             return
         transcribe = Transcriber(hd, settings, model)
         # Without a batching runner, pages go one at a time: an interruption loses at most one page.
-        step = batch_size if getattr(hd.runner, "generate_batch", None) is not None else 1
+        step = batch_size if isinstance(hd.runner, BatchRunner) else 1
         for rendered in _rendered_ahead(plan.tasks, settings, batch_size, workers):
             for start in range(0, len(rendered), step):
                 check_cancelled(cancel, "hd4k ingest")

@@ -20,14 +20,14 @@ from contextlib import contextmanager
 from typing import Any
 
 from hd4k_tools.errors import IngestError, MissingDependencyError
-from hd4k_tools.imaging import ImagePolicy
 from hd4k_tools.ingestion.corpus import FileInfo, describe_file
 from hd4k_tools.ingestion.local import ShardBuffer
 from hd4k_tools.ingestion.progress import IngestProgress
 from hd4k_tools.ingestion.records import PageRecord
 from hd4k_tools.ingestion.shards import records_from, write_shard
 from hd4k_tools.ingestion.work import EngineSpec, PageSettings, RayTranscriber, WorkPlan, render_rows
-from hd4k_tools.pdf import PageSpec
+from hd4k_tools.inputs.pdf import PageSpec
+from hd4k_tools.inputs.policy import ImagePolicy
 
 # A rendering task asks for less than the actors' CPU, so Ray Data keeps rendering in its own tasks (it
 # fuses map steps with equal resources into the actor), overlapping it with transcription.

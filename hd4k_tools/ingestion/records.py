@@ -14,12 +14,14 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from hd4k_tools import errors
+from hd4k_tools.runtime.engines import ENGINES as ENGINE_REGISTRY
 from hd4k_tools.tasks import TASKS, document_prompt
 
 RECORD_FORMAT = "hd4k-ingest/1"
 TASK = TASKS["read_document"]
 Engine = Literal["native", "vllm", "remote"]
-ENGINES: tuple[str, ...] = ("native", "vllm", "remote")
+# The in-process engines of the registry, and a remote OpenAI-compatible server.
+ENGINES: tuple[str, ...] = (*ENGINE_REGISTRY, "remote")
 
 
 def ingest_prompt(output: str = "markdown") -> str:

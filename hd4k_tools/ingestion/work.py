@@ -8,7 +8,6 @@ strings and bytes, so no stage depends on Arrow's type inference.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import threading
@@ -20,8 +19,8 @@ from typing import Any
 
 from PIL import Image
 
-from hd4k_tools.errors import CancelledError, HD4KError, InputError, MissingDependencyError
-from hd4k_tools.imaging import ImagePolicy, load_image, read_source_bytes
+from hd4k_tools.errors import CancelledError, HD4KError, InputError
+from hd4k_tools.hd4k import HD4K
 from hd4k_tools.ingestion.corpus import FileInfo
 from hd4k_tools.ingestion.records import (
     ENGINES,
@@ -33,8 +32,10 @@ from hd4k_tools.ingestion.records import (
     ingest_prompt,
     record_key,
 )
-from hd4k_tools.pdf import render_pages
-from hd4k_tools.runner import RunnerResult
+from hd4k_tools.inputs.images import load_image, read_source_bytes
+from hd4k_tools.inputs.pdf import render_pages
+from hd4k_tools.inputs.policy import ImagePolicy
+from hd4k_tools.runtime.runner import BatchRunner, RunnerResult
 
 
 @dataclass(frozen=True)
@@ -63,18 +64,14 @@ class EngineSpec:
 
     def open(self, *, progress: bool | None = False) -> Any:
         """The :class:`hd4k_tools.HD4K` this spec describes."""
-        from hd4k_tools.hd4k import HD4K
-
         if self.engine == "remote":
             return HD4K.remote(self.remote_url or "", self.model, api_key=os.environ.get("HD4K_API_KEY"))
+        # The engine registry (hd4k_tools.runtime.engines) loads the runner or names the extra to install.
         if self.engine == "native":
-            return HD4K.from_pretrained(self.model, device=self.device, dtype=self.dtype, progress=progress)
-        if "engine" not in inspect.signature(HD4K.from_pretrained).parameters:
-            raise MissingDependencyError(
-                "engine='vllm' is not available in this hd4k-tools (HD4K.from_pretrained takes no engine=); use "
-                "engine='native', or serve the model with vLLM and use engine='remote' with its URL."
-            )
-        return HD4K.from_pretrained(self.model, engine="vllm", device=self.device, dtype=self.dtype, progress=progress)
+            options: dict[str, Any] = {"device": self.device, "dtype": self.dtype, "progress": progress}
+        else:  # other engines pick their own defaults; a device or dtype they do not take is refused
+            options = {k: v for k, v in (("device", self.device), ("dtype", self.dtype)) if v != "auto"}
+        return HD4K.from_pretrained(self.model, engine=self.engine, **options)
 
 
 @dataclass(frozen=True)
@@ -241,8 +238,8 @@ def render_rows(batch: Mapping[str, Any], settings: PageSettings) -> dict[str, l
 class Transcriber:
     """Holds one engine (:class:`hd4k_tools.HD4K`) and turns rendered pages into records.
 
-    Pages go to the runner's ``generate_batch`` when it has one (engines that batch, e.g. vLLM),
-    otherwise one by one. A page whose call fails with a typed error becomes an error record.
+    Pages go to the runner's ``generate_batch`` when it is a ``BatchRunner`` (engines that batch, e.g.
+    vLLM), otherwise one by one. A page whose call fails with a typed error becomes an error record.
     """
 
     def __init__(self, hd: Any, settings: PageSettings, model: str) -> None:
@@ -279,10 +276,9 @@ class Transcriber:
         if not requests:
             return []
         runner = self.hd.runner
-        batch = getattr(runner, "generate_batch", None)
-        if batch is not None:
+        if isinstance(runner, BatchRunner):
             try:
-                return list(batch(requests, cancel=cancel))
+                return list(runner.generate_batch(requests, cancel=cancel))
             except CancelledError:
                 raise
             except HD4KError:

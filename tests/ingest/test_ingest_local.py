@@ -321,18 +321,17 @@ def test_ray_option_that_swallowed_an_input_is_refused(corpus, tmp_path, capsys)
     assert "put the inputs before --ray" in capsys.readouterr().err
 
 
-def test_engine_vllm_without_the_engine_is_refused_before_loading(corpus, tmp_path, monkeypatch) -> None:
-    import inspect
-
+def test_engines_open_through_the_engine_registry(monkeypatch) -> None:
     from hd4k_tools.ingestion.work import EngineSpec
 
-    if "engine" in inspect.signature(HD4K.from_pretrained).parameters:
-        pytest.skip("this hd4k-tools has the in-process vLLM engine")
-    loads: list[str] = []
-    monkeypatch.setattr(HD4K, "from_pretrained", classmethod(lambda cls, *a, **k: loads.append("x")))
-    with pytest.raises(errors.MissingDependencyError, match="engine='vllm' is not available"):
-        EngineSpec(engine="vllm", model="m").open()
-    assert loads == []
+    calls: list[tuple[str, dict[str, Any]]] = []
+    monkeypatch.setattr(HD4K, "from_pretrained", classmethod(lambda cls, path, **k: calls.append((path, k))))
+    EngineSpec(engine="native", model="m", device="cpu", dtype="float32").open()
+    EngineSpec(engine="vllm", model="m").open()
+    assert calls == [
+        ("m", {"engine": "native", "device": "cpu", "dtype": "float32", "progress": False}),
+        ("m", {"engine": "vllm"}),
+    ]
 
 
 def test_bad_arguments_are_refused(corpus, tmp_path, hd4k_tiny) -> None:

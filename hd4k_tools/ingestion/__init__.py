@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from hd4k_tools.errors import CancelledError, InputError, InvalidHDNumError
-from hd4k_tools.ingestion.corpus import describe_file, list_inputs
+from hd4k_tools.ingestion.corpus import clip_pages, describe_file, list_inputs
 from hd4k_tools.ingestion.local import ShardBuffer, run_local
 from hd4k_tools.ingestion.progress import IngestProgress
 from hd4k_tools.ingestion.ray_pipeline import describe_files, ray_session, run_ray
@@ -130,6 +130,7 @@ def ingest(
         CancelledError, KeyboardInterrupt: the run was stopped; every finished shard is valid.
     """
     _check_hd_num(hd_num)
+    clip_pages(pages, 1)  # a selection that cannot be read is refused here, not recorded for every file
     _check_positive(workers=workers, batch_size=batch_size, shard_size=shard_size, dpi=dpi)
     if remote:
         engine = "remote"
@@ -177,6 +178,9 @@ def ingest(
             )
     except (KeyboardInterrupt, CancelledError):
         manifest.status = "interrupted"
+        raise
+    except Exception:
+        manifest.status = "failed"
         raise
     else:
         manifest.status = "complete"

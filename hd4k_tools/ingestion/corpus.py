@@ -18,16 +18,13 @@ from pathlib import Path
 from hd4k_tools.errors import HD4KError, ImageNotFoundError, InputError
 from hd4k_tools.ingestion.records import RecordError
 from hd4k_tools.inputs.images import read_source_bytes
-from hd4k_tools.inputs.pdf import PageSpec, parse_page_range, select_pages
+from hd4k_tools.inputs.pdf import PageSpec, page_count, parse_page_range
 from hd4k_tools.inputs.policy import ImagePolicy
 
 PDF_EXTENSIONS = frozenset({".pdf"})
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif"})
 SUPPORTED_EXTENSIONS = PDF_EXTENSIONS | IMAGE_EXTENSIONS
-# A corpus PDF may be long; pages are rendered one at a time, so this only bounds one file's work list.
-MAX_PAGES_PER_FILE = 10_000
 _GLOB_CHARS = re.compile(r"[*?\[]")
-_HASH_CHUNK = 1 << 20
 
 
 def _supported(path: Path) -> bool:
@@ -78,13 +75,15 @@ def _expand(path: Path, *, explicit: bool) -> Iterable[str]:
         yield str(path.resolve())
 
 
-def content_hash(path: str | os.PathLike[str]) -> str:
-    """SHA-256 of the file's bytes (streamed, so any size), as ``sha256:<hex>``."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return f"sha256:{digest.hexdigest()}"
+def content_hash(data: bytes) -> str:
+    """SHA-256 of a file's bytes, as ``sha256:<hex>``."""
+    return f"sha256:{hashlib.sha256(data).hexdigest()}"
+
+
+def _unread_hash(source: str) -> str:
+    """Stands in for the content hash of a file that could not be read (refused path, over max_bytes):
+    derived from its path, since its bytes are not ours to read."""
+    return f"path:{hashlib.sha256(source.encode('utf-8')).hexdigest()}"
 
 
 @dataclass(frozen=True)
@@ -137,17 +136,21 @@ def clip_pages(spec: PageSpec, num_pages: int) -> list[int]:
 
 
 def describe_file(source: str, pages: PageSpec, policy: ImagePolicy) -> FileInfo:
-    """Hash ``source`` and find what it contributes: the selected pages of a PDF, or page 1 of an image.
+    """Read ``source`` under ``policy``, hash it, and find what it contributes: the selected pages of a
+    PDF, or page 1 of an image.
 
-    Input problems (corrupt, encrypted, too large, not a PDF or image) come back in ``error``, so the
-    caller records them and goes on.
+    Input problems (refused path, too large, corrupt, encrypted) come back in ``error``, so the caller
+    records them and goes on.
     """
-    digest = content_hash(source)
     try:
         raw = read_source_bytes(Path(source), policy=policy)
+    except HD4KError as err:
+        return FileInfo(source, _unread_hash(source), "unknown", None, (), RecordError.from_exception(err).model_dump())
+    # The hash is of the very bytes the policy let through, read once.
+    digest = content_hash(raw.data)
+    try:
         if raw.kind == "pdf":
-            count_all = select_pages(raw, None, policy=policy, max_pages=MAX_PAGES_PER_FILE)
-            total = len(count_all)
+            total = page_count(raw, policy=policy)
             chosen = clip_pages(pages, total)
             return FileInfo(source, digest, "pdf", total, tuple(i + 1 for i in chosen))
         chosen = clip_pages(pages, 1)

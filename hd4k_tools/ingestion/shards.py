@@ -125,7 +125,7 @@ class Manifest(BaseModel):
     """
 
     format: str = RECORD_FORMAT
-    status: Literal["running", "complete", "interrupted"] = "running"
+    status: Literal["running", "complete", "interrupted", "failed"] = "running"
     out: str
     engine: str
     model: str

@@ -341,5 +341,19 @@ def test_bad_arguments_are_refused(corpus, tmp_path, hd4k_tiny) -> None:
         ingest([corpus["scan"]], tmp_path / "o", hd=hd4k_tiny, ray="auto")
     with pytest.raises(errors.InvalidHDNumError):
         ingest([corpus["scan"]], tmp_path / "o", hd=hd4k_tiny, hd_num=0)
+    with pytest.raises(errors.PageRangeError, match="runs backwards"):
+        ingest([corpus["scan"]], tmp_path / "o", hd=hd4k_tiny, pages="3-1")
     with pytest.raises(errors.InputError, match="needs the server's base URL"):
         ingest([corpus["scan"]], tmp_path / "o", model="m", engine="remote")
+
+
+def test_files_outside_the_policy_roots_are_refused_unread(corpus, hd4k_tiny, tmp_path, fast) -> None:
+    from hd4k_tools import ImagePolicy
+
+    policy = ImagePolicy(allowed_roots=(corpus["letter"].parent,))
+    manifest = ingest([corpus["scan"], corpus["letter"]], tmp_path / "out", hd=hd4k_tiny, model="m", policy=policy,
+                      progress=False, **fast)  # fmt: skip
+    records = {Path(r.source).name: r for r in manifest.records()}
+    assert records["scan.png"].error.type == "PathNotAllowedError"
+    assert records["scan.png"].content_hash.startswith("path:")  # its bytes were never read
+    assert records["letter.pdf"].ok and records["letter.pdf"].content_hash.startswith("sha256:")

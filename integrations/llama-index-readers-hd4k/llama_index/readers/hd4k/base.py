@@ -1,4 +1,5 @@
-"""``HD4KReader``: transcribe images and PDFs into LlamaIndex ``Document``\\ s (one per page)."""
+"""``HD4KReader``: transcribe images and PDFs into LlamaIndex ``Document``\\ s (one per page);
+``HD4KIngestReader``: read the pages an ``hd4k ingest`` run already transcribed."""
 
 from __future__ import annotations
 
@@ -10,10 +11,20 @@ from typing import Any
 from llama_index.core.readers.base import BaseReader
 from llama_index.core.schema import Document
 
-from hd4k_tools import HD4K, GenerationConfig, ImagePolicy, ImageSource, InputError, Runner, TaskResult
+from hd4k_tools import (
+    HD4K,
+    GenerationConfig,
+    ImagePolicy,
+    ImageSource,
+    InputError,
+    PageRecord,
+    Runner,
+    TaskResult,
+    iter_ingest_records,
+)
 from hd4k_tools.adapters import DocumentPages, as_hd4k, select_document_pages
 
-__all__ = ["HD4KReader"]
+__all__ = ["HD4KIngestReader", "HD4KReader"]
 
 PageSelection = int | str | Sequence[int] | None
 FileArg = str | os.PathLike[str] | bytes
@@ -189,3 +200,57 @@ class HD4KReader(BaseReader):
     ) -> list[Document]:
         """All documents of :meth:`lazy_load_data` as a list."""
         return list(self.lazy_load_data(file, pages=pages, extra_info=extra_info, fs=fs, file_path=file_path, **kwargs))
+
+
+class HD4KIngestReader(BaseReader):
+    """Read an ``hd4k ingest`` output folder (``OUT/shards/*.jsonl``) into one ``Document`` per page.
+
+    Nothing is transcribed here. Documents carry the metadata of :class:`HD4KReader` (``file``, ``page``,
+    ``hd_num``, ``grid``, ``image_tokens``, ``tokens``, ``model``, the technical keys hidden from
+    embeddings and LLMs) plus ``page_count``; ``id_`` is the record's resume key, so re-reading a folder
+    gives the same ids. Failed pages are skipped unless ``include_errors=True``.
+
+    >>> from llama_index.core import VectorStoreIndex                       # doctest: +SKIP
+    >>> index = VectorStoreIndex.from_documents(HD4KIngestReader().load_data("out/"))  # doctest: +SKIP
+    """
+
+    def __init__(self, *, include_errors: bool = False) -> None:
+        self.include_errors = include_errors
+
+    @staticmethod
+    def _document(record: PageRecord) -> Document:
+        metadata: dict[str, Any] = {
+            # The metadata keys of HD4KReader: file_path, page (1-based), page_label, total_pages.
+            "file_path": record.source,
+            "page": record.page or 1,
+            "page_label": str(record.page or 1),
+            "total_pages": record.page_count,
+            "hd_num": record.hd_num,
+            "grid": record.grid,
+            "image_tokens": record.tokens.image,
+            "tokens": record.tokens.prompt + record.tokens.completion,
+            "model": record.model,
+        }
+        if record.error is not None:
+            metadata["error_type"] = record.error.type
+            metadata["error"] = record.error.message
+        hidden = list(_TECHNICAL_KEYS)
+        return Document(
+            id_=record.key,
+            text=record.text,
+            metadata=metadata,
+            excluded_embed_metadata_keys=hidden,
+            excluded_llm_metadata_keys=hidden,
+        )
+
+    def lazy_load_data(self, out: str | os.PathLike[str], **kwargs: Any) -> Iterator[Document]:
+        """Yield one ``Document`` per ingested page of the output folder ``out`` (by source, then page)."""
+        if kwargs:
+            raise TypeError(f"unexpected arguments {sorted(kwargs)}; HD4KIngestReader takes the output folder")
+        for record in iter_ingest_records(out):
+            if record.error is None or self.include_errors:
+                yield self._document(record)
+
+    def load_data(self, out: str | os.PathLike[str], **kwargs: Any) -> list[Document]:
+        """All documents of :meth:`lazy_load_data` as a list."""
+        return list(self.lazy_load_data(out, **kwargs))

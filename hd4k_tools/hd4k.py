@@ -156,11 +156,15 @@ class HD4K:
         policy: ImagePolicy | None = None,
         **kwargs: Any,
     ) -> HD4K:
-        """Use an OpenAI-compatible chat-completions server (``hd4k serve``, LMDeploy, vLLM, SGLang)."""
+        """Use an OpenAI-compatible chat-completions server (``hd4k serve``, LMDeploy, vLLM, SGLang).
+
+        For ``hd4k serve --engine vllm`` (vLLM with this project's plugin) pass ``server="vllm"``: per-image
+        ``hd_num`` and the task's prompt layout then reach the plugin (see :class:`RemoteRunner`)."""
         from hd4k_tools.remote import RemoteRunner
 
-        runner_kwargs = {k: v for k, v in kwargs.items() if k not in ("dpi", "max_pdf_pages")}
-        own = {k: v for k, v in kwargs.items() if k in ("dpi", "max_pdf_pages")}
+        mine = ("dpi", "max_pdf_pages", "batch_pages")
+        runner_kwargs = {k: v for k, v in kwargs.items() if k not in mine}
+        own = {k: v for k, v in kwargs.items() if k in mine}
         return cls(RemoteRunner(base_url, model, api_key=api_key, **runner_kwargs), policy=policy, **own)
 
     @property

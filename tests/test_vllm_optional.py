@@ -83,3 +83,30 @@ def test_vllm_server_argv(tiny_checkpoint: Path, tmp_path: Path) -> None:
     config = json.loads((Path(argv[argv.index("--generation-config") + 1]) / "generation_config.json").read_text())
     assert config["eos_token_id"] == sorted({tok.eos_id, tok.im_end_id})
     assert stop_generation_config(tiny_checkpoint, cache_dir=tmp_path) == gen_dir  # written once
+
+
+def test_remote_runner_for_vllm_sends_mm_processor_kwargs() -> None:
+    from PIL import Image
+
+    from hd4k_tools.generation_config import GenerationConfig
+    from hd4k_tools.remote import RemoteRunner
+    from hd4k_tools.runner import GenerationRequest, Message
+
+    images = (Image.new("RGB", (400, 300), "white"), Image.new("RGB", (300, 500), "gray"))
+    request = GenerationRequest(
+        messages=(Message.user(*images, "Compare."),), hd_nums=(1, 4), generation=GenerationConfig(), layout="eval"
+    )
+    with RemoteRunner("http://127.0.0.1:9", "m", server="vllm") as runner:
+        payload = runner._payload(request, stream=False)
+        assert payload["mm_processor_kwargs"] == {"hd_num": [1, 4], "layout": "eval"}
+        assert "hd_num" not in payload and "layout" not in payload
+        assert not runner.supports_beam_search
+        beams = GenerationRequest(messages=request.messages, hd_nums=(1, 4), generation=GenerationConfig(num_beams=3))
+        with pytest.raises(InputError, match="no beam search"):
+            runner._payload(beams, stream=False)
+    with RemoteRunner("http://127.0.0.1:9", "m") as native_server:
+        assert native_server._payload(request, stream=False)["hd_num"] == [1, 4]
+    hd = HD4K.remote("http://127.0.0.1:9", "m", server="vllm")
+    # Task defaults decode greedily on a runner without beam search (describe_image defaults to 3 beams).
+    assert hd._describe_request(images[0], "detailed", 4, None, None).generation.num_beams == 1
+    hd.close()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import itertools
 import os
 import threading
@@ -214,7 +215,7 @@ class VllmRunner:
         """Shut vLLM's engine process down and stop the loop thread (idempotent)."""
         if self._closed:
             return
-        engine = getattr(self, "_engine", None)
+        engine, self._engine = getattr(self, "_engine", None), None
         if engine is not None:
 
             async def shutdown() -> None:
@@ -222,6 +223,10 @@ class VllmRunner:
 
             with contextlib.suppress(Exception):
                 asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(timeout=60)
+            # Collected now, while the interpreter is whole (AsyncLLM.__del__ shuts down again and fails
+            # during interpreter teardown).
+            del engine
+            gc.collect()
         self._closed = True
         self._stop_loop()
 

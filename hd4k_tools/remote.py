@@ -54,6 +54,7 @@ from PIL import Image
 from hd4k_tools.errors import InputError, RemoteConnectionError, RemoteResponseError
 from hd4k_tools.imaging import to_data_url
 from hd4k_tools.runner import GenerationRequest, RunnerResult, TextStream, stream_in_thread
+from hd4k_tools.stops import StopFilter
 from hd4k_tools.tasks import PlanSummary, Timings, Usage
 from hd4k_tools.tiling import HDPlan, plan
 
@@ -506,6 +507,14 @@ class RemoteRunner:
         return str(text), str(finish)
 
     def _stream_call(self, request: GenerationRequest, emit: Any, cancel: threading.Event) -> RunnerResult:
+        # Deltas of the stripped answer (as every runner gives): a server may start with a space (vLLM's
+        # detokenizer keeps the first piece's word boundary) or end with whitespace.
+        trim, emit_raw = StopFilter(), emit
+
+        def emit(delta: str) -> None:
+            if out := trim.feed(delta):
+                emit_raw(out)
+
         started = time.perf_counter()
         plans = _plans_for(request)
         payload = self._payload(request, stream=True)
@@ -528,8 +537,9 @@ class RemoteRunner:
                     response.close()
                 data = self._json(response)
                 text, finish = self._message(data, response.status_code)
-                if text:
-                    emit(text)
+                emit(text)
+                if tail := trim.finish():
+                    emit_raw(tail)
                 return self._result(text, finish, plans, data.get("usage"), data.get("hd4k"), started)
             try:
                 for line in response.iter_lines():
@@ -574,6 +584,8 @@ class RemoteRunner:
                 f"The connection to {self.base_url} ended before the answer was complete (no finish_reason "
                 "and no [DONE]); the server may have crashed or restarted. Retry the request."
             )
+        if tail := trim.finish():
+            emit_raw(tail)
         return self._result("".join(pieces), finish or "stop", plans, usage, extension, started)
 
     def _event(self, data: str) -> dict[str, Any]:
@@ -621,7 +633,7 @@ class RemoteRunner:
         )
         timings = timings.model_copy(update={"total_s": time.perf_counter() - started})
         return RunnerResult(
-            text=text,
+            text=text.strip(),
             model=self._model,
             finish_reason=finish,
             plans=summaries,

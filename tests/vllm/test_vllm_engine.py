@@ -199,3 +199,23 @@ def test_generate_batch_keeps_order(engine: HD4K, native: HD4K) -> None:
     ]
     ours = engine.runner.generate_batch(requests)
     assert [r.text for r in ours] == [native.runner.generate(r).text for r in requests]
+
+
+def test_langchain_chat_model_runs_on_the_engine(engine: HD4K, native: HD4K, landscape) -> None:
+    pytest.importorskip("langchain_core")
+    from langchain_core.messages import HumanMessage
+    from langchain_hd4k import ChatHD4K
+
+    from hd4k_tools import to_data_url
+
+    message = HumanMessage(
+        content=[
+            {"type": "text", "text": "What is in the picture?"},
+            {"type": "image_url", "image_url": {"url": to_data_url(landscape)}},
+        ]
+    )
+    ours = ChatHD4K(hd=engine, hd_num=4, max_new_tokens=24, num_beams=1).invoke([message])
+    theirs = ChatHD4K(hd=native, hd_num=4, max_new_tokens=24, num_beams=1).invoke([message])
+    assert ours.content == theirs.content and ours.content
+    streamed = "".join(c.content for c in ChatHD4K(hd=engine, hd_num=4, max_new_tokens=24).stream([message]))
+    assert streamed == theirs.content

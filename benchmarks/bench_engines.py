@@ -43,11 +43,12 @@ sys.path.insert(0, str(ROOT))
 
 from results import cpu_name, write_section  # noqa: E402
 
-from hd4k_tools.generation_config import GenerationConfig  # noqa: E402
-from hd4k_tools.remote import RemoteRunner  # noqa: E402
-from hd4k_tools.runner import GenerationRequest, LocalRunner, Message, RunnerResult  # noqa: E402
+from hd4k_tools.models.xcomposer2_4khd.tiny import make_tiny_checkpoint  # noqa: E402
+from hd4k_tools.runtime.generation_config import GenerationConfig  # noqa: E402
+from hd4k_tools.runtime.local import LocalRunner  # noqa: E402
+from hd4k_tools.runtime.remote import RemoteRunner  # noqa: E402
+from hd4k_tools.runtime.runner import GenerationRequest, Message, RunnerResult  # noqa: E402
 from hd4k_tools.tasks import describe_prompt  # noqa: E402
-from hd4k_tools.testing import make_tiny_checkpoint  # noqa: E402
 
 BENCH_CONFIG: dict[str, Any] = {
     "hidden_size": 512,
@@ -142,7 +143,7 @@ def main() -> None:
     import torch
     import vllm
 
-    from hd4k_tools.vllm_runner import VllmRunner
+    from hd4k_tools.runtime.vllm_runner import VllmRunner
 
     work = Path(tempfile.mkdtemp(prefix="bench_engines_"))
     checkpoint = make_tiny_checkpoint(work / "ckpt", seed=0, config_overrides=BENCH_CONFIG, shards=1)

@@ -9,15 +9,15 @@ prefix KV caches, peak RSS while loading a sharded checkpoint.
   in the same process. Both run in float32 with SDPA attention. Prefill: one forward over a 2000-token
   text prompt, logits of the last position only, KV cache on; the same prompt with 1489 image positions
   (Partial LoRA on) for the LoRA overhead. Decode: 64 greedy tokens after that prompt — ours through
-  ``hd4k_tools.generation.generate`` (our whole loop), Llama through a minimal greedy loop over its
+  ``hd4k_tools.runtime.generation.generate`` (our whole loop), Llama through a minimal greedy loop over its
   ``DynamicCache`` and through ``model.generate`` (HF's loop). Ratio = ours / Llama throughput (>= 1.0
   means we are no slower).
 * **TTFT: cold vs embedding-cache hit vs prefix-cache hit.** A chat-layout question about a 1600×1200
   image at HD-9 and HD-16. Cold = tiling + vision tower + prompt assembly + prefill + first token;
   embedding hit = the same with the image embeddings from
-  :class:`~hd4k_tools.embedding_cache.ImageEmbeddingCache`; prefix hit = a *second, different* question
+  :class:`~hd4k_tools.runtime.embedding_cache.ImageEmbeddingCache`; prefix hit = a *second, different* question
   about the same image with the decoder K/V of the prompt up to the image from
-  :class:`~hd4k_tools.kv_prefix_cache.PrefixKVCache` (key building, lookup, question embedding, prefix
+  :class:`~hd4k_tools.runtime.kv_prefix_cache.PrefixKVCache` (key building, lookup, question embedding, prefix
   copy into a fresh KV cache, prefill of the question, first token). Target (issue 3): cold / prefix hit
   >= 3x.
 * **Peak RSS while loading.** In a fresh subprocess: RSS after the imports is the baseline, then
@@ -49,12 +49,13 @@ sys.path.insert(0, str(ROOT))
 
 from results import cpu_name, write_section  # noqa: E402
 
-from hd4k_tools.embedding_cache import ImageEmbeddingCache, cache_key  # noqa: E402
-from hd4k_tools.generation import GenerationConfig, generate, iter_tokens  # noqa: E402
-from hd4k_tools.kv_prefix_cache import PrefixKVCache, split_at_last_image, suffix_inputs  # noqa: E402
 from hd4k_tools.models.xcomposer2_4khd import KVCache, load_pretrained  # noqa: E402
-from hd4k_tools.models.xcomposer2_4khd.prompt import assemble_inputs, build_prompt  # noqa: E402
-from hd4k_tools.tiling import plan, to_model_inputs  # noqa: E402
+from hd4k_tools.models.xcomposer2_4khd.prompt import build_prompt  # noqa: E402
+from hd4k_tools.models.xcomposer2_4khd.prompt_embeds import assemble_inputs  # noqa: E402
+from hd4k_tools.models.xcomposer2_4khd.tiling import plan, to_model_inputs  # noqa: E402
+from hd4k_tools.runtime.embedding_cache import ImageEmbeddingCache, cache_key  # noqa: E402
+from hd4k_tools.runtime.generation import GenerationConfig, generate, iter_tokens  # noqa: E402
+from hd4k_tools.runtime.kv_prefix_cache import PrefixKVCache, split_at_last_image, suffix_inputs  # noqa: E402
 
 SECTION = "## Model (issue 3)"
 # Same header and convention as bench_tiling.py: each script rewrites only its own section.
@@ -146,7 +147,7 @@ def timed(fn: Callable[[], Any]) -> Callable[[], float]:
 
 
 def bench_decoder(loaded: Any, runs: int) -> dict[str, float]:
-    from hd4k_tools.models.xcomposer2_4khd.prompt import PromptInputs
+    from hd4k_tools.models.xcomposer2_4khd.prompt_embeds import PromptInputs
 
     model, config = loaded.model, loaded.config
     llama = build_llama(config)
@@ -332,7 +333,7 @@ print(json.dumps({"baseline_kib": base, "hwm_before_kib": hwm_before, "hwm_kib":
 _WRITE_CHILD = r"""
 import json, sys
 sys.path.insert(0, sys.argv[2])
-from hd4k_tools.testing import make_tiny_checkpoint
+from hd4k_tools.models.xcomposer2_4khd.tiny import make_tiny_checkpoint
 make_tiny_checkpoint(sys.argv[1], seed=0, format=sys.argv[4], shards=4, config_overrides=json.loads(sys.argv[3]))
 """
 _INDEX = {"bin": "pytorch_model.bin.index.json", "safetensors": "model.safetensors.index.json"}
@@ -502,8 +503,8 @@ def report(dec: dict[str, float], ttft: dict[str, float], rss: dict[str, dict[st
         "accumulating into the output slice (`addmm_`, scale as alpha) — no boolean gather/scatter of "
         "`x[im_mask]` / `out[im_mask]` and no temporary delta (before: 1.22x).",
         "- TTFT: an embedding-cache hit skips tiling + the vision tower but still prefills every image token. A "
-        "prefix-cache hit (`hd4k_tools.kv_prefix_cache`; `LocalRunner` uses it for any follow-up question about "
-        "the same image(s)) copies the cached K/V of the prompt up to the end of the last image into a fresh "
+        "prefix-cache hit (`hd4k_tools.runtime.kv_prefix_cache`; `LocalRunner` uses it for any follow-up question "
+        "about the same image(s)) copies the cached K/V of the prompt up to the end of the last image into a fresh "
         "KV cache and prefills only the question; logits equal the uncached path's (tests: atol 1e-5).",
         "- Load peak: `.bin` shards are read with `torch.load(mmap=False)` and tensors already in the target "
         "dtype are assigned without a copy; `.safetensors` shards are read tensor by tensor straight into their "

@@ -9,7 +9,7 @@ and ``hd4k serve`` + ``RemoteRunner`` against the same model in process.
   request built, pydantic result) against ``runner.generate(request)`` with the very same request built
   once beforehand. Greedy, one beam, 32 new tokens; the embedding cache is cleared before every call so
   both sides run the whole pipeline (tiling, vision tower, prefill, decode). Calls alternate A/B.
-* **(b) Server vs in process.** ``python -m hd4k_tools.server`` on 127.0.0.1 serving the same checkpoint;
+* **(b) Server vs in process.** ``python -m hd4k_tools.serve.app`` on 127.0.0.1 serving the same checkpoint;
   the same requests through ``RemoteRunner`` (pre-sizing on, PNG upload) and through an in-process
   ``LocalRunner``. Every run uses a different image, so neither side's embedding cache ever hits. Also the
   upload size of a 4000×3000 photo-like image at HD-9 with and without pre-sizing.
@@ -45,12 +45,13 @@ sys.path.insert(0, str(ROOT))
 from results import cpu_name, write_section  # noqa: E402
 
 from hd4k_tools import HD4K  # noqa: E402
-from hd4k_tools.generation import GenerationConfig  # noqa: E402
-from hd4k_tools.imaging import load_image  # noqa: E402
-from hd4k_tools.remote import RemoteRunner, _data_url, presize  # noqa: E402
-from hd4k_tools.runner import GenerationRequest, LocalRunner, Message, RunnerResult, TextStream  # noqa: E402
+from hd4k_tools.inputs.images import load_image  # noqa: E402
+from hd4k_tools.models.xcomposer2_4khd.tiny import make_tiny_checkpoint  # noqa: E402
+from hd4k_tools.runtime.generation import GenerationConfig  # noqa: E402
+from hd4k_tools.runtime.local import LocalRunner  # noqa: E402
+from hd4k_tools.runtime.remote import RemoteRunner, _data_url, presize  # noqa: E402
+from hd4k_tools.runtime.runner import GenerationRequest, Message, RunnerResult, TextStream  # noqa: E402
 from hd4k_tools.tasks import TASKS, describe_prompt  # noqa: E402
-from hd4k_tools.testing import make_tiny_checkpoint  # noqa: E402
 
 BENCH_CONFIG: dict[str, Any] = {
     "hidden_size": 512,
@@ -120,7 +121,7 @@ def _server(checkpoint: Path) -> Iterator[str]:
     cmd = [
         sys.executable,
         "-m",
-        "hd4k_tools.server",
+        "hd4k_tools.serve.app",
         "--model",
         str(checkpoint),
         "--host",

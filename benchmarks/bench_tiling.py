@@ -33,7 +33,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from results import RESULTS, cpu_name, write_section
 
-from hd4k_tools.tiling import CLIP_MEAN, CLIP_STD, TILE, ModelInputs, hd_transform, plan, to_model_inputs
+from hd4k_tools.models.xcomposer2_4khd.tiling import (
+    CLIP_MEAN,
+    CLIP_STD,
+    TILE,
+    ModelInputs,
+    hd_transform,
+    plan,
+    to_model_inputs,
+)
 
 SECTION = "## Tiling (issue 2)"
 CASES = (("3840×1600 (ultrawide screenshot)", 3840, 1600), ("2480×3508 (A4 scan, 300 dpi)", 2480, 3508))
@@ -198,7 +206,7 @@ def main() -> int:
         )
     lines += [
         "",
-        "Stages (medians, ms): \"PIL resize alone\" is the single `Image.resize` call the naive path makes "
+        'Stages (medians, ms): "PIL resize alone" is the single `Image.resize` call the naive path makes '
         "(one thread); ours computes the very same pixels in parallel bands; `plan` is pure arithmetic.",
         "",
         "| input | PIL resize alone | `hd_transform` naive / ours | `plan` |",

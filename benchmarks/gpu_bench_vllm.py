@@ -41,10 +41,10 @@ sys.path.insert(0, str(ROOT))
 
 from results import write_section  # noqa: E402
 
-from hd4k_tools.generation_config import GenerationConfig  # noqa: E402
-from hd4k_tools.runner import GenerationRequest, Message  # noqa: E402
+from hd4k_tools.models.xcomposer2_4khd.tiny import make_tiny_checkpoint  # noqa: E402
+from hd4k_tools.runtime.generation_config import GenerationConfig  # noqa: E402
+from hd4k_tools.runtime.runner import GenerationRequest, Message  # noqa: E402
 from hd4k_tools.tasks import document_prompt  # noqa: E402
-from hd4k_tools.testing import make_tiny_checkpoint  # noqa: E402
 
 SECTION = "## vLLM on a GPU, full-size architecture (issue 11)"
 FULL_SIZE = {
@@ -125,7 +125,7 @@ def main() -> None:
     import torch
     import vllm
 
-    from hd4k_tools.vllm_runner import VllmRunner
+    from hd4k_tools.runtime.vllm_runner import VllmRunner
 
     work = Path(tempfile.mkdtemp(prefix="gpu_bench_vllm_"))
     folder = full_size_folder(work)

@@ -15,96 +15,29 @@ Errors are :class:`~hd4k_tools.errors.HD4KError` subclasses whose text tells the
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from hd4k_tools.errors import HD4KError, InputError, PathNotAllowedError, URLNotAllowedError
-from hd4k_tools.generation_config import MAX_NUM_BEAMS
 from hd4k_tools.hd4k import HD4K
-from hd4k_tools.imaging import ImagePolicy, ImageSource
-from hd4k_tools.tasks import ChartResult, DocumentResult, TaskResult
+from hd4k_tools.inputs.images import ImageSource
+from hd4k_tools.inputs.policy import ImagePolicy
+from hd4k_tools.results import ChartResult, DocumentResult, TaskResult
+from hd4k_tools.runtime.generation_config import MAX_NUM_BEAMS
+from hd4k_tools.tasks import tool_specs
 
 IMAGE_REF_SCHEME = "image://"
 
-_IMAGE_ARG_DESCRIPTION = (
-    "The image to look at: a file path relative to the allowed folder (PNG, JPEG, WebP, TIFF, BMP, GIF"
-    "{pdf}), or a reference like 'image://img-1' to an image from the conversation, or a 'data:' URL"
-    "{urls}. Do not paste raw base64."
-)
-_HD_NUM_DESCRIPTION = (
-    "Optional resolution budget: the maximum number of 336x336 tiles the image is cut into (1-100). "
-    "Omit it for the task's default ({default}); raise it to read smaller text, lower it to save tokens."
-)
-
-
-def _image_field(*, pdf: bool) -> Any:
-    return Field(
-        description=_IMAGE_ARG_DESCRIPTION.format(
-            pdf=", or a PDF" if pdf else "", urls=", or an http(s) URL when URLs are enabled"
-        ),
-        min_length=1,
-        max_length=8192,
-    )
-
-
-class ReadDocumentArgs(BaseModel):
-    """Arguments of the read-document tool."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    image: str = _image_field(pdf=True)
-    pages: str | None = Field(
-        default=None,
-        description="PDF pages to read, 1-based: '1', '2-4', '1,3,5'. Omit for all pages (up to the limit).",
-        max_length=200,
-    )
-    hd_num: int | None = Field(default=None, ge=1, le=100, description=_HD_NUM_DESCRIPTION.format(default=55))
-
-
-class ChartQuestionArgs(BaseModel):
-    """Arguments of the chart-question tool."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    image: str = _image_field(pdf=False)
-    question: str = Field(description="The question to answer about the chart.", min_length=1, max_length=2000)
-    hd_num: int | None = Field(default=None, ge=1, le=100, description=_HD_NUM_DESCRIPTION.format(default=25))
-
-
-class DescribeImageArgs(BaseModel):
-    """Arguments of the describe-image tool."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    image: str = _image_field(pdf=False)
-    detail: Literal["brief", "detailed"] = Field(
-        default="detailed", description="'detailed' for a full description, 'brief' for one or two sentences."
-    )
-    hd_num: int | None = Field(default=None, ge=1, le=100, description=_HD_NUM_DESCRIPTION.format(default=16))
-
-
-TOOL_DESCRIPTIONS: dict[str, str] = {
-    "read_document": (
-        "Read a document image or PDF at high resolution (InternLM-XComposer2-4KHD, up to 4K) and return "
-        "its text as Markdown, page by page. Use it for scans, screenshots, forms, slides and small print."
-    ),
-    "answer_chart_question": (
-        "Answer a question about a chart, plot, table image or infographic, reading its labels and values "
-        "at high resolution. Returns a short answer (a word, number or phrase)."
-    ),
-    "describe_image": ("Describe an image (photo, screenshot, diagram) in detail or briefly, at high resolution."),
-}
-TOOL_ARGS: dict[str, type[BaseModel]] = {
-    "read_document": ReadDocumentArgs,
-    "answer_chart_question": ChartQuestionArgs,
-    "describe_image": DescribeImageArgs,
-}
+# Generated from the task specs (hd4k_tools.tasks.TASKS): a task with an args schema is a tool.
+TOOL_DESCRIPTIONS: dict[str, str] = {name: spec.description for name, spec in tool_specs().items()}
+TOOL_ARGS: dict[str, type[BaseModel]] = {name: spec.args for name, spec in tool_specs().items()}  # type: ignore[misc]
 
 
 class ToolSettings(BaseModel):
@@ -234,6 +167,15 @@ def error_message(err: BaseException) -> str:
     return f"Error: the tool failed unexpectedly ({type(err).__name__}). Try different arguments."
 
 
+def tool_text(result: TaskResult | ChartResult | DocumentResult) -> str:
+    """What the LLM reads of a task's result: the answer; a multi-page document page by page."""
+    if isinstance(result, DocumentResult):
+        if len(result.pages) == 1:
+            return result.pages[0].text
+        return "\n\n".join(f"--- page {p.page} ---\n{p.text}" for p in result.pages)
+    return result.text
+
+
 @dataclass(frozen=True)
 class ToolAnswer:
     """A tool's text for the LLM and the full result object for the application."""
@@ -257,34 +199,35 @@ class AgentTools:
 
     def read_document(self, image: str, pages: str | None = None, hd_num: int | None = None) -> ToolAnswer:
         """Transcribe a document image or PDF (the read-document tool)."""
-        result = self.hd.read_document(
-            self._source(image),
-            pages=pages,
-            hd_num=hd_num,
-            policy=self._policy,
-            max_pages=self.settings.max_pdf_pages,
-            progress=False,
-            generation=self._generation,
-        )
-        if len(result.pages) == 1:
-            content = result.pages[0].text
-        else:
-            content = "\n\n".join(f"--- page {p.page} ---\n{p.text}" for p in result.pages)
-        return ToolAnswer(content=content, result=result)
+        return self.run("read_document", {"image": image, "pages": pages, "hd_num": hd_num})
 
     def answer_chart_question(self, image: str, question: str, hd_num: int | None = None) -> ToolAnswer:
         """Answer a question about a chart (the chart-question tool)."""
-        result = self.hd.answer_chart_question(
-            self._source(image), question, hd_num=hd_num, policy=self._policy, generation=self._generation
-        )
-        return ToolAnswer(content=result.text, result=result)
+        return self.run("answer_chart_question", {"image": image, "question": question, "hd_num": hd_num})
 
     def describe_image(self, image: str, detail: str = "detailed", hd_num: int | None = None) -> ToolAnswer:
         """Describe an image (the describe-image tool)."""
-        result = self.hd.describe_image(
-            self._source(image), detail=detail, hd_num=hd_num, policy=self._policy, generation=self._generation
-        )
-        return ToolAnswer(content=result.text, result=result)
+        return self.run("describe_image", {"image": image, "detail": detail, "hd_num": hd_num})
+
+    def run(self, name: str, arguments: dict[str, Any], *, cancel: threading.Event | None = None) -> ToolAnswer:
+        """Run tool ``name`` (a task spec's name and HD4K method) with already-validated arguments.
+
+        The image argument is resolved under the tool settings; the HD4K method gets this object's
+        policy and generation limits, plus the page limit and no progress bar where it reads documents."""
+        spec = tool_specs().get(name)
+        if spec is None:
+            raise InputError(f"Unknown tool {name!r}; tools are {sorted(TOOL_ARGS)}.")
+        args = dict(arguments)
+        source = self._source(args.pop("image"))
+        method = getattr(self.hd, spec.name)
+        accepted = inspect.signature(method).parameters
+        options: dict[str, Any] = {"policy": self._policy, "generation": self._generation}
+        if "max_pages" in accepted:
+            options.update(max_pages=self.settings.max_pdf_pages, progress=False)
+        if cancel is not None and "cancel" in accepted:
+            options["cancel"] = cancel
+        result = method(source, **args, **options)
+        return ToolAnswer(content=tool_text(result), result=result)
 
     def call(self, name: str, **arguments: Any) -> ToolAnswer:
         """Validate ``arguments`` against the tool's schema and run it."""
@@ -292,4 +235,4 @@ class AgentTools:
         if schema is None:
             raise InputError(f"Unknown tool {name!r}; tools are {sorted(TOOL_ARGS)}.")
         args = schema.model_validate(arguments)
-        return getattr(self, name)(**args.model_dump())
+        return self.run(name, args.model_dump())

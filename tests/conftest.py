@@ -36,7 +36,7 @@ def _fixed_seeds() -> None:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory):
     """Path of a tiny checkpoint (2 ``.bin`` shards + index, seed 0), written once per session."""
-    from hd4k_tools.testing import make_tiny_checkpoint
+    from hd4k_tools.models.xcomposer2_4khd.tiny import make_tiny_checkpoint
 
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_ixc2"), seed=0, format="bin", shards=2)
 

@@ -20,8 +20,8 @@ from PIL import Image, ImageDraw
 
 from hd4k_tools import HD4K, LocalRunner
 from hd4k_tools.errors import InputError, InvalidHDNumError
-from hd4k_tools.generation_config import GenerationConfig
-from hd4k_tools.runner import GenerationRequest, Message
+from hd4k_tools.runtime.generation_config import GenerationConfig
+from hd4k_tools.runtime.runner import GenerationRequest, Message
 
 ENGINE_HD_NUM = 9
 GREEDY = {"max_new_tokens": 24, "num_beams": 1}
@@ -40,7 +40,7 @@ def _image(width: int, height: int, seed: int) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory):
-    from hd4k_tools.testing import make_tiny_checkpoint
+    from hd4k_tools.models.xcomposer2_4khd.tiny import make_tiny_checkpoint
 
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_vllm"), seed=0, head_dim=32, shards=1)
 

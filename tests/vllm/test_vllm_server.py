@@ -55,7 +55,7 @@ def _data_url(img: Image.Image) -> str:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from hd4k_tools.testing import make_tiny_checkpoint
+    from hd4k_tools.models.xcomposer2_4khd.tiny import make_tiny_checkpoint
 
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_vllm_server"), seed=0, head_dim=32, shards=1)
 

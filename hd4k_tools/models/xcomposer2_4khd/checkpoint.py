@@ -16,7 +16,7 @@ Peak memory ≈ the model + at most one shard (issue 3 target: <= 1.3x the check
 * Each shard is released (its dict emptied as it is consumed) before the next is read.
 
 Keys and shapes are checked strictly against the model before any tensor data is read when the
-checkpoint has an index (spec §3.4); buffers some transformers versions saved (``rotary_emb.inv_freq``,
+checkpoint has an index (docs/model.md §3.4); buffers some transformers versions saved (``rotary_emb.inv_freq``,
 CLIP ``position_ids``) and the unused CLIP ``post_layernorm`` are accepted and ignored.
 """
 

@@ -18,7 +18,7 @@ from hd4k_tools.errors import CheckpointError
 
 CONFIG_FILE = "config.json"
 
-# Partial-LoRA ranks/alphas of the 4KHD checkpoint [inferred] (spec §3.2): wqkv r=8, alpha=16 (scale
+# Partial-LoRA ranks/alphas of the 4KHD checkpoint [inferred] (docs/model.md §3.2): wqkv r=8, alpha=16 (scale
 # 2.0); wo/w1/w2/w3 r=256, alpha=256 (scale 1.0). Sources: lmdeploy `_lora_cfg_4khd_7b`, MindIE README
 # adapter_config. The official config.json carries no LoRA fields; these are the single place for them.
 DEFAULT_WQKV_LORA_R = 8
@@ -32,7 +32,7 @@ LORA_FIELDS = ("wqkv_lora_r", "wqkv_lora_alpha", "lora_r", "lora_alpha")
 
 @dataclass
 class VisionConfig:
-    """CLIP vision tower. Defaults are ViT-L/14-336 (``openai/clip-vit-large-patch14-336``, spec §2)."""
+    """CLIP vision tower. Defaults are ViT-L/14-336 (``openai/clip-vit-large-patch14-336``, docs/model.md §2)."""
 
     hidden_size: int = 1024
     intermediate_size: int = 4096
@@ -52,7 +52,7 @@ class VisionConfig:
 
     @property
     def merged_size(self) -> int:
-        """Output channels after the 2×2 merge (4·C, spec §2)."""
+        """Output channels after the 2×2 merge (4·C, docs/model.md §2)."""
         return 4 * self.hidden_size
 
     @classmethod
@@ -69,7 +69,7 @@ class VisionConfig:
 
 @dataclass
 class XComposer2Config:
-    """The InternLM2 decoder + vision tower + Partial-LoRA configuration (spec §3.3)."""
+    """The InternLM2 decoder + vision tower + Partial-LoRA configuration (docs/model.md §3.3)."""
 
     vocab_size: int = 92544
     hidden_size: int = 4096

@@ -194,7 +194,7 @@ class KVCache:
         """Write ``prefix`` at positions ``[:P]`` of every batch row and set :attr:`length` to ``P``.
 
         Valid because attention is causal: the keys/values of positions ``< P`` depend only on the
-        inputs at positions ``< P``, never on what follows (spec §3.3)."""
+        inputs at positions ``< P``, never on what follows (docs/model.md §3.3)."""
         n_layers, _, n_kv, _, head_dim = self.k.shape
         p = prefix.length
         if prefix.k.shape != (n_layers, 1, n_kv, p, head_dim):

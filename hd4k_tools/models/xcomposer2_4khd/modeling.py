@@ -1,8 +1,8 @@
 """InternLM2 decoder with Partial LoRA + CLIP vision tower: InternLM-XComposer2-4KHD-7B in plain PyTorch.
 
-Module and parameter names equal the official checkpoint keys (spec §3.4), so the published state
-dict loads with ``load_state_dict`` and no renaming. Spec sections cited in comments are
-``shared/spec/ixc2_4khd.md``.
+Module and parameter names equal the official checkpoint keys (docs/model.md §3.4), so the published state
+dict loads with ``load_state_dict`` and no renaming. Sections cited in comments (§N) are those of
+``docs/model.md``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from hd4k_tools.models.xcomposer2_4khd.kv_cache import KVCache
 from hd4k_tools.models.xcomposer2_4khd.vision import VisionTower, encode_crops, image_token_count
 
 if TYPE_CHECKING:
-    from hd4k_tools.tiling import ModelInputs
+    from hd4k_tools.models.xcomposer2_4khd.tiling import ModelInputs
 
 ImageSpan = tuple[int | None, int, int]
 """``(row, start, end)``: positions ``start..end-1`` of batch row ``row`` (``None``: every row) are image
@@ -29,7 +29,7 @@ LoRAPositions = Tensor | ImageSpans
 """Where Partial LoRA applies: an ``im_mask [B, T]`` bool tensor or the :data:`ImageSpans` derived from it."""
 
 # Beyond this many spans the per-span LoRA calls cost more than one boolean gather/scatter; real prompts
-# have one span per image (the image's tokens are contiguous, spec §4), so this only guards odd masks.
+# have one span per image (the image's tokens are contiguous, docs/model.md §4), so this only guards odd masks.
 MAX_LORA_SPANS = 64
 
 
@@ -64,7 +64,7 @@ def image_spans(im_mask: Tensor, max_spans: int | None = None) -> ImageSpans | N
 # Building blocks
 # ----------------------------------------------------------------------------------------------------
 class RMSNorm(nn.Module):
-    """InternLM2 RMSNorm: variance in fp32, result cast back before the weight (spec §3.3)."""
+    """InternLM2 RMSNorm: variance in fp32, result cast back before the weight (docs/model.md §3.3)."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -79,7 +79,7 @@ class RMSNorm(nn.Module):
 
 
 class PLoRALinear(nn.Linear):
-    """Partial LoRA (spec §3.2): the base ``nn.Linear`` plus a LoRA delta applied only at image positions.
+    """Partial LoRA (docs/model.md §3.2): the base ``nn.Linear`` plus a LoRA delta applied only at image positions.
 
     ``Plora_A [r, in]`` and ``Plora_B [out, r]`` are children so that the keys read
     ``...wqkv.weight``, ``...wqkv.Plora_A.weight``, ``...wqkv.Plora_B.weight`` as in the checkpoint.
@@ -105,7 +105,7 @@ class PLoRALinear(nn.Linear):
         ``im_mask`` is ``None`` (no image position), an ``[B, T]`` bool mask, or :data:`ImageSpans`
         (what the model passes: computed once per forward by :func:`image_spans`). Spans slice the
         contiguous image runs — ``out[:, s:e] += B(A(x[:, s:e])) * scale`` — which is the same
-        arithmetic as the mask's ``out[m] += B(A(x[m])) * scale`` (spec §3.2) per position, without the
+        arithmetic as the mask's ``out[m] += B(A(x[m])) * scale`` (docs/model.md §3.2) per position, without the
         boolean gather/scatter copies of ``x[m]`` and ``out[m]`` in every projection.
         """
         out = self.base_forward(x)
@@ -136,7 +136,7 @@ def dynamic_ntk_base(theta: float, head_dim: int, seq_len: int, max_position: in
 
     Unchanged up to ``max_position_embeddings``; beyond it
     ``base = theta * ((factor * seq_len / max_pos) - (factor - 1)) ** (dim / (dim - 2))`` (InternLM2
-    ``modeling_internlm2.py``, spec §3.3). 4KHD prompts (≤ 16384) never reach the 32768 threshold.
+    ``modeling_internlm2.py``, docs/model.md §3.3). 4KHD prompts (≤ 16384) never reach the 32768 threshold.
     """
     if seq_len <= max_position:
         return theta
@@ -144,12 +144,12 @@ def dynamic_ntk_base(theta: float, head_dim: int, seq_len: int, max_position: in
 
 
 def rope_inv_freq(head_dim: int, base: float, device: torch.device | str | None = None) -> Tensor:
-    """``1 / base^(2i/d)`` in fp32, ``[head_dim/2]`` (spec §3.3)."""
+    """``1 / base^(2i/d)`` in fp32, ``[head_dim/2]`` (docs/model.md §3.3)."""
     return 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
 
 
 class RotaryEmbedding(nn.Module):
-    """GPT-NeoX RoPE over the full head dim, cos/sin computed in fp32 then cast (spec §3.3)."""
+    """GPT-NeoX RoPE over the full head dim, cos/sin computed in fp32 then cast (docs/model.md §3.3)."""
 
     def __init__(self, config: XComposer2Config) -> None:
         super().__init__()
@@ -191,7 +191,7 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 # Decoder
 # ----------------------------------------------------------------------------------------------------
 class Attention(nn.Module):
-    """GQA self-attention with the packed, group-interleaved ``wqkv`` of InternLM2 (spec §3.3).
+    """GQA self-attention with the packed, group-interleaved ``wqkv`` of InternLM2 (docs/model.md §3.3).
 
     ``wqkv`` output rows are ``[n_kv_heads][q_per_kv + 2][head_dim]``: for KV group ``g`` the slots
     ``0..q_per_kv-1`` hold query heads ``g*q_per_kv + j``, slot ``q_per_kv`` key head ``g`` and the last
@@ -276,7 +276,7 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: ``w2(silu(w1 x) * w3 x)``, every projection a :class:`PLoRALinear` (spec §3.3)."""
+    """SwiGLU: ``w2(silu(w1 x) * w3 x)``, every projection a :class:`PLoRALinear` (docs/model.md §3.3)."""
 
     def __init__(self, config: XComposer2Config) -> None:
         super().__init__()
@@ -360,7 +360,7 @@ class XComposer2ForCausalLM(nn.Module):
         self.model = InternLM2Model(config)
         self.output = nn.Linear(d, config.vocab_size, bias=False)
         self.vit = VisionTower(config.vision)
-        # mlp2x_gelu projector with exact-erf GELU (spec §3.1).
+        # mlp2x_gelu projector with exact-erf GELU (docs/model.md §3.1).
         self.vision_proj = nn.Sequential(nn.Linear(d4, d), nn.GELU(), nn.Linear(d, d))
         self.plora_glb_GN = nn.Parameter(torch.zeros(1, 1, d4))
         self.plora_sub_GN = nn.Parameter(torch.zeros(1, 1, 1, d4))
@@ -410,7 +410,7 @@ class XComposer2ForCausalLM(nn.Module):
         return self.model.tok_embeddings(ids)
 
     def encode_image(self, inputs: ModelInputs, *, crop_batch_size: int | None = None) -> Tensor:
-        """Image embeddings ``[L, D]`` of one tiled image (``L == inputs.plan.num_tokens``, spec §2).
+        """Image embeddings ``[L, D]`` of one tiled image (``L == inputs.plan.num_tokens``, docs/model.md §2).
 
         The crops ``[global, tile_0, ..., tile_{n-1}]`` run through CLIP in the tower's dtype (in chunks
         of ``crop_batch_size`` to bound activation memory; results are identical), then the 2×2 merge,
@@ -453,7 +453,7 @@ class XComposer2ForCausalLM(nn.Module):
     ) -> Tensor:
         """Logits ``[B, T', vocab]`` float32 for ``inputs_embeds [B, T, D]``.
 
-        ``im_mask [B, T]`` bool marks image positions (Partial LoRA, spec §3.2); ``None`` = text only.
+        ``im_mask [B, T]`` bool marks image positions (Partial LoRA, docs/model.md §3.2); ``None`` = text only.
         ``input_pos [T]`` are the absolute positions (default: right after ``cache.length``, else
         ``0..T-1``). With ``cache`` the keys/values are written to it and attention spans every cached
         position up to ``input_pos[-1]``; without it the attention is plain causal over the ``T``

@@ -1,10 +1,10 @@
 """The IXC2-4KHD chat format and prompt assembly (text embeddings + image embeddings + ``im_mask``).
 
-Spec §4 (``shared/spec/ixc2_4khd.md``): the official ``chat()`` builds a string of
+docs/model.md §4: the official ``chat()`` builds a string of
 ``[UNUSED_TOKEN_146]role\\n…[UNUSED_TOKEN_145]\\n`` turns with a literal ``<ImageHere>`` placeholder
 per image, splits it on the placeholder, tokenises every non-empty text part **with BOS** (the
 "quirk"), puts each image's projected embeddings between the parts and marks exactly the image
-positions in ``im_mask`` (which switches Partial LoRA on, spec §3.2).
+positions in ``im_mask`` (which switches Partial LoRA on, docs/model.md §3.2).
 
 Two deliberate differences from the official code:
 
@@ -19,37 +19,41 @@ No token id is hard-coded here: ids come from the tokenizer (``bos_id``, ``im_st
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
-
-import torch
+from typing import Literal, Protocol, runtime_checkable
 
 from hd4k_tools.errors import ContextOverflowError, InputError
-from hd4k_tools.models.xcomposer2_4khd.tokenizer import IM_END, IM_START
+from hd4k_tools.models.xcomposer2_4khd.special_tokens import IM_END, IM_START, IMAGE_PLACEHOLDER
+from hd4k_tools.models.xcomposer2_4khd.tiling import plan
 
 __all__ = [
     "DEFAULT_META_INSTRUCTION",
     "IMAGE_PLACEHOLDER",
     "IM_END",
     "IM_START",
-    "PromptInputs",
+    "ConversationTurn",
+    "Layout",
     "PromptTokenizer",
-    "assemble_inputs",
     "build_eval_prompt",
     "build_prompt",
     "check_context",
+    "check_untrusted_text",
+    "conversation_prompt",
     "count_prompt_tokens",
     "largest_fitting_hd_num",
+    "overflow_error",
     "split_prompt",
     "text_part_ids",
     "with_part_bos",
 ]
 
-IMAGE_PLACEHOLDER = "<ImageHere>"
-# IM_START / IM_END are the tokenizer's turn-marker strings ("[UNUSED_TOKEN_146]" / "[UNUSED_TOKEN_145]",
-# spec §4), each a single token; re-exported here for prompt builders.
 
-# Spec §4: the default meta instruction of the 4KHD/VL chat, lines joined with "\n", no trailing newline.
+# "chat": the official chat() layout (meta instruction, images inside the user turn, BOS before every text
+# part). "eval": the authors' evaluation layout (BOS, the images, then the user turn, no system prompt).
+Layout = Literal["chat", "eval"]
+# IM_START / IM_END are the tokenizer's turn-marker strings ("[UNUSED_TOKEN_146]" / "[UNUSED_TOKEN_145]",
+# docs/model.md §4), each a single token; re-exported here for prompt builders.
+
+# docs/model.md §4: the default meta instruction of the 4KHD/VL chat, lines joined with "\n", no trailing newline.
 DEFAULT_META_INSTRUCTION = "\n".join(
     [
         "You are an AI assistant whose name is InternLM-XComposer (浦语·灵笔).",
@@ -76,28 +80,6 @@ class PromptTokenizer(Protocol):
     def encode(self, text: str, add_bos: bool = True) -> list[int]: ...
 
 
-class _Embedder(Protocol):
-    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor: ...
-
-
-@dataclass(frozen=True)
-class PromptInputs:
-    """A prompt ready for the decoder.
-
-    ``inputs_embeds`` ``[1, T, D]``; ``im_mask`` ``[1, T]`` bool, True exactly at image positions;
-    ``input_ids`` ``[1, T]`` long: the text token ids, ``-1`` at image positions (bookkeeping only, the
-    model consumes the embeddings). ``length == T == num_text_tokens + num_image_tokens``.
-    """
-
-    inputs_embeds: torch.Tensor
-    im_mask: torch.Tensor
-    input_ids: torch.Tensor
-    num_text_tokens: int
-    num_image_tokens: int
-    length: int
-    num_images: int = 0
-
-
 # ----------------------------------------------------------------------------------------------------
 # Prompt strings
 # ----------------------------------------------------------------------------------------------------
@@ -107,7 +89,7 @@ def build_prompt(
     history: Sequence[tuple[str, str]] = (),
     meta_instruction: str = DEFAULT_META_INSTRUCTION,
 ) -> str:
-    """The official chat prompt string (spec §4).
+    """The official chat prompt string (docs/model.md §4).
 
     ``[UNUSED_TOKEN_146]system\\n{meta}[UNUSED_TOKEN_145]\\n`` (only if ``meta_instruction`` is
     non-empty), then one user/assistant pair per ``history`` item, then the user turn with ``query`` and
@@ -122,8 +104,72 @@ def build_prompt(
     return prompt
 
 
+class ConversationTurn(Protocol):
+    """A turn as the runtime holds it (``hd4k_tools.runtime.runner.Message``): a role and parts that are
+    either text (``str``) or an image (anything else)."""
+
+    @property
+    def role(self) -> str: ...
+
+    @property
+    def content(self) -> Sequence[object]: ...
+
+
+def check_untrusted_text(role: str, text: str) -> None:
+    """Refuse a literal ``<ImageHere>`` in text: untrusted text must not take an image's place."""
+    if IMAGE_PLACEHOLDER in text:
+        raise InputError(
+            f"The {role} text contains {IMAGE_PLACEHOLDER}, which marks where an image goes in this "
+            "model's prompt; pass images as image parts and remove the marker from the text."
+        )
+
+
+def conversation_prompt(messages: Sequence[ConversationTurn], layout: Layout = "chat") -> str:
+    """The prompt string of a conversation, one ``<ImageHere>`` per image, in ``layout``.
+
+    ``"chat"``: the official ``chat()`` format; a first ``system`` message replaces the meta instruction,
+    earlier turns become history (two user turns in a row are joined with a newline). ``"eval"``: the
+    authors' evaluation format, only the last user turn: BOS, its images, then the turn (docs/model.md §4,
+    VLMEvalKit). Every engine (native, vLLM) renders requests through this one function.
+    """
+
+    def is_text(part: object) -> bool:
+        return isinstance(part, str)
+
+    def render(m: ConversationTurn) -> str:
+        return "".join(p if is_text(p) else IMAGE_PLACEHOLDER for p in m.content)  # type: ignore[misc]
+
+    turns = list(messages)
+    for m in turns:
+        for part in m.content:
+            if is_text(part):
+                check_untrusted_text(m.role, part)  # type: ignore[arg-type]
+    if not turns or turns[-1].role != "user":
+        raise InputError("The conversation must end with a user message (the question to answer).")
+    if layout == "eval":
+        last = turns[-1]
+        images = "".join(IMAGE_PLACEHOLDER for p in last.content if not is_text(p))
+        text = "".join(p for p in last.content if is_text(p))  # type: ignore[misc]
+        return images + build_prompt(text, meta_instruction="")
+    meta = DEFAULT_META_INSTRUCTION
+    if turns[0].role == "system":
+        meta = "".join(p for p in turns.pop(0).content if is_text(p))  # type: ignore[misc]
+    history: list[tuple[str, str]] = []
+    pending_user: str | None = None
+    for m in turns[:-1]:
+        if m.role == "system":
+            raise InputError("A system message is only allowed as the first message.")
+        if m.role == "user":
+            pending_user = render(m) if pending_user is None else pending_user + "\n" + render(m)
+        else:
+            history.append((pending_user or "", render(m)))
+            pending_user = None
+    query = render(turns[-1]) if pending_user is None else pending_user + "\n" + render(turns[-1])
+    return build_prompt(query, history=history, meta_instruction=meta)
+
+
 def build_eval_prompt(prompt: str, *, num_images: int = 1) -> str:
-    """The authors' evaluation layout (spec §4, VLMEvalKit/lmms-eval ``model_gen``): the images first,
+    """The authors' evaluation layout (docs/model.md §4, VLMEvalKit/lmms-eval ``model_gen``): the images first,
     then the user turn, no system prompt. Assemble it with ``bos_each_part=False``, which gives
     ``<s>`` + IMAGE + ``[UNUSED_TOKEN_146]user\\n{prompt}[UNUSED_TOKEN_145]\\n[UNUSED_TOKEN_146]assistant\\n``.
     """
@@ -151,7 +197,7 @@ def with_part_bos(part_ids: Sequence[Sequence[int]], bos_id: int, bos_each_part:
     """The BOS rule on already tokenised text parts (ids without BOS; parts are separated by images).
 
     ``bos_each_part=True`` is the official chat: every NON-EMPTY part is tokenised with BOS, so a BOS
-    follows each image (spec §4 "Quirk", MindIE/PaddleMIX ports; ms-swift re-inserts it too).
+    follows each image (docs/model.md §4 "Quirk", MindIE/PaddleMIX ports; ms-swift re-inserts it too).
     ``bos_each_part=False`` is the evaluation layout: one BOS at the very start of the sequence (even
     if the first part is empty, i.e. the prompt starts with an image), no BOS elsewhere.
     Shared by the native prompt assembly and the vLLM processor, which rebuilds it on token ids.
@@ -186,8 +232,6 @@ def count_prompt_tokens(
 
 
 def _image_tokens_at(image_sizes: Sequence[tuple[int, int]], hd_num: int) -> int:
-    from hd4k_tools.tiling import plan
-
     return sum(plan(int(w), int(h), hd_num).num_tokens for w, h in image_sizes)
 
 
@@ -202,7 +246,7 @@ def largest_fitting_hd_num(
     all images' tokens fit in ``max_length``; ``None`` if even ``hd_num=1`` does not fit.
 
     The token count of a plan never decreases with ``hd_num`` (the tile scale is the largest ``s`` with
-    ``s*ceil(s/ratio) <= hd_num``, spec §1), so we scan upwards and stop at the first overflow.
+    ``s*ceil(s/ratio) <= hd_num``, docs/model.md §1), so we scan upwards and stop at the first overflow.
     """
     if not image_sizes:
         return None
@@ -214,7 +258,7 @@ def largest_fitting_hd_num(
     return best
 
 
-def _overflow_error(
+def overflow_error(
     *,
     total: int,
     num_text: int,
@@ -270,7 +314,7 @@ def check_context(
     num_text = sum(len(ids) for ids in text_part_ids(tokenizer, parts, bos_each_part))
     total = num_text + sum(int(n) for n in image_token_counts)
     if total > max_length:
-        raise _overflow_error(
+        raise overflow_error(
             total=total,
             num_text=num_text,
             image_token_counts=[int(n) for n in image_token_counts],
@@ -284,87 +328,3 @@ def check_context(
 # ----------------------------------------------------------------------------------------------------
 # Assembly
 # ----------------------------------------------------------------------------------------------------
-def _embedding_device(model: object) -> torch.device:
-    """Device of the model's weights (token ids must live there for the embedding lookup)."""
-    params = getattr(model, "parameters", None)
-    if callable(params):
-        first = next(iter(params()), None)
-        if first is not None:
-            return first.device
-    return torch.device("cpu")
-
-
-def assemble_inputs(
-    model: _Embedder,
-    tokenizer: PromptTokenizer,
-    prompt: str,
-    image_embeds: Sequence[torch.Tensor],
-    *,
-    max_length: int,
-    image_sizes: Sequence[tuple[int, int]] | None = None,
-    hd_num: int | None = None,
-    bos_each_part: bool = True,
-) -> PromptInputs:
-    """Interleave text and image embeddings as the official chat does (spec §4).
-
-    ``image_embeds[i]`` ``[L_i, D]`` are the projected vision outputs (``model.encode_image``), in
-    placeholder order. Raises :class:`InputError` if the placeholder count differs from the number of
-    images, and :class:`ContextOverflowError` if the prompt is longer than ``max_length`` (see
-    :func:`check_context` for ``image_sizes``/``hd_num``, which only improve the message).
-    """
-    parts = split_prompt(prompt, len(image_embeds))
-    for i, emb in enumerate(image_embeds):
-        if emb.dim() != 2:
-            raise ValueError(f"image_embeds[{i}] must be [L, D] (one image's vision output), got {tuple(emb.shape)}")
-    part_ids = text_part_ids(tokenizer, parts, bos_each_part)
-    num_text = sum(len(ids) for ids in part_ids)
-    image_counts = [int(e.shape[0]) for e in image_embeds]
-    total = num_text + sum(image_counts)
-    if total == 0:
-        raise InputError("The prompt is empty: give a question or at least one image.")
-    if total > max_length:
-        raise _overflow_error(
-            total=total,
-            num_text=num_text,
-            image_token_counts=image_counts,
-            max_length=max_length,
-            image_sizes=image_sizes,
-            hd_num=hd_num,
-        )
-
-    with torch.no_grad():
-        device = _embedding_device(model)
-        ids_tensor = torch.tensor([t for ids in part_ids for t in ids], dtype=torch.long, device=device)
-        text_embeds = model.embed_tokens(ids_tensor)  # [T_text, D]
-        dim, dtype = text_embeds.shape[-1], text_embeds.dtype
-        for i, emb in enumerate(image_embeds):
-            if emb.shape[-1] != dim:
-                raise ValueError(f"image_embeds[{i}] has width {emb.shape[-1]} but the text embeddings have {dim}")
-
-        chunks: list[torch.Tensor] = []
-        mask_chunks: list[torch.Tensor] = []
-        id_chunks: list[torch.Tensor] = []
-        offset = 0
-        for idx, ids in enumerate(part_ids):
-            if ids:
-                chunks.append(text_embeds[offset : offset + len(ids)])  # [n_i, D]
-                mask_chunks.append(torch.zeros(len(ids), dtype=torch.bool, device=device))
-                id_chunks.append(ids_tensor[offset : offset + len(ids)])
-                offset += len(ids)
-            if idx < len(image_embeds):
-                emb = image_embeds[idx].to(device=device, dtype=dtype)  # [L_i, D]
-                chunks.append(emb)
-                mask_chunks.append(torch.ones(emb.shape[0], dtype=torch.bool, device=device))
-                id_chunks.append(torch.full((emb.shape[0],), -1, dtype=torch.long, device=device))
-        inputs_embeds = torch.cat(chunks, dim=0).unsqueeze(0)  # [1, T, D]
-        im_mask = torch.cat(mask_chunks).unsqueeze(0)  # [1, T]
-        input_ids = torch.cat(id_chunks).unsqueeze(0)  # [1, T]
-    return PromptInputs(
-        inputs_embeds=inputs_embeds,
-        im_mask=im_mask,
-        input_ids=input_ids,
-        num_text_tokens=num_text,
-        num_image_tokens=sum(image_counts),
-        length=total,
-        num_images=len(image_embeds),
-    )

@@ -32,10 +32,9 @@ from pathlib import Path
 import sentencepiece as spm
 
 from hd4k_tools.errors import CheckpointError
+from hd4k_tools.models.xcomposer2_4khd.special_tokens import IM_END, IM_START
 
 TOKENIZER_FILE = "tokenizer.model"
-IM_START = "[UNUSED_TOKEN_146]"
-IM_END = "[UNUSED_TOKEN_145]"
 _REPLACEMENT_CHAR = "\ufffd"
 
 

@@ -1,6 +1,6 @@
 """Vision tower of InternLM-XComposer2-4KHD: CLIP ViT-L/14-336 features, 2×2 merge, HD token layout.
 
-Spec §2 (port of the official ``build_mlp.py``: ``CLIPVisionTower.forward(images, glb_GN, sub_GN)``).
+docs/model.md §2 (port of the official ``build_mlp.py``: ``CLIPVisionTower.forward(images, glb_GN, sub_GN)``).
 
 Checkpoint keys are ``vit.vision_tower.vision_model.*`` (transformers 4.33 ``CLIPVisionModel`` had a
 ``vision_model`` child). transformers 5.x dropped that level (``CLIPVisionModel`` *is* the vision
@@ -8,7 +8,7 @@ transformer and remaps old keys only inside ``from_pretrained``), so :class:`CLI
 5.x module under the attribute ``vision_model`` to keep the official key names with no remapping.
 
 ``post_layernorm`` is replaced by an identity: the tower uses the last encoder layer's output *before*
-it (spec §2), and the official checkpoint most probably does not store its weights ([inferred]:
+it (docs/model.md §2), and the official checkpoint most probably does not store its weights ([inferred]:
 MindIE skips loading it, lmdeploy materialises it empty). Checkpoint keys
 ``vit.vision_tower.vision_model.post_layernorm.*`` are therefore accepted and ignored when present.
 """
@@ -23,7 +23,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from hd4k_tools.models.xcomposer2_4khd.configuration import VisionConfig
 
-MERGED_SIDE = 12  # 24×24 patches per 336 crop, merged 2×2 → 12×12 = 144 tokens (spec §2)
+MERGED_SIDE = 12  # 24×24 patches per 336 crop, merged 2×2 → 12×12 = 144 tokens (docs/model.md §2)
 TOKENS_PER_CROP = MERGED_SIDE * MERGED_SIDE
 
 
@@ -63,7 +63,7 @@ class CLIPVisionTower(nn.Module):
 
 
 class VisionTower(nn.Module):
-    """``vit`` of the official model: CLIP features of each crop, CLS dropped (spec §2)."""
+    """``vit`` of the official model: CLIP features of each crop, CLS dropped (docs/model.md §2)."""
 
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
@@ -76,13 +76,13 @@ class VisionTower(nn.Module):
 
     def forward(self, crops: Tensor) -> Tensor:
         """``crops [N,3,336,336]`` → patch features ``[N, 576, C]`` of the last layer (select_layer -1,
-        select_feature 'patch', spec §2)."""
+        select_feature 'patch', docs/model.md §2)."""
         hidden = self.vision_tower(crops.to(self.dtype))  # [N, 577, C]
         return hidden[:, 1:]  # [N, 576, C]
 
 
 def merge_2x2(features: Tensor) -> Tensor:
-    """Pixel-unshuffle of CLIP patch features (spec §2).
+    """Pixel-unshuffle of CLIP patch features (docs/model.md §2).
 
     ``features [B, 576, C]`` (a 24×24 grid, row-major) → ``[B, 144, 4C]``; merged cell ``(r, c)`` is
     ``concat(f[2r,2c], f[2r,2c+1], f[2r+1,2c], f[2r+1,2c+1])``.
@@ -105,7 +105,7 @@ def layout_image_tokens(
     glb_gn: Tensor,
     sub_gn: Tensor,
 ) -> Tensor:
-    """Arrange merged features of one image into the 4KHD token sequence (spec §2).
+    """Arrange merged features of one image into the 4KHD token sequence (docs/model.md §2).
 
     ``global_features [1, 144, D4]``, ``local_features [rows*cols, 144, D4]`` (tiles row-major),
     ``glb_gn [1, 1, D4]``, ``sub_gn [1, 1, 1, D4]`` → ``[L, D4]``:

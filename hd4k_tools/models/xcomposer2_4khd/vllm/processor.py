@@ -41,7 +41,8 @@ from vllm.multimodal.processing import (
 from vllm.multimodal.processing.inputs import ProcessorInputs
 
 from hd4k_tools.errors import InputError, InvalidHDNumError
-from hd4k_tools.hd4k import _TEXT_MARGIN, MAX_AUTO_HD_NUM
+from hd4k_tools.hd4k import MAX_AUTO_HD_NUM
+from hd4k_tools.hd4k import TEXT_MARGIN as _TEXT_MARGIN
 from hd4k_tools.models.xcomposer2_4khd.prompt import IMAGE_PLACEHOLDER, with_part_bos
 from hd4k_tools.models.xcomposer2_4khd.vision import image_token_count
 from hd4k_tools.tiling import HDNum, auto_hd_num, plan, resolve_hd_num, to_model_inputs

@@ -1,0 +1,55 @@
+"""The ``hd4k`` command line: the parser of every sub-command and the entry point.
+
+One module per group of sub-commands registers its parsers (``register(commands)``) and sets ``func``:
+:mod:`~hd4k_tools.cli.tiles` (``tiles``) and :mod:`~hd4k_tools.cli.model_commands` (``read``, ``chart``,
+``describe``, ``serve``, ``make-tiny-checkpoint``). Errors the library raises on purpose
+(:class:`~hd4k_tools.errors.HD4KError`) are printed as one line, ``hd4k: error: <message>``, with exit code
+2; so are argparse usage errors. Ctrl-C exits with 130 and no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from hd4k_tools import __version__
+from hd4k_tools.cli import model_commands, tiles
+from hd4k_tools.cli.args import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, PROG, OneLineErrorParser
+from hd4k_tools.errors import HD4KError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``hd4k`` parser; each sub-command sets ``func`` to its ``_cmd_<name>``."""
+    parser = OneLineErrorParser(
+        prog=PROG,
+        description="Let agents see high-resolution documents, charts and images (InternLM-XComposer2-4KHD).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    tiles.register(commands)
+    model_commands.register(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``hd4k`` with ``argv`` (default ``sys.argv[1:]``) and return the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return int(args.func(args))
+    except SystemExit as exc:  # argparse: --help/--version (0) and usage errors (2)
+        return exc.code if isinstance(exc.code, int) else EXIT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # e.g. `hd4k tiles x.png | head -1`: the reader left, nothing to report
+        return EXIT_OK
+    except HD4KError as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

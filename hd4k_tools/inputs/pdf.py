@@ -1,0 +1,342 @@
+"""Render PDF pages to RGB images with pdfium (the ``pdf`` extra: ``pip install "hd4k-tools[pdf]"``).
+
+Sources go through :func:`hd4k_tools.inputs.images.read_source_bytes`, so paths, bytes, file objects,
+base64, ``data:application/pdf;base64,...`` and URLs obey the same :class:`ImagePolicy` as images
+(``allowed_roots``, ``max_bytes``, URL rules). Pages are rendered lazily, one at a time, and each is
+checked against ``max_pixels`` from its size in points before any pixel is allocated.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image
+
+from hd4k_tools.errors import (
+    EncryptedPDFError,
+    ImageTooLargeError,
+    MissingDependencyError,
+    PageRangeError,
+    PDFError,
+)
+from hd4k_tools.inputs.images import ImageSource, SourceBytes, read_source_bytes, sniff_kind
+from hd4k_tools.inputs.policy import ImagePolicy
+from hd4k_tools.progress import track
+
+if TYPE_CHECKING:
+    import pypdfium2
+
+__all__ = ["RenderedPage", "is_pdf", "page_count", "parse_page_range", "render_pages", "select_pages"]
+
+PageSpec = int | str | Sequence[int] | None
+
+# pdfium is a C library that is not thread-safe: every call into it, from any thread, goes through this
+# lock. It is the one module-level state in the package, and it must be shared by all callers to work.
+# Re-entrant because an abandoned render iterator may be garbage-collected (its finally closes the
+# document) between two pdfium calls of another iterator on the same thread, while the lock is held.
+_PDFIUM_LOCK = threading.RLock()
+
+_MAX_DPI = 1200
+_POINTS_PER_INCH = 72.0
+_RANGE_PART = re.compile(r"^\s*(\d*)\s*(-?)\s*(\d*)\s*$")
+
+
+@dataclass(frozen=True)
+class RenderedPage:
+    """One rendered page.
+
+    Attributes:
+        index: 0-based page index in the document.
+        number: 1-based page number (``index + 1``), as people count pages.
+        image: the page as an RGB PIL image.
+        dpi: the resolution it was rendered at.
+    """
+
+    index: int
+    number: int
+    image: Image.Image
+    dpi: float
+
+
+def is_pdf(data: bytes) -> bool:
+    """True if ``data`` starts (within its first KiB, as readers allow) with a ``%PDF-`` header."""
+    return sniff_kind(bytes(data[:1024])) == "pdf"
+
+
+def parse_page_range(spec: PageSpec, num_pages: int) -> list[int]:
+    """Turn a 1-based page selection into sorted, unique 0-based indices.
+
+    ``spec`` may be ``None`` or ``"all"`` (every page), an ``int`` (one page), a string of comma-separated
+    pages and ranges (``"1-3,5"``, ``"2-"`` = page 2 to the end, ``"-3"`` = pages 1 to 3), or a list or
+    tuple of ints.
+
+    Raises:
+        PageRangeError: a page is 0, past the end, a range runs backwards, or the spec cannot be read.
+            The message names the document's page count.
+    """
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("all", "*")):
+        return list(range(num_pages))
+    if isinstance(spec, bool):
+        raise _range_error(f"pages={spec!r} is not a page selection", num_pages)
+    if isinstance(spec, int):
+        return [_page_index(spec, num_pages)]
+    if isinstance(spec, str):
+        return _parse_range_string(spec, num_pages)
+    if isinstance(spec, Sequence) and all(isinstance(p, int) and not isinstance(p, bool) for p in spec):
+        if not spec:
+            raise _range_error("pages=[] selects no page", num_pages)
+        return sorted({_page_index(page, num_pages) for page in spec})
+    raise _range_error(f"pages={spec!r} is not a page selection", num_pages)
+
+
+def _parse_range_string(spec: str, num_pages: int) -> list[int]:
+    selected: set[int] = set()
+    for part in spec.split(","):
+        match = _RANGE_PART.match(part)
+        if match is None or not (match.group(1) or match.group(3)):
+            raise _range_error(f"cannot read {part.strip()!r} in pages={spec!r}", num_pages)
+        start_text, dash, end_text = match.groups()
+        if not dash:
+            if end_text and start_text:  # "1 2": two numbers without a separator
+                raise _range_error(f"cannot read {part.strip()!r} in pages={spec!r}", num_pages)
+            selected.add(_page_index(int(start_text or end_text), num_pages))
+            continue
+        start = int(start_text) if start_text else 1
+        end = int(end_text) if end_text else num_pages
+        first, last = _page_index(start, num_pages), _page_index(end, num_pages)
+        if first > last:
+            raise _range_error(f"the range {part.strip()!r} runs backwards", num_pages)
+        selected.update(range(first, last + 1))
+    return sorted(selected)
+
+
+def _page_index(number: int, num_pages: int) -> int:
+    if number < 1:
+        raise _range_error(f"page {number} does not exist (pages are numbered from 1)", num_pages)
+    if number > num_pages:
+        raise _range_error(f"page {number} does not exist", num_pages)
+    return number - 1
+
+
+def _range_error(problem: str, num_pages: int) -> PageRangeError:
+    plural = "page" if num_pages == 1 else "pages"
+    return PageRangeError(
+        f"{problem}: the document has {num_pages} {plural}. Pass pages as 1-based numbers within "
+        f"1-{num_pages}, e.g. pages='1-3,5', pages='2-', pages=[1, 4] or pages=None for all."
+    )
+
+
+def page_count(source: ImageSource | SourceBytes, *, policy: ImagePolicy | None = None) -> int:
+    """Number of pages in the PDF ``source`` (read under ``policy``).
+
+    Raises:
+        PDFError, EncryptedPDFError, MissingDependencyError, and the input errors of
+        :func:`hd4k_tools.inputs.images.read_source_bytes`.
+    """
+    raw = _read_pdf_bytes(source, policy)
+    with _open_document(raw) as document:
+        return len(document)
+
+
+def select_pages(
+    source: ImageSource | SourceBytes,
+    pages: PageSpec = None,
+    *,
+    policy: ImagePolicy | None = None,
+    max_pages: int = 200,
+) -> list[int]:
+    """The 0-based indices that ``pages`` selects in the PDF ``source``, checked against the document and
+    ``max_pages`` without rendering anything (e.g. to read the pages one call at a time).
+
+    Raises:
+        PageRangeError, PDFError (not a PDF, or more selected pages than ``max_pages``), and the errors of
+        :func:`page_count`.
+    """
+    raw = _read_pdf_bytes(source, policy if policy is not None else ImagePolicy())
+    return _selected_indices(raw, pages, max_pages)
+
+
+def _selected_indices(raw: SourceBytes, pages: PageSpec, max_pages: int) -> list[int]:
+    with _open_document(raw) as document:
+        total = len(document)
+    indices = parse_page_range(pages, total)
+    if len(indices) > max_pages:
+        raise PDFError(
+            f"{raw.name} has {total} pages and {len(indices)} are selected, more than max_pages="
+            f"{max_pages}; pass pages=... to pick fewer (e.g. pages='1-{min(max_pages, total)}'), or "
+            "raise max_pages."
+        )
+    return indices
+
+
+def render_pages(
+    source: ImageSource | SourceBytes,
+    *,
+    pages: PageSpec = None,
+    dpi: float = 200,
+    policy: ImagePolicy | None = None,
+    max_pages: int = 200,
+    progress: bool | None = None,
+    cancel: threading.Event | None = None,
+) -> Iterator[RenderedPage]:
+    """Render the selected pages of a PDF, lazily, one :class:`RenderedPage` at a time.
+
+    The document is read and the selection validated when this is called (errors surface here, not
+    at the first ``next()``); pages are rendered as the iterator is consumed, so only one page is held
+    at a time. Close the iterator (or exhaust it) to release the document promptly.
+
+    Args:
+        source: a PDF as a path, bytes, binary file object, base64, ``data:application/pdf`` URL or URL.
+        pages: the selection, see :func:`parse_page_range` (1-based); ``None`` = every page.
+        dpi: render resolution (pixels per inch); 200 reads small print well.
+        policy: input limits; each page must fit ``policy.max_pixels`` at this ``dpi``.
+        max_pages: refuse a selection of more pages than this.
+        progress: progress bar on stderr; ``None`` = only when a person is watching.
+        cancel: set this event to stop between pages with :class:`CancelledError`.
+
+    Raises:
+        PDFError: not a PDF, damaged, bad ``dpi``, or more selected pages than ``max_pages``.
+        EncryptedPDFError: the PDF needs a password.
+        PageRangeError: ``pages`` names pages the document does not have.
+        ImageTooLargeError: a page would have more than ``max_pixels`` pixels at this ``dpi``.
+        CancelledError: ``cancel`` was set.
+        MissingDependencyError: pypdfium2 is not installed.
+    """
+    policy = policy if policy is not None else ImagePolicy()
+    if isinstance(dpi, bool) or not isinstance(dpi, int | float) or not 0 < dpi <= _MAX_DPI:
+        raise PDFError(f"dpi={dpi!r} is not usable; pass a number between 1 and {_MAX_DPI} (e.g. 150-200).")
+    raw = _read_pdf_bytes(source, policy)
+    indices = _selected_indices(raw, pages, max_pages)
+    return _render_lazily(raw, indices, float(dpi), policy, progress, cancel)
+
+
+def _render_lazily(
+    raw: SourceBytes,
+    indices: list[int],
+    dpi: float,
+    policy: ImagePolicy,
+    progress: bool | None,
+    cancel: threading.Event | None,
+) -> Iterator[RenderedPage]:
+    with _open_document(raw) as document:
+        steps = track(indices, total=len(indices), desc="PDF pages", unit="page", progress=progress, cancel=cancel)
+        for index in steps:
+            image = _render_page(document, index, dpi, policy, raw.name)
+            yield RenderedPage(index=index, number=index + 1, image=image, dpi=dpi)
+
+
+def _render_page(document: Any, index: int, dpi: float, policy: ImagePolicy, name: str) -> Image.Image:
+    scale = dpi / _POINTS_PER_INCH
+    with _PDFIUM_LOCK:
+        try:
+            page = document[index]
+        except Exception as err:
+            raise PDFError(f"page {index + 1} of {name} could not be loaded ({err}); the PDF may be damaged.") from err
+        try:
+            width_pt, height_pt = page.get_size()
+            # pdfium sizes its bitmap as ceil(points * scale); check exactly that before rendering.
+            width, height = math.ceil(width_pt * scale), math.ceil(height_pt * scale)
+            if width * height > policy.max_pixels:
+                raise _page_too_large(name, index, (width, height), (width_pt, height_pt), dpi, policy)
+            bitmap = page.render(scale=scale)
+            try:
+                # convert() copies, so the image owns its pixels after the bitmap is closed.
+                return bitmap.to_pil().convert("RGB")
+            finally:
+                bitmap.close()
+        except (ImageTooLargeError, PDFError):
+            raise
+        except Exception as err:
+            raise PDFError(
+                f"page {index + 1} of {name} could not be rendered ({type(err).__name__}: {err}); the "
+                "PDF may be damaged: re-export it, or skip the page with pages=..."
+            ) from err
+        finally:
+            page.close()
+
+
+def _page_too_large(
+    name: str,
+    index: int,
+    pixels: tuple[int, int],
+    points: tuple[float, float],
+    dpi: float,
+    policy: ImagePolicy,
+) -> ImageTooLargeError:
+    fitting = _fitting_dpi(points, policy.max_pixels)
+    return ImageTooLargeError(
+        f"page {index + 1} of {name} would be {pixels[0]}x{pixels[1]} = {pixels[0] * pixels[1]:,} pixels "
+        f"at dpi={dpi:g}, more than max_pixels={policy.max_pixels:,}; render it at dpi={fitting} "
+        "or lower, or raise max_pixels in the ImagePolicy."
+    )
+
+
+def _pixels_at(points: tuple[float, float], dpi: float) -> int:
+    scale = dpi / _POINTS_PER_INCH
+    return math.ceil(points[0] * scale) * math.ceil(points[1] * scale)
+
+
+def _fitting_dpi(points: tuple[float, float], max_pixels: int) -> int:
+    """The highest whole dpi at which a page of ``points`` fits ``max_pixels`` (at least 1)."""
+    dpi = math.floor(_POINTS_PER_INCH * math.sqrt(max_pixels / max(points[0] * points[1], 1e-9)))
+    while dpi > 1 and _pixels_at(points, dpi) > max_pixels:  # ceil() rounding can push it just over
+        dpi -= 1
+    return max(dpi, 1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Opening documents
+# ----------------------------------------------------------------------------------------------------
+def _pdfium() -> Any:
+    try:
+        import pypdfium2
+    except ImportError as err:
+        raise MissingDependencyError(
+            'rendering PDFs needs pypdfium2, which is not installed; pip install "hd4k-tools[pdf]"'
+        ) from err
+    return pypdfium2
+
+
+def _read_pdf_bytes(source: ImageSource | SourceBytes, policy: ImagePolicy | None) -> SourceBytes:
+    raw = read_source_bytes(source, policy=policy)
+    if raw.kind == "pdf":
+        return raw
+    if raw.kind == "image":
+        raise PDFError(f"{raw.name} is an image, not a PDF; use load_image for images.")
+    raise PDFError(f"{raw.name} is not a PDF (no %PDF- header); pass a PDF file, or re-download it if it is damaged.")
+
+
+@contextmanager
+def _open_document(raw: SourceBytes) -> Iterator[pypdfium2.PdfDocument]:
+    pdfium = _pdfium()
+    with _PDFIUM_LOCK:
+        try:
+            document = pdfium.PdfDocument(raw.data)
+        except pdfium.PdfiumError as err:
+            raise _open_error(pdfium, raw.name, err) from err
+        except Exception as err:
+            raise PDFError(f"{raw.name} could not be opened as a PDF ({err}); it may be damaged.") from err
+    try:
+        yield document
+    finally:
+        with _PDFIUM_LOCK:
+            document.close()
+
+
+def _open_error(pdfium: Any, name: str, err: Any) -> PDFError:
+    raw_api = pdfium.raw
+    if err.err_code in (raw_api.FPDF_ERR_PASSWORD, raw_api.FPDF_ERR_SECURITY):
+        return EncryptedPDFError(
+            f"{name} is password-protected (encrypted), so its pages cannot be rendered; remove the "
+            "password first (e.g. qpdf --decrypt --password=... in.pdf out.pdf) and pass the result."
+        )
+    return PDFError(
+        f"{name} could not be opened as a PDF ({err}); it is damaged or not a PDF. Re-export or "
+        "re-download it and try again."
+    )

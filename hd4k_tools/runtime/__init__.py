@@ -1,0 +1,1 @@
+"""Runtime: the Runner protocol and its engines (local, remote), generation, stop strings and caches."""

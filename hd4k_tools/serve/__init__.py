@@ -1,0 +1,1 @@
+"""Serving: ``hd4k serve``, the OpenAI-compatible HTTP server over any Runner."""

@@ -192,7 +192,13 @@ class VllmRunner:
         if self._closed:
             coro.close()
             raise VllmEngineError("This VllmRunner is closed; create a new one.")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result()
+        except BaseException:
+            # Interrupted while waiting (Ctrl-C): cancelling the task aborts its vLLM requests.
+            future.cancel()
+            raise
 
     def _stop_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)

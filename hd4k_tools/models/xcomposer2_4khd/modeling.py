@@ -16,12 +16,7 @@ from torch import Tensor, nn
 
 from hd4k_tools.models.xcomposer2_4khd.configuration import XComposer2Config
 from hd4k_tools.models.xcomposer2_4khd.kv_cache import KVCache
-from hd4k_tools.models.xcomposer2_4khd.vision import (
-    VisionTower,
-    image_token_count,
-    layout_image_tokens,
-    merge_2x2,
-)
+from hd4k_tools.models.xcomposer2_4khd.vision import VisionTower, encode_crops, image_token_count
 
 if TYPE_CHECKING:
     from hd4k_tools.models.xcomposer2_4khd.tiling import ModelInputs
@@ -426,14 +421,17 @@ class XComposer2ForCausalLM(nn.Module):
         if tiles.shape[0] != rows * cols:
             raise ValueError(f"{tiles.shape[0]} tiles for a {rows}x{cols} plan; rebuild the inputs")
         crops = torch.cat([inputs.global_view.to(tiles.dtype), tiles], dim=0)  # [1+n, 3, 336, 336]
-        crops = crops.to(self.vit.dtype).to(self.device)
-        step = crop_batch_size or crops.shape[0]
-        feats = torch.cat([self.vit(chunk) for chunk in crops.split(step)], dim=0)  # [1+n, 576, C]
-        merged = merge_2x2(feats)  # [1+n, 144, 4C]
-        tokens = layout_image_tokens(
-            merged[:1], merged[1:], rows, cols, self.plora_glb_GN, self.plora_sub_GN
-        )  # [L, 4C]
-        embeds = self.vision_proj(tokens.to(self.dtype))  # [L, D]
+        embeds = encode_crops(
+            self.vit,
+            self.vision_proj,
+            self.plora_glb_GN,
+            self.plora_sub_GN,
+            crops,
+            rows,
+            cols,
+            dtype=self.dtype,
+            crop_batch_size=crop_batch_size,
+        )  # [L, D]
         expected = getattr(inputs.plan, "num_tokens", image_token_count(rows, cols))
         if embeds.shape[0] != expected:
             raise ValueError(f"image gave {embeds.shape[0]} tokens, plan says {expected}")

@@ -138,3 +138,32 @@ def layout_image_tokens(
     out = torch.cat([glb, separator, loc], dim=0)  # [L, D4]
     assert out.shape[0] == image_token_count(rows, cols), (out.shape, rows, cols)
     return out
+
+
+def encode_crops(
+    vit: VisionTower,
+    vision_proj: nn.Module,
+    glb_gn: Tensor,
+    sub_gn: Tensor,
+    crops: Tensor,
+    rows: int,
+    cols: int,
+    *,
+    dtype: torch.dtype,
+    crop_batch_size: int | None = None,
+) -> Tensor:
+    """Image embeddings ``[L, D]`` of one tiled image, shared by the native model and the vLLM plugin.
+
+    ``crops [1 + rows*cols, 3, 336, 336]`` are ``[global, tile_0, ..., tile_{n-1}]``; they run through
+    CLIP in the tower's dtype (in chunks of ``crop_batch_size`` to bound activation memory; results are
+    identical), then the 2×2 merge, the token layout with the separators ``glb_gn``/``sub_gn`` and
+    ``vision_proj`` in ``dtype`` (spec §2). ``L == image_token_count(rows, cols)``.
+    """
+    if crops.shape[0] != rows * cols + 1:
+        raise ValueError(f"{crops.shape[0]} crops for a {rows}x{cols} plan (expected {rows * cols + 1})")
+    crops = crops.to(device=glb_gn.device, dtype=vit.dtype)
+    step = crop_batch_size or crops.shape[0]
+    feats = torch.cat([vit(chunk) for chunk in crops.split(step)], dim=0)  # [1+n, 576, C]
+    merged = merge_2x2(feats)  # [1+n, 144, 4C]
+    tokens = layout_image_tokens(merged[:1], merged[1:], rows, cols, glb_gn, sub_gn)  # [L, 4C]
+    return vision_proj(tokens.to(dtype))  # [L, D]

@@ -42,6 +42,8 @@ __all__ = [
     "largest_fitting_hd_num",
     "overflow_error",
     "split_prompt",
+    "text_part_ids",
+    "with_part_bos",
 ]
 
 
@@ -186,20 +188,26 @@ def split_prompt(prompt: str, num_images: int) -> list[str]:
 
 
 def text_part_ids(tokenizer: PromptTokenizer, parts: Sequence[str], bos_each_part: bool) -> list[list[int]]:
-    """Token ids of each text part (empty list for an empty part).
+    """Token ids of each text part (empty list for an empty part), BOS placed by :func:`with_part_bos`."""
+    ids = [tokenizer.encode(part, add_bos=False) if part else [] for part in parts]
+    return with_part_bos(ids, tokenizer.bos_id, bos_each_part)
+
+
+def with_part_bos(part_ids: Sequence[Sequence[int]], bos_id: int, bos_each_part: bool) -> list[list[int]]:
+    """The BOS rule on already tokenised text parts (ids without BOS; parts are separated by images).
 
     ``bos_each_part=True`` is the official chat: every NON-EMPTY part is tokenised with BOS, so a BOS
     follows each image (docs/model.md §4 "Quirk", MindIE/PaddleMIX ports; ms-swift re-inserts it too).
     ``bos_each_part=False`` is the evaluation layout: one BOS at the very start of the sequence (even
     if the first part is empty, i.e. the prompt starts with an image), no BOS elsewhere.
+    Shared by the native prompt assembly and the vLLM processor, which rebuilds it on token ids.
     """
     out: list[list[int]] = []
-    for i, part in enumerate(parts):
+    for i, ids in enumerate(part_ids):
         if bos_each_part:
-            out.append(tokenizer.encode(part, add_bos=True) if part else [])
+            out.append([bos_id, *ids] if ids else [])
         else:
-            ids = tokenizer.encode(part, add_bos=False) if part else []
-            out.append([tokenizer.bos_id, *ids] if i == 0 else ids)
+            out.append([bos_id, *ids] if i == 0 else list(ids))
     return out
 
 

@@ -251,6 +251,7 @@ def make_tiny_checkpoint(
     format: Literal["bin", "safetensors"] = "bin",
     shards: int = 2,
     config_overrides: dict[str, Any] | None = None,
+    head_dim: int | None = None,
 ) -> Path:
     """Write a tiny random InternLM-XComposer2-4KHD checkpoint into ``path`` (created if needed).
 
@@ -258,9 +259,18 @@ def make_tiny_checkpoint(
     2 layers, 336-px crops with 14-px patches (144 merged tokens per crop as in the real model);
     wqkv LoRA r=4/α=8, other LoRA r=8/α=8. ``config_overrides`` replaces ``config.json`` fields
     (``vision_config`` is merged). The same ``seed`` gives identical files' tensors.
+
+    ``head_dim`` (e.g. 32) widens the decoder to ``num_attention_heads * head_dim`` with an FFN twice as
+    wide (overrides still win): vLLM's CPU attention only accepts head sizes 32..512, the default is 16.
     """
     if shards < 1:
         raise ValueError("shards must be >= 1")
+    if head_dim is not None:
+        if head_dim < 2 or head_dim % 2:
+            raise ValueError(f"head_dim must be a positive even number (RoPE rotates pairs), got {head_dim}")
+        heads = (config_overrides or {}).get("num_attention_heads", tiny_config_dict(0)["num_attention_heads"])
+        width = {"hidden_size": heads * head_dim, "intermediate_size": 2 * heads * head_dim}
+        config_overrides = {**width, **(config_overrides or {})}
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
 

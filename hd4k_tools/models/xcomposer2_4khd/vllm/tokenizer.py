@@ -1,0 +1,131 @@
+"""``InternLMXComposer2Tokenizer``: the tokenizer class the checkpoint's ``tokenizer_config.json`` names,
+as a ``transformers`` Python tokenizer over the shared sentencepiece
+:class:`~hd4k_tools.models.xcomposer2_4khd.tokenizer.InternLM2Tokenizer` (no remote code, no conversion to a
+``tokenizers`` model: the pieces are sentencepiece's own, so byte fallback, newlines and CJK stay exact).
+
+``<ImageHere>`` is an added special token with the first id past the sentencepiece vocabulary, so text is
+split on it exactly where the official chat splits its prompt. It is not a model token: the multimodal
+processor replaces each one by the image's positions, and :meth:`get_vocab` leaves it out so that vLLM
+rejects, as out of vocabulary, a prompt that still holds one (a placeholder without an image).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, ClassVar
+
+from transformers import PreTrainedTokenizer
+
+from hd4k_tools.models.xcomposer2_4khd.prompt import IMAGE_PLACEHOLDER
+from hd4k_tools.models.xcomposer2_4khd.tokenizer import TOKENIZER_FILE, InternLM2Tokenizer
+from hd4k_tools.models.xcomposer2_4khd.vllm.names import CHAT_TEMPLATE_PATH, TOKENIZER_CLASS
+
+
+def default_chat_template() -> str:
+    """The shipped chat template (official turns, one ``<ImageHere>`` per image part)."""
+    return CHAT_TEMPLATE_PATH.read_text(encoding="utf-8")
+
+
+class InternLMXComposer2Tokenizer(PreTrainedTokenizer):
+    """InternLM2 sentencepiece tokenizer for ``transformers`` / vLLM (see the module docstring).
+
+    ``encode(text)`` gives BOS + the ids of the shared tokenizer; the chat markers
+    ``[UNUSED_TOKEN_146]``/``[UNUSED_TOKEN_145]`` are ordinary sentencepiece pieces (matched atomically).
+    """
+
+    vocab_files_names: ClassVar[dict[str, str]] = {"vocab_file": TOKENIZER_FILE}
+    model_input_names: ClassVar[list[str]] = ["input_ids", "attention_mask"]
+
+    def __init__(
+        self,
+        vocab_file: str,
+        unk_token: str = "<unk>",
+        bos_token: str = "<s>",
+        eos_token: str = "</s>",
+        pad_token: str = "</s>",
+        add_bos_token: bool = True,
+        add_eos_token: bool = False,
+        chat_template: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.vocab_file = vocab_file
+        self.sp = InternLM2Tokenizer.from_pretrained(vocab_file)
+        self.add_bos_token = add_bos_token
+        self.add_eos_token = add_eos_token
+        kwargs.pop("extra_special_tokens", None)
+        kwargs.pop("additional_special_tokens", None)
+        kwargs.pop("auto_map", None)
+        kwargs["clean_up_tokenization_spaces"] = False  # spaces are sentencepiece's, never "cleaned"
+        super().__init__(
+            unk_token=unk_token,
+            bos_token=bos_token,
+            eos_token=eos_token,
+            pad_token=pad_token,
+            extra_special_tokens=[IMAGE_PLACEHOLDER],
+            chat_template=chat_template if chat_template is not None else default_chat_template(),
+            **kwargs,
+        )
+
+    # -- vocabulary ----------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.vocab_size
+
+    @property
+    def image_placeholder_id(self) -> int:
+        """Id of ``<ImageHere>`` (first id past the sentencepiece vocabulary; not a model token)."""
+        return self._added_tokens_encoder[IMAGE_PLACEHOLDER]
+
+    def get_vocab(self) -> dict[str, int]:
+        """The sentencepiece pieces (the model's vocabulary); ``<ImageHere>`` is deliberately absent."""
+        return {self.sp.convert_ids_to_tokens([i])[0]: i for i in range(self.sp.vocab_size)}
+
+    def _tokenize(self, text: str, **kwargs: Any) -> list[str]:
+        return self.sp.tokenize(text)
+
+    def _convert_token_to_id(self, token: str) -> int:
+        try:
+            return self.sp.convert_tokens_to_ids(token)
+        except KeyError:
+            return self.sp.unk_id
+
+    def _convert_id_to_token(self, index: int) -> str:
+        return self.sp.convert_ids_to_tokens([index])[0]
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        """Pieces to text: runs of ordinary pieces are decoded by sentencepiece (byte pieces joined into
+        UTF-8), special tokens are kept as their text."""
+        special = set(self.all_special_tokens)
+        out: list[str] = []
+        run: list[int] = []
+        for token in tokens:
+            if token in special:
+                if run:
+                    out.append(self.sp.decode(run, skip_special_tokens=False))
+                    run = []
+                out.append(token)
+            else:
+                run.append(self._convert_token_to_id(token))
+        if run:
+            out.append(self.sp.decode(run, skip_special_tokens=False))
+        return "".join(out)
+
+    def build_inputs_with_special_tokens(
+        self, token_ids_0: list[int], token_ids_1: list[int] | None = None
+    ) -> list[int]:
+        bos = [self.bos_token_id] if self.add_bos_token else []
+        eos = [self.eos_token_id] if self.add_eos_token else []
+        out = bos + token_ids_0 + eos
+        if token_ids_1 is not None:
+            out += bos + token_ids_1 + eos
+        return out
+
+    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str, ...]:
+        out = os.path.join(save_directory, (filename_prefix + "-" if filename_prefix else "") + TOKENIZER_FILE)
+        if os.path.abspath(out) != os.path.abspath(self.vocab_file):
+            with open(self.vocab_file, "rb") as src, open(out, "wb") as dst:
+                dst.write(src.read())
+        return (out,)
+
+
+assert InternLMXComposer2Tokenizer.__name__ == TOKENIZER_CLASS  # transformers finds the class by this name

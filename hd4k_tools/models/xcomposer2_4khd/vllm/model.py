@@ -349,6 +349,19 @@ class XComposer2VLLMForCausalLM(nn.Module, SupportsMultiModal):
         self.plora_glb_GN = nn.Parameter(torch.zeros(1, 1, d4), requires_grad=False)
         self.plora_sub_GN = nn.Parameter(torch.zeros(1, 1, 1, d4), requires_grad=False)
         self.tp_rank = get_tensor_model_parallel_rank()
+        self._eager = bool(vllm_config.model_config.enforce_eager)
+
+    def set_plora_mode(self, mode: str) -> str:
+        """Switch the Partial LoRA form of a running engine (``"gather"``, ``"static"``, ``"off"``) and
+        return the previous one; for tests and benchmarks, e.g.
+        ``llm.apply_model(functools.partial(XComposer2VLLMForCausalLM.set_plora_mode, mode="static"))``
+        (then ``llm.reset_prefix_cache()``: cached K/V were computed in the previous form)."""
+        if mode not in ("gather", "static", "off"):
+            raise ValueError(f"plora mode must be 'gather', 'static' or 'off', not {mode!r}")
+        if mode == "gather" and not self._eager:
+            raise ValueError("plora mode 'gather' needs enforce_eager=True (data-dependent shapes)")
+        previous, self.plora_mode, self.model.plora_mode = self.plora_mode, mode, mode
+        return previous
 
     # -- images ----------------------------------------------------------------------------------------
     def embed_multimodal(self, **kwargs: object) -> list[Tensor]:

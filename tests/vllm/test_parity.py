@@ -9,7 +9,8 @@ import functools
 import numpy as np
 import pytest
 
-pytest.importorskip("vllm")
+# A submodule, not "vllm": without vLLM, this folder itself would import as a namespace package "vllm".
+pytest.importorskip("vllm.entrypoints.llm")
 
 from PIL import Image
 from vllm_parity import (

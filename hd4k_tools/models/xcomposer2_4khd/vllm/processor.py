@@ -40,7 +40,7 @@ from vllm.multimodal.processing import (
 )
 from vllm.multimodal.processing.inputs import ProcessorInputs
 
-from hd4k_tools.errors import InputError, InvalidHDNumError
+from hd4k_tools.errors import HDNumOverBudgetError, InputError, InvalidHDNumError
 from hd4k_tools.hd4k import _TEXT_MARGIN, MAX_AUTO_HD_NUM
 from hd4k_tools.models.xcomposer2_4khd.prompt import IMAGE_PLACEHOLDER, with_part_bos
 from hd4k_tools.models.xcomposer2_4khd.vision import image_token_count
@@ -50,11 +50,8 @@ from hd4k_tools.tiling import HDNum, auto_hd_num, plan, resolve_hd_num, to_model
 DEFAULT_ENGINE_HD_NUM = 25
 #: Keys a request may send in ``mm_processor_kwargs``.
 REQUEST_KWARGS = ("hd_num", "layout")
+__all__ = ["DEFAULT_ENGINE_HD_NUM", "HDNumOverBudgetError", "XComposer2MultiModalProcessor", "XComposer2ProcessingInfo"]
 LAYOUTS = ("chat", "eval")
-
-
-class HDNumOverBudgetError(InvalidHDNumError):
-    """A per-request ``hd_num`` above the engine's (which sized the engine's caches at start-up)."""
 
 
 def _engine_hd_num(value: object) -> HDNum:

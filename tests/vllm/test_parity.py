@@ -27,8 +27,8 @@ from vllm_parity import (
 )
 
 from hd4k_tools.errors import HDNumOverBudgetError, InputError, InvalidHDNumError
+from hd4k_tools.models.xcomposer2_4khd.tiling import plan
 from hd4k_tools.models.xcomposer2_4khd.vllm.model import XComposer2VLLMForCausalLM
-from hd4k_tools.tiling import plan
 
 
 def _image(width: int, height: int, seed: int) -> Image.Image:

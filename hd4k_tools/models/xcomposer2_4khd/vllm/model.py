@@ -42,7 +42,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from hd4k_tools.models.xcomposer2_4khd.checkpoint import _IGNORED_KEYS
 from hd4k_tools.models.xcomposer2_4khd.configuration import XComposer2Config
-from hd4k_tools.models.xcomposer2_4khd.prompt import IMAGE_PLACEHOLDER
+from hd4k_tools.models.xcomposer2_4khd.special_tokens import IMAGE_PLACEHOLDER
 from hd4k_tools.models.xcomposer2_4khd.vision import VisionTower, encode_crops
 from hd4k_tools.models.xcomposer2_4khd.vllm.lora import (
     check_tp_size,

@@ -66,7 +66,7 @@ _EXPORTS: dict[str, str] = {
     "auto_hd_num": "hd4k_tools.models.xcomposer2_4khd.tiling",
     "hd_transform": "hd4k_tools.models.xcomposer2_4khd.tiling",
     "to_model_inputs": "hd4k_tools.models.xcomposer2_4khd.tiling",
-    "draw_plan": "hd4k_tools.models.xcomposer2_4khd.tiling",
+    "draw_plan": "hd4k_tools.models.xcomposer2_4khd.preview",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
@@ -91,10 +91,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from hd4k_tools.inputs.images import ImageSource, image_content_hash, load_image, read_source_bytes, to_data_url
     from hd4k_tools.inputs.pdf import page_count, parse_page_range, render_pages, select_pages
     from hd4k_tools.inputs.policy import ImagePolicy
+    from hd4k_tools.models.xcomposer2_4khd.preview import draw_plan
     from hd4k_tools.models.xcomposer2_4khd.tiling import (
         HDPlan,
         auto_hd_num,
-        draw_plan,
         hd_transform,
         plan,
         resolve_hd_num,

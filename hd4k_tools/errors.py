@@ -68,6 +68,10 @@ class InvalidHDNumError(InputError):
     """An ``hd_num`` that is not a positive integer or ``"auto"``."""
 
 
+class HDNumOverBudgetError(InvalidHDNumError):
+    """A per-request ``hd_num`` above a serving engine's budget (the hd_num its caches were sized for)."""
+
+
 class PDFError(InputError):
     """A PDF that cannot be rendered: corrupt, encrypted, too many pages, bad page range."""
 

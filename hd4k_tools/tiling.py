@@ -4,6 +4,7 @@ The implementation is model-specific and lives in the model family folder
 (:mod:`hd4k_tools.models.xcomposer2_4khd.tiling`); this module re-exports its public names.
 """
 
+from hd4k_tools.models.xcomposer2_4khd.preview import draw_plan
 from hd4k_tools.models.xcomposer2_4khd.tiling import (
     CLIP_MEAN,
     CLIP_STD,
@@ -16,7 +17,6 @@ from hd4k_tools.models.xcomposer2_4khd.tiling import (
     ModelInputs,
     auto_hd_num,
     check_hd_num,
-    draw_plan,
     hd_transform,
     image_tokens,
     plan,

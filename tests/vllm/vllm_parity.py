@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 
 from hd4k_tools.models.xcomposer2_4khd.prompt_embeds import assemble_inputs
+from hd4k_tools.models.xcomposer2_4khd.tiling import to_model_inputs
 from hd4k_tools.runtime.generation import generate, stop_ids_for
 from hd4k_tools.runtime.generation_config import GenerationConfig
 from hd4k_tools.runtime.runner import GenerationRequest, Message
-from hd4k_tools.tiling import to_model_inputs
 
 STEPS = 24
 LOGPROB_TOL = 1e-4

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.distributed import (
     get_pp_group,
@@ -41,7 +42,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from hd4k_tools.models.xcomposer2_4khd.checkpoint import _IGNORED_KEYS
 from hd4k_tools.models.xcomposer2_4khd.configuration import XComposer2Config
-from hd4k_tools.models.xcomposer2_4khd.prompt import IMAGE_PLACEHOLDER
+from hd4k_tools.models.xcomposer2_4khd.special_tokens import IMAGE_PLACEHOLDER
 from hd4k_tools.models.xcomposer2_4khd.vision import VisionTower, encode_crops
 from hd4k_tools.models.xcomposer2_4khd.vllm.lora import (
     check_tp_size,
@@ -245,18 +246,18 @@ class XComposer2DecoderLayer(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h), lora_at)
 
 
+@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": -1, "inputs_embeds": 0})
 class XComposer2Decoder(nn.Module):
-    """InternLM2 with Partial LoRA (keys ``model.*``); reads the image-position mask from ``lora_mask``."""
+    """InternLM2 with Partial LoRA (keys ``model.*``); reads the image-position mask from ``lora_mask``.
+    vLLM compiles it (torch.compile, CUDA graphs) unless ``enforce_eager``; compiled, it runs the
+    static-shape Partial LoRA only (``resolve_plora_mode``)."""
 
-    def __init__(
-        self,
-        config: XComposer2Config,
-        rope_parameters: dict[str, Any],
-        vllm_config: VllmConfig,
-        plora_mode: str,
-        prefix: str,
-    ):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", plora_mode: str = "static"):
         super().__init__()
+        hf_config = vllm_config.model_config.hf_config
+        config = hf_config.native()
+        rope_parameters = dict(hf_config.rope_parameters)
+        self._eager = bool(vllm_config.model_config.enforce_eager)
         self.plora_mode = plora_mode
         self.tok_embeddings = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
@@ -274,6 +275,8 @@ class XComposer2Decoder(nn.Module):
     def set_lora_mask(self, is_multimodal: Tensor | None, num_tokens: int) -> None:
         """Called by ``embed_input_ids`` before every ``forward``: this step's image positions."""
         if num_tokens > self.lora_mask.numel():
+            if not self._eager:  # a compiled graph holds the buffer: a new one would never be read
+                raise RuntimeError(f"{num_tokens} tokens in one step, above max_num_batched_tokens")
             self.lora_mask = torch.zeros(num_tokens, dtype=self.lora_mask.dtype, device=self.lora_mask.device)
         self.lora_mask.zero_()
         self._image_rows_this_step = False
@@ -340,7 +343,7 @@ class XComposer2VLLMForCausalLM(nn.Module, SupportsMultiModal):
             )
         self.plora_mode = resolve_plora_mode(getattr(hf_config, "plora_mode", "auto"), vllm_config)
         d, d4 = config.hidden_size, config.vision.merged_size
-        self.model = XComposer2Decoder(config, dict(hf_config.rope_parameters), vllm_config, self.plora_mode, "model")
+        self.model = XComposer2Decoder(vllm_config=vllm_config, prefix="model", plora_mode=self.plora_mode)
         self.output = ParallelLMHead(config.vocab_size, d, quant_config=vllm_config.quant_config, prefix="output")
         self.logits_processor = LogitsProcessor(config.vocab_size)
         self.vit = VisionTower(config.vision)

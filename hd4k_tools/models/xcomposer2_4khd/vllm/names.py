@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-#: ``model_type`` of the official ``config.json``; the plugin's config class is registered under it.
-MODEL_TYPE = "internlmxcomposer2"
+from hd4k_tools.models.registry import FAMILIES
+
+_FAMILY = next(f for f in FAMILIES.values() if f.package == __package__.rpartition(".")[0])
+#: ``model_type`` of the official ``config.json`` (the family's row in ``models/registry.py``); the plugin's
+#: config class is registered under it.
+MODEL_TYPE = _FAMILY.model_type
 #: The architecture name the plugin registers with vLLM. Deliberately not the checkpoint's
 #: ``InternLMXComposer2ForCausalLM`` nor vLLM's ``InternLM2ForCausalLM``: the config class forces it, so the
 #: plugin never takes over another model and vLLM never picks a text-only InternLM2 for this checkpoint.

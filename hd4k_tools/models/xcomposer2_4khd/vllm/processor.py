@@ -40,22 +40,19 @@ from vllm.multimodal.processing import (
 )
 from vllm.multimodal.processing.inputs import ProcessorInputs
 
-from hd4k_tools.errors import InputError, InvalidHDNumError
-from hd4k_tools.hd4k import MAX_AUTO_HD_NUM
-from hd4k_tools.hd4k import TEXT_MARGIN as _TEXT_MARGIN
-from hd4k_tools.models.xcomposer2_4khd.prompt import IMAGE_PLACEHOLDER, with_part_bos
+from hd4k_tools.errors import HDNumOverBudgetError, InputError, InvalidHDNumError
+from hd4k_tools.hd4k import plan_images
+from hd4k_tools.models.xcomposer2_4khd.prompt import with_part_bos
+from hd4k_tools.models.xcomposer2_4khd.special_tokens import IMAGE_PLACEHOLDER
+from hd4k_tools.models.xcomposer2_4khd.tiling import MAX_AUTO_HD_NUM, HDNum, plan, to_model_inputs
 from hd4k_tools.models.xcomposer2_4khd.vision import image_token_count
-from hd4k_tools.tiling import HDNum, auto_hd_num, plan, resolve_hd_num, to_model_inputs
 
 #: hd_num of an engine started without ``mm_processor_kwargs={"hd_num": ...}`` (``hd4k serve``'s default).
 DEFAULT_ENGINE_HD_NUM = 25
 #: Keys a request may send in ``mm_processor_kwargs``.
 REQUEST_KWARGS = ("hd_num", "layout")
+__all__ = ["DEFAULT_ENGINE_HD_NUM", "HDNumOverBudgetError", "XComposer2MultiModalProcessor", "XComposer2ProcessingInfo"]
 LAYOUTS = ("chat", "eval")
-
-
-class HDNumOverBudgetError(InvalidHDNumError):
-    """A per-request ``hd_num`` above the engine's (which sized the engine's caches at start-up)."""
 
 
 def _engine_hd_num(value: object) -> HDNum:
@@ -120,31 +117,37 @@ class XComposer2ProcessingInfo(BaseProcessingInfo):
         engine = self.engine_hd_num()
         return MAX_AUTO_HD_NUM if engine == "auto" else int(engine)
 
-    def resolve_hd_nums(self, requested: object, sizes: Sequence[tuple[int, int]]) -> list[int]:
-        """One concrete hd_num per image (``(width, height)``), checked against the engine's budget."""
+    def resolve_hd_nums(self, requested: object, images: Sequence[Image.Image]) -> list[int]:
+        """One concrete hd_num per image, planned by the facade's ``plan_images`` (the one place hd_num
+        becomes a plan) and checked against the engine's budget: an int above it is refused, ``"auto"``
+        is capped by it (the largest fitting hd_num below the cap is the cap itself, tokens grow with
+        hd_num). No ``max_new_tokens`` is known here, so ``"auto"`` shares ``max_model_len`` minus the
+        text margin."""
         cap = self.max_hd_num()
-        values = list(requested) if isinstance(requested, (list, tuple)) else [requested] * len(sizes)
-        if len(values) != len(sizes):
-            raise InvalidHDNumError(
-                f"hd_num has {len(values)} values for {len(sizes)} images; give one per image, or one for all."
-            )
-        budget = max(1, (self.ctx.model_config.max_model_len - _TEXT_MARGIN) // max(1, len(sizes)))
+        values = list(requested) if isinstance(requested, (list, tuple)) else [requested] * len(images)
+        for value in values:
+            if isinstance(value, bool) or not (value is None or isinstance(value, (int, str))):
+                raise InvalidHDNumError(f"hd_num must be a positive integer or 'auto', got {value!r}.")
+        plans = plan_images(
+            list(images),
+            values,
+            default_hd_num=self.engine_hd_num(),
+            context_length=self.ctx.model_config.max_model_len,
+            max_new_tokens=0,
+        )
         out: list[int] = []
-        for value, (w, h) in zip(values, sizes, strict=True):
+        for value, p in zip(values, plans, strict=True):
             value = self.engine_hd_num() if value is None else value
-            if isinstance(value, str) and value.strip().lower() == "auto":
-                n = auto_hd_num(w, h, budget, max_hd_num=cap)
-            else:
-                if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                    raise InvalidHDNumError(f"hd_num must be a positive integer or 'auto', got {value!r}.")
-                n = resolve_hd_num(value, w, h, default=cap, max_tokens=None)
-            if n > cap:
+            if isinstance(value, str):  # "auto" (plan_images refused anything else)
+                out.append(min(p.hd_num, cap))
+            elif p.hd_num > cap:
                 raise HDNumOverBudgetError(
-                    f"hd_num={n} is above this engine's budget of {cap} (set when the engine started, "
+                    f"hd_num={p.hd_num} is above this engine's budget of {cap} (set when the engine started, "
                     f"mm_processor_kwargs={{'hd_num': {self.engine_hd_num()!r}}}); use hd_num <= {cap} or 'auto', "
                     "or start the engine with a larger hd_num."
                 )
-            out.append(n)
+            else:
+                out.append(p.hd_num)
         return out
 
     # -- sizes -----------------------------------------------------------------------------------------
@@ -206,19 +209,18 @@ class XComposer2MultiModalProcessor(BaseMultiModalProcessor[XComposer2Processing
         images = inputs.mm_data_items.get("image")
         if images is not None and not isinstance(images, ImageProcessorItems):
             raise InputError("IXC2-4KHD takes images (PIL or image URLs/data), not precomputed image embeddings.")
-        sizes = (
-            [(s.width, s.height) for s in (images.get_image_size(i) for i in range(images.get_count()))]
-            if images is not None
-            else []
-        )
+        pil_images = [images.get(i) for i in range(images.get_count())] if images is not None else []
+        for image in pil_images:
+            if not isinstance(image, Image.Image):
+                raise InputError(f"IXC2-4KHD images must be PIL images or image URLs, got {type(image).__name__}.")
         image_id, bos_id, _ = self.info.placeholder_ids()
         placeholders = sum(1 for t in inputs.prompt if t == image_id)
-        if placeholders != len(sizes):
+        if placeholders != len(pil_images):
             raise InputError(
-                f"The prompt has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(sizes)} image(s) were "
+                f"The prompt has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(pil_images)} image(s) were "
                 f"given; put exactly one {IMAGE_PLACEHOLDER} where each image belongs, in the same order."
             )
-        hd_nums = self.info.resolve_hd_nums(kwargs.get("hd_num"), sizes)
+        hd_nums = self.info.resolve_hd_nums(kwargs.get("hd_num"), pil_images)
         prompt = official_prompt_ids(
             inputs.prompt, image_id=image_id, bos_id=bos_id, layout=kwargs.get("layout", "chat")
         )

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 from transformers import PreTrainedTokenizer
 
-from hd4k_tools.models.xcomposer2_4khd.prompt import IMAGE_PLACEHOLDER
+from hd4k_tools.models.xcomposer2_4khd.special_tokens import IMAGE_PLACEHOLDER
 from hd4k_tools.models.xcomposer2_4khd.tokenizer import TOKENIZER_FILE, InternLM2Tokenizer
 from hd4k_tools.models.xcomposer2_4khd.vllm.names import CHAT_TEMPLATE_PATH, TOKENIZER_CLASS
 

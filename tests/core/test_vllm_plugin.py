@@ -12,13 +12,13 @@ import jinja2
 import pytest
 from PIL import Image
 
-from hd4k_tools.models.xcomposer2_4khd.prompt import IMAGE_PLACEHOLDER
+from hd4k_tools.models.xcomposer2_4khd.special_tokens import IMAGE_PLACEHOLDER
 from hd4k_tools.models.xcomposer2_4khd.tokenizer import InternLM2Tokenizer
 from hd4k_tools.models.xcomposer2_4khd.vllm import ARCHITECTURE, CHAT_TEMPLATE_PATH, register
 from hd4k_tools.models.xcomposer2_4khd.vllm.plugin import register_transformers_classes
 from hd4k_tools.runtime.runner import GenerationRequest, Message
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _python(code: str) -> str:

@@ -58,6 +58,7 @@ _EXPORTS: dict[str, str] = {
     "ChartQuestionArgs": "hd4k_tools.tasks",
     "DescribeImageArgs": "hd4k_tools.tasks",
     "error_message": "hd4k_tools.agent_tools",
+    "invalid_arguments": "hd4k_tools.agent_tools",
     "resolve_image_argument": "hd4k_tools.agent_tools",
     "ImagePolicy": "hd4k_tools.inputs.policy",
     "load_image": "hd4k_tools.inputs.images",
@@ -84,6 +85,7 @@ if TYPE_CHECKING:  # pragma: no cover
         ToolAnswer,
         ToolSettings,
         error_message,
+        invalid_arguments,
         resolve_image_argument,
     )
     from hd4k_tools.errors import CancelledError, ContextOverflowError, HD4KError, InputError, OutputParseError

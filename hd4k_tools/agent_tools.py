@@ -18,17 +18,19 @@ from __future__ import annotations
 import inspect
 import itertools
 import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hd4k_tools.errors import HD4KError, InputError, PathNotAllowedError, URLNotAllowedError
 from hd4k_tools.hd4k import HD4K
 from hd4k_tools.inputs.images import ImageSource
 from hd4k_tools.inputs.policy import ImagePolicy
+from hd4k_tools.progress import check_cancelled
 from hd4k_tools.results import ChartResult, DocumentResult, TaskResult
 from hd4k_tools.runtime.generation_config import MAX_NUM_BEAMS
 from hd4k_tools.tasks import tool_specs
@@ -92,12 +94,19 @@ class ToolSettings(BaseModel):
 
 class ImageRegistry:
     """Images an agent already holds (e.g. sent by the user in a message), named so that a tool call
-    can say ``image://img-1`` instead of carrying base64 in its arguments. Thread-safe."""
+    can say ``image://img-1`` instead of carrying base64 in its arguments. Thread-safe.
 
-    def __init__(self) -> None:
+    ``max_images`` bounds how many are kept (the oldest is forgotten first) where untrusted clients add
+    images, e.g. an MCP server; ``None`` keeps every image.
+    """
+
+    def __init__(self, max_images: int | None = None) -> None:
+        if max_images is not None and max_images < 1:
+            raise ValueError(f"max_images must be None or at least 1, got {max_images}")
         self._images: dict[str, bytes | Image.Image] = {}
         self._lock = threading.Lock()
         self._counter = itertools.count(1)
+        self.max_images = max_images
 
     def add(self, image: bytes | Image.Image, name: str | None = None) -> str:
         """Store ``image`` (encoded bytes or a PIL image) and return its reference ``image://<name>``."""
@@ -105,7 +114,10 @@ class ImageRegistry:
             key = name or f"img-{next(self._counter)}"
             if key.startswith(IMAGE_REF_SCHEME):
                 key = key[len(IMAGE_REF_SCHEME) :]
+            self._images.pop(key, None)  # re-adding a name makes it the newest
             self._images[key] = image
+            while self.max_images is not None and len(self._images) > self.max_images:
+                del self._images[next(iter(self._images))]
         return IMAGE_REF_SCHEME + key
 
     def get(self, ref: str) -> bytes | Image.Image:
@@ -160,6 +172,16 @@ def resolve_image_argument(value: str, settings: ToolSettings, registry: ImageRe
     return path if path.is_absolute() else root / path
 
 
+def invalid_arguments(name: str, err: ValidationError, schema: type[BaseModel] | None = None) -> InputError:
+    """The error for tool arguments that do not match the tool's schema (``TOOL_ARGS[name]`` unless given):
+    the problems, then the valid names. Every adapter (LangChain, LlamaIndex, MCP) words it this way."""
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or '(arguments)'}: {e['msg']}" for e in err.errors(include_url=False)[:10]
+    )
+    valid = ", ".join((schema or TOOL_ARGS[name]).model_fields)
+    return InputError(f"Invalid arguments for {name}: {problems}. Its arguments are: {valid}.")
+
+
 def error_message(err: BaseException) -> str:
     """The text an LLM sees when a tool call fails."""
     if isinstance(err, HD4KError):
@@ -209,11 +231,19 @@ class AgentTools:
         """Describe an image (the describe-image tool)."""
         return self.run("describe_image", {"image": image, "detail": detail, "hd_num": hd_num})
 
-    def run(self, name: str, arguments: dict[str, Any], *, cancel: threading.Event | None = None) -> ToolAnswer:
+    def run(
+        self,
+        name: str,
+        arguments: dict[str, Any],
+        *,
+        cancel: threading.Event | None = None,
+        on_page: Callable[[int, int], None] | None = None,
+    ) -> ToolAnswer:
         """Run tool ``name`` (a task spec's name and HD4K method) with already-validated arguments.
 
         The image argument is resolved under the tool settings; the HD4K method gets this object's
-        policy and generation limits, plus the page limit and no progress bar where it reads documents."""
+        policy and generation limits, plus the page limit and no progress bar where it reads documents,
+        and ``on_page(done, total)`` where it reports pages (see :meth:`HD4K.read_document`)."""
         spec = tool_specs().get(name)
         if spec is None:
             raise InputError(f"Unknown tool {name!r}; tools are {sorted(TOOL_ARGS)}.")
@@ -226,6 +256,8 @@ class AgentTools:
             options.update(max_pages=self.settings.max_pdf_pages, progress=False)
         if cancel is not None and "cancel" in accepted:
             options["cancel"] = cancel
+        if on_page is not None and "on_page" in accepted:
+            options["on_page"] = on_page
         result = method(source, **args, **options)
         return ToolAnswer(content=tool_text(result), result=result)
 
@@ -236,3 +268,29 @@ class AgentTools:
             raise InputError(f"Unknown tool {name!r}; tools are {sorted(TOOL_ARGS)}.")
         args = schema.model_validate(arguments)
         return self.run(name, args.model_dump())
+
+    def invoke(
+        self,
+        name: str,
+        arguments: Mapping[str, Any] | None,
+        *,
+        cancel: threading.Event | None = None,
+        on_page: Callable[[int, int], None] | None = None,
+    ) -> ToolAnswer:
+        """Run a tool on untrusted ``arguments`` (as a protocol server receives them).
+
+        Unlike :meth:`call`, arguments that do not match the schema raise :class:`InputError` naming the
+        problems and the valid arguments. Setting ``cancel`` stops the model between two tokens and raises
+        :class:`~hd4k_tools.errors.CancelledError` (a cut answer is never returned as a whole one);
+        ``on_page(done, total)`` reports the pages of ``read_document``.
+        """
+        schema = TOOL_ARGS.get(name)
+        if schema is None:
+            raise InputError(f"Unknown tool {name!r}; tools are {sorted(TOOL_ARGS)}.")
+        try:
+            args = schema.model_validate(dict(arguments or {}))
+        except ValidationError as err:
+            raise invalid_arguments(name, err) from None
+        answer = self.run(name, args.model_dump(), cancel=cancel, on_page=on_page)
+        check_cancelled(cancel, f"The {name} call")
+        return answer

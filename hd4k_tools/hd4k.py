@@ -19,7 +19,7 @@ from PIL import Image
 
 from hd4k_tools.errors import ContextOverflowError, InputError, InvalidHDNumError
 from hd4k_tools.inputs.images import ImageSource, load_image, read_source_bytes
-from hd4k_tools.inputs.pdf import render_pages
+from hd4k_tools.inputs.pdf import render_pages, select_pages
 from hd4k_tools.inputs.policy import ImagePolicy
 from hd4k_tools.models.xcomposer2_4khd.tiling import MAX_AUTO_HD_NUM, HDNum, HDPlan, auto_hd_num, check_hd_num, plan
 from hd4k_tools.results import ChartResult, DocumentResult, TaskResult, parse_table, thumbnail_data_url
@@ -319,12 +319,13 @@ class HD4K:
         cancel: threading.Event | None,
         policy: ImagePolicy | None = None,
         max_pages: int | None = None,
-    ) -> tuple[str, Iterator[tuple[int | None, Image.Image]]]:
-        """(source name, iterator of (page number or None, image)) for an image or a PDF."""
+    ) -> tuple[str, int, Iterator[tuple[int | None, Image.Image]]]:
+        """(source name, number of pages, iterator of (page number or None, image)) for an image or a PDF."""
         policy = policy or self.policy
         if not isinstance(source, Image.Image):
             raw = read_source_bytes(source, policy=policy)
             if raw.kind == "pdf":
+                total = len(select_pages(raw, pages, policy=policy, max_pages=max_pages or self.max_pdf_pages))
                 rendered = render_pages(
                     raw,
                     pages=pages,
@@ -334,13 +335,13 @@ class HD4K:
                     progress=progress,
                     cancel=cancel,
                 )
-                return raw.name, ((p.number, p.image) for p in rendered)
+                return raw.name, total, ((p.number, p.image) for p in rendered)
             name, source = raw.name, raw
         else:
             name = "<image>"
         if pages not in (None, 1, "1", [1], (1,)):
             raise InputError(f"pages={pages!r} was given but {name} is a single image, not a PDF.")
-        return name, iter([(None, self.load(source, policy))])
+        return name, 1, iter([(None, self.load(source, policy))])
 
     def read_document(
         self,
@@ -355,15 +356,20 @@ class HD4K:
         policy: ImagePolicy | None = None,
         max_pages: int | None = None,
         cancel: threading.Event | None = None,
+        on_page: Callable[[int, int], None] | None = None,
     ) -> DocumentResult:
         """Transcribe a document image or PDF (one result per page; default hd_num 55).
 
         ``pages`` selects PDF pages (1-based: ``3``, ``"1-3,5"``, ``[1, 2]``); PDFs render at ``dpi``
         (default 200) with a progress bar when interactive (``progress=False`` turns it off).
+        ``on_page(done, total)`` is called before the first page (``done=0``) and after each page, e.g. to
+        report progress to a client.
         """
         spec = TASKS["read_document"]
         prompt = document_prompt(output)
-        name, page_iter = self._document_pages(source, pages, dpi, progress, cancel, policy, max_pages)
+        name, total, page_iter = self._document_pages(source, pages, dpi, progress, cancel, policy, max_pages)
+        if on_page is not None:
+            on_page(0, total)
         results = []
         # A batching engine gets the pages together (PAGE_BATCH at a time, so rendered pages stay bounded);
         # any other runner one by one, each page rendered just before it is read.
@@ -373,6 +379,8 @@ class HD4K:
             outs = generate_all(self.runner, requests, cancel=cancel)
             for (number, _), request, out in zip(batch, requests, outs, strict=True):
                 results.append(self._result(TaskResult, "read_document", out, request, page=number, source=name))
+                if on_page is not None:
+                    on_page(len(results), total)
         return DocumentResult(source=name, pages=results)
 
     def stream_read_document(
@@ -392,7 +400,7 @@ class HD4K:
         """Text deltas of :meth:`read_document`, pages separated by a blank line."""
         spec = TASKS["read_document"]
         prompt = document_prompt(output)
-        _, page_iter = self._document_pages(source, pages, dpi, progress, cancel, policy, max_pages)
+        _, _, page_iter = self._document_pages(source, pages, dpi, progress, cancel, policy, max_pages)
         for i, (_, image) in enumerate(page_iter):
             if i:
                 yield "\n\n"

@@ -1,10 +1,10 @@
 """The ``hd4k`` command line: the parser of every sub-command and the entry point.
 
 One module per group of sub-commands registers its parsers (``register(commands)``) and sets ``func``:
-:mod:`~hd4k_tools.cli.tiles` (``tiles``) and :mod:`~hd4k_tools.cli.model_commands` (``read``, ``chart``,
-``describe``, ``serve``, ``make-tiny-checkpoint``). Errors the library raises on purpose
-(:class:`~hd4k_tools.errors.HD4KError`) are printed as one line, ``hd4k: error: <message>``, with exit code
-2; so are argparse usage errors. Ctrl-C exits with 130 and no traceback.
+:mod:`~hd4k_tools.cli.tiles` (``tiles``), :mod:`~hd4k_tools.cli.model_commands` (``read``, ``chart``,
+``describe``, ``serve``, ``make-tiny-checkpoint``) and :mod:`~hd4k_tools.mcp.cli` (``mcp``). Errors the
+library raises on purpose (:class:`~hd4k_tools.errors.HD4KError`) are printed as one line,
+``hd4k: error: <message>``, with exit code 2; so are argparse usage errors. Ctrl-C exits with 130 and no traceback.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from hd4k_tools import __version__
 from hd4k_tools.cli import model_commands, tiles
 from hd4k_tools.cli.args import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, PROG, OneLineErrorParser
 from hd4k_tools.errors import HD4KError
+from hd4k_tools.mcp import cli as mcp_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiles.register(commands)
     model_commands.register(commands)
+    mcp_cli.register(commands)
     return parser
 
 

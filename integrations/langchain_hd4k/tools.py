@@ -32,6 +32,7 @@ from hd4k_tools import (
     ToolSettings,
     error_message,
     errors,
+    invalid_arguments,
 )
 
 
@@ -52,14 +53,8 @@ class InvalidArgumentsMessage:
 
     def __call__(self, err: Exception) -> str:
         if isinstance(err, ValidationError):
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or '(arguments)'}: {e['msg']}"
-                for e in err.errors(include_url=False)[:10]
-            )
-        else:  # pragma: no cover - pydantic.v1 errors (LangChain accepts both)
-            problems = str(err)
-        valid = ", ".join(TOOL_ARGS[self.task].model_fields)
-        return error_message(InputError(f"Invalid arguments for {self.task}: {problems}. Its arguments are: {valid}."))
+            return error_message(invalid_arguments(self.task, err))
+        return error_message(InputError(f"Invalid arguments for {self.task}: {err}"))  # pragma: no cover - pydantic.v1
 
 
 class HD4KBaseTool(BaseTool):

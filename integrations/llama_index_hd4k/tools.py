@@ -14,7 +14,7 @@ from typing import Any
 
 from llama_index.core.tools import FunctionTool, ToolMetadata, ToolOutput
 from llama_index.core.tools.tool_spec.base import SPEC_FUNCTION_TYPE, BaseToolSpec
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from hd4k_tools import (
     HD4K,
@@ -23,24 +23,16 @@ from hd4k_tools import (
     AgentTools,
     HD4KError,
     ImageRegistry,
-    InputError,
     Runner,
     ToolAnswer,
     ToolSettings,
     error_message,
+    invalid_arguments,
 )
 
 __all__ = ["HD4KFunctionTool", "HD4KToolSpec"]
 
 logger = logging.getLogger(__name__)
-
-
-def _invalid_arguments(name: str, schema: type[BaseModel], err: ValidationError) -> InputError:
-    problems = "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or '(arguments)'}: {e['msg']}" for e in err.errors()[:10]
-    )
-    valid = ", ".join(schema.model_fields)
-    return InputError(f"Invalid arguments for {name}: {problems}. Its arguments are: {valid}.")
 
 
 class HD4KFunctionTool(FunctionTool):
@@ -85,7 +77,7 @@ class HD4KFunctionTool(FunctionTool):
         try:
             return schema.model_validate(kwargs).model_dump()
         except ValidationError as err:
-            raise _invalid_arguments(self.metadata.get_name(), schema, err) from err
+            raise invalid_arguments(self.metadata.get_name(), err, schema) from err
 
     def call(self, *args: Any, **kwargs: Any) -> ToolOutput:
         """Run the tool; errors come back as ``is_error`` outputs (see the class docstring)."""
@@ -148,7 +140,7 @@ class HD4KToolSpec(BaseToolSpec):
         try:
             return self.agent_tools.call(name, **arguments)
         except ValidationError as err:
-            raise _invalid_arguments(name, TOOL_ARGS[name], err) from err
+            raise invalid_arguments(name, err) from err
 
     def read_document(self, image: str, pages: str | None = None, hd_num: int | None = None) -> ToolAnswer:
         """Transcribe a document image or PDF (pages: '1', '2-4', '1,3'); see ``ReadDocumentArgs``."""

@@ -103,6 +103,11 @@ class ModelNotFoundError(ModelError, FileNotFoundError):
     """A model folder or hub id that cannot be found (offline, or no such repository)."""
 
 
+class HubAuthError(ModelError, PermissionError):
+    """The Hugging Face Hub refused the request (401/403: a missing or invalid token, a gated or private
+    repository)."""
+
+
 class DeviceError(ModelError):
     """A device or quantisation request the machine cannot satisfy (e.g. 4-bit without CUDA)."""
 

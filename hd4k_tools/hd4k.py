@@ -125,8 +125,11 @@ class HD4K:
 
         ``engine="native"`` (default) runs the model in this process; its options are ``device``,
         ``dtype``, ``quantization``, ``progress``, ``cache_bytes`` (image-embedding cache) and
-        ``prefix_cache_bytes`` (decoder K/V kept for follow-up questions; 0 turns it off).
-        ``engine="vllm"`` runs it on vLLM (see the README, "Serve at scale"). An option the engine does
+        ``prefix_cache_bytes`` (decoder K/V kept for follow-up questions; 0 turns it off), and for a hub id
+        ``revision``, ``token``, ``cache_dir``, ``local_files_only`` (``$HF_HUB_OFFLINE=1`` works too), as
+        in ``transformers``. ``dtype="auto"`` is the checkpoint's dtype (bfloat16 for the official one:
+        about 2 bytes per parameter in memory, also on a CPU). ``engine="vllm"`` runs it on vLLM (see the
+        README, "Serve at scale"). An option the engine does
         not take is refused, never ignored.
         """
         runner = load_engine(engine, str(path_or_hub_id), **engine_options)

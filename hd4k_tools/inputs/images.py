@@ -320,7 +320,8 @@ def _check_allowed(resolved: Path, shown: str, roots: tuple[Path, ...]) -> None:
     allowed = ", ".join(repr(str(root)) for root in resolved_roots) or "(none)"
     raise PathNotAllowedError(
         f"path {shown!r} is outside the allowed directories ({allowed}), after following symlinks "
-        "and '..'; pass a file inside one of them, or add its directory to allowed_roots."
+        "and '..'; pass a file inside one of them, or add its directory to allowed_roots (ImagePolicy.allowed_roots; "
+        "for the agent tools, ToolSettings.allowed_root)."
     )
 
 

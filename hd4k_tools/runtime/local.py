@@ -125,11 +125,29 @@ class LocalRunner:
         cancel: threading.Event | None = None,
         cache_bytes: int = 1 << 30,
         prefix_cache_bytes: int = 2 << 30,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | None = None,
+        local_files_only: bool = False,
     ) -> LocalRunner:
-        """Load a checkpoint folder or hub id with its model family's loader (``models/registry.py``)."""
+        """Load a checkpoint folder or hub id with its model family's loader (``models/registry.py``).
+
+        ``dtype="auto"`` is the checkpoint's dtype (bfloat16 for the official one: about 2 bytes per
+        parameter in CPU memory). ``revision``, ``token``, ``cache_dir`` and ``local_files_only`` (or
+        ``$HF_HUB_OFFLINE=1``) reach the Hugging Face Hub client for a hub id.
+        """
         load_pretrained = family_for_checkpoint(path_or_hub_id).module("checkpoint").load_pretrained
         loaded = load_pretrained(
-            path_or_hub_id, dtype=dtype, device=device, quantization=quantization, progress=progress, cancel=cancel
+            path_or_hub_id,
+            dtype=dtype,
+            device=device,
+            quantization=quantization,
+            progress=progress,
+            cancel=cancel,
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
         )
         return cls(loaded, model_id=str(path_or_hub_id), cache_bytes=cache_bytes, prefix_cache_bytes=prefix_cache_bytes)
 

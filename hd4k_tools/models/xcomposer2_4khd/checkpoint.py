@@ -36,13 +36,14 @@ from typing import BinaryIO
 import torch
 from torch import nn
 
-from hd4k_tools.errors import CheckpointError, DeviceError, MissingDependencyError, ModelNotFoundError
+from hd4k_tools.errors import CheckpointError, DeviceError, MissingDependencyError
 from hd4k_tools.models.xcomposer2_4khd.configuration import XComposer2Config
+from hd4k_tools.models.xcomposer2_4khd.hub import DEFAULT_MODEL_ID, HubOptions, resolve_checkpoint_path
 from hd4k_tools.models.xcomposer2_4khd.modeling import PLoRALinear, XComposer2ForCausalLM
-from hd4k_tools.models.xcomposer2_4khd.tokenizer import TOKENIZER_FILE, InternLM2Tokenizer
+from hd4k_tools.models.xcomposer2_4khd.tokenizer import InternLM2Tokenizer
 from hd4k_tools.progress import track
 
-DEFAULT_MODEL_ID = "internlm/internlm-xcomposer2-4khd-7b"
+__all__ = ["DEFAULT_MODEL_ID", "LoadedModel", "checkpoint_dtype", "load_pretrained", "resolve_checkpoint_path"]
 
 # Weight layouts, in order of preference (safetensors first when both are present).
 SAFE_INDEX, SAFE_SINGLE = "model.safetensors.index.json", "model.safetensors"
@@ -117,15 +118,26 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """``"auto"``: bfloat16 on CUDA if supported else float16; float32 on CPU/MPS. Also accepts
-    ``"bf16"``, ``"fp16"``, ``"fp32"``, the full names and ``torch.dtype`` objects."""
+def resolve_dtype(
+    dtype: str | torch.dtype, device: torch.device, checkpoint: str | torch.dtype | None = None
+) -> torch.dtype:
+    """The dtype to load in. ``"auto"`` means the checkpoint's own dtype (``checkpoint``: the config's
+    ``torch_dtype`` / ``dtype``), as in ``transformers``: the official checkpoint is bfloat16, so on a CPU
+    ``"auto"`` holds about 2 bytes per parameter (half of float32). On CUDA without bfloat16 support a
+    bfloat16 checkpoint loads as float16. Without a checkpoint dtype, ``"auto"`` is bfloat16 on CUDA (float16
+    where bfloat16 is not supported) and float32 on CPU/MPS. Also accepts ``"bf16"``, ``"fp16"``, ``"fp32"``,
+    the full names and ``torch.dtype`` objects."""
     if isinstance(dtype, torch.dtype):
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"dtype {dtype} is not supported; use float32, bfloat16 or float16.")
         return dtype
     key = str(dtype).lower().removeprefix("torch.")
     if key == "auto":
+        stored = _checkpoint_torch_dtype(checkpoint)
+        if stored is not None:
+            if stored == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+                return torch.float16
+            return stored
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
@@ -134,45 +146,25 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return _DTYPES[key]
 
 
+def _checkpoint_torch_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
+    if value is None:
+        return None
+    if isinstance(value, torch.dtype):
+        return value if value in (torch.float32, torch.bfloat16, torch.float16) else None
+    found = _DTYPES.get(str(value).lower().removeprefix("torch."))
+    return found
+
+
+def checkpoint_dtype(config: XComposer2Config) -> str | None:
+    """The dtype the checkpoint declares: ``dtype`` (transformers >= 4.56 writes this name) or
+    ``torch_dtype``."""
+    value = config.extra.get("dtype") or config.torch_dtype
+    return value if isinstance(value, str) else None
+
+
 # ----------------------------------------------------------------------------------------------------
 # Locating the checkpoint
 # ----------------------------------------------------------------------------------------------------
-def _how_to_get(repo_id: str) -> str:
-    return (
-        "To get the weights, run on a machine with internet access: "
-        f"`hf download {repo_id} --local-dir DIR` (older huggingface_hub: "
-        f"`huggingface-cli download {repo_id} --local-dir DIR`), copy DIR here and pass it: "
-        "`--model DIR` on the command line or `HD4K.from_pretrained(DIR)` in Python."
-    )
-
-
-def resolve_checkpoint_path(path_or_hub_id: str | Path) -> Path:
-    """A local folder, or a hub id fetched (or found in the local HF cache) with ``snapshot_download``."""
-    path = Path(path_or_hub_id).expanduser()
-    if path.is_dir():
-        return path
-    text = str(path_or_hub_id)
-    looks_like_path = path.exists() or text.startswith((".", "/", "~")) or "\\" in text or text.count("/") != 1
-    if looks_like_path:
-        raise ModelNotFoundError(
-            f"model folder {text!r} does not exist (or is not a folder). {_how_to_get(DEFAULT_MODEL_ID)}"
-        )
-    try:
-        from huggingface_hub import snapshot_download
-
-        folder = snapshot_download(
-            repo_id=text,
-            allow_patterns=["*.json", "*.safetensors", "*.bin", TOKENIZER_FILE],
-        )
-    except Exception as exc:  # offline, no such repo, gated, network errors: all mean "not here"
-        raise ModelNotFoundError(
-            f"model {text!r} is not a local folder and could not be fetched from the Hugging Face Hub "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no details'}). "
-            f"{_how_to_get(text)}"
-        ) from exc
-    return Path(folder)
-
-
 def find_weight_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
     """The weight files to read (safetensors preferred) and the index's ``weight_map`` if any."""
     for index_name, single_name in ((SAFE_INDEX, SAFE_SINGLE), (BIN_INDEX, BIN_SINGLE)):
@@ -450,8 +442,17 @@ def load_pretrained(
     quantization: str | None = None,
     progress: bool | None = None,
     cancel: threading.Event | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | Path | None = None,
+    local_files_only: bool = False,
 ) -> LoadedModel:
     """Load model, tokenizer and config from a checkpoint folder or a hub id.
+
+    ``dtype="auto"`` is the checkpoint's dtype (see :func:`resolve_dtype`). ``revision``, ``token``,
+    ``cache_dir`` and ``local_files_only`` (or ``$HF_HUB_OFFLINE=1``) go to the Hub client for a hub id
+    (:mod:`hd4k_tools.models.xcomposer2_4khd.hub`: one weight format is downloaded, safetensors preferred);
+    an authentication failure is :class:`~hd4k_tools.errors.HubAuthError`.
 
     Formats: ``model.safetensors.index.json`` + shards, ``model.safetensors``,
     ``pytorch_model.bin.index.json`` + shards, ``pytorch_model.bin`` (safetensors preferred).
@@ -463,11 +464,12 @@ def load_pretrained(
     """
     start = time.perf_counter()
     target_device = resolve_device(device)
-    target_dtype = resolve_dtype(dtype, target_device)
     _check_quantization(quantization, target_device)
-    folder = resolve_checkpoint_path(path_or_hub_id)
+    hub = HubOptions(revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
+    folder = resolve_checkpoint_path(path_or_hub_id, hub)
 
     config = XComposer2Config.from_pretrained(folder)
+    target_dtype = resolve_dtype(dtype, target_device, checkpoint_dtype(config))
     tokenizer = InternLM2Tokenizer.from_pretrained(folder)
     files, weight_map = find_weight_files(folder)
 

@@ -32,9 +32,9 @@ from pathlib import Path
 import sentencepiece as spm
 
 from hd4k_tools.errors import CheckpointError
+from hd4k_tools.models.xcomposer2_4khd.hub import TOKENIZER_FILE
 from hd4k_tools.models.xcomposer2_4khd.special_tokens import IM_END, IM_START
 
-TOKENIZER_FILE = "tokenizer.model"
 _REPLACEMENT_CHAR = "\ufffd"
 
 

@@ -1,0 +1,296 @@
+"""One chat-completion request body -> a :class:`~hd4k_tools.runtime.runner.GenerationRequest`.
+
+:func:`prepare` parses and validates the JSON body, refuses what the model cannot do (``tools``: it has no
+tool calling), reads ``response_format`` into a :class:`~hd4k_tools.structured.StructuredOutput`, turns the
+messages into :class:`Message` objects (images loaded under the server's :class:`ImagePolicy`; ``tool``
+results as user turns, as ``ChatHD4K`` reads a LangChain ``ToolMessage``), resolves the generation settings
+and plans every image once. It runs in a worker thread: JSON and image decoding are CPU work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from hd4k_tools.errors import ContextOverflowError, HD4KError, InputError
+from hd4k_tools.hd4k import plan_images
+from hd4k_tools.inputs.images import load_image
+from hd4k_tools.inputs.policy import ImagePolicy
+from hd4k_tools.models.xcomposer2_4khd.tiling import HDNum, HDPlan
+from hd4k_tools.runtime.generation_config import GenerationConfig
+from hd4k_tools.runtime.runner import GenerationRequest, Message, Runner
+from hd4k_tools.serve.errors import APIError, api_error_from, validation_message
+from hd4k_tools.serve.schemas import ChatCompletionRequest, ResponseFormat, _ChatMessage, _TextPart
+from hd4k_tools.structured import StructuredOutput
+
+__all__ = [
+    "DEFAULT_MAX_REQUEST_BYTES",
+    "DEFAULT_MAX_TOKENS_LIMIT",
+    "DEFAULT_SSE_KEEPALIVE_S",
+    "MAX_STOP_SEQUENCES",
+    "Prepared",
+    "ServeSettings",
+    "generation_config",
+    "prepare",
+    "tool_result_prefix",
+]
+
+#: Default cap on a request body: a few full-resolution images as base64 data URLs.
+DEFAULT_MAX_REQUEST_BYTES = 32 * 2**20
+#: Default cap on ``max_tokens``: four times the longest task default (``read_document``, 1024 tokens).
+DEFAULT_MAX_TOKENS_LIMIT = 4096
+#: Default interval of SSE keep-alive comments while a streamed answer waits for its first token.
+DEFAULT_SSE_KEEPALIVE_S = 10.0
+#: Most stop sequences one request may give.
+MAX_STOP_SEQUENCES = 16
+# A json_schema bigger than this is refused: it is prompt text, and the context is finite.
+_MAX_SCHEMA_CHARS = 32_000
+
+TOOLS_UNSUPPORTED = (
+    "This model (InternLM-XComposer2-4KHD) has no tool calling, so 'tools' cannot be honoured: an answer "
+    "would be prose with no tool call. Send the request without 'tools' (or with tool_choice \"none\"), "
+    "and to let an agent see documents and images give its tool-calling LLM the hd4k tools instead: "
+    "read_document, answer_chart_question and describe_image (langchain_hd4k.HD4KToolkit, "
+    "llama_index_hd4k.HD4KToolSpec, or hd4k_tools.AgentTools over HD4K.remote(<this server>))."
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A validated request, ready for the runner."""
+
+    request: GenerationRequest
+    stream: bool
+    include_usage: bool
+    stops: tuple[str, ...]
+    structured: StructuredOutput | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeSettings:
+    """What :func:`~hd4k_tools.serve.app.create_app` was given, checked."""
+
+    runner: Runner
+    policy: ImagePolicy
+    allow_image_urls: bool
+    default_hd_num: HDNum
+    model_name: str
+    max_request_bytes: int
+    api_key: str | None
+    max_tokens_limit: int
+    sse_keepalive_s: float = DEFAULT_SSE_KEEPALIVE_S
+
+
+def generation_config(body: ChatCompletionRequest, max_tokens_limit: int) -> GenerationConfig:
+    """The request's decoding settings over the runner's defaults (``max_tokens`` capped by the server)."""
+    changes: dict[str, Any] = {}
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    if max_tokens is not None:
+        if max_tokens > max_tokens_limit:
+            field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+            raise APIError(
+                400,
+                f"{field}={max_tokens} is over this server's limit of {max_tokens_limit} new tokens; ask for "
+                f"at most {max_tokens_limit} (the server's --max-tokens-limit).",
+                param=field,
+                code="max_tokens_too_large",
+            )
+        changes["max_new_tokens"] = max_tokens
+    elif GenerationConfig.max_new_tokens > max_tokens_limit:
+        # The client asked for nothing: the server's own default must respect the server's own cap.
+        changes["max_new_tokens"] = max_tokens_limit
+    if body.temperature is not None:
+        # OpenAI's temperature 0 means "as deterministic as possible": greedy decoding.
+        if body.temperature == 0:
+            changes["do_sample"] = False
+        else:
+            changes["do_sample"] = True
+            changes["temperature"] = body.temperature
+    for name in ("top_p", "top_k", "repetition_penalty", "num_beams", "seed"):
+        value = getattr(body, name)
+        if value is not None:
+            changes[name] = value
+    try:
+        return GenerationConfig(**changes)
+    except ValueError as err:
+        raise APIError(400, f"Invalid generation settings: {err}", code="invalid_generation_settings") from err
+
+
+def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise APIError(400, f"At most {MAX_STOP_SEQUENCES} stop sequences are supported.", param="stop")
+    if any(not s for s in stops):
+        raise APIError(400, "Stop sequences must be non-empty strings.", param="stop")
+    return tuple(stops)
+
+
+def _load_image_part(url: str, settings: ServeSettings, param: str) -> Any:
+    head = url.lstrip()[:16].lower()
+    if head.startswith("data:"):
+        policy = dataclasses.replace(settings.policy, allow_urls=False)
+    elif head.startswith(("http://", "https://")):
+        if not settings.allow_image_urls:
+            raise APIError(
+                400,
+                "Image URLs are disabled on this server; send the image inline as a data URL "
+                "(data:image/png;base64,...), or start the server with --allow-image-urls.",
+                param=param,
+                code="image_url_not_allowed",
+            )
+        policy = dataclasses.replace(settings.policy, allow_urls=True)
+    else:
+        # Anything else would be read as a path or raw base64 by load_image: never from a client.
+        raise APIError(
+            400,
+            "image_url.url must be a data URL (data:image/...;base64,...) or an http(s) URL.",
+            param=param,
+            code="invalid_image_url",
+        )
+    try:
+        return load_image(url, policy=policy)
+    except HD4KError as err:
+        raise api_error_from(err, param=param) from err
+
+
+def tool_result_prefix(name: str | None) -> str:
+    """The line that introduces a tool result, as ``ChatHD4K`` writes it for a ``ToolMessage``."""
+    return f"Result of the tool {name}:\n" if name else "Tool result:\n"
+
+
+def _tool_names(messages: Sequence[_ChatMessage]) -> dict[str, str]:
+    """``tool_call_id -> function name`` from the assistant messages' ``tool_calls``."""
+    names: dict[str, str] = {}
+    for m in messages:
+        for call in m.tool_calls or []:
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(call.get("id"), str) and isinstance(function, dict) and isinstance(function.get("name"), str):
+                names[call["id"]] = function["name"]
+    return names
+
+
+def _messages(body: ChatCompletionRequest, settings: ServeSettings) -> tuple[Message, ...]:
+    out: list[Message] = []
+    tool_names = _tool_names(body.messages)
+    for i, m in enumerate(body.messages):
+        role = {"developer": "system", "tool": "user"}.get(m.role, m.role)
+        parts: list[Any] = []
+        if m.role == "tool":
+            parts.append(tool_result_prefix(m.name or tool_names.get(m.tool_call_id or "")))
+        if isinstance(m.content, str):
+            parts.append(m.content)
+        elif m.content is not None:
+            for j, part in enumerate(m.content):
+                if isinstance(part, _TextPart):
+                    parts.append(part.text)
+                else:
+                    url = part.image_url if isinstance(part.image_url, str) else part.image_url.url
+                    param = f"messages.{i}.content.{j}.image_url.url"
+                    if role != "user":
+                        raise APIError(400, "Images are only accepted in user and tool messages.", param=param)
+                    parts.append(_load_image_part(url, settings, param))
+        out.append(Message(role, tuple(parts)))  # type: ignore[arg-type]
+    if out[-1].role != "user":
+        raise APIError(400, "The last message must be a user message (the question to answer).", param="messages")
+    if any(m.role == "system" for m in out[1:]):
+        raise APIError(400, "A system message is only allowed as the first message.", param="messages")
+    return tuple(out)
+
+
+def _refuse_tools(body: ChatCompletionRequest) -> None:
+    """``tools``/``functions`` (unless ``tool_choice`` is ``"none"``) and a forced tool choice are refused."""
+    choice = body.tool_choice
+    if (body.tools or body.functions) and choice != "none":
+        raise APIError(400, TOOLS_UNSUPPORTED, param="tools", code="tools_not_supported")
+    if choice is not None and choice not in ("none", "auto"):
+        raise APIError(400, TOOLS_UNSUPPORTED, param="tool_choice", code="tools_not_supported")
+
+
+def _structured(fmt: ResponseFormat | None) -> StructuredOutput | None:
+    """``response_format`` as a :class:`StructuredOutput` (``None`` for plain text)."""
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return StructuredOutput.from_schema(None)
+    schema = fmt.json_schema.schema_ if fmt.json_schema is not None else None
+    if not isinstance(schema, dict):
+        raise APIError(
+            400,
+            'response_format type "json_schema" needs json_schema.schema (a JSON schema object), e.g. '
+            '{"type": "json_schema", "json_schema": {"name": "answer", "schema": {"type": "object", ...}}}.',
+            param="response_format.json_schema.schema",
+            code="invalid_response_format",
+        )
+    if len(json.dumps(schema)) > _MAX_SCHEMA_CHARS:
+        raise APIError(
+            400,
+            f"response_format.json_schema.schema is longer than {_MAX_SCHEMA_CHARS:,} characters of JSON; it is "
+            "shown to the model as prompt text, so send a smaller schema.",
+            param="response_format.json_schema.schema",
+            code="invalid_response_format",
+        )
+    return StructuredOutput.from_schema(schema)
+
+
+def _plans(
+    body: ChatCompletionRequest, messages: Sequence[Message], gen: GenerationConfig, settings: ServeSettings
+) -> tuple[HDPlan, ...]:
+    images = [img for m in messages for img in m.images]
+    try:
+        return plan_images(
+            images,
+            body.hd_num,
+            default_hd_num=settings.default_hd_num,
+            context_length=settings.runner.context_length,
+            max_new_tokens=gen.max_new_tokens,
+        )
+    except ContextOverflowError as err:
+        raise APIError(400, str(err), param="max_tokens", code="context_length_exceeded") from err
+    except InputError as err:
+        raise api_error_from(err, param="hd_num") from err
+
+
+def prepare(raw: bytes, settings: ServeSettings) -> Prepared:
+    """Parse, validate and load a request body (runs in a worker thread: JSON and image decoding are
+    CPU work).
+
+    Raises:
+        APIError: anything the client must change (400/413), in OpenAI's shape.
+    """
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise APIError(400, f"The request body is not valid JSON: {err}", code="invalid_json") from err
+    if not isinstance(data, dict):
+        raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
+    try:
+        body = ChatCompletionRequest.model_validate(data)
+    except ValidationError as err:
+        message, param = validation_message(err)
+        raise APIError(400, message, param=param) from err
+    if body.n not in (None, 1):
+        raise APIError(400, "Only n=1 is supported: one answer per request.", param="n", code="unsupported_n")
+    _refuse_tools(body)
+    structured = _structured(body.response_format)
+    if structured is not None and body.stop:
+        raise APIError(
+            400,
+            "stop and a JSON response_format do not combine: a stop sequence would cut the JSON; drop stop.",
+            param="stop",
+            code="invalid_response_format",
+        )
+    gen = generation_config(body, settings.max_tokens_limit)
+    stops = _stops(body.stop)
+    messages = _messages(body, settings)
+    plans = _plans(body, messages, gen, settings)
+    request = GenerationRequest.planned(messages, plans, generation=gen, layout=body.layout or "chat")
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return Prepared(
+        request=request, stream=body.stream, include_usage=include_usage, stops=stops, structured=structured
+    )

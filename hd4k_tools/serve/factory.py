@@ -1,0 +1,159 @@
+"""``create_app``: one FastAPI application over one runner (the routes in :mod:`hd4k_tools.serve.routes`,
+OpenAI-shaped errors, the access-log/metrics middleware, the OpenAPI document).
+
+FastAPI is an optional extra (``serve``): it is imported when an app is built, and without it
+:class:`~hd4k_tools.errors.MissingDependencyError` says what to install.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from hd4k_tools import __version__
+from hd4k_tools.errors import InvalidHDNumError, MissingDependencyError
+from hd4k_tools.inputs.policy import ImagePolicy
+from hd4k_tools.models.xcomposer2_4khd.tiling import HDNum, check_hd_num
+from hd4k_tools.runtime.runner import Runner
+from hd4k_tools.serve.accesslog import AccessLogMiddleware
+from hd4k_tools.serve.chat import (
+    DEFAULT_MAX_REQUEST_BYTES,
+    DEFAULT_MAX_TOKENS_LIMIT,
+    DEFAULT_SSE_KEEPALIVE_S,
+    ServeSettings,
+)
+from hd4k_tools.serve.errors import APIError, internal_error, validation_message
+from hd4k_tools.serve.metrics import ServerMetrics
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fastapi import FastAPI
+
+__all__ = ["SERVE_HINT", "create_app", "require_serve"]
+
+SERVE_HINT = 'pip install "hd4k-tools[serve]"'
+
+
+def require_serve() -> None:
+    """Raise :class:`MissingDependencyError` when FastAPI or uvicorn is missing."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as err:
+        raise MissingDependencyError(
+            f"The HTTP server needs FastAPI and uvicorn, which are not installed: {SERVE_HINT}"
+        ) from err
+
+
+def _checked_hd_num(default_hd_num: HDNum) -> HDNum:
+    if isinstance(default_hd_num, str):
+        if default_hd_num.strip().lower() != "auto":
+            raise InvalidHDNumError(f"default_hd_num must be a positive int or 'auto', got {default_hd_num!r}.")
+        return "auto"
+    check_hd_num(default_hd_num)
+    return default_hd_num
+
+
+def create_app(
+    runner: Runner,
+    *,
+    policy: ImagePolicy | None = None,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    allow_image_urls: bool = False,
+    default_hd_num: HDNum = 25,
+    served_model_name: str | None = None,
+    api_key: str | None = None,
+    max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
+    sse_keepalive_s: float = DEFAULT_SSE_KEEPALIVE_S,
+) -> FastAPI:
+    """Build the OpenAI-compatible FastAPI app that answers with ``runner``.
+
+    Args:
+        runner: any :class:`~hd4k_tools.runtime.runner.Runner` (usually a ``LocalRunner``); it must be safe to
+            call from several threads (``LocalRunner`` serialises its model calls).
+        policy: image limits (pixels, bytes, private URLs); defaults to ``ImagePolicy()``.
+        max_request_bytes: largest accepted request body; larger ones get 413.
+        allow_image_urls: accept ``http(s)://`` image URLs (fetched under ``policy``: private and
+            loopback addresses stay refused unless ``policy.allow_private_urls``). Data URLs are always
+            accepted.
+        default_hd_num: tile budget for images when a request has no ``hd_num`` (an int or ``"auto"``).
+        served_model_name: the model name reported by the API; defaults to ``runner.model_id``.
+        api_key: when set, requests to ``/v1/*`` must send ``Authorization: Bearer <api_key>``.
+        max_tokens_limit: largest ``max_tokens`` (or ``max_completion_tokens``) a request may ask for;
+            more is refused with 400 ``max_tokens_too_large``. A request without ``max_tokens`` gets the
+            runner's default, lowered to this limit if needed.
+        sse_keepalive_s: a streamed answer whose first token takes longer than this starts its event
+            stream and sends an SSE comment (``: keep-alive``) every ``sse_keepalive_s`` until it comes.
+
+    Raises:
+        MissingDependencyError: FastAPI/uvicorn are not installed (``pip install "hd4k-tools[serve]"``).
+    """
+    require_serve()
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.openapi.utils import get_openapi
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+
+    from hd4k_tools.serve.routes import ServerState, error_response, logger, openapi_components, router
+
+    default_hd_num = _checked_hd_num(default_hd_num)
+    if max_request_bytes < 1:
+        raise ValueError(f"max_request_bytes must be >= 1, got {max_request_bytes}")
+    if isinstance(max_tokens_limit, bool) or not isinstance(max_tokens_limit, int) or max_tokens_limit < 1:
+        raise ValueError(f"max_tokens_limit must be an int >= 1, got {max_tokens_limit!r}")
+    if not (isinstance(sse_keepalive_s, int | float) and math.isfinite(sse_keepalive_s) and sse_keepalive_s > 0):
+        raise ValueError(f"sse_keepalive_s must be a positive number of seconds, got {sse_keepalive_s!r}")
+    settings = ServeSettings(
+        runner=runner,
+        policy=policy or ImagePolicy(),
+        allow_image_urls=allow_image_urls,
+        default_hd_num=default_hd_num,
+        model_name=served_model_name or runner.model_id,
+        max_request_bytes=max_request_bytes,
+        api_key=api_key,
+        max_tokens_limit=max_tokens_limit,
+        sse_keepalive_s=float(sse_keepalive_s),
+    )
+    metrics = ServerMetrics(settings.model_name)
+    app = FastAPI(
+        title="hd4k-tools",
+        version=__version__,
+        description="OpenAI-compatible server for InternLM-XComposer2-4KHD (images as data URLs, hd_num tiling).",
+    )
+    app.state.hd4k = ServerState(settings=settings, metrics=metrics)
+    app.include_router(router)
+    app.add_middleware(AccessLogMiddleware, metrics=metrics)
+
+    @app.exception_handler(RequestValidationError)
+    async def _on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = validation_message(exc)
+        return error_response(APIError(400, message, param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        err = APIError(exc.status_code, str(exc.detail), type=kind, code=code)
+        return JSONResponse(err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(APIError)
+    async def _on_api_error(_: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(Exception)
+    async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(internal_error())
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for name, definition in openapi_components().items():
+                components.setdefault(name, definition)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app

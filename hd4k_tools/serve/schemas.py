@@ -1,0 +1,210 @@
+"""The API's request and response shapes (OpenAI chat completions plus the hd4k extensions).
+
+The request models validate client input (:class:`ChatCompletionRequest`); the response models document
+what the server answers in ``/openapi.json`` (the handlers build the JSON themselves, so streaming and
+OpenAI-shaped errors stay under their control).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+
+from hd4k_tools.runtime.generation_config import MAX_NUM_BEAMS
+
+__all__ = [
+    "ChatCompletion",
+    "ChatCompletionChunk",
+    "ChatCompletionRequest",
+    "ErrorBody",
+    "Health",
+    "ModelCard",
+    "ModelList",
+    "ResponseFormat",
+]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Request
+# ----------------------------------------------------------------------------------------------------
+class _ImageURL(BaseModel):
+    url: str
+    detail: str | None = None
+
+
+class _TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class _ImagePart(BaseModel):
+    type: Literal["image_url"]
+    image_url: _ImageURL | str
+
+
+_Part = Annotated[_TextPart | _ImagePart, Field(discriminator="type")]
+
+
+class _ChatMessage(BaseModel):
+    """One message. ``tool`` messages (results of a tool an agent ran) are read as ChatHD4K reads a
+    LangChain ``ToolMessage``: a user turn that starts with "Result of the tool NAME:". An assistant
+    message's ``tool_calls`` are accepted and not shown to the model (it cannot call tools)."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[_Part] | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+class _StreamOptions(BaseModel):
+    include_usage: StrictBool = False
+
+
+class _JSONSchemaFormat(BaseModel):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: StrictBool | None = None
+
+    model_config = ConfigDict(populate_by_name=True)
+
+
+class ResponseFormat(BaseModel):
+    """``{"type": "text"}``, ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema":
+    {"name", "schema", "strict"}}``. JSON formats are produced by JSON prompting, validation and one retry
+    (:mod:`hd4k_tools.structured`), since the model has no constrained decoding."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: _JSONSchemaFormat | None = None
+
+
+class ChatCompletionRequest(BaseModel):
+    """The body of ``POST /v1/chat/completions`` (unknown OpenAI fields are accepted and ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    messages: list[_ChatMessage] = Field(min_length=1)
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    seed: StrictInt | None = Field(default=None, ge=0)
+    stop: str | list[str] | None = None
+    n: StrictInt | None = Field(default=None, ge=1)
+    stream: StrictBool = False
+    stream_options: _StreamOptions | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    response_format: ResponseFormat | None = None
+    # hd4k extensions
+    hd_num: StrictInt | Literal["auto"] | list[StrictInt | Literal["auto"]] | None = None
+    top_k: StrictInt | None = Field(default=None, ge=0)
+    repetition_penalty: float | None = Field(default=None, gt=0)
+    num_beams: StrictInt | None = Field(default=None, ge=1, le=MAX_NUM_BEAMS)
+    layout: Literal["chat", "eval"] | None = None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Responses (documentation of what the handlers send)
+# ----------------------------------------------------------------------------------------------------
+class _Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class _HD4KExtension(BaseModel):
+    """Tile plans, image tokens and timings of the answer (hd4k extension)."""
+
+    hd_nums: list[int]
+    plans: list[dict[str, Any]]
+    image_tokens: int
+    timings: dict[str, Any] | None
+    structured_attempts: int | None = None
+
+
+class _AnswerMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class _Choice(BaseModel):
+    index: int
+    message: _AnswerMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    """A whole answer (``stream`` false)."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[_Choice]
+    usage: _Usage
+    hd4k: _HD4KExtension
+
+
+class _ChunkChoice(BaseModel):
+    index: int
+    delta: dict[str, Any]
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One server-sent event of a streamed answer (``data: {...}``); the stream ends with
+    ``data: [DONE]``. Lines starting with ``:`` are keep-alive comments sent during long prefills."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[_ChunkChoice]
+    usage: _Usage | None = None
+    hd4k: _HD4KExtension | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    context_length: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    """``GET /health``; with ``?verbose=true`` also the server's state and cache statistics."""
+
+    status: Literal["ok"]
+    model: str
+    state: Literal["idle", "busy"] | None = None
+    queue_depth: int | None = None
+    active_requests: int | None = None
+    uptime_s: float | None = None
+    context_length: int | None = None
+    caches: dict[str, dict[str, int]] | None = None
+
+
+class _ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """Every error, in OpenAI's shape."""
+
+    error: _ErrorDetail

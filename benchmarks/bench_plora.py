@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import platform
 import statistics
 import sys
@@ -127,7 +128,8 @@ def main() -> int:
         f"`benchmarks/bench_plora.py`, {dt.date.today().isoformat()}, {cpu_name()} ({torch.get_num_threads()} torch "
         f"threads), torch {torch.__version__}, Python {platform.python_version()}, float32, {args.rounds} alternating "
         "rounds. One decoder layer's projections at the 7B sizes; ratios to the same projections without Partial "
-        "LoRA, median [range] of per-round ratios.",
+        "LoRA, median [range] of per-round ratios. Load average "
+        f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} (other jobs shared the 2 cores: wide ranges).",
         "",
         f"LoRA weights per layer: {lora_params / 1e6:.1f} M parameters = "
         f"{100 * lora_params / base_params:.1f} % of the base projections' {base_params / 1e6:.0f} M "

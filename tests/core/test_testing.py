@@ -134,3 +134,14 @@ def test_config_overrides(tmp_path):
     assert cfg["vision_config"]["num_hidden_layers"] == 1 and cfg["vision_config"]["hidden_size"] == 32
     keys = torch.load(folder / "pytorch_model.bin", weights_only=True).keys()
     assert not any(k.startswith("model.layers.1.") for k in keys)
+
+
+def test_head_dim_option_widens_the_decoder(tmp_path):
+    # vLLM's CPU attention accepts head sizes 32..512; the default tiny decoder has 16.
+    folder = make_tiny_checkpoint(tmp_path / "h", shards=1, head_dim=32)
+    cfg = XComposer2Config.from_pretrained(folder)
+    assert (cfg.head_dim, cfg.hidden_size, cfg.intermediate_size) == (32, 128, 256)
+    default = XComposer2Config.from_pretrained(make_tiny_checkpoint(tmp_path / "d", shards=1))
+    assert default.head_dim == 16
+    with pytest.raises(ValueError, match="even"):
+        make_tiny_checkpoint(tmp_path / "x", head_dim=31)

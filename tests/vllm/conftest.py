@@ -8,6 +8,7 @@ Run them in the vLLM environment: ``.venv-vllm/bin/python -m pytest tests/vllm -
 
 from __future__ import annotations
 
+import gc
 import os
 
 import pytest
@@ -55,4 +56,5 @@ def engine(vllm_checkpoint):
         seed=0,
     )
     yield llm
-    llm.shutdown() if hasattr(llm, "shutdown") else None
+    del llm  # vLLM's LLM has no shutdown(): its engine processes stop when it is collected
+    gc.collect()

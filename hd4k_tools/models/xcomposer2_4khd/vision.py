@@ -157,7 +157,7 @@ def encode_crops(
     ``crops [1 + rows*cols, 3, 336, 336]`` are ``[global, tile_0, ..., tile_{n-1}]``; they run through
     CLIP in the tower's dtype (in chunks of ``crop_batch_size`` to bound activation memory; results are
     identical), then the 2×2 merge, the token layout with the separators ``glb_gn``/``sub_gn`` and
-    ``vision_proj`` in ``dtype`` (spec §2). ``L == image_token_count(rows, cols)``.
+    ``vision_proj`` in ``dtype`` (docs/model.md §2). ``L == image_token_count(rows, cols)``.
     """
     if crops.shape[0] != rows * cols + 1:
         raise ValueError(f"{crops.shape[0]} crops for a {rows}x{cols} plan (expected {rows * cols + 1})")

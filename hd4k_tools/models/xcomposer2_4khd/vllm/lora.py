@@ -1,6 +1,6 @@
 """Partial LoRA arithmetic for the vLLM model (plain torch, no vLLM import; tested on CPU).
 
-Partial LoRA (spec §3.2): ``y = W x + s * B (A x)`` at image positions, ``y = W x`` elsewhere. Two forms
+Partial LoRA (docs/model.md §3.2): ``y = W x + s * B (A x)`` at image positions, ``y = W x`` elsewhere. Two forms
 with identical results:
 
 * :func:`plora_gather` - gathers the image rows (``index_select``), runs the LoRA on them and adds the
@@ -15,9 +15,9 @@ Tensor parallelism (Megatron style, as vLLM shards the base weights): a column-p
 row-parallel projection (``wo``, ``w2``) splits its input columns, so ``A`` is split by columns and ``B`` is
 replicated, and each rank adds ``B (A_r x_r)`` to its partial sum before the all-reduce (``B`` is linear,
 so the partial deltas sum to ``B (A x)``). ``wqkv``'s rows are interleaved per KV group
-(``[n_kv][q_per_kv + 2][head_dim]``), so a contiguous row split gives each rank whole groups - query
-heads with their own key and value head - as long as ``n_kv_heads`` is a multiple of the TP size
-(:func:`check_tp_size`).
+(``[n_kv][q_per_kv + 2][head_dim]``, docs/model.md §3.5), so a contiguous row split gives each rank whole
+groups - query heads with their own key and value head - as long as ``n_kv_heads`` is a multiple of the
+TP size (:func:`check_tp_size`).
 """
 
 from __future__ import annotations

@@ -347,7 +347,7 @@ class XComposer2VLLMForCausalLM(nn.Module, SupportsMultiModal):
         self.output = ParallelLMHead(config.vocab_size, d, quant_config=vllm_config.quant_config, prefix="output")
         self.logits_processor = LogitsProcessor(config.vocab_size)
         self.vit = VisionTower(config.vision)
-        # mlp2x_gelu projector with exact-erf GELU (spec §3.1), as in the native model.
+        # mlp2x_gelu projector with exact-erf GELU (docs/model.md §3.1), as in the native model.
         self.vision_proj = nn.Sequential(nn.Linear(d4, d), nn.GELU(), nn.Linear(d, d))
         self.plora_glb_GN = nn.Parameter(torch.zeros(1, 1, d4), requires_grad=False)
         self.plora_sub_GN = nn.Parameter(torch.zeros(1, 1, 1, d4), requires_grad=False)

@@ -68,6 +68,9 @@ _EXPORTS: dict[str, str] = {
     "hd_transform": "hd4k_tools.models.xcomposer2_4khd.tiling",
     "to_model_inputs": "hd4k_tools.models.xcomposer2_4khd.tiling",
     "draw_plan": "hd4k_tools.models.xcomposer2_4khd.preview",
+    "ingest": "hd4k_tools.ingestion",
+    "iter_ingest_records": "hd4k_tools.ingestion",
+    "PageRecord": "hd4k_tools.ingestion",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
@@ -90,6 +93,7 @@ if TYPE_CHECKING:  # pragma: no cover
     )
     from hd4k_tools.errors import CancelledError, ContextOverflowError, HD4KError, InputError, OutputParseError
     from hd4k_tools.hd4k import HD4K
+    from hd4k_tools.ingestion import PageRecord, ingest, iter_ingest_records
     from hd4k_tools.inputs.images import ImageSource, image_content_hash, load_image, read_source_bytes, to_data_url
     from hd4k_tools.inputs.pdf import page_count, parse_page_range, render_pages, select_pages
     from hd4k_tools.inputs.policy import ImagePolicy

@@ -145,3 +145,10 @@ class RemoteResponseError(RemoteError):
     def __init__(self, message: str, status_code: int | None = None) -> None:
         super().__init__(message)
         self.status_code = status_code
+
+
+# ----------------------------------------------------------------------------------------------------
+# Corpus ingestion (hd4k ingest)
+# ----------------------------------------------------------------------------------------------------
+class IngestError(HD4KError):
+    """``hd4k ingest`` cannot go on: an unusable output folder or a Ray cluster it cannot join."""

@@ -346,6 +346,18 @@ class HD4K:
             raise InputError(f"pages={pages!r} was given but {name} is a single image, not a PDF.")
         return name, 1, iter([(None, self.load(source, policy))])
 
+    def document_request(
+        self,
+        image: Image.Image,
+        *,
+        hd_num: HDNum | None = None,
+        output: str = "markdown",
+        generation: GenerationArg = None,
+    ) -> GenerationRequest:
+        """The request :meth:`read_document` sends for one page ``image`` (hd_num planned, task prompt and
+        generation settings), for pipelines that batch pages themselves (``hd4k_tools.ingest``)."""
+        return self._image_request(TASKS["read_document"], image, document_prompt(output), hd_num, generation)
+
     def read_document(
         self,
         source: ImageSource,

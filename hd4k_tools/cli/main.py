@@ -17,6 +17,7 @@ from hd4k_tools import __version__
 from hd4k_tools.cli import model_commands, tiles
 from hd4k_tools.cli.args import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, PROG, OneLineErrorParser
 from hd4k_tools.errors import HD4KError
+from hd4k_tools.ingestion import cli as ingest_command
 from hd4k_tools.mcp import cli as mcp_cli
 
 
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiles.register(commands)
     model_commands.register(commands)
     mcp_cli.register(commands)
+    ingest_command.register(commands, default_model=model_commands.default_model())
     return parser
 
 

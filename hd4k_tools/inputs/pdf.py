@@ -32,7 +32,7 @@ from hd4k_tools.progress import track
 if TYPE_CHECKING:
     import pypdfium2
 
-__all__ = ["RenderedPage", "is_pdf", "page_count", "parse_page_range", "render_pages", "select_pages"]
+__all__ = ["RenderedPage", "is_pdf", "page_count", "page_labels", "parse_page_range", "render_pages", "select_pages"]
 
 PageSpec = int | str | Sequence[int] | None
 
@@ -160,6 +160,22 @@ def select_pages(
     """
     raw = _read_pdf_bytes(source, policy if policy is not None else ImagePolicy())
     return _selected_indices(raw, pages, max_pages)
+
+
+def page_labels(
+    source: ImageSource | SourceBytes, indices: Sequence[int], *, policy: ImagePolicy | None = None
+) -> list[str]:
+    """The printed labels (``"iv"``, ``"A-3"``) of the 0-based pages ``indices``, as the PDF's page-label
+    tree names them; a page without a label gets its 1-based number as text (what viewers show)."""
+    raw = _read_pdf_bytes(source, policy if policy is not None else ImagePolicy())
+    with _open_document(raw) as document, _PDFIUM_LOCK:
+        total = len(document)
+        labels = []
+        for index in indices:
+            if not 0 <= index < total:
+                raise _range_error(f"page {index + 1} does not exist", total)
+            labels.append(document.get_page_label(index) or str(index + 1))
+    return labels
 
 
 def _selected_indices(raw: SourceBytes, pages: PageSpec, max_pages: int) -> list[int]:

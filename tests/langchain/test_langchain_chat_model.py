@@ -412,7 +412,9 @@ def test_schema_validators() -> None:
             validate('{"quarter": "Q2", "value": "eighty"}')
         with pytest.raises(OutputParseError, match="quarter"):
             validate('{"value": 80}')
-    assert check_json_schema({"quarter": "Q2", "value": True}, schema) == ["value: expected integer, got bool"]
+    assert check_json_schema({"quarter": "Q2", "value": True}, schema) == [
+        "value: expected integer, got boolean"
+    ]  # JSON type names (core structured module)
     assert (
         check_json_schema({"quarter": None, "value": 1}, {"properties": {"quarter": {"anyOf": [{"type": "null"}]}}})
         == []

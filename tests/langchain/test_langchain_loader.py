@@ -10,7 +10,6 @@ from langchain_core.documents import Document
 from langchain_core.embeddings import DeterministicFakeEmbedding
 from langchain_core.vectorstores import InMemoryVectorStore
 from langchain_hd4k import HD4KDocumentLoader
-from langchain_hd4k.document_loaders import _parse_pages
 from langchain_helpers import CappedRunner, page_image, png_bytes, write_pdf
 
 from hd4k_tools import HD4K, ImagePolicy, InputError, errors, plan
@@ -30,7 +29,10 @@ def all_pages(hd4k_tiny: HD4K, pdf_path: Path) -> list[Document]:
 
 
 def test_one_document_per_page_with_metadata(all_pages: list[Document], pdf_path: Path, hd4k_tiny: HD4K) -> None:
-    assert [d.metadata["page"] for d in all_pages] == [1, 2, 3]
+    # LangChain's PDF-loader conventions: page 0-based, page_label as printed, total_pages.
+    assert [d.metadata["page"] for d in all_pages] == [0, 1, 2]
+    assert [d.metadata["page_label"] for d in all_pages] == ["1", "2", "3"]
+    assert {d.metadata["total_pages"] for d in all_pages} == {3}
     page_size = (150, 200)  # a 300x400 pt page... written at 72 dpi, rendered at 36 dpi
     expected = plan(*page_size, 1)
     for doc in all_pages:
@@ -65,12 +67,12 @@ def test_lazy_load_transcribes_page_by_page(hd4k_tiny: HD4K, pdf_path: Path) -> 
     documents = HD4KDocumentLoader(runner, pdf_path, **OPTIONS).lazy_load()  # type: ignore[arg-type]
     assert runner.requests == []  # nothing happens before the first page is asked for
     first = next(documents)
-    assert first.metadata["page"] == 1
+    assert first.metadata["page"] == 0
     assert len(runner.requests) == 1
     second = next(documents)
-    assert second.metadata["page"] == 2
+    assert second.metadata["page"] == 1
     assert len(runner.requests) == 2
-    assert [d.metadata["page"] for d in documents] == [3]
+    assert [d.metadata["page"] for d in documents] == [2]
     assert len(runner.requests) == 3
 
 
@@ -81,7 +83,8 @@ def test_lazy_load_transcribes_page_by_page(hd4k_tiny: HD4K, pdf_path: Path) -> 
 def test_page_selection(hd4k_tiny: HD4K, pdf_path: Path, pages: object, expected: list[int]) -> None:
     runner = CappedRunner(hd4k_tiny.runner, max_new_tokens=1)
     docs = HD4KDocumentLoader(runner, pdf_path, pages=pages, dpi=36, hd_num=1).load()  # type: ignore[arg-type]
-    assert [d.metadata["page"] for d in docs] == expected
+    assert [d.metadata["page_label"] for d in docs] == [str(n) for n in expected]
+    assert [d.metadata["page"] for d in docs] == [n - 1 for n in expected]
     assert len(runner.requests) == len(expected)
 
 
@@ -93,9 +96,57 @@ def test_pages_past_the_end_are_an_error(hd4k_tiny: HD4K, pdf_path: Path, pages:
 
 
 @pytest.mark.parametrize("pages", ["a-b", "3-1", "0", [0], [], "1 2", True])
-def test_bad_page_selection(pages: object) -> None:
-    with pytest.raises(InputError):
-        _parse_pages(pages)  # type: ignore[arg-type]
+def test_bad_page_selection(hd4k_tiny: HD4K, pdf_path: Path, pages: object) -> None:
+    runner = CappedRunner(hd4k_tiny.runner, max_new_tokens=1)
+    loader = HD4KDocumentLoader(runner, pdf_path, pages=pages, **OPTIONS)  # type: ignore[arg-type]
+    # The core's page selection: the same error class and text as HD4K.read_document, before any page is read.
+    with pytest.raises(errors.PageRangeError) as caught:
+        loader.load()
+    with pytest.raises(errors.PageRangeError) as core:
+        hd4k_tiny.read_document(pdf_path, pages=pages, **OPTIONS)  # type: ignore[arg-type]
+    assert str(caught.value) == str(core.value)
+    assert runner.requests == []
+
+
+def test_max_pdf_pages_is_honoured_before_any_page_is_read(hd4k_tiny: HD4K, pdf_path: Path) -> None:
+    runner = CappedRunner(hd4k_tiny.runner, max_new_tokens=1)
+    hd = HD4K(runner, max_pdf_pages=2)
+    with pytest.raises(errors.PDFError, match="more than max_pages=2"):
+        HD4KDocumentLoader(hd, pdf_path, **OPTIONS).load()  # type: ignore[arg-type]
+    with pytest.raises(errors.PDFError, match="more than max_pages=1"):
+        next(HD4KDocumentLoader(hd, pdf_path, pages="2-", max_pages=1, **OPTIONS).lazy_load())  # type: ignore[arg-type]
+    assert runner.requests == []
+    assert len(HD4KDocumentLoader(hd, pdf_path, pages="2-", **OPTIONS).load()) == 2  # type: ignore[arg-type]
+
+
+def _labelled_pdf(path: Path) -> Path:
+    """A 2-page blank PDF whose page-label tree numbers the pages in lower-case roman (i, ii)."""
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R /PageLabels << /Nums [0 << /S /r >>] >> >>",
+        b"<< /Type /Pages /Kids [3 0 R 4 0 R] /Count 2 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 300 400] >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 300 400] >>",
+    ]
+    out = bytearray(b"%PDF-1.7\n")
+    offsets = []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n%s\nendobj\n" % (number, body)
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    path.write_bytes(bytes(out))
+    return path
+
+
+def test_page_label_comes_from_the_pdf(hd4k_tiny: HD4K, tmp_path: Path) -> None:
+    runner = CappedRunner(hd4k_tiny.runner, max_new_tokens=1)
+    docs = HD4KDocumentLoader(runner, _labelled_pdf(tmp_path / "roman.pdf"), dpi=36, hd_num=1).load()
+    assert [(d.metadata["page"], d.metadata["page_label"], d.metadata["total_pages"]) for d in docs] == [
+        (0, "i", 2),
+        (1, "ii", 2),
+    ]
 
 
 def test_images_and_bytes(hd4k_tiny: HD4K, pdf_path: Path, tmp_path: Path) -> None:
@@ -106,11 +157,11 @@ def test_images_and_bytes(hd4k_tiny: HD4K, pdf_path: Path, tmp_path: Path) -> No
     )  # type: ignore[arg-type]
     docs = loader.load()
     assert [(d.metadata["source"], d.metadata["page"]) for d in docs] == [
-        (str(image_path), 1),
-        ("<bytes>", 1),
+        (str(image_path), 0),
+        ("<bytes>", 0),
+        ("<bytes>", 0),
         ("<bytes>", 1),
         ("<bytes>", 2),
-        ("<bytes>", 3),
     ]
     assert docs[0].page_content == docs[1].page_content  # same pixels from a path and from bytes
     assert docs[0].metadata["image_tokens"] == plan(300, 400, 1).num_tokens
@@ -139,5 +190,5 @@ def test_rag_ingestion_retrieves_the_page(all_pages: list[Document], pdf_path: P
     found = retriever.invoke(all_pages[1].page_content)
     assert len(found) == 1
     assert found[0].page_content == all_pages[1].page_content
-    assert found[0].metadata["page"] == 2
+    assert found[0].metadata["page"] == 1
     assert found[0].metadata["source"] == str(pdf_path)

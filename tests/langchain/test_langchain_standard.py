@@ -12,14 +12,18 @@ that answers with valid JSON (the end of this module).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+import httpx
 import pytest
+from image_server import local_image_server
 from langchain_core.tools import BaseTool
 from langchain_hd4k import ChatHD4K, HD4KChartQuestionTool, HD4KDescribeImageTool, HD4KReadDocumentTool
-from langchain_helpers import ScriptedRunner
+from langchain_helpers import ScriptedRunner, chart_image, png_bytes
 from langchain_tests.integration_tests import ChatModelIntegrationTests, ToolsIntegrationTests
+from langchain_tests.integration_tests import chat_models as standard_chat_models
 from langchain_tests.unit_tests import ChatModelUnitTests, ToolsUnitTests
 
 from hd4k_tools import HD4K, OutputParseError, ToolSettings
@@ -158,10 +162,27 @@ class TestChatHD4KStandardUnit(_ChatParams, ChatModelUnitTests):
         return {}, {}, {}
 
 
+class _LocalImageHttpx:
+    """Stands in for the ``httpx`` module inside the standard suite: every ``get`` is answered from the local
+    image server (the suite's test image lives on the internet; tests run offline). Records the URLs asked."""
+
+    def __init__(self, server_url: str) -> None:
+        self.server_url = server_url
+        self.asked: list[str] = []
+
+    def get(self, url: str, **kwargs: Any) -> httpx.Response:
+        self.asked.append(url)
+        return httpx.get(f"{self.server_url}/{url.rsplit('/', 1)[-1]}", **kwargs)
+
+
 class TestChatHD4KStandardIntegration(_ChatParams, ChatModelIntegrationTests):
-    @pytest.mark.xfail(reason="downloads its test image from the internet; tests run offline", run=False)
-    def test_image_inputs(self, model: Any) -> None:
-        super().test_image_inputs(model)
+    @pytest.fixture(autouse=True)
+    def _serve_suite_images_locally(self, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+        # test_image_inputs runs for real: its download is served by a local server on 127.0.0.1.
+        with local_image_server(png_bytes(chart_image())) as server:
+            fake = _LocalImageHttpx(server.url)
+            monkeypatch.setattr(standard_chat_models, "httpx", fake)
+            yield
 
     @pytest.mark.xfail(reason=RANDOM_WEIGHTS_NO_JSON, raises=OutputParseError, strict=True)
     @pytest.mark.parametrize("schema_type", ["pydantic", "typeddict", "json_schema"])

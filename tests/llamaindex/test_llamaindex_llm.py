@@ -26,6 +26,7 @@ from pydantic import BaseModel, ValidationError
 
 from hd4k_tools import HD4K, ImagePolicy, OutputParseError, errors, image_content_hash, load_image
 from hd4k_tools import to_data_url as image_to_data_url
+from hd4k_tools.structured import StructuredOutput
 
 MAX_NEW_TOKENS = 8
 SAMPLED = {"do_sample": True, "seed": 0}
@@ -309,12 +310,15 @@ def test_structured_predict_retries_once_then_raises(
         llm.structured_predict(Invoice, prompt, what="invoice")
     first, second = runner.requests
     assert [image_content_hash(i) for i in first.images] == [file_hash(photo)]
-    assert first.messages[-1].text.startswith("Read the invoice.\nAnswer with one JSON object")
-    assert [m.role for m in second.messages] == ["user", "assistant", "user"]
+    # The core's structured-output loop (hd4k_tools.structured, shared with LangChain and the server): the
+    # prompt, then the JSON instruction as the next user turn (the prompt joins consecutive user turns).
+    assert first.messages[-2].text == "Read the invoice."
+    assert first.messages[-1].text.startswith("Answer with a single JSON object that conforms")
+    assert [m.role for m in second.messages] == ["user", "user", "assistant", "user"]
     # The retry shows the model its own answer and the parser's complaint about it.
     with pytest.raises(OutputParseError) as complaint:
-        parse_structured_output(second.messages[1].text, Invoice)
-    assert second.messages[-1].text == str(complaint.value)
+        StructuredOutput.from_schema(Invoice).validate(second.messages[2].text)
+    assert second.messages[-1].text.startswith(f"Your answer was not valid: {complaint.value}")
 
 
 class ScriptedAnswers(HD4KMultiModalLLM):
@@ -337,8 +341,9 @@ async def test_structured_predict_recovers_on_retry(runner: RecordingRunner) -> 
     prompt = PromptTemplate("Extract the invoice from: {text}")
     assert llm.structured_predict(Invoice, prompt, text="A-7, 12.5 EUR") == Invoice(number="A-7", total=12.5)
     retry = llm.seen[1]
-    assert [m.role for m in retry] == [MessageRole.USER, MessageRole.ASSISTANT, MessageRole.USER]
-    assert retry[1].content == "Total: 12.5" and "contains no JSON object" in (retry[2].content or "")
+    # prompt, JSON instruction, the failed answer, the retry carrying the complaint (the core loop)
+    assert [m.role for m in retry] == [MessageRole.USER, MessageRole.USER, MessageRole.ASSISTANT, MessageRole.USER]
+    assert retry[2].content == "Total: 12.5" and "contains no JSON object" in (retry[3].content or "")
 
     llm = ScriptedAnswers(hd=runner, answers=['{"number": "B-1", "total": 3}'])
     assert await llm.astructured_predict(Invoice, prompt, text="B-1") == Invoice(number="B-1", total=3)

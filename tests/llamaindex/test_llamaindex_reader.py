@@ -64,13 +64,13 @@ def test_pdf_pages_become_documents(reader: HD4KReader, runner: RecordingRunner,
     for document, result in zip(documents, runner.results, strict=True):
         assert document.text == result.text
         meta = document.metadata
-        assert meta["file"] == str(pdf) and meta["project"] == "q3"
+        assert meta["file_path"] == str(pdf) and meta["project"] == "q3"
         assert meta["hd_num"] == 1 and meta["grid"] == "1x1" and meta["model"] == "tiny-ixc2-4khd"
         assert meta["image_tokens"] == result.usage.image_tokens > 0
         assert meta["tokens"] == result.usage.total_tokens
         # Technical keys stay out of what embeddings and LLMs read; file and page stay in.
         embedded = document.get_content(metadata_mode=MetadataMode.EMBED)
-        assert f"page: {meta['page']}" in embedded and f"file: {pdf}" in embedded
+        assert f"page: {meta['page']}" in embedded and f"file_path: {pdf}" in embedded
         assert "image_tokens" not in embedded and "hd_num" not in embedded
     assert [r.hd_nums for r in runner.requests] == [(1,), (1,), (1,)]
 
@@ -116,7 +116,7 @@ def test_bad_page_selection_is_an_error(reader: HD4KReader, pdf: Path) -> None:
 def test_images_and_lists_of_files(reader: HD4KReader, runner: RecordingRunner, pdf: Path, tmp_path: Path) -> None:
     photo = write_image(tmp_path / "receipt.png", (240, 240, 230), size=(90, 120), label="Total 9.99")
     documents = reader.load_data([photo, photo.read_bytes()])
-    assert [(d.metadata["file"], d.metadata["page"]) for d in documents] == [(str(photo), 1), ("<bytes>", 1)]
+    assert [(d.metadata["file_path"], d.metadata["page"]) for d in documents] == [(str(photo), 1), ("<bytes>", 1)]
     assert runner.image_hashes() == [file_hash(photo)] * 2
     assert documents[0].text == documents[1].text  # same pixels, same greedy decoding
 
@@ -127,7 +127,7 @@ def test_retrieval_finds_the_right_page(reader: HD4KReader, pdf: Path) -> None:
     page_two = next(d for d in documents if d.metadata["page"] == 2)
     hits = index.as_retriever(similarity_top_k=1).retrieve(page_two.text)
     assert len(hits) == 1
-    assert hits[0].node.metadata["page"] == 2 and hits[0].node.metadata["file"] == str(pdf)
+    assert hits[0].node.metadata["page"] == 2 and hits[0].node.metadata["file_path"] == str(pdf)
     assert hits[0].node.get_content() == page_two.text
 
 
@@ -146,8 +146,52 @@ def test_simple_directory_reader_file_extractor(reader: HD4KReader, runner: Reco
     assert by_file == [("memo.pdf", 1), ("memo.pdf", 2), ("notes.txt", None), ("slide.png", 1)]
     ours = [d for d in documents if d.metadata.get("page") is not None]
     assert all(isinstance(d, Document) and d.metadata["model"] == "tiny-ixc2-4khd" for d in ours)
-    assert all(d.metadata["file_path"] == d.metadata["file"] for d in ours)  # SimpleDirectoryReader's info kept
+    # SimpleDirectoryReader's file info is kept as given, and no second file key is added.
+    assert all(d.metadata["file_path"].endswith(d.metadata["file_name"]) for d in ours)
+    assert all("file" not in d.metadata for d in ours)
+    assert [d.metadata["page_label"] for d in ours if d.metadata["file_name"] == "memo.pdf"] == ["1", "2"]
+    assert {d.metadata["total_pages"] for d in ours if d.metadata["file_name"] == "memo.pdf"} == {2}
     assert len(runner.requests) == 3
+
+
+def test_load_data_takes_file_as_llama_index_file_readers_do(reader: HD4KReader, tmp_path: Path) -> None:
+    photo = write_image(tmp_path / "a.png", (1, 2, 3))
+    by_keyword = reader.load_data(file=photo, extra_info={"k": 1})
+    assert [(d.metadata["file_path"], d.metadata["page_label"], d.metadata["k"]) for d in by_keyword] == [
+        (str(photo), "1", 1)
+    ]
+    assert [d.text for d in reader.load_data(file_path=photo)] == [d.text for d in by_keyword]  # older name
+    with pytest.raises(TypeError, match="one file argument"):
+        reader.load_data()
+
+
+def test_num_workers_fails_with_a_clear_error(reader: HD4KReader, tmp_path: Path) -> None:
+    import pickle
+
+    from llama_index.readers.hd4k.base import ReaderNotPicklableError
+
+    with pytest.raises(ReaderNotPicklableError, match="aload_data\\(num_workers=N\\)"):
+        pickle.dumps(reader)
+    folder = tmp_path / "two"
+    folder.mkdir()
+    write_image(folder / "a.png", (10, 20, 30))
+    write_image(folder / "b.png", (30, 20, 10))
+    directory = SimpleDirectoryReader(str(folder), file_extractor={".png": reader}, raise_on_error=True)
+    with pytest.raises(ReaderNotPicklableError, match="cannot be sent to worker processes"):
+        directory.load_data(num_workers=2)
+
+
+async def test_aload_data_with_num_workers_reads_concurrently_in_process(
+    reader: HD4KReader, runner: RecordingRunner, tmp_path: Path
+) -> None:
+    folder = tmp_path / "two"
+    folder.mkdir()
+    write_image(folder / "a.png", (10, 20, 30))
+    write_image(folder / "b.png", (30, 20, 10))
+    directory = SimpleDirectoryReader(str(folder), file_extractor={".png": reader}, raise_on_error=True)
+    documents = await directory.aload_data(num_workers=2)
+    assert sorted(d.metadata["file_name"] for d in documents) == ["a.png", "b.png"]
+    assert len(runner.requests) == 2
 
 
 def test_wrong_arguments(reader: HD4KReader, tmp_path: Path) -> None:

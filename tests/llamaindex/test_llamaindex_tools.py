@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -201,3 +202,36 @@ async def test_allowed_url_is_fetched_and_read(runner: RecordingRunner, root: Pa
     assert result.plan.input_size == size and result.plan.grid == "1x2"
     assert not described.is_error and described.raw_output.plan == PlanSummary.from_plan(plan(*size, 1))
     assert runner.image_hashes() == [image_content_hash(load_image(body))] * 2  # the served pixels
+
+
+async def test_cancelling_an_async_tool_call_stops_the_model_at_the_next_token(root: Path) -> None:
+    from slow_runner import SlowTokenRunner
+
+    runner = SlowTokenRunner(max_tokens=2000, seconds_per_token=0.01)
+    tool = tools_by_name(HD4KToolSpec(HD4K(runner), ToolSettings(allowed_root=root)))["describe_image"]
+    image = next(p.name for p in root.iterdir() if p.suffix == ".png")
+    call = asyncio.ensure_future(tool.acall(image=image, hd_num=1))
+    await asyncio.to_thread(runner.started.wait, 10)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert await asyncio.to_thread(runner.finished.wait, 10)
+    assert runner.cancelled and runner.tokens < 2000
+
+
+def test_tools_follow_tool_args(runner: RecordingRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fourth task in TOOL_ARGS becomes a tool with its schema and description, with no edit here."""
+    from pydantic import BaseModel, ConfigDict
+
+    class CountArgs(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        image: str
+        what: str
+
+    monkeypatch.setitem(TOOL_ARGS, "count_objects", CountArgs)
+    monkeypatch.setitem(TOOL_DESCRIPTIONS, "count_objects", "Count objects of a kind in an image.")
+    tools = HD4KToolSpec(HD4K(runner)).to_tool_list()
+    assert [t.metadata.name for t in tools] == list(TOOL_ARGS)
+    assert tools[-1].metadata.fn_schema is CountArgs
+    assert tools[-1].metadata.description == "Count objects of a kind in an image."
+    assert [t.metadata.name for t in tools][:3] == ["read_document", "answer_chart_question", "describe_image"]

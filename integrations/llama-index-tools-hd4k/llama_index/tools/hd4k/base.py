@@ -8,7 +8,7 @@ error texts.
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import logging
 from typing import Any
 
@@ -29,6 +29,7 @@ from hd4k_tools import (
     error_message,
     invalid_arguments,
 )
+from hd4k_tools.adapters import as_hd4k, run_cancellable
 
 __all__ = ["HD4KFunctionTool", "HD4KToolSpec"]
 
@@ -110,11 +111,8 @@ class HD4KToolSpec(BaseToolSpec):
     the error text to the agent instead.
     """
 
-    spec_functions: list[SPEC_FUNCTION_TYPE] = [  # noqa: RUF012 - BaseToolSpec's declared interface
-        ("read_document", "aread_document"),
-        ("answer_chart_question", "aanswer_chart_question"),
-        ("describe_image", "adescribe_image"),
-    ]
+    # One (sync, async) pair per task of TOOL_ARGS (generated from the task specs): a new task is a new tool.
+    spec_functions: list[SPEC_FUNCTION_TYPE] = [(name, "a" + name) for name in TOOL_ARGS]  # noqa: RUF012
 
     def __init__(
         self,
@@ -125,7 +123,8 @@ class HD4KToolSpec(BaseToolSpec):
         """``hd``: the model (an :class:`hd4k_tools.HD4K`, or a :class:`hd4k_tools.Runner` to wrap);
         ``settings``: limits for untrusted arguments (default: no file or URL access);
         ``registry``: images the agent may name as ``image://...``."""
-        self.agent_tools = AgentTools(hd if isinstance(hd, HD4K) else HD4K(hd), settings, registry)
+        self.agent_tools = AgentTools(as_hd4k(hd), settings, registry)
+        self.spec_functions = [(name, "a" + name) for name in TOOL_ARGS]
 
     @property
     def settings(self) -> ToolSettings:
@@ -136,35 +135,53 @@ class HD4KToolSpec(BaseToolSpec):
         return self.agent_tools.registry
 
     # -- the tools -----------------------------------------------------------------------------------
-    def _call(self, name: str, arguments: dict[str, Any]) -> ToolAnswer:
+    def __getattr__(self, name: str) -> Any:
+        # spec functions for every task of TOOL_ARGS: "<task>" runs it, "a<task>" is its async twin.
+        if name in TOOL_ARGS:
+            return functools.partial(self.call, name)
+        if name.startswith("a") and name[1:] in TOOL_ARGS:
+            return functools.partial(self.acall, name[1:])
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def _validated(self, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
         try:
-            return self.agent_tools.call(name, **arguments)
+            return TOOL_ARGS[name].model_validate(arguments).model_dump()
         except ValidationError as err:
             raise invalid_arguments(name, err) from err
 
+    def call(self, name: str, /, **arguments: Any) -> ToolAnswer:
+        """Run tool ``name`` (a key of :data:`hd4k_tools.TOOL_ARGS`) with arguments checked against its schema."""
+        return self.agent_tools.run(name, self._validated(name, arguments))
+
+    async def acall(self, name: str, /, **arguments: Any) -> ToolAnswer:
+        """Async :meth:`call`: the model runs in a worker thread, and cancelling the awaiting task stops it
+        at its next token (the core's cancel event), instead of leaving it busy."""
+        args = self._validated(name, arguments)
+        return await run_cancellable(lambda cancel: self.agent_tools.run(name, args, cancel=cancel))
+
     def read_document(self, image: str, pages: str | None = None, hd_num: int | None = None) -> ToolAnswer:
         """Transcribe a document image or PDF (pages: '1', '2-4', '1,3'); see ``ReadDocumentArgs``."""
-        return self._call("read_document", {"image": image, "pages": pages, "hd_num": hd_num})
+        return self.call("read_document", image=image, pages=pages, hd_num=hd_num)
 
     def answer_chart_question(self, image: str, question: str, hd_num: int | None = None) -> ToolAnswer:
         """Answer a question about a chart; see ``ChartQuestionArgs``."""
-        return self._call("answer_chart_question", {"image": image, "question": question, "hd_num": hd_num})
+        return self.call("answer_chart_question", image=image, question=question, hd_num=hd_num)
 
     def describe_image(self, image: str, detail: str = "detailed", hd_num: int | None = None) -> ToolAnswer:
         """Describe an image ('brief' or 'detailed'); see ``DescribeImageArgs``."""
-        return self._call("describe_image", {"image": image, "detail": detail, "hd_num": hd_num})
+        return self.call("describe_image", image=image, detail=detail, hd_num=hd_num)
 
     async def aread_document(self, image: str, pages: str | None = None, hd_num: int | None = None) -> ToolAnswer:
-        """Async :meth:`read_document` (runs in a worker thread)."""
-        return await asyncio.to_thread(self.read_document, image, pages, hd_num)
+        """Async :meth:`read_document` (cancellable)."""
+        return await self.acall("read_document", image=image, pages=pages, hd_num=hd_num)
 
     async def aanswer_chart_question(self, image: str, question: str, hd_num: int | None = None) -> ToolAnswer:
-        """Async :meth:`answer_chart_question` (runs in a worker thread)."""
-        return await asyncio.to_thread(self.answer_chart_question, image, question, hd_num)
+        """Async :meth:`answer_chart_question` (cancellable)."""
+        return await self.acall("answer_chart_question", image=image, question=question, hd_num=hd_num)
 
     async def adescribe_image(self, image: str, detail: str = "detailed", hd_num: int | None = None) -> ToolAnswer:
-        """Async :meth:`describe_image` (runs in a worker thread)."""
-        return await asyncio.to_thread(self.describe_image, image, detail, hd_num)
+        """Async :meth:`describe_image` (cancellable)."""
+        return await self.acall("describe_image", image=image, detail=detail, hd_num=hd_num)
 
     # -- LlamaIndex plumbing -------------------------------------------------------------------------
     def get_metadata_from_fn_name(

@@ -7,6 +7,8 @@ import dataclasses
 import json
 import threading
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from importlib import metadata as _metadata
+from pathlib import Path
 from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
@@ -27,9 +29,8 @@ from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.prompt_values import PromptValue
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
-from langchain_core.utils.function_calling import convert_to_json_schema
 from PIL import Image
-from pydantic import AliasChoices, BaseModel, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import AliasChoices, Field, field_validator
 
 from hd4k_tools import (
     HD4K,
@@ -37,11 +38,19 @@ from hd4k_tools import (
     ImagePolicy,
     InputError,
     Message,
-    OutputParseError,
-    Runner,
     RunnerResult,
     StopFilter,
     errors,
+)
+from hd4k_tools.adapters import as_hd4k, assemble_messages, count_message_tokens, tool_result_parts
+from hd4k_tools.structured import (
+    StructuredAnswer,
+    StructuredOutput,
+    agenerate_structured,
+    check_json_schema,
+    extract_json_object,
+    generate_structured,
+    make_validator,
 )
 
 # Per-call keyword arguments of invoke/stream that map onto GenerationConfig fields.
@@ -56,17 +65,39 @@ _GENERATION_FIELDS = (
     "seed",
 )
 # Keyword arguments LangChain itself may forward to _generate/_stream; they carry no model option.
-_IGNORED_CALL_KWARGS = frozenset({"stream", "ls_structured_output_format", "structured_output_format"})
+_IGNORED_CALL_KWARGS = frozenset({"stream", "ls_structured_output_format", "structured_output_format", "strict"})
 
 
-def _coerce_hd(value: Any) -> HD4K:
-    if isinstance(value, HD4K):
-        return value
-    if isinstance(value, Runner):
-        return HD4K(value)
-    raise TypeError(
-        f"hd must be an hd4k_tools.HD4K (or a Runner), got {type(value).__name__}; build one with "
-        "HD4K.from_pretrained(path) or use ChatHD4K.from_pretrained(path)."
+def _package_version() -> str:
+    try:
+        return _metadata.version("langchain-hd4k")
+    except _metadata.PackageNotFoundError:  # pragma: no cover - imported from a source tree
+        from langchain_hd4k import __version__
+
+        return __version__
+
+
+def model_display_name(model_id: str) -> str:
+    """The model's name for traces: a checkpoint folder's name (never its path), a hub id as is."""
+    path = Path(model_id)
+    if path.is_absolute() or model_id.startswith((".", "~")) or path.exists():
+        return path.name or model_id
+    return model_id
+
+
+def _response_format_schema(response_format: Any) -> StructuredOutput:
+    """The structured-output spec of an OpenAI-style ``response_format`` (what ``create_agent`` binds)."""
+    if isinstance(response_format, Mapping):
+        kind = response_format.get("type")
+        if kind == "json_object":
+            return StructuredOutput.from_schema(None)
+        if kind == "json_schema" and isinstance(response_format.get("json_schema"), Mapping):
+            schema = response_format["json_schema"].get("schema")
+            if isinstance(schema, Mapping):
+                return StructuredOutput.from_schema(schema)
+    raise InputError(
+        f"Unsupported response_format {response_format!r}; use {{'type': 'json_object'}} or "
+        "{'type': 'json_schema', 'json_schema': {'name': ..., 'schema': {...}}}."
     )
 
 
@@ -136,7 +167,7 @@ class ChatHD4K(BaseChatModel):
     @field_validator("hd", mode="before")
     @classmethod
     def _validate_hd(cls, value: Any) -> HD4K:
-        return _coerce_hd(value)
+        return as_hd4k(value)
 
     @classmethod
     def from_pretrained(
@@ -161,7 +192,7 @@ class ChatHD4K(BaseChatModel):
 
     @property
     def _resolved_model_name(self) -> str:
-        return self.model_name or self.hd.model_id
+        return self.model_name or model_display_name(self.hd.model_id)
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
@@ -184,6 +215,8 @@ class ChatHD4K(BaseChatModel):
             text_outputs=True,
             tool_calling=False,
             tool_choice=False,
+            # JSON prompting with validation and one retry (response_format / with_structured_output).
+            structured_output=True,
         )
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
@@ -191,6 +224,7 @@ class ChatHD4K(BaseChatModel):
             ls_provider="hd4k",
             ls_model_name=kwargs.get("model") if isinstance(kwargs.get("model"), str) else self._resolved_model_name,
             ls_model_type="chat",
+            ls_integration=f"langchain-hd4k/{_package_version()}",
         )
         temperature = kwargs.get("temperature", self.temperature)
         if temperature is not None:
@@ -228,7 +262,9 @@ class ChatHD4K(BaseChatModel):
         return {k: v for k, v in values.items() if v is not None}
 
     def _build_request(self, messages: Sequence[BaseMessage], kwargs: Mapping[str, Any]) -> GenerationRequest:
-        unknown = set(kwargs) - set(_GENERATION_FIELDS) - {"hd_num", "max_tokens"} - _IGNORED_CALL_KWARGS
+        unknown = (
+            set(kwargs) - set(_GENERATION_FIELDS) - {"hd_num", "max_tokens", "response_format"} - _IGNORED_CALL_KWARGS
+        )
         if unknown:
             raise InputError(
                 f"Unknown option(s) for ChatHD4K: {sorted(unknown)}. Valid per-call options: "
@@ -256,6 +292,8 @@ class ChatHD4K(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
+        if kwargs.get("response_format") is not None:
+            return self._structured_result(self._structured_answer(messages, stop, kwargs))
         stops = self._stop_sequences(stop)
         if stops:
             # The streaming path cuts at a stop sequence and stops generating right there.
@@ -272,6 +310,8 @@ class ChatHD4K(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
+        if kwargs.get("response_format") is not None:
+            return self._structured_result(await self._astructured_answer(messages, stop, kwargs))
         stops = self._stop_sequences(stop)
         if stops:
             chunks = [c async for c in self._astream(messages, stop=stops, run_manager=run_manager, **kwargs)]
@@ -287,6 +327,10 @@ class ChatHD4K(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
+        if kwargs.get("response_format") is not None:
+            # A validated JSON answer exists only once complete: one chunk.
+            yield _chunk_of(self._structured_result(self._structured_answer(messages, stop, kwargs)))
+            return
         request = self._build_request(messages, kwargs)
         assembler = StopFilter(self._stop_sequences(stop))
         stream = self.hd.runner.stream(request)
@@ -313,6 +357,9 @@ class ChatHD4K(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
+        if kwargs.get("response_format") is not None:
+            yield _chunk_of(self._structured_result(await self._astructured_answer(messages, stop, kwargs)))
+            return
         request = self._build_request(messages, kwargs)
         assembler = StopFilter(self._stop_sequences(stop))
         cancel = threading.Event()
@@ -351,14 +398,83 @@ class ChatHD4K(BaseChatModel):
             )
         )
 
+    # -- response_format (JSON prompting through the core's structured-output loop) -------------------
+    def _plain_call(self, stop: list[str] | None, kwargs: Mapping[str, Any]) -> Any:
+        options = {k: v for k, v in kwargs.items() if k != "response_format"}
+        return lambda conversation: self._generate(conversation, stop, **options).generations[0].message
+
+    def _structured_answer(
+        self, messages: Sequence[BaseMessage], stop: list[str] | None, kwargs: Mapping[str, Any]
+    ) -> StructuredAnswer[Any]:
+        spec = _response_format_schema(kwargs["response_format"])
+        return generate_structured(
+            spec, list(messages), self._plain_call(stop, kwargs), text_of=_text_of, user=HumanMessage, assistant=_same
+        )
+
+    async def _astructured_answer(
+        self, messages: Sequence[BaseMessage], stop: list[str] | None, kwargs: Mapping[str, Any]
+    ) -> StructuredAnswer[Any]:
+        spec = _response_format_schema(kwargs["response_format"])
+        options = {k: v for k, v in kwargs.items() if k != "response_format"}
+
+        async def call(conversation: list[BaseMessage]) -> AIMessage:
+            return (await self._agenerate(conversation, stop, **options)).generations[0].message  # type: ignore[return-value]
+
+        return await agenerate_structured(
+            spec, list(messages), call, text_of=_text_of, user=HumanMessage, assistant=_same
+        )
+
+    @staticmethod
+    def _structured_result(answer: StructuredAnswer[Any]) -> ChatResult:
+        """The validated JSON object as the message text (what ``create_agent``'s ProviderStrategy parses);
+        the model's own text stays in ``response_metadata["hd4k"]["raw_text"]``."""
+        parsed = answer.value()
+        raw: AIMessage = answer.raw
+        metadata = dict(raw.response_metadata)
+        metadata["hd4k"] = {**metadata.get("hd4k", {}), "raw_text": raw.text, "attempts": answer.attempts}
+        message = AIMessage(
+            content=json.dumps(parsed, ensure_ascii=False),
+            usage_metadata=raw.usage_metadata,
+            response_metadata=metadata,
+        )
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+    # -- token counts --------------------------------------------------------------------------------
+    def get_token_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` with the model's InternLM2 tokenizer (in-process runners only)."""
+        tokenizer = getattr(self.hd.runner, "tokenizer", None)
+        if tokenizer is None or not hasattr(tokenizer, "encode"):
+            raise NotImplementedError(
+                "Token ids need the model's tokenizer in this process; this runner has none (e.g. a remote "
+                "server). get_num_tokens still works (the runner's own count)."
+            )
+        return list(tokenizer.encode(text, add_bos=False))
+
+    def get_num_tokens(self, text: str) -> int:
+        """Tokens of ``text``: the InternLM2 tokenizer in process (a remote runner estimates)."""
+        return self.hd.runner.count_text_tokens(text)
+
+    def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence[Any] | None = None) -> int:
+        """Prompt tokens of ``messages`` as the model reads them: turn markers and the meta instruction
+        (or the system message), text with the InternLM2 tokenizer, and each image's tokens from its HD-N
+        plan at this model's ``hd_num``. So ``trim_messages(..., token_counter=chat)`` budgets images too."""
+        if tools:
+            raise NotImplementedError("ChatHD4K has no tool calling; there are no tool schemas to count.")
+        converted = convert_messages(messages, self._image_policy(), self.hd)
+        return count_message_tokens(self.hd, converted, self.hd_num, self._generation({}) or None)
+
     # -- tools and structured output -----------------------------------------------------------------
     def bind_tools(self, tools: Sequence[Any], *, tool_choice: Any = None, **kwargs: Any) -> Runnable:
-        """Not supported: InternLM-XComposer2-4KHD has no native tool calling.
+        """No native tool calling: only an empty tool list with a ``response_format`` is accepted (what
+        ``create_agent(ChatHD4K(...), tools=[], response_format=Schema)`` binds; answered by JSON prompting).
 
         Raises:
-            NotImplementedError: always. Use a tool-calling chat model as the agent's LLM and give it
+            NotImplementedError: for any tool. Use a tool-calling chat model as the agent's LLM and give it
                 the tools of ``HD4KToolkit(hd).get_tools()`` so it can look at documents and images.
         """
+        if not tools and kwargs.get("response_format") is not None and tool_choice in (None, "none", "auto"):
+            # No tool to call, only a response format: answered by JSON prompting (see _generate).
+            return self.bind(**kwargs)
         raise NotImplementedError(
             "ChatHD4K cannot call tools: InternLM-XComposer2-4KHD has no native tool calling. Use a "
             "tool-calling chat model (e.g. ChatOpenAI, ChatOllama) as the agent's LLM and give it the "
@@ -388,50 +504,35 @@ class ChatHD4K(BaseChatModel):
         """
         if kwargs:
             raise TypeError(f"Unexpected arguments for with_structured_output: {sorted(kwargs)}")
-        json_schema = convert_to_json_schema(schema)
-        validate = schema_validator(schema, json_schema)
+        spec = StructuredOutput.from_schema(schema)
         llm = self.bind(ls_structured_output_format={"kwargs": {"method": method, "strict": strict}, "schema": schema})
-        instruction = structured_output_instruction(json_schema)
+
+        def shaped(answer: StructuredAnswer[Any]) -> Any:
+            if include_raw:
+                return {"raw": answer.raw, "parsed": answer.parsed, "parsing_error": answer.error}
+            return answer.value()
 
         def run(value: LanguageModelInput, config: RunnableConfig) -> Any:
-            messages = _input_messages(value)
-            conversation = [*messages, HumanMessage(instruction)]
-            raw = llm.invoke(conversation, config)
-            try:
-                parsed = validate(raw.text)
-            except OutputParseError as first_error:
-                retry = [*conversation, raw, HumanMessage(retry_instruction(first_error, json_schema))]
-                raw = llm.invoke(retry, config)
-                try:
-                    parsed = validate(raw.text)
-                except OutputParseError as err:
-                    final = OutputParseError(f"No valid structured output after one retry: {err}")
-                    if include_raw:
-                        return {"raw": raw, "parsed": None, "parsing_error": final}
-                    raise final from err
-            if include_raw:
-                return {"raw": raw, "parsed": parsed, "parsing_error": None}
-            return parsed
+            return shaped(
+                generate_structured(
+                    spec,
+                    _input_messages(value),
+                    lambda conversation: llm.invoke(conversation, config),
+                    text_of=_text_of,
+                    user=HumanMessage,
+                    assistant=_same,
+                )
+            )
 
         async def arun(value: LanguageModelInput, config: RunnableConfig) -> Any:
-            messages = _input_messages(value)
-            conversation = [*messages, HumanMessage(instruction)]
-            raw = await llm.ainvoke(conversation, config)
-            try:
-                parsed = validate(raw.text)
-            except OutputParseError as first_error:
-                retry = [*conversation, raw, HumanMessage(retry_instruction(first_error, json_schema))]
-                raw = await llm.ainvoke(retry, config)
-                try:
-                    parsed = validate(raw.text)
-                except OutputParseError as err:
-                    final = OutputParseError(f"No valid structured output after one retry: {err}")
-                    if include_raw:
-                        return {"raw": raw, "parsed": None, "parsing_error": final}
-                    raise final from err
-            if include_raw:
-                return {"raw": raw, "parsed": parsed, "parsing_error": None}
-            return parsed
+            async def call(conversation: list[BaseMessage]) -> BaseMessage:
+                return await llm.ainvoke(conversation, config)
+
+            return shaped(
+                await agenerate_structured(
+                    spec, _input_messages(value), call, text_of=_text_of, user=HumanMessage, assistant=_same
+                )
+            )
 
         return RunnableLambda(run, afunc=arun, name="ChatHD4KStructuredOutput")
 
@@ -442,25 +543,22 @@ class ChatHD4K(BaseChatModel):
 def convert_messages(messages: Sequence[BaseMessage], policy: ImagePolicy, hd: HD4K) -> list[Message]:
     """LangChain messages as ``hd4k_tools.Message`` objects with their images loaded under ``policy``.
 
-    System messages are joined into one leading system message; tool results become user turns.
+    System messages are joined into one leading system message; tool results become user turns
+    (:func:`hd4k_tools.adapters.assemble_messages`, shared with the LlamaIndex LLM).
     """
-    system: list[str] = []
-    converted: list[Message] = []
+    turns: list[tuple[Any, list[str | Image.Image]]] = []
     for message in messages:
         if isinstance(message, SystemMessage) or (isinstance(message, ChatMessage) and message.role == "system"):
-            system.append(message.text)
+            turns.append(("system", [message.text]))
         elif isinstance(message, AIMessage) or (
             isinstance(message, ChatMessage) and message.role in ("assistant", "ai")
         ):
-            converted.append(Message("assistant", (message.text,)))
+            turns.append(("assistant", [message.text]))
         elif isinstance(message, ToolMessage):
-            prefix = f"Result of the tool {message.name}:\n" if message.name else "Tool result:\n"
-            converted.append(Message("user", (prefix, *_content_parts(message, policy, hd))))
+            turns.append(("user", tool_result_parts(message.name, _content_parts(message, policy, hd))))
         else:
-            converted.append(Message("user", tuple(_content_parts(message, policy, hd))))
-    if system:
-        converted.insert(0, Message("system", ("\n\n".join(system),)))
-    return converted
+            turns.append(("user", _content_parts(message, policy, hd)))
+    return assemble_messages(turns)
 
 
 def _content_parts(message: BaseMessage, policy: ImagePolicy, hd: HD4K) -> list[str | Image.Image]:
@@ -570,131 +668,32 @@ def _result_from_chunks(chunks: Sequence[ChatGenerationChunk]) -> ChatResult:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Structured output helpers
+# Structured output helpers (the loop itself is hd4k_tools.structured, shared with LlamaIndex and the server)
 # ----------------------------------------------------------------------------------------------------
-def structured_output_instruction(json_schema: Mapping[str, Any]) -> str:
-    """The instruction appended to the conversation for structured output."""
-    return (
-        "Answer with a single JSON object that conforms to this JSON schema, and nothing else "
-        f"(no prose, no code fence):\n{json.dumps(json_schema, ensure_ascii=False)}"
+def schema_validator(schema: Mapping[str, Any] | type, json_schema: Mapping[str, Any] | None = None) -> Any:
+    """A function ``text -> parsed value`` for ``schema`` that raises :class:`OutputParseError`
+    (:func:`hd4k_tools.structured.make_validator`; ``json_schema`` is accepted for compatibility)."""
+    return make_validator(schema)
+
+
+def _text_of(message: BaseMessage) -> str:
+    return message.text
+
+
+def _same(message: BaseMessage) -> BaseMessage:
+    return message
+
+
+def _chunk_of(result: ChatResult) -> ChatGenerationChunk:
+    message = result.generations[0].message
+    return ChatGenerationChunk(
+        message=AIMessageChunk(
+            content=message.content,
+            usage_metadata=getattr(message, "usage_metadata", None),
+            response_metadata=message.response_metadata,
+            chunk_position="last",
+        )
     )
-
-
-def retry_instruction(error: Exception, json_schema: Mapping[str, Any]) -> str:
-    """The follow-up instruction after an answer that did not validate."""
-    return (
-        f"Your answer was not valid: {error}\nReply again with only a JSON object that conforms to "
-        f"this JSON schema:\n{json.dumps(json_schema, ensure_ascii=False)}"
-    )
-
-
-def extract_json_object(text: str) -> dict[str, Any]:
-    """The first JSON object (``{...}``) in ``text``, e.g. inside prose or a Markdown code fence.
-
-    Raises:
-        OutputParseError: there is no decodable JSON object in the text.
-    """
-    decoder = json.JSONDecoder()
-    start = text.find("{")
-    while start != -1:
-        try:
-            value, _ = decoder.raw_decode(text, start)
-        except json.JSONDecodeError:
-            start = text.find("{", start + 1)
-            continue
-        if isinstance(value, dict):
-            return value
-        start = text.find("{", start + 1)  # pragma: no cover - raw_decode at '{' only yields dicts
-    shown = text if len(text) <= 200 else text[:200] + "..."
-    raise OutputParseError(f"The answer contains no JSON object: {shown!r}")
-
-
-def schema_validator(schema: Mapping[str, Any] | type, json_schema: Mapping[str, Any]) -> Any:
-    """A function ``text -> parsed value`` for ``schema`` that raises :class:`OutputParseError`."""
-    if isinstance(schema, type) and issubclass(schema, BaseModel):
-
-        def validate_model(text: str) -> Any:
-            data = extract_json_object(text)
-            try:
-                return schema.model_validate(data)
-            except ValidationError as err:
-                raise OutputParseError(_short_validation_error(err)) from err
-
-        return validate_model
-    if isinstance(schema, type) and hasattr(schema, "parse_obj"):  # pydantic.v1 models
-
-        def validate_v1(text: str) -> Any:
-            data = extract_json_object(text)
-            try:
-                return schema.parse_obj(data)  # type: ignore[attr-defined]
-            except Exception as err:  # pydantic.v1.ValidationError
-                raise OutputParseError(str(err)) from err
-
-        return validate_v1
-    if isinstance(schema, type):  # a TypedDict
-        adapter = TypeAdapter(schema)
-
-        def validate_typed_dict(text: str) -> Any:
-            data = extract_json_object(text)
-            try:
-                adapter.validate_python(data)
-            except ValidationError as err:
-                raise OutputParseError(_short_validation_error(err)) from err
-            return data
-
-        return validate_typed_dict
-
-    def validate_dict(text: str) -> Any:
-        data = extract_json_object(text)
-        problems = check_json_schema(data, json_schema)
-        if problems:
-            raise OutputParseError("; ".join(problems))
-        return data
-
-    return validate_dict
-
-
-def _short_validation_error(err: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in err.errors(include_url=False)
-    )
-
-
-_JSON_TYPES: dict[str, tuple[type, ...]] = {
-    "string": (str,),
-    "integer": (int,),
-    "number": (int, float),
-    "boolean": (bool,),
-    "array": (list,),
-    "object": (dict,),
-    "null": (type(None),),
-}
-
-
-def _type_ok(value: Any, spec: Mapping[str, Any]) -> bool:
-    if "anyOf" in spec:
-        return any(_type_ok(value, s) for s in spec["anyOf"] if isinstance(s, Mapping))
-    kind = spec.get("type")
-    if kind is None:
-        return True
-    kinds = kind if isinstance(kind, list) else [kind]
-    for k in kinds:
-        types = _JSON_TYPES.get(k, (object,))
-        if isinstance(value, bool) and k in ("integer", "number"):
-            continue
-        if isinstance(value, types):
-            return True
-    return False
-
-
-def check_json_schema(data: Mapping[str, Any], json_schema: Mapping[str, Any]) -> list[str]:
-    """Problems of ``data`` against the top level of ``json_schema``: missing required properties and
-    properties of the wrong JSON type (a light check, not a full JSON-schema validator)."""
-    problems = [f"{name}: Field required" for name in json_schema.get("required", []) if name not in data]
-    for name, spec in (json_schema.get("properties") or {}).items():
-        if name in data and isinstance(spec, Mapping) and not _type_ok(data[name], spec):
-            problems.append(f"{name}: expected {spec.get('type') or 'anyOf'}, got {type(data[name]).__name__}")
-    return problems
 
 
 def _input_messages(value: LanguageModelInput) -> list[BaseMessage]:
@@ -705,4 +704,4 @@ def _input_messages(value: LanguageModelInput) -> list[BaseMessage]:
     return list(convert_to_messages(value))
 
 
-__all__ = ["ChatHD4K", "extract_json_object"]
+__all__ = ["ChatHD4K", "check_json_schema", "extract_json_object", "model_display_name", "schema_validator"]

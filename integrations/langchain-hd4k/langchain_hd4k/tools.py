@@ -6,9 +6,9 @@ get the same names, descriptions, argument schemas, limits and error texts.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
+import threading
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
@@ -34,14 +34,7 @@ from hd4k_tools import (
     errors,
     invalid_arguments,
 )
-
-
-def _as_hd4k(hd: Any) -> HD4K:
-    if isinstance(hd, HD4K):
-        return hd
-    if isinstance(hd, Runner):
-        return HD4K(hd)
-    raise TypeError(f"expected an hd4k_tools.HD4K or a Runner, got {type(hd).__name__}")
+from hd4k_tools.adapters import as_hd4k, run_cancellable
 
 
 class InvalidArgumentsMessage:
@@ -58,10 +51,16 @@ class InvalidArgumentsMessage:
 
 
 class HD4KBaseTool(BaseTool):
-    """Common machinery of the HD4K tools: one :class:`hd4k_tools.AgentTools` (model, limits, image
-    registry), untrusted-argument errors as ``ToolException``, ``(text, result)`` as output."""
+    """One HD4K tool over :class:`hd4k_tools.AgentTools` (model, limits, image registry): untrusted-argument
+    errors as ``ToolException``, ``(text, result)`` as output, and cancellation of an async call stopping
+    the model at its next token.
 
-    task: ClassVar[str]
+    The tool is the task named ``name`` (a key of :data:`hd4k_tools.TOOL_ARGS`, generated from the task
+    specs); name, description and argument schema come from there, so a new task needs no code here. The
+    named subclasses fix ``name`` for the three tasks of today.
+    """
+
+    task: ClassVar[str | None] = None
 
     agent_tools: AgentTools = Field(exclude=True)
     """Model, :class:`hd4k_tools.ToolSettings` and :class:`hd4k_tools.ImageRegistry` of this tool."""
@@ -76,26 +75,27 @@ class HD4KBaseTool(BaseTool):
         ready ``agent_tools``, and fill in the name, description and schema of the task."""
         if not isinstance(data, dict):
             return data
-        if not hasattr(cls, "task"):
-            raise TypeError(
-                "HD4KBaseTool is the common base; use HD4KReadDocumentTool, HD4KChartQuestionTool, "
-                "HD4KDescribeImageTool or HD4KToolkit(hd).get_tools()."
-            )
         data = dict(data)
+        task = cls.task or data.get("name")
+        if task not in TOOL_ARGS:
+            raise TypeError(
+                f"{cls.__name__} needs name= one of the hd4k tools {sorted(TOOL_ARGS)} (got {task!r}); or use "
+                "HD4KReadDocumentTool, HD4KChartQuestionTool, HD4KDescribeImageTool or HD4KToolkit(hd).get_tools()."
+            )
         hd = data.pop("hd", None)
         settings = data.pop("settings", None)
         registry = data.pop("registry", None)
         if data.get("agent_tools") is None:
             if hd is None:
                 raise TypeError(f"{cls.__name__} needs hd= (an hd4k_tools.HD4K or Runner) or agent_tools=")
-            data["agent_tools"] = AgentTools(_as_hd4k(hd), settings, registry)
+            data["agent_tools"] = AgentTools(as_hd4k(hd), settings, registry)
         elif hd is not None or settings is not None or registry is not None:
             raise TypeError("pass either agent_tools= or hd=/settings=/registry=, not both")
-        data.setdefault("name", cls.task)
-        data.setdefault("description", TOOL_DESCRIPTIONS[cls.task])
-        data.setdefault("args_schema", TOOL_ARGS[cls.task])
+        data.setdefault("name", task)
+        data.setdefault("description", TOOL_DESCRIPTIONS[task])
+        data.setdefault("args_schema", TOOL_ARGS[task])
         if data.get("handle_validation_error") is None:
-            data["handle_validation_error"] = InvalidArgumentsMessage(cls.task)
+            data["handle_validation_error"] = InvalidArgumentsMessage(task)
         return data
 
     @property
@@ -108,102 +108,52 @@ class HD4KBaseTool(BaseTool):
         """Images that tool calls may name as ``image://...``."""
         return self.agent_tools.registry
 
-    def _answer(self, **arguments: Any) -> ToolAnswer:
-        raise NotImplementedError
+    def _arguments(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        # LangChain passes the validated fields the call gave; the schema's defaults fill in the rest.
+        return TOOL_ARGS[self.name].model_validate(arguments).model_dump()
 
-    def _call(self, **arguments: Any) -> tuple[str, Any]:
+    def _answer(self, arguments: dict[str, Any], cancel: threading.Event | None = None) -> tuple[str, Any]:
         try:
-            answer = self._answer(**arguments)
+            answer: ToolAnswer = self.agent_tools.run(self.name, self._arguments(arguments), cancel=cancel)
         except HD4KError as err:
             # Only ToolException reaches the LLM as an error result; the message says what to change.
             raise ToolException(error_message(err)) from err
         return answer.content, answer.result
 
-    async def _acall(self, **arguments: Any) -> tuple[str, Any]:
-        # The model call holds no event-loop resources; a worker thread keeps the loop responsive.
-        return await asyncio.to_thread(self._call, **arguments)
+    def _run(self, run_manager: CallbackManagerForToolRun | None = None, **arguments: Any) -> tuple[str, Any]:
+        return self._answer(arguments)
+
+    async def _arun(
+        self, run_manager: AsyncCallbackManagerForToolRun | None = None, **arguments: Any
+    ) -> tuple[str, Any]:
+        # The model runs in a worker thread; cancelling this call (e.g. an agent's task) sets the cancel
+        # event, so the model stops at its next token instead of running on unseen.
+        return await run_cancellable(lambda cancel: self._answer(arguments, cancel))
 
 
 class HD4KReadDocumentTool(HD4KBaseTool):
     """Transcribe a document image or PDF (selected pages) as Markdown; artifact: a
     :class:`hd4k_tools.DocumentResult` (one result per page, with plan, usage and timings)."""
 
-    task: ClassVar[str] = "read_document"
-
-    def _answer(self, **arguments: Any) -> ToolAnswer:
-        return self.agent_tools.read_document(**arguments)
-
-    def _run(
-        self,
-        image: str,
-        pages: str | None = None,
-        hd_num: int | None = None,
-        run_manager: CallbackManagerForToolRun | None = None,
-    ) -> tuple[str, Any]:
-        return self._call(image=image, pages=pages, hd_num=hd_num)
-
-    async def _arun(
-        self,
-        image: str,
-        pages: str | None = None,
-        hd_num: int | None = None,
-        run_manager: AsyncCallbackManagerForToolRun | None = None,
-    ) -> tuple[str, Any]:
-        return await self._acall(image=image, pages=pages, hd_num=hd_num)
+    task: ClassVar[str | None] = "read_document"
 
 
 class HD4KChartQuestionTool(HD4KBaseTool):
     """Answer a question about a chart; artifact: a :class:`hd4k_tools.ChartResult`."""
 
-    task: ClassVar[str] = "answer_chart_question"
-
-    def _answer(self, **arguments: Any) -> ToolAnswer:
-        return self.agent_tools.answer_chart_question(**arguments)
-
-    def _run(
-        self,
-        image: str,
-        question: str,
-        hd_num: int | None = None,
-        run_manager: CallbackManagerForToolRun | None = None,
-    ) -> tuple[str, Any]:
-        return self._call(image=image, question=question, hd_num=hd_num)
-
-    async def _arun(
-        self,
-        image: str,
-        question: str,
-        hd_num: int | None = None,
-        run_manager: AsyncCallbackManagerForToolRun | None = None,
-    ) -> tuple[str, Any]:
-        return await self._acall(image=image, question=question, hd_num=hd_num)
+    task: ClassVar[str | None] = "answer_chart_question"
 
 
 class HD4KDescribeImageTool(HD4KBaseTool):
     """Describe an image briefly or in detail; artifact: a :class:`hd4k_tools.TaskResult`."""
 
-    task: ClassVar[str] = "describe_image"
+    task: ClassVar[str | None] = "describe_image"
 
-    def _answer(self, **arguments: Any) -> ToolAnswer:
-        return self.agent_tools.describe_image(**arguments)
 
-    def _run(
-        self,
-        image: str,
-        detail: Literal["brief", "detailed"] = "detailed",
-        hd_num: int | None = None,
-        run_manager: CallbackManagerForToolRun | None = None,
-    ) -> tuple[str, Any]:
-        return self._call(image=image, detail=detail, hd_num=hd_num)
-
-    async def _arun(
-        self,
-        image: str,
-        detail: Literal["brief", "detailed"] = "detailed",
-        hd_num: int | None = None,
-        run_manager: AsyncCallbackManagerForToolRun | None = None,
-    ) -> tuple[str, Any]:
-        return await self._acall(image=image, detail=detail, hd_num=hd_num)
+# The named classes of today's tasks; any other task of TOOL_ARGS is an HD4KBaseTool with its name.
+_NAMED_TOOLS: dict[str, type[HD4KBaseTool]] = {
+    cls.task: cls for cls in (HD4KReadDocumentTool, HD4KChartQuestionTool, HD4KDescribeImageTool) if cls.task
+}
 
 
 class HD4KToolkit(BaseToolkit):
@@ -250,7 +200,7 @@ class HD4KToolkit(BaseToolkit):
     @classmethod
     def _wrap_runner(cls, data: Any) -> Any:
         if isinstance(data, dict) and "hd" in data:
-            data = {**data, "hd": _as_hd4k(data["hd"])}
+            data = {**data, "hd": as_hd4k(data["hd"])}
         if isinstance(data, dict) and data.get("registry") is None:
             data.pop("registry", None)
         if isinstance(data, dict) and data.get("settings") is None:
@@ -282,12 +232,9 @@ class HD4KToolkit(BaseToolkit):
         return self._agent_tools
 
     def get_tools(self) -> list[BaseTool]:
-        """The three tools, sharing this toolkit's model, settings and image registry."""
-        return [
-            HD4KReadDocumentTool(agent_tools=self._agent_tools),
-            HD4KChartQuestionTool(agent_tools=self._agent_tools),
-            HD4KDescribeImageTool(agent_tools=self._agent_tools),
-        ]
+        """One tool per task of :data:`hd4k_tools.TOOL_ARGS` (the three of today), sharing this toolkit's
+        model, settings and image registry."""
+        return [_NAMED_TOOLS.get(name, HD4KBaseTool)(agent_tools=self._agent_tools, name=name) for name in TOOL_ARGS]
 
     def register_image(self, image: bytes | Image.Image | str, name: str | None = None) -> str:
         """Register an image (encoded bytes, a PIL image, or a ``data:`` URL) and return the reference

@@ -5,6 +5,7 @@ and images).
   :class:`HD4KDescribeImageTool`: let a tool-calling agent look at documents and images.
 - :class:`ChatHD4K`: the model itself as a multimodal chat model (no tool calling).
 - :class:`HD4KDocumentLoader`: documents and PDFs to ``Document`` objects, one per page.
+- :class:`HD4KIngestLoader`: the output folder of ``hd4k ingest`` as ``Document`` objects.
 
 Names are imported lazily, so ``import langchain_hd4k`` does not load torch.
 """
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     "ChatHD4K": "langchain_hd4k.chat_models",
     "HD4KDocumentLoader": "langchain_hd4k.document_loaders",
+    "HD4KIngestLoader": "langchain_hd4k.ingest_loader",
     "HD4KToolkit": "langchain_hd4k.tools",
     "HD4KBaseTool": "langchain_hd4k.tools",
     "HD4KReadDocumentTool": "langchain_hd4k.tools",
@@ -32,6 +34,7 @@ __all__ = [
     "HD4KChartQuestionTool",
     "HD4KDescribeImageTool",
     "HD4KDocumentLoader",
+    "HD4KIngestLoader",
     "HD4KReadDocumentTool",
     "HD4KToolkit",
     "__version__",
@@ -40,6 +43,7 @@ __all__ = [
 if TYPE_CHECKING:  # pragma: no cover
     from langchain_hd4k.chat_models import ChatHD4K
     from langchain_hd4k.document_loaders import HD4KDocumentLoader
+    from langchain_hd4k.ingest_loader import HD4KIngestLoader
     from langchain_hd4k.tools import (
         HD4KBaseTool,
         HD4KChartQuestionTool,

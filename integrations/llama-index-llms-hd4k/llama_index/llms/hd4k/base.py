@@ -13,8 +13,7 @@ import base64
 import binascii
 import dataclasses
 import json
-import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -34,7 +33,7 @@ from llama_index.core.base.llms.types import (
     TextBlock,
     VideoBlock,
 )
-from llama_index.core.bridge.pydantic import BaseModel, Field, PrivateAttr, ValidationError, model_validator
+from llama_index.core.bridge.pydantic import BaseModel, Field, PrivateAttr, model_validator
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.events.llm import (
     LLMStructuredPredictEndEvent,
@@ -58,6 +57,8 @@ from hd4k_tools import (
     TextStream,
     errors,
 )
+from hd4k_tools.adapters import as_hd4k, assemble_messages, filter_stream
+from hd4k_tools.structured import StructuredAnswer, StructuredOutput, agenerate_structured, generate_structured
 
 __all__ = ["HD4KMultiModalLLM", "json_instruction", "parse_structured_output"]
 
@@ -89,117 +90,30 @@ _GENERATION_FIELDS = (
 _DONE = object()
 
 
-def _as_hd(hd: HD4K | Runner) -> HD4K:
-    return hd if isinstance(hd, HD4K) else HD4K(hd)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Structured output: a JSON prompt, extraction and validation (deterministic, testable without a model)
-# ----------------------------------------------------------------------------------------------------
 def json_instruction(output_cls: type[BaseModel]) -> str:
-    """The instruction appended to a prompt to ask for a JSON object matching ``output_cls``."""
-    schema = json.dumps(output_cls.model_json_schema(), separators=(",", ":"))
-    return (
-        "Answer with one JSON object that conforms to the JSON schema below, and nothing else "
-        f"(no explanation).\nJSON schema: {schema}"
-    )
-
-
-_FENCE = re.compile(r"```(?:json|JSON)?\s*\n?(.*?)```", re.DOTALL)
-
-
-def _balanced_object(text: str, start: int) -> str | None:
-    """The ``{...}`` starting at ``text[start]``, braces inside JSON strings ignored; None if unclosed."""
-    depth = 0
-    in_string = False
-    escaped = False
-    for i in range(start, len(text)):
-        ch = text[i]
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start : i + 1]
-    return None
-
-
-def _json_candidates(text: str) -> Iterator[str]:
-    for match in _FENCE.finditer(text):
-        yield match.group(1).strip()
-    start = text.find("{")
-    while start != -1:
-        found = _balanced_object(text, start)
-        if found is not None:
-            yield found
-        start = text.find("{", start + 1)
+    """The instruction appended to a prompt to ask for a JSON object matching ``output_cls``
+    (:func:`hd4k_tools.structured.json_instruction`, shared with LangChain and the server)."""
+    return StructuredOutput.from_schema(output_cls).instruction
 
 
 def parse_structured_output(text: str, output_cls: type[Model]) -> Model:
-    """Extract the JSON object from a model answer and validate it as ``output_cls``.
-
-    The object may be bare, inside a fenced code block, or surrounded by prose; the first candidate
-    that parses as JSON is validated. Raises :class:`hd4k_tools.OutputParseError` with a message
-    that can be shown to the model for a retry.
-    """
-    parsed: Any = None
-    decode_error: str | None = None
-    for candidate in _json_candidates(text):
-        try:
-            parsed = json.loads(candidate)
-        except json.JSONDecodeError as err:
-            decode_error = decode_error or str(err)
-            continue
-        if isinstance(parsed, dict):
-            break
-        parsed = None
-    shown = text if len(text) <= 300 else text[:300] + "..."
-    if parsed is None:
-        reason = f"it is not valid JSON ({decode_error})" if decode_error else "it contains no JSON object"
-        raise OutputParseError(
-            f"The answer cannot be read as {output_cls.__name__}: {reason}. Answer was: {shown!r}. "
-            "Reply with only the JSON object."
-        )
+    """Extract the JSON object from a model answer and validate it as ``output_cls``
+    (:func:`hd4k_tools.structured.make_validator`). Raises :class:`hd4k_tools.OutputParseError` with a
+    message that can be shown to the model for a retry (it names the class and what to send instead)."""
     try:
-        return output_cls.model_validate(parsed)
-    except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in err.errors()[:10])
+        return StructuredOutput.from_schema(output_cls).validate(text)
+    except OutputParseError as err:
+        reason = str(err)
+        start = text.find("{")
+        if "no JSON object" in reason and start != -1:
+            try:
+                json.JSONDecoder().raw_decode(text, start)
+            except json.JSONDecodeError as decode_error:
+                reason = f"it is not valid JSON ({decode_error})"
         raise OutputParseError(
-            f"The JSON does not match the {output_cls.__name__} schema: {problems}. Answer was: {shown!r}. "
-            "Reply with a corrected JSON object."
+            f"The answer cannot be read as {output_cls.__name__}: {reason}. Reply with only a corrected JSON "
+            "object that conforms to the schema."
         ) from err
-
-
-# ----------------------------------------------------------------------------------------------------
-# Streaming helpers
-# ----------------------------------------------------------------------------------------------------
-class _DeltaCleaner:
-    """Makes streamed deltas join to exactly the stripped text that a non-streaming call returns:
-    leading whitespace is dropped and trailing whitespace is held back until more text follows."""
-
-    def __init__(self) -> None:
-        self.started = False
-        self.held = ""
-
-    def feed(self, delta: str) -> str:
-        if not self.started:
-            delta = delta.lstrip()
-            if not delta:
-                return ""
-            self.started = True
-        text = self.held + delta
-        core = text.rstrip()
-        self.held = text[len(core) :]
-        return core
 
 
 def _usage(result: RunnerResult) -> dict[str, int]:
@@ -274,7 +188,7 @@ class HD4KMultiModalLLM(LLM):
     def __init__(self, hd: HD4K | Runner, **kwargs: Any) -> None:
         """Wrap ``hd`` (an :class:`hd4k_tools.HD4K`, or a :class:`hd4k_tools.Runner` to wrap in one)."""
         super().__init__(**kwargs)
-        self._hd = _as_hd(hd)
+        self._hd = as_hd4k(hd)
 
     @model_validator(mode="after")
     def _check_generation(self) -> HD4KMultiModalLLM:
@@ -351,8 +265,7 @@ class HD4KMultiModalLLM(LLM):
     def _to_messages(
         self, messages: Sequence[ChatMessage], image_documents: Sequence[ImageNode] | None
     ) -> list[Message]:
-        system: list[str] = []
-        out: list[Message] = []
+        turns: list[tuple[Any, list[str | Image.Image]]] = []
         for message in messages:
             role_value = message.role.value if isinstance(message.role, MessageRole) else str(message.role)
             role = _ROLES.get(role_value)
@@ -361,12 +274,7 @@ class HD4KMultiModalLLM(LLM):
             parts: list[str | Image.Image] = []
             for block in message.blocks:
                 if isinstance(block, TextBlock):
-                    if not block.text:
-                        continue
-                    if parts and isinstance(parts[-1], str):
-                        parts[-1] = parts[-1] + "\n" + block.text
-                    else:
-                        parts.append(block.text)
+                    parts.append(block.text)
                 elif isinstance(block, ImageBlock):
                     parts.append(self._load_block(block))
                 elif isinstance(block, AudioBlock | VideoBlock | DocumentBlock):
@@ -375,24 +283,14 @@ class HD4KMultiModalLLM(LLM):
                         "render the pages with HD4KReader or hd.read_document first."
                     )
                 # Other blocks (thinking, tool calls, cache points) carry nothing the model can read.
-            if not parts and role != "assistant":
-                continue
-            # An empty assistant turn (an empty answer, or tool calls only) is kept: dropping it would
-            # merge the user turns around it.
-            if role == "system":
-                if any(isinstance(p, Image.Image) for p in parts):
-                    raise errors.InputError("A system message cannot hold images; put them in a user message.")
-                system.extend(p for p in parts if isinstance(p, str))
-            else:
-                out.append(Message(role, tuple(parts)))
+            turns.append((role, parts))
+        out = assemble_messages(turns)
         if image_documents:
             images = tuple(self._load_node(node) for node in image_documents)
             if out and out[-1].role == "user":
                 out[-1] = Message("user", images + out[-1].content)
             else:
                 out.append(Message("user", images))
-        if system:
-            out.insert(0, Message("system", ("\n\n".join(system),)))
         return out
 
     def _request(
@@ -460,14 +358,11 @@ class HD4KMultiModalLLM(LLM):
         def gen() -> ChatResponseGen:
             # Started on first iteration, so an unread generator costs no model time.
             stream = self._hd.runner.stream(request)
-            cleaner = _DeltaCleaner()
             text = ""
             try:
-                for piece in stream:
-                    delta = cleaner.feed(piece)
-                    if delta:
-                        text += delta
-                        yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=delta)
+                for delta in filter_stream(stream):
+                    text += delta
+                    yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=delta)
                 yield self._final_chat(stream, text)
             finally:
                 stream.close()
@@ -476,17 +371,15 @@ class HD4KMultiModalLLM(LLM):
 
     async def _astream(self, request: GenerationRequest) -> ChatResponseAsyncGen:
         stream = await asyncio.to_thread(self._hd.runner.stream, request)
-        cleaner = _DeltaCleaner()
+        deltas = filter_stream(stream)
         text = ""
         try:
             while True:
-                piece = await asyncio.to_thread(next, stream, _DONE)
-                if piece is _DONE:
+                delta = await asyncio.to_thread(next, deltas, _DONE)
+                if delta is _DONE:
                     break
-                delta = cleaner.feed(piece)
-                if delta:
-                    text += delta
-                    yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=delta)
+                text += delta
+                yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=delta)
             yield self._final_chat(stream, text)
         finally:
             await asyncio.to_thread(stream.close)
@@ -585,25 +478,21 @@ class HD4KMultiModalLLM(LLM):
         return gen()
 
     # -- structured output ---------------------------------------------------------------------------
-    def _structured_messages(
-        self, output_cls: type[BaseModel], prompt: BasePromptTemplate, prompt_args: Mapping[str, Any]
-    ) -> list[ChatMessage]:
-        messages = self._extend_messages(prompt.format_messages(llm=self, **prompt_args))
-        instruction = TextBlock(text=json_instruction(output_cls))
-        if messages and messages[-1].role == MessageRole.USER:
-            last = messages[-1]
-            messages[-1] = ChatMessage(role=MessageRole.USER, blocks=[*last.blocks, instruction])
-        else:
-            messages.append(ChatMessage(role=MessageRole.USER, blocks=[instruction]))
-        return messages
+    def _structured_messages(self, prompt: BasePromptTemplate, prompt_args: Mapping[str, Any]) -> list[ChatMessage]:
+        # The JSON instruction is appended by the core loop as a user turn; consecutive user turns are joined.
+        return self._extend_messages(prompt.format_messages(llm=self, **prompt_args))
 
     @staticmethod
-    def _retry_messages(messages: list[ChatMessage], answer: str, err: OutputParseError) -> list[ChatMessage]:
-        return [
-            *messages,
-            ChatMessage(role=MessageRole.ASSISTANT, content=answer),
-            ChatMessage(role=MessageRole.USER, content=f"{err}"),
-        ]
+    def _assistant(response: ChatResponse) -> ChatMessage:
+        return ChatMessage(role=MessageRole.ASSISTANT, content=response.message.content or "")
+
+    @staticmethod
+    def _text(response: ChatResponse) -> str:
+        return response.message.content or ""
+
+    @staticmethod
+    def _user(text: str) -> ChatMessage:
+        return ChatMessage(role=MessageRole.USER, content=text)
 
     @dispatcher.span
     def structured_predict(
@@ -624,14 +513,16 @@ class HD4KMultiModalLLM(LLM):
         dispatcher.event(
             LLMStructuredPredictStartEvent(output_cls=output_cls, template=prompt, template_args=prompt_args)
         )
-        messages = self._structured_messages(output_cls, prompt, prompt_args)
-        answer = self.chat(messages, **(llm_kwargs or {})).message.content or ""
-        try:
-            result = parse_structured_output(answer, output_cls)
-        except OutputParseError as err:
-            retry = self._retry_messages(messages, answer, err)
-            answer = self.chat(retry, **(llm_kwargs or {})).message.content or ""
-            result = parse_structured_output(answer, output_cls)
+        messages = self._structured_messages(prompt, prompt_args)
+        answer: StructuredAnswer[ChatResponse] = generate_structured(
+            StructuredOutput.from_schema(output_cls),
+            messages,
+            lambda conversation: self.chat(conversation, **(llm_kwargs or {})),
+            text_of=self._text,
+            user=self._user,
+            assistant=self._assistant,
+        )
+        result = answer.value()
         dispatcher.event(LLMStructuredPredictEndEvent(output=result))
         return result
 
@@ -647,13 +538,19 @@ class HD4KMultiModalLLM(LLM):
         dispatcher.event(
             LLMStructuredPredictStartEvent(output_cls=output_cls, template=prompt, template_args=prompt_args)
         )
-        messages = self._structured_messages(output_cls, prompt, prompt_args)
-        answer = (await self.achat(messages, **(llm_kwargs or {}))).message.content or ""
-        try:
-            result = parse_structured_output(answer, output_cls)
-        except OutputParseError as err:
-            retry = self._retry_messages(messages, answer, err)
-            answer = (await self.achat(retry, **(llm_kwargs or {}))).message.content or ""
-            result = parse_structured_output(answer, output_cls)
+        messages = self._structured_messages(prompt, prompt_args)
+
+        async def call(conversation: list[ChatMessage]) -> ChatResponse:
+            return await self.achat(conversation, **(llm_kwargs or {}))
+
+        answer: StructuredAnswer[ChatResponse] = await agenerate_structured(
+            StructuredOutput.from_schema(output_cls),
+            messages,
+            call,
+            text_of=self._text,
+            user=self._user,
+            assistant=self._assistant,
+        )
+        result = answer.value()
         dispatcher.event(LLMStructuredPredictEndEvent(output=result))
         return result

@@ -145,7 +145,10 @@ class HD4K:
         policy: ImagePolicy | None = None,
         **kwargs: Any,
     ) -> HD4K:
-        """Use an OpenAI-compatible chat-completions server (``hd4k serve``, LMDeploy, vLLM, SGLang)."""
+        """Use an OpenAI-compatible chat-completions server (``hd4k serve``, LMDeploy, vLLM, SGLang).
+
+        For ``hd4k serve --engine vllm`` (vLLM with this project's plugin) pass ``server="vllm"``: per-image
+        ``hd_num`` and the task's prompt layout then reach the plugin (see :class:`RemoteRunner`)."""
         runner_kwargs = {k: v for k, v in kwargs.items() if k not in ("dpi", "max_pdf_pages")}
         own = {k: v for k, v in kwargs.items() if k in ("dpi", "max_pdf_pages")}
         return cls(RemoteRunner(base_url, model, api_key=api_key, **runner_kwargs), policy=policy, **own)
@@ -165,7 +168,10 @@ class HD4K:
 
     # -- building requests -------------------------------------------------------------------------
     def _generation(self, spec: TaskSpec, generation: GenerationArg) -> GenerationConfig:
-        base = GenerationConfig(max_new_tokens=spec.max_new_tokens, num_beams=spec.num_beams)
+        # A runner without beam search (vLLM) decodes the task defaults greedily; an explicit
+        # num_beams > 1 still reaches it and is refused there, never decoded greedily in silence.
+        beams = spec.num_beams if getattr(self.runner, "supports_beam_search", True) else 1
+        base = GenerationConfig(max_new_tokens=spec.max_new_tokens, num_beams=beams)
         if generation is None:
             return base
         if isinstance(generation, GenerationConfig):

@@ -51,6 +51,7 @@ __all__ = [
     "FinishReason",
     "GenerationConfig",
     "GenerationOutput",
+    "TextDeltas",
     "decode_output",
     "generate",
     "iter_tokens",
@@ -123,28 +124,46 @@ def _stable_prefix(text: str) -> str:
     return text
 
 
-def stream_text(tokenizer: _Tokenizer, token_iter: Iterable[int]) -> Iterator[str]:
-    """Incremental text deltas of a token stream; their concatenation equals :func:`decode_output` of
-    all the tokens.
+class TextDeltas:
+    """Incremental text of a growing list of generated ids (what :func:`stream_text` yields, for callers
+    that receive tokens in chunks, e.g. from another engine): ``feed(ids)`` returns the new stable text,
+    ``finish()`` the rest; all of it joined equals :func:`decode_output` of all the ids.
 
-    The whole id list is decoded at every step (sentencepiece's spacing depends on the neighbours) and
-    only the new stable suffix is emitted: nothing is emitted while the text ends in an incomplete UTF-8
-    sequence (U+FFFD) or in what could be the start of ``[UNUSED_TOKEN_145]``; text after that marker
-    is never emitted.
+    The whole id list is decoded at every feed (sentencepiece's spacing depends on the neighbours) and
+    only the new stable suffix is returned: nothing while the text ends in an incomplete UTF-8 sequence
+    (U+FFFD) or in what could be the start of ``[UNUSED_TOKEN_145]``; text after that marker never.
     """
-    ids: list[int] = []
-    emitted = ""
+
+    def __init__(self, tokenizer: _Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._emitted = ""
+
+    def _advance(self, text: str) -> str:
+        if len(text) > len(self._emitted) and text.startswith(self._emitted):
+            delta = text[len(self._emitted) :]
+            self._emitted = text
+            return delta
+        return ""
+
+    def feed(self, token_ids: Iterable[int]) -> str:
+        self._ids.extend(int(t) for t in token_ids)
+        full = self._tokenizer.decode(self._ids, skip_special_tokens=True)
+        return self._advance(full.split(IM_END)[0] if IM_END in full else _stable_prefix(full))
+
+    def finish(self) -> str:
+        return self._advance(decode_output(self._tokenizer, self._ids))
+
+
+def stream_text(tokenizer: _Tokenizer, token_iter: Iterable[int]) -> Iterator[str]:
+    """Incremental text deltas of a token stream (one :class:`TextDeltas` feed per token); their
+    concatenation equals :func:`decode_output` of all the tokens."""
+    deltas = TextDeltas(tokenizer)
     for token in token_iter:
-        ids.append(int(token))
-        full = tokenizer.decode(ids, skip_special_tokens=True)
-        cut = IM_END in full
-        stable = full.split(IM_END)[0] if cut else _stable_prefix(full)
-        if len(stable) > len(emitted) and stable.startswith(emitted):
-            yield stable[len(emitted) :]
-            emitted = stable
-    final = decode_output(tokenizer, ids)
-    if len(final) > len(emitted) and final.startswith(emitted):
-        yield final[len(emitted) :]
+        if delta := deltas.feed((token,)):
+            yield delta
+    if tail := deltas.finish():
+        yield tail
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -20,7 +20,10 @@ unchanged). Images the plan enlarges are sent as they are (the server upscales t
 
 **Extensions.** With ``send_hd_num=True`` (the default, for ``hd4k serve``) the request carries this
 project's extensions ``hd_num`` (one per image) and ``layout``, so the server tiles each image exactly as
-the client planned. For LMDeploy / vLLM / SGLang pass ``send_hd_num=False``: they do their own image
+the client planned. ``server="vllm"`` (vLLM with this project's plugin, ``hd4k serve --engine vllm``) sends
+the same two as ``"mm_processor_kwargs": {"hd_num": [...], "layout": ...}``, which the plugin reads; vLLM
+has no beam search, so such a runner refuses ``num_beams > 1`` and ``HD4K``'s task defaults decode
+greedily. For LMDeploy / SGLang / other vLLM models pass ``send_hd_num=False``: they do their own image
 preprocessing (LMDeploy uses a fixed hd_num of 25) and would ignore or reject unknown fields.
 ``top_k``, ``repetition_penalty`` and ``num_beams`` are sent only when they differ from their defaults.
 
@@ -40,7 +43,8 @@ import json
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
@@ -52,6 +56,7 @@ from hd4k_tools.inputs.images import to_data_url
 from hd4k_tools.models.xcomposer2_4khd.tiling import HDPlan, plan
 from hd4k_tools.results import PlanSummary, Timings, Usage
 from hd4k_tools.runtime.runner import GenerationRequest, RunnerResult, TextStream, stream_in_thread
+from hd4k_tools.runtime.stops import StopFilter
 
 __all__ = ["RETRY_STATUSES", "RemoteRunner", "presize"]
 
@@ -199,7 +204,9 @@ class RemoteRunner:
         context_length: the served model's context, used by ``HD4K`` for ``hd_num="auto"``.
         presize: reduce images to their HD-N resized size before upload (see the module docstring).
         send_hd_num: send the ``hd_num``/``layout`` extensions (``hd4k serve``); ``False`` for
-            LMDeploy / vLLM / SGLang.
+            LMDeploy / SGLang / other vLLM models.
+        server: ``"hd4k"`` (``hd4k serve``) or ``"vllm"`` (vLLM with this project's plugin: the extensions
+            go in ``mm_processor_kwargs``; no beam search).
         image_format: ``"PNG"`` (lossless, exact) or ``"JPEG"``/``"WEBP"`` (smaller, lossy).
         http_client: an ``httpx.Client`` to use instead of the runner's own (its timeouts and limits then
             apply; it is not changed, and not closed by :meth:`close`).
@@ -221,6 +228,7 @@ class RemoteRunner:
         context_length: int = 16384,
         presize: bool = True,
         send_hd_num: bool = True,
+        server: str = "hd4k",
         image_format: str = "PNG",
         http_client: httpx.Client | None = None,
     ) -> None:
@@ -237,7 +245,10 @@ class RemoteRunner:
         self.max_retries = max_retries
         self.backoff = backoff
         self.presize = presize
+        if server not in ("hd4k", "vllm"):
+            raise ValueError(f"server must be 'hd4k' or 'vllm', got {server!r}")
         self.send_hd_num = send_hd_num
+        self.server = server
         self.image_format = image_format
         self._semaphore = threading.BoundedSemaphore(max_concurrency)
         self._rng = random.Random()
@@ -255,6 +266,11 @@ class RemoteRunner:
         return f"RemoteRunner(base_url={self.base_url!r}, model={self._model!r})"
 
     # -- Runner protocol ---------------------------------------------------------------------------
+    @property
+    def supports_beam_search(self) -> bool:
+        """vLLM has no beam search (``HD4K`` then decodes task defaults greedily)."""
+        return self.server != "vllm"
+
     @property
     def model_id(self) -> str:
         return self._model
@@ -316,6 +332,16 @@ class RemoteRunner:
         """
         return stream_in_thread(lambda emit, ev: self._stream_call(request, emit, ev), cancel)
 
+    def generate_batch(
+        self, requests: Sequence[GenerationRequest], *, cancel: threading.Event | None = None
+    ) -> list[RunnerResult]:
+        """The requests sent at once (at most ``max_concurrency`` in flight; a batching server such as vLLM
+        runs them together); results in the same order."""
+        if not requests:
+            return []
+        with ThreadPoolExecutor(max_workers=len(requests), thread_name_prefix="hd4k-remote") as pool:
+            return list(pool.map(lambda r: self.generate(r, cancel=cancel), requests))
+
     # -- requests ----------------------------------------------------------------------------------
     def _payload(self, request: GenerationRequest, *, stream: bool) -> dict[str, Any]:
         hd_nums = iter(request.hd_nums)
@@ -358,8 +384,17 @@ class RemoteRunner:
         if g.repetition_penalty != 1.0:
             payload["repetition_penalty"] = g.repetition_penalty
         if g.num_beams != 1:
+            if not self.supports_beam_search:
+                raise InputError(
+                    f"vLLM has no beam search (num_beams={g.num_beams}): pass num_beams=1 (greedy) or sampling options."
+                )
             payload["num_beams"] = g.num_beams
-        if self.send_hd_num:
+        if self.send_hd_num and self.server == "vllm":
+            extensions: dict[str, Any] = {"layout": request.layout}
+            if request.hd_nums:
+                extensions["hd_num"] = list(request.hd_nums)
+            payload["mm_processor_kwargs"] = extensions
+        elif self.send_hd_num:
             if request.hd_nums:
                 unique = set(request.hd_nums)
                 payload["hd_num"] = request.hd_nums[0] if len(unique) == 1 else list(request.hd_nums)
@@ -472,6 +507,14 @@ class RemoteRunner:
         return str(text), str(finish)
 
     def _stream_call(self, request: GenerationRequest, emit: Any, cancel: threading.Event) -> RunnerResult:
+        # Deltas of the stripped answer (as every runner gives): a server may start with a space (vLLM's
+        # detokenizer keeps the first piece's word boundary) or end with whitespace.
+        trim, emit_raw = StopFilter(), emit
+
+        def emit(delta: str) -> None:
+            if out := trim.feed(delta):
+                emit_raw(out)
+
         started = time.perf_counter()
         plans = _plans_for(request)
         payload = self._payload(request, stream=True)
@@ -494,8 +537,9 @@ class RemoteRunner:
                     response.close()
                 data = self._json(response)
                 text, finish = self._message(data, response.status_code)
-                if text:
-                    emit(text)
+                emit(text)
+                if tail := trim.finish():
+                    emit_raw(tail)
                 return self._result(text, finish, plans, data.get("usage"), data.get("hd4k"), started)
             try:
                 for line in response.iter_lines():
@@ -540,6 +584,8 @@ class RemoteRunner:
                 f"The connection to {self.base_url} ended before the answer was complete (no finish_reason "
                 "and no [DONE]); the server may have crashed or restarted. Retry the request."
             )
+        if tail := trim.finish():
+            emit_raw(tail)
         return self._result("".join(pieces), finish or "stop", plans, usage, extension, started)
 
     def _event(self, data: str) -> dict[str, Any]:
@@ -587,7 +633,7 @@ class RemoteRunner:
         )
         timings = timings.model_copy(update={"total_s": time.perf_counter() - started})
         return RunnerResult(
-            text=text,
+            text=text.strip(),
             model=self._model,
             finish_reason=finish,
             plans=summaries,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import logging
 import math
 import os
@@ -20,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hd4k_tools.errors import HD4KError
+from hd4k_tools.errors import HD4KError, InputError
 from hd4k_tools.inputs.policy import ImagePolicy
 from hd4k_tools.models.xcomposer2_4khd.hub import DEFAULT_MODEL_ID, MODEL_ENV, default_model
 from hd4k_tools.models.xcomposer2_4khd.tiling import HDNum
@@ -28,12 +27,10 @@ from hd4k_tools.runtime.engines import load_engine
 from hd4k_tools.serve.accesslog import ACCESS_LOGGER
 from hd4k_tools.serve.chat import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_TOKENS_LIMIT, DEFAULT_SSE_KEEPALIVE_S
 from hd4k_tools.serve.factory import create_app, require_serve
+from hd4k_tools.serve.ports import ServeError, bind_port
+from hd4k_tools.serve.vllm import run_vllm_server
 
 __all__ = ["ServeError", "build_parser", "main", "run_server", "serve_from_args", "served_name"]
-
-
-class ServeError(HD4KError):
-    """The server cannot start: the address is taken or cannot be bound, or uvicorn failed at startup."""
 
 
 def served_name(model: str) -> str:
@@ -55,40 +52,6 @@ def _configure_access_log(log_level: str) -> None:
         access.propagate = False
     level = logging.getLevelName(str(log_level).upper())
     access.setLevel(level if isinstance(level, int) else logging.INFO)
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``(host, port)``, not yet listening (uvicorn starts listening on it).
-
-    Binding here, before the model loads, turns a port already in use into an immediate one-line error
-    instead of uvicorn's log lines after minutes of loading; handing the bound socket to uvicorn leaves
-    no window for another process to take the port in between.
-
-    Raises:
-        ServeError: the port is in use, or the address cannot be bound (unknown host, privileged port).
-    """
-    # Same choices as uvicorn's own binding: IPv6 for literal IPv6 hosts, SO_REUSEADDR so a restart does
-    # not wait for TIME_WAIT (on Linux it still refuses a port another socket listens on).
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-    except OSError as err:
-        sock.close()
-        if err.errno == errno.EADDRINUSE:
-            raise ServeError(
-                f"port {port} on {host} is already in use; pass --port with a free port (e.g. --port "
-                f"{port + 1 if port < 65535 else 8000}) or stop the process that holds it"
-            ) from None
-        reason = err.strerror or str(err)
-        if err.errno == errno.EACCES:
-            reason += " (ports below 1024 need privileges; pass --port 8000 or higher)"
-        raise ServeError(f"cannot listen on {host}:{port}: {reason}; check --host and --port") from None
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def run_server(
@@ -138,7 +101,7 @@ def run_server(
     if max_image_bytes is not None:
         policy_changes["max_bytes"] = max_image_bytes
     policy = ImagePolicy(**policy_changes)
-    sock = _bind(host, port)
+    sock = bind_port(host, port)
     try:
         runner = load_engine(
             "native",
@@ -230,6 +193,33 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         metavar="DIR|HUB_ID",
         help=f"checkpoint folder or hub id (default: ${MODEL_ENV} or {DEFAULT_MODEL_ID})",
     )
+    p.add_argument(
+        "--engine",
+        choices=("native", "vllm"),
+        default="native",
+        help=(
+            "native: this project's server, one request at a time (default); vllm: vLLM's OpenAI server with "
+            "continuous batching (extra: vllm; --model must be a folder)"
+        ),
+    )
+    p.add_argument(
+        "--tensor-parallel-size",
+        type=_positive_int_arg,
+        default=1,
+        metavar="N",
+        help="--engine vllm: GPUs to shard the model over (default 1)",
+    )
+    p.add_argument(
+        "--hd-num",
+        type=_positive_int_arg,
+        default=None,
+        metavar="N",
+        help=(
+            "--engine vllm: the engine's HD-N budget and default, the largest hd_num a request may ask for "
+            "(default: the plugin's DEFAULT_ENGINE_HD_NUM); requests pick theirs with "
+            '"mm_processor_kwargs": {"hd_num": n}'
+        ),
+    )
     p.add_argument("--revision", default=None, help="hub revision: branch, tag or commit (hub ids only)")
     p.add_argument("--cache-dir", default=None, help="Hugging Face cache folder (default: the HF cache)")
     p.add_argument(
@@ -279,7 +269,58 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         ),
     )
     p.add_argument("--log-level", default="info", help="uvicorn's log level; info shows the JSON access lines")
+    p.add_argument(
+        "vllm_args",
+        nargs=argparse.REMAINDER,
+        metavar="-- VLLM_OPTION ...",
+        help="--engine vllm: options passed on to vLLM's server as they are, after '--'",
+    )
     return p
+
+
+# Options of the native server that vLLM's server has no equivalent for: refused with --engine vllm
+# rather than silently ignored.
+_NATIVE_ONLY = (
+    "device",
+    "quantization",
+    "allow_image_urls",
+    "max_request_bytes",
+    "max_pixels",
+    "max_image_bytes",
+    "default_hd_num",
+    "max_tokens_limit",
+    "sse_keepalive",
+    "revision",
+    "cache_dir",
+    "local_files_only",
+)
+
+
+def _serve_vllm(args: argparse.Namespace) -> int:
+    defaults = build_parser().parse_args([])
+    changed = [name for name in _NATIVE_ONLY if getattr(args, name) != getattr(defaults, name)]
+    if changed:
+        flags = ", ".join("--" + name.replace("_", "-") for name in changed)
+        raise InputError(
+            f"{flags} configure(s) the native server only; vLLM's server has its own options (pass them after "
+            "'--', e.g. '-- --allowed-media-domains example.com' to allow image URLs from that host)."
+        )
+    extra = list(args.vllm_args or ())
+    if extra and extra[0] == "--":
+        extra = extra[1:]
+    run_vllm_server(
+        args.model,
+        host=args.host,
+        port=args.port,
+        hd_num=args.hd_num,
+        tensor_parallel_size=args.tensor_parallel_size,
+        served_model_name=args.served_model_name or served_name(args.model),
+        dtype=args.dtype,
+        api_key=args.api_key,
+        log_level=args.log_level,
+        extra_args=extra,
+    )
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -295,6 +336,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def serve_from_args(args: argparse.Namespace) -> int:
     """Run :func:`run_server` with options parsed by :func:`build_parser` (``hd4k serve`` calls this and
     reports errors its own way)."""
+    if args.engine == "vllm":
+        return _serve_vllm(args)
+    if [a for a in (args.vllm_args or ()) if a != "--"] or args.hd_num is not None or args.tensor_parallel_size != 1:
+        raise InputError(
+            "--hd-num, --tensor-parallel-size and options after '--' are for --engine vllm; the native server "
+            "takes --default-hd-num and serves on one device."
+        )
     run_server(
         args.model,
         host=args.host,

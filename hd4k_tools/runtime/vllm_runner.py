@@ -1,0 +1,421 @@
+"""``VllmRunner``: the :class:`~hd4k_tools.runtime.runner.Runner` protocol over vLLM's engine, in this process.
+
+``HD4K.from_pretrained(path, engine="vllm")`` builds one. It drives vLLM's ``AsyncLLM`` (V1 engine: the
+scheduler and the model run in vLLM's own engine process) from an asyncio loop on a background thread
+that this object owns. Every caller — a blocking ``generate``, a ``stream`` read from another thread,
+``HD4K``'s async twins, many threads at once, ``generate_batch`` — submits into that one loop, so vLLM
+batches them all continuously (paged KV, chunked prefill, prefix and encoder caches). Why ``AsyncLLM``
+rather than the offline ``LLM``: see ``docs/decisions.md`` ("In-process vLLM engine").
+
+What stays ours, so that answers equal the native runner's: the prompt string
+(:func:`~hd4k_tools.models.xcomposer2_4khd.prompt.conversation_prompt`: official chat turns or the
+authors' eval layout), the context
+check (same :class:`~hd4k_tools.errors.ContextOverflowError` before anything runs), the stop ids
+``{eos, [UNUSED_TOKEN_145]}``, and the text: generated ids are decoded by our tokenizer exactly as the
+native loop decodes them (also while streaming). vLLM's plugin (``hd4k_tools.models.xcomposer2_4khd.vllm``)
+tiles the images with our tiling code and runs the model.
+
+Each request carries its per-image ``hd_num`` values and its layout to the plugin's processor
+(``mm_processor_kwargs``); an ``hd_num`` above the engine's ``hd_num`` (the budget vLLM sized its caches for
+at start-up) is refused by the processor with :class:`~hd4k_tools.errors.InvalidHDNumError`. Not supported
+(refused with a typed error, never approximated): beam search (``num_beams > 1``; vLLM's beam search is a
+different algorithm, run as one engine request per step).
+
+vLLM starts its engine process with ``spawn``: a script that creates this runner needs the usual
+``if __name__ == "__main__":`` guard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import itertools
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from vllm import AsyncEngineArgs, SamplingParams
+from vllm.sampling_params import RequestOutputKind
+from vllm.v1.engine.async_llm import AsyncLLM
+
+from hd4k_tools.errors import HD4KError, InputError, InvalidHDNumError, ModelError
+from hd4k_tools.models.xcomposer2_4khd.prompt import check_context, conversation_prompt
+from hd4k_tools.models.xcomposer2_4khd.tokenizer import InternLM2Tokenizer
+from hd4k_tools.models.xcomposer2_4khd.vllm.processor import DEFAULT_ENGINE_HD_NUM
+from hd4k_tools.results import PlanSummary, Timings, Usage
+from hd4k_tools.runtime.generation import TextDeltas, decode_output, stop_ids_for
+from hd4k_tools.runtime.generation_config import GenerationConfig
+from hd4k_tools.runtime.runner import GenerationRequest, RunnerResult, TextStream, stream_in_thread
+from hd4k_tools.runtime.stops import StopFilter
+
+__all__ = ["VllmEngineError", "VllmRunner"]
+
+T = TypeVar("T")
+
+
+class VllmEngineError(ModelError):
+    """vLLM's engine failed (did not start, died, or rejected a request for a reason not ours)."""
+
+
+def _sampling_params(g: GenerationConfig, max_tokens: int, stop_ids: Sequence[int]) -> Any:
+    """vLLM ``SamplingParams`` for ``g`` (greedy or sampling; beams are refused by the caller)."""
+    kwargs: dict[str, Any] = {
+        "max_tokens": max_tokens,
+        "stop_token_ids": list(stop_ids),
+        # Text is decoded by our tokenizer (as the native runner does); vLLM's detokenizer is not needed.
+        "detokenize": False,
+        "output_kind": RequestOutputKind.DELTA,
+        "repetition_penalty": g.repetition_penalty,
+        "seed": g.seed,
+    }
+    if g.do_sample:
+        kwargs.update(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k)
+    else:
+        kwargs["temperature"] = 0.0
+    return SamplingParams(**kwargs)
+
+
+class VllmRunner:
+    """vLLM's continuous-batching engine behind the :class:`~hd4k_tools.runtime.runner.Runner` protocol.
+
+    Args:
+        model: checkpoint folder in the official layout (the plugin registers its architecture).
+        hd_num: the engine's HD-N budget: the largest ``hd_num`` a request may use (vLLM sizes its
+            start-up profiling for it; default: the plugin's ``DEFAULT_ENGINE_HD_NUM``). Requests above it
+            raise :class:`InvalidHDNumError`.
+        tensor_parallel_size: GPUs to shard the model over (vLLM's own option).
+        dtype: ``"auto"`` (the checkpoint's dtype), ``"bfloat16"``, ``"float16"``, ``"float32"``.
+        max_model_len: context length (default: the checkpoint's ``max_length``).
+        model_id: name reported in results (default: ``model``).
+        engine_kwargs: any other ``vllm.AsyncEngineArgs`` field (``gpu_memory_utilization``,
+            ``enforce_eager``, ``max_num_seqs``, ``enable_prefix_caching``, ...).
+    """
+
+    supports_beam_search = False
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str],
+        *,
+        hd_num: int | None = None,
+        tensor_parallel_size: int = 1,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        model_id: str | None = None,
+        **engine_kwargs: Any,
+    ) -> None:
+        hd_num = DEFAULT_ENGINE_HD_NUM if hd_num is None else hd_num
+        if not isinstance(hd_num, int) or isinstance(hd_num, bool) or hd_num < 1:
+            raise InvalidHDNumError(f"hd_num for the vLLM engine must be a positive integer, got {hd_num!r}.")
+        path = Path(model)
+        if not path.is_dir():
+            raise HD4KError(
+                f'engine="vllm" needs a checkpoint folder, got {str(model)!r}: download the weights first '
+                "(`huggingface-cli download internlm/internlm-xcomposer2-4khd-7b --local-dir DIR`) and pass DIR."
+            )
+        self._path = path
+        self._model_id = model_id or str(model)
+        self.hd_num = hd_num
+        self._tokenizer = InternLM2Tokenizer.from_pretrained(path)
+        self._max_len = int(max_model_len or self._config_max_length())
+        self._stop_ids = sorted(stop_ids_for(self._tokenizer))
+        self._ids = itertools.count()
+        self._closed = False
+        self.load_seconds = 0.0
+
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="hd4k-vllm-loop", daemon=True)
+        self._thread.start()
+        engine_args = self._engine_args(
+            hd_num=hd_num,
+            tensor_parallel_size=tensor_parallel_size,
+            dtype=dtype,
+            max_model_len=self._max_len,
+            **engine_kwargs,
+        )
+        t0 = time.perf_counter()
+        try:
+            self._engine = self._call(self._start(engine_args))
+        except BaseException:
+            self._stop_loop()
+            raise
+        self.load_seconds = time.perf_counter() - t0
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str,
+        *,
+        hd_num: int | None = None,
+        tensor_parallel_size: int = 1,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        **engine_kwargs: Any,
+    ) -> VllmRunner:
+        """The engine for a checkpoint folder (``HD4K.from_pretrained(path, engine="vllm", ...)`` calls
+        this); see the class for the options."""
+        return cls(
+            path,
+            hd_num=hd_num,
+            tensor_parallel_size=tensor_parallel_size,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            **engine_kwargs,
+        )
+
+    # -- engine plumbing ---------------------------------------------------------------------------
+    def _config_max_length(self) -> int:
+        config = json.loads((self._path / "config.json").read_text(encoding="utf-8"))
+        return int(config.get("max_length") or config.get("max_position_embeddings") or 16384)
+
+    def _engine_args(self, *, hd_num: int, **kwargs: Any) -> Any:
+        kwargs.setdefault("enable_prefix_caching", True)
+        kwargs.setdefault("disable_log_stats", True)
+        try:
+            return AsyncEngineArgs(model=str(self._path), mm_processor_kwargs={"hd_num": hd_num}, **kwargs)
+        except TypeError as err:
+            raise InputError(f"Unknown vLLM engine option: {err}. See vllm.AsyncEngineArgs for valid ones.") from err
+
+    async def _start(self, engine_args: Any) -> Any:
+        try:
+            return AsyncLLM.from_engine_args(engine_args)
+        except Exception as err:
+            raise VllmEngineError(f"vLLM's engine did not start for {self._path}: {err}") from err
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the engine loop and wait for its result in this thread."""
+        if self._closed:
+            coro.close()
+            raise VllmEngineError("This VllmRunner is closed; create a new one.")
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result()
+        except BaseException:
+            # Interrupted while waiting (Ctrl-C): cancelling the task aborts its vLLM requests.
+            future.cancel()
+            raise
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=30)
+        with contextlib.suppress(RuntimeError):
+            self._loop.close()
+
+    # -- Runner protocol ---------------------------------------------------------------------------
+    @property
+    def model_id(self) -> str:
+        return self._model_id
+
+    @property
+    def context_length(self) -> int:
+        return self._max_len
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    def count_text_tokens(self, text: str) -> int:
+        return len(self._tokenizer.encode(text, add_bos=False))
+
+    def close(self) -> None:
+        """Shut vLLM's engine process down and stop the loop thread (idempotent)."""
+        if self._closed:
+            return
+        engine, self._engine = getattr(self, "_engine", None), None
+        if engine is not None:
+
+            async def shutdown() -> None:
+                engine.shutdown()
+
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(timeout=60)
+            # Collected now, while the interpreter is whole (AsyncLLM.__del__ shuts down again and fails
+            # during interpreter teardown).
+            del engine
+            gc.collect()
+        self._closed = True
+        self._stop_loop()
+
+    def __enter__(self) -> VllmRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def generate(self, request: GenerationRequest, *, cancel: threading.Event | None = None) -> RunnerResult:
+        return self._call(self._run(request, emit=None, cancel=cancel))
+
+    def stream(self, request: GenerationRequest, *, cancel: threading.Event | None = None) -> TextStream:
+        return stream_in_thread(lambda emit, ev: self._call(self._run(request, emit=emit, cancel=ev)), cancel)
+
+    def generate_batch(
+        self, requests: Sequence[GenerationRequest], *, cancel: threading.Event | None = None
+    ) -> list[RunnerResult]:
+        """All ``requests`` submitted at once (vLLM batches them); results in the same order.
+
+        Every request is validated before any is submitted, so a bad one costs nothing. ``cancel`` stops
+        all of them between two steps (each result then has ``finish_reason="cancelled"``).
+        """
+        prepared = [self._prepare(r) for r in requests]
+
+        async def run_all() -> list[RunnerResult]:
+            return list(await asyncio.gather(*(self._submit(p, emit=None, cancel=cancel) for p in prepared)))
+
+        return self._call(run_all())
+
+    # -- one request -------------------------------------------------------------------------------
+    def _prepare(self, request: GenerationRequest) -> _Prepared:
+        """Validate ``request`` and build vLLM's prompt (raises before anything is submitted)."""
+        if request.generation.num_beams > 1:
+            raise InputError(
+                f'engine="vllm" does not do beam search (num_beams={request.generation.num_beams}): pass '
+                'generation={"num_beams": 1} (greedy) or sampling options, or use the native engine for beams.'
+            )
+        plans = request.plans()
+        hd_nums = [p.hd_num for p in plans]
+        prompt = conversation_prompt(request.messages, request.layout)
+        bos_each_part = request.layout == "chat"
+        needed = check_context(
+            self._tokenizer,
+            prompt,
+            [p.num_tokens for p in plans],
+            max_length=self._max_len,
+            image_sizes=[(p.width, p.height) for p in plans],
+            hd_num=hd_nums[0] if len(set(hd_nums)) == 1 else None,
+            bos_each_part=bos_each_part,
+        )
+        # Room left in the context for the answer, as in the native runner.
+        max_tokens = max(1, min(request.generation.max_new_tokens, self._max_len - needed))
+        # The plugin's processor tiles each image at its hd_num and applies the layout's BOS rule.
+        engine_input: dict[str, Any] = {"prompt": prompt, "mm_processor_kwargs": {"layout": request.layout}}
+        if plans:
+            engine_input["multi_modal_data"] = {"image": request.images}
+            engine_input["mm_processor_kwargs"]["hd_num"] = hd_nums
+        params = _sampling_params(request.generation, max_tokens, self._stop_ids)
+        return _Prepared(request, plans, engine_input, params, needed)
+
+    async def _run(self, request: GenerationRequest, *, emit: Callable[[str], None] | None, cancel) -> RunnerResult:
+        return await self._submit(self._prepare(request), emit=emit, cancel=cancel)
+
+    async def _submit(
+        self, prep: _Prepared, *, emit: Callable[[str], None] | None, cancel: threading.Event | None
+    ) -> RunnerResult:
+        t_start = time.perf_counter()
+        request_id = f"hd4k-{next(self._ids)}"
+        tokens: list[int] = []
+        finish: str = "length"
+        prompt_tokens = prep.num_prompt_tokens
+        first_token_at: float | None = None
+        # Deltas of the *stripped* answer, so that joined they equal the non-streamed text (as natively).
+        deltas, trim, pieces = TextDeltas(self._tokenizer), StopFilter(), []
+
+        def send(text: str) -> None:
+            if emit is not None and (piece_text := trim.feed(text)):
+                pieces.append(piece_text)
+                emit(piece_text)
+
+        cancelled = cancel is not None and cancel.is_set()
+        if not cancelled:
+            watcher = asyncio.ensure_future(self._watch(cancel)) if cancel is not None else None
+            try:
+                async for out in self._engine.generate(prep.engine_input, prep.params, request_id):
+                    if out.prompt_token_ids is not None:
+                        prompt_tokens = len(out.prompt_token_ids)
+                    piece = out.outputs[0]
+                    if piece.token_ids:
+                        if first_token_at is None:
+                            first_token_at = time.perf_counter()
+                        new = [int(t) for t in piece.token_ids if int(t) not in self._stop_ids]
+                        tokens.extend(int(t) for t in piece.token_ids)
+                        send(deltas.feed(new))
+                    if out.finished:
+                        finish = piece.finish_reason or "stop"
+                    if cancel is not None and cancel.is_set():
+                        cancelled = True
+                        break
+            except asyncio.CancelledError:
+                raise
+            except HD4KError:
+                raise
+            except Exception as err:
+                raise _engine_error(err) from err
+            finally:
+                if watcher is not None:
+                    watcher.cancel()
+            if cancelled or finish == "abort":
+                with contextlib.suppress(Exception):
+                    await self._engine.abort(request_id)
+                cancelled = True
+        if tokens and tokens[-1] in self._stop_ids and finish == "stop":
+            tokens = tokens[:-1]  # as the native loop: the stop token is not part of the answer
+        finish_reason = "cancelled" if cancelled else ("stop" if finish == "stop" else "length")
+        if emit is not None:
+            send(deltas.finish())
+            if tail := trim.finish():
+                pieces.append(tail)
+                emit(tail)
+            text = "".join(pieces)
+        else:
+            text = decode_output(self._tokenizer, tokens)
+        end = time.perf_counter()
+        first = first_token_at or end
+        decode_s = end - first
+        timings = Timings(
+            load_s=self.load_seconds,
+            prefill_s=first - t_start,
+            decode_s=decode_s,
+            decode_tokens_per_s=(len(tokens) - 1) / decode_s if decode_s > 0 and len(tokens) > 1 else 0.0,
+            total_s=end - t_start,
+        )
+        usage = Usage(
+            prompt_tokens=prompt_tokens,
+            image_tokens=sum(p.num_tokens for p in prep.plans),
+            completion_tokens=len(tokens),
+        )
+        return RunnerResult(
+            text=text.strip(),
+            model=self.model_id,
+            finish_reason=finish_reason,
+            plans=[PlanSummary.from_plan(p) for p in prep.plans],
+            usage=usage,
+            timings=timings,
+        )
+
+    @staticmethod
+    async def _watch(cancel: threading.Event) -> None:
+        while not cancel.is_set():
+            await asyncio.sleep(0.02)
+
+
+class _Prepared:
+    """A validated request: its plans, vLLM's prompt dict and sampling parameters."""
+
+    def __init__(self, request: GenerationRequest, plans: list, engine_input: Any, params: Any, n: int) -> None:
+        self.request = request
+        self.plans = plans
+        self.engine_input = engine_input
+        self.params = params
+        self.num_prompt_tokens = n
+
+
+def _engine_error(err: Exception) -> HD4KError:
+    """A typed error for a failure inside vLLM: our own error where the plugin raised one (e.g. an hd_num
+    over the engine's budget), vLLM's validation errors as input problems, anything else as an engine
+    failure."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, HD4KError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    text = f"{type(err).__name__}: {err}"
+    cause = err.__cause__
+    if cause is not None:
+        text += f" (caused by {type(cause).__name__}: {cause})"
+    if type(err).__name__ in {"VLLMValidationError", "VLLMClientError", "ValueError"}:
+        return InputError(f"vLLM refused the request: {text}")
+    return VllmEngineError(f"vLLM's engine failed on the request: {text}")

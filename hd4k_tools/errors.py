@@ -48,6 +48,10 @@ class PathNotAllowedError(InputError, PermissionError):
     """A path resolves (symlinks followed) outside the allowed root directories."""
 
 
+class RequestTooLargeError(InputError):
+    """One request carries more images, or more pixels in all, than allowed (checked before decoding)."""
+
+
 class InvalidBase64Error(InputError):
     """A base64 string that does not decode."""
 

@@ -46,6 +46,23 @@ PAGE_BATCH = 16
 TEXT_MARGIN = 256
 
 
+def _check_chat_args(prompt: object, images: object, history: object, system: object) -> None:
+    """Typed errors for wrong Python types in a chat call (they would otherwise be read as images)."""
+    if not isinstance(prompt, str):
+        raise InputError(f"prompt must be a str, got {type(prompt).__name__}.")
+    if system is not None and not isinstance(system, str):
+        raise InputError(f"system must be a str or None, got {type(system).__name__}.")
+    if isinstance(images, str | bytes) or not isinstance(images, Sequence):
+        raise InputError(f"images must be a list of image sources, got {type(images).__name__}; wrap one in [...].")
+    if isinstance(history, str | bytes) or not isinstance(history, Sequence):
+        raise InputError(f"history must be a list of (question, answer) pairs, got {type(history).__name__}.")
+    for i, turn in enumerate(history):
+        if isinstance(turn, str) or not (
+            isinstance(turn, Sequence) and len(turn) == 2 and all(isinstance(t, str) for t in turn)
+        ):
+            raise InputError(f"history[{i}] must be a (question, answer) pair of str, got {turn!r:.80}.")
+
+
 def plan_images(
     images: Sequence[Image.Image],
     hd_num: HDNum | Sequence[HDNum] | None,
@@ -176,6 +193,11 @@ class HD4K:
             return base
         if isinstance(generation, GenerationConfig):
             return generation
+        if not isinstance(generation, Mapping) or not all(isinstance(k, str) for k in generation):
+            raise InputError(
+                f"generation must be a GenerationConfig or a mapping of option names to values, got "
+                f"{type(generation).__name__}; e.g. generation={{'max_new_tokens': 256}}."
+            )
         try:
             return dataclasses.replace(base, **dict(generation))
         except TypeError as err:
@@ -227,6 +249,7 @@ class HD4K:
             usage=out.usage,
             timings=out.timings,
             finish_reason=out.finish_reason,
+            warnings=list(getattr(out, "warnings", ())),
             **extra,
         )
 
@@ -332,9 +355,9 @@ class HD4K:
                 rendered = render_pages(
                     raw,
                     pages=pages,
-                    dpi=dpi or self.dpi,
+                    dpi=self.dpi if dpi is None else dpi,
                     policy=policy,
-                    max_pages=max_pages or self.max_pdf_pages,
+                    max_pages=self.max_pdf_pages if max_pages is None else max_pages,
                     progress=progress,
                     cancel=cancel,
                 )
@@ -436,6 +459,7 @@ class HD4K:
         generation: GenerationArg,
         policy: ImagePolicy | None = None,
     ) -> GenerationRequest:
+        _check_chat_args(prompt, images, history, system)
         loaded = [self.load(s, policy) for s in images]
         messages: list[Message] = []
         if system is not None:

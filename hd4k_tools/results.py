@@ -90,6 +90,8 @@ class TaskResult(BaseModel):
     source: str | None = None
     thumbnail: str | None = Field(default=None, exclude=True, repr=False)
     """A small JPEG data URL of the (first) image, for notebooks; not serialised."""
+    warnings: list[str] = Field(default_factory=list)
+    """E.g. that the device ran out of memory and ``hd_num`` was lowered (``plans`` show the one used)."""
 
     @property
     def plan(self) -> PlanSummary | None:

@@ -203,7 +203,6 @@ def chart_prompt(question: str) -> str:
 
 def describe_prompt(detail: str) -> str:
     """The description prompt for ``detail`` ("detailed" or "brief")."""
-    try:
-        return DESCRIBE_PROMPTS[detail]
-    except KeyError:
-        raise InputError(f"detail={detail!r} is not supported; use 'detailed' or 'brief'.") from None
+    if not isinstance(detail, str) or detail not in DESCRIBE_PROMPTS:
+        raise InputError(f"detail={detail!r} is not supported; use 'detailed' or 'brief'.")
+    return DESCRIBE_PROMPTS[detail]

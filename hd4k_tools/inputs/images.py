@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import hashlib
 import io
 import os
@@ -33,6 +34,7 @@ from hd4k_tools.errors import (
     HD4KError,
     ImageNotFoundError,
     ImageTooLargeError,
+    InputError,
     InvalidBase64Error,
     InvalidDataURLError,
     PathNotAllowedError,
@@ -44,12 +46,14 @@ from hd4k_tools.inputs.urlfetch import fetch_url
 
 __all__ = [
     "SUPPORTED_FORMATS",
+    "ImageHeader",
     "ImagePolicy",
     "ImageSource",
     "SourceBytes",
     "SourceKind",
     "image_content_hash",
     "load_image",
+    "probe_image",
     "read_source_bytes",
     "sniff_kind",
     "to_data_url",
@@ -270,53 +274,127 @@ def _from_data_url(url: str, policy: ImagePolicy) -> SourceBytes:
 
 
 def _from_path(source: str | os.PathLike[str], policy: ImagePolicy) -> SourceBytes:
-    shown = os.fspath(source)
-    path = Path(shown).expanduser()
-    if policy.allowed_roots is not None:
-        # Checked before existence too, so that a caller cannot probe for files outside the roots.
-        _check_allowed(path.resolve(strict=False), shown, policy.allowed_roots)
+    """Open the file once, without following a final symlink and without blocking, check what was
+    opened from its descriptor, and read from that descriptor (bounded by ``max_bytes``)."""
     try:
-        resolved = path.resolve(strict=True)
-        info = resolved.stat()
-    except (OSError, RuntimeError) as err:  # RuntimeError: a symlink loop
+        shown = os.fspath(source)
+    except TypeError as err:
+        raise ImageNotFoundError(f"the path {source!r} is not a file path ({err}); pass a str path.") from err
+    if isinstance(shown, bytes):
+        shown = os.fsdecode(shown)
+    if "\x00" in shown:
+        raise ImageNotFoundError(
+            f"the path {shown!r} contains a NUL byte, which no file name can hold; pass the real path."
+        )
+    try:
+        path = Path(shown).expanduser()
+        # Symlinks resolved once, here; the open below refuses any symlink it meets after this point.
+        resolved = Path(os.path.realpath(path))
+    except (OSError, RuntimeError, ValueError) as err:  # RuntimeError: a symlink loop (Python < 3.13)
         raise ImageNotFoundError(
             f"no file at {shown!r} ({_reason(err)}); check the path, or pass the image as bytes, base64 or a URL."
         ) from err
     if policy.allowed_roots is not None:
-        _check_allowed(resolved, shown, policy.allowed_roots)
+        # Checked before existence too, so that a caller cannot probe for files outside the roots.
+        root = _check_allowed(resolved, shown, policy.allowed_roots)
+        fd = _open_beneath(root, resolved, shown)
+    else:
+        fd = _open_file(str(resolved), shown)
+    try:
+        return _wrap(_read_descriptor(fd, shown, policy), shown)
+    finally:
+        os.close(fd)
+
+
+# O_NONBLOCK: opening a FIFO must not wait for a writer; O_NOFOLLOW: a symlink swapped in after the
+# realpath above is refused rather than followed. Windows lacks both (and FIFOs).
+_NOFOLLOW_CLOEXEC = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+_OPEN_FILE_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | _NOFOLLOW_CLOEXEC
+_OPEN_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW_CLOEXEC
+_CAN_WALK = os.open in os.supports_dir_fd and hasattr(os, "O_NOFOLLOW") and hasattr(os, "O_DIRECTORY")
+
+
+def _open_file(path: str, shown: str, dir_fd: int | None = None) -> int:
+    try:
+        return os.open(path, _OPEN_FILE_FLAGS, dir_fd=dir_fd)
+    except OSError as err:
+        raise _open_error(err, shown) from err
+
+
+def _open_error(err: OSError, shown: str) -> InputError:
+    if err.errno in (errno.ELOOP, errno.EMLINK, errno.ENOTDIR):
+        return PathNotAllowedError(
+            f"{shown!r} could not be opened without following a symlink: a symlink loop, or a path that "
+            "changed while it was being opened; pass a stable path to a regular file."
+        )
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return ImageNotFoundError(f"cannot read {shown!r} ({_reason(err)}); check its permissions.")
+    return ImageNotFoundError(
+        f"no file at {shown!r} ({_reason(err)}); check the path, or pass the image as bytes, base64 or a URL."
+    )
+
+
+def _open_beneath(root: Path, resolved: Path, shown: str) -> int:
+    """Open ``resolved`` (symlink-free, inside ``root``) component by component from ``root`` with
+    ``O_NOFOLLOW``, so a folder swapped for a symlink after the check cannot lead outside the root."""
+    parts = resolved.relative_to(root).parts
+    if not _CAN_WALK:  # pragma: no cover - non-POSIX: open, then compare with what the check saw
+        fd = _open_file(str(resolved), shown)
+        if not Path(os.path.realpath(resolved)).is_relative_to(root):
+            os.close(fd)
+            raise _open_error(OSError(errno.ELOOP, "path changed"), shown)
+        return fd
+    if not parts:
+        raise ImageNotFoundError(f"{shown!r} is a directory, not a file; pass the path of an image file.")
+    try:
+        current = os.open(root, _OPEN_DIR_FLAGS)
+    except OSError as err:
+        raise _open_error(err, shown) from err
+    try:
+        for part in parts[:-1]:
+            try:
+                step = os.open(part, _OPEN_DIR_FLAGS, dir_fd=current)
+            except OSError as err:
+                raise _open_error(err, shown) from err
+            os.close(current)
+            current = step
+        return _open_file(parts[-1], shown, dir_fd=current)
+    finally:
+        os.close(current)
+
+
+def _read_descriptor(fd: int, shown: str, policy: ImagePolicy) -> bytes:
+    """Check from the open descriptor that it is a non-empty regular file within ``max_bytes``, then
+    read at most ``max_bytes + 1`` bytes from it."""
+    info = os.fstat(fd)
     if stat.S_ISDIR(info.st_mode):
         raise ImageNotFoundError(f"{shown!r} is a directory, not a file; pass the path of an image file.")
-    if not stat.S_ISREG(info.st_mode):  # a FIFO or device could block or never end
+    if not stat.S_ISREG(info.st_mode):  # a FIFO, socket or device could block or never end
         raise ImageNotFoundError(f"{shown!r} is not a regular file; pass the path of an image file.")
     if info.st_size == 0:
         raise EmptyInputError(f"{shown!r} is empty (0 bytes); pass a non-empty image or PDF file.")
     if info.st_size > policy.max_bytes:
         raise _too_many_bytes(repr(shown), f"{info.st_size:,} bytes", policy)
-    return _wrap(_read_checked_file(resolved, info, shown, policy), shown)
-
-
-def _read_checked_file(resolved: Path, info: os.stat_result, shown: str, policy: ImagePolicy) -> bytes:
-    """Read the file that was checked. If the path now names another file (a component swapped for a
-    symlink between check and open), refuse rather than read it."""
+    chunks: list[bytes] = []
+    left = policy.max_bytes + 1
     try:
-        with resolved.open("rb") as handle:
-            opened = os.fstat(handle.fileno())
-            if (opened.st_dev, opened.st_ino) != (info.st_dev, info.st_ino):
-                raise PathNotAllowedError(
-                    f"{shown!r} changed while it was being opened; pass a path that is not being modified."
-                )
-            data = handle.read(policy.max_bytes + 1)
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
     except OSError as err:
-        if isinstance(err, HD4KError):
-            raise
         raise ImageNotFoundError(f"cannot read {shown!r} ({_reason(err)}); check its permissions.") from err
-    return _check_size(data, repr(shown), policy)
+    return _check_size(b"".join(chunks), repr(shown), policy)
 
 
-def _check_allowed(resolved: Path, shown: str, roots: tuple[Path, ...]) -> None:
-    resolved_roots = [root.expanduser().resolve(strict=False) for root in roots]
-    if any(resolved.is_relative_to(root) for root in resolved_roots):
-        return
+def _check_allowed(resolved: Path, shown: str, roots: tuple[Path, ...]) -> Path:
+    """The allowed root (symlinks resolved) that holds ``resolved``; PathNotAllowedError if none does."""
+    resolved_roots = [Path(os.path.realpath(root.expanduser())) for root in roots]
+    for root in resolved_roots:
+        if resolved.is_relative_to(root):
+            return root
     allowed = ", ".join(repr(str(root)) for root in resolved_roots) or "(none)"
     raise PathNotAllowedError(
         f"path {shown!r} is outside the allowed directories ({allowed}), after following symlinks "
@@ -386,7 +464,50 @@ def load_image(
     return _decode(raw, policy)
 
 
-def _decode(raw: SourceBytes, policy: ImagePolicy) -> Image.Image:
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image's header promises, read without decoding any pixel.
+
+    Attributes:
+        width, height: the size of the frame that :func:`load_image` decodes (for an ICO, of its
+            largest embedded image, which is the one Pillow decodes).
+        format: the Pillow format name (``"PNG"``, ``"ICO"``...).
+        frames: the number of frames (pages, animation frames, embedded images).
+    """
+
+    width: int
+    height: int
+    format: str
+    frames: int
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+def probe_image(source: ImageSource | SourceBytes, *, policy: ImagePolicy | None = None) -> ImageHeader:
+    """Read an image's size from its header under ``policy`` (pixels of every frame or embedded image,
+    frame count), decoding nothing. Callers budget a whole request with it before any decode.
+
+    Raises:
+        the errors of :func:`read_source_bytes`, plus ImageTooLargeError, CorruptImageError and
+        UnsupportedFormatError.
+    """
+    policy = policy if policy is not None else ImagePolicy()
+    if isinstance(source, Image.Image):
+        _check_pixels(source.size, "<PIL image>", policy)
+        return ImageHeader(source.width, source.height, str(source.format or "PIL"), 1)
+    raw = source if isinstance(source, SourceBytes) else read_source_bytes(source, policy=policy)
+    if raw.kind == "pdf":
+        raise UnsupportedFormatError(f"{raw.name} is a PDF, not an image; use read_document for documents.")
+    with _open_checked(raw, policy) as (_image, header):
+        return header
+
+
+@contextmanager
+def _open_checked(raw: SourceBytes, policy: ImagePolicy) -> Iterator[tuple[Image.Image, ImageHeader]]:
+    """Open ``raw`` lazily (no pixel decoded) and check its header promise: every frame or embedded
+    image within ``max_pixels``, at most ``max_frames`` frames."""
     formats = _available_formats()
     try:
         with _pillow_bomb_guard():
@@ -398,6 +519,79 @@ def _decode(raw: SourceBytes, policy: ImagePolicy) -> Image.Image:
     except Exception as err:  # Pillow plugins raise many types on damaged headers
         raise _corrupt(raw.name, err) from err
     with image:
+        header = _check_header(image, raw, policy)
+        yield image, header
+
+
+# Formats whose seek() reads only the next frame's header (no pixels), so every frame can be checked.
+_SEEKABLE_HEADER_FORMATS = frozenset({"TIFF", "MPO"})
+
+
+def _check_header(image: Image.Image, raw: SourceBytes, policy: ImagePolicy) -> ImageHeader:
+    name = raw.name
+    _check_pixels(image.size, name, policy)
+    fmt = str(image.format or "")
+    width, height = image.size
+    try:
+        frames = int(getattr(image, "n_frames", 1))
+        if frames > policy.max_frames:
+            raise ImageTooLargeError(
+                f"{name} has {frames:,} frames, more than max_frames={policy.max_frames:,}; send a single "
+                "image (e.g. the first frame as PNG), or raise max_frames in the ImagePolicy."
+            )
+        if fmt == "ICO":
+            width, height, frames = _check_ico_entries(raw.data, name, policy)
+        elif fmt in _SEEKABLE_HEADER_FORMATS and frames > 1:
+            for index in range(1, frames):
+                image.seek(index)
+                _check_pixels(image.size, f"{name} (frame {index + 1})", policy)
+            image.seek(0)
+        if _EXIF_ORIENTATION_TAG in image.getexif() and image.getexif()[_EXIF_ORIENTATION_TAG] in _TRANSPOSING:
+            width, height = height, width  # load_image applies the EXIF orientation
+    except HD4KError:
+        raise
+    except Exception as err:
+        raise _corrupt(name, err) from err
+    return ImageHeader(int(width), int(height), fmt, frames)
+
+
+_EXIF_ORIENTATION_TAG = 0x0112
+_TRANSPOSING = frozenset({5, 6, 7, 8})  # orientations that swap width and height
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _check_ico_entries(data: bytes, name: str, policy: ImagePolicy) -> tuple[int, int, int]:
+    """Check every image embedded in an ICO from its own header (a PNG's IHDR, a BMP's DIB header):
+    the directory's sizes are one byte each, and Pillow decodes the embedded image at its real size.
+    Returns the size of the largest entry (the one Pillow decodes) and the entry count."""
+    count = int.from_bytes(data[4:6], "little")
+    largest = (0, 0)
+    for i in range(count):
+        entry = data[6 + 16 * i : 6 + 16 * (i + 1)]
+        if len(entry) < 16:
+            raise CorruptImageError(f"{name} has a truncated ICO directory; re-export the icon.")
+        offset = int.from_bytes(entry[12:16], "little")
+        head = data[offset : offset + 24]
+        if head.startswith(_PNG_SIGNATURE) and len(head) >= 24:
+            size = (int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big"))
+        elif len(head) >= 12:
+            # A BMP entry's DIB header holds the height of the XOR and AND masks together.
+            size = (
+                abs(int.from_bytes(head[4:8], "little", signed=True)),
+                abs(int.from_bytes(head[8:12], "little", signed=True)) // 2,
+            )
+        else:
+            raise CorruptImageError(f"{name}: ICO entry {i + 1} points past the end of the file; re-export it.")
+        _check_pixels(size, f"{name} (embedded image {i + 1})", policy)
+        if size[0] * size[1] > largest[0] * largest[1]:
+            largest = size
+    return largest[0] or 1, largest[1] or 1, count
+
+
+def _decode(raw: SourceBytes, policy: ImagePolicy) -> Image.Image:
+    with _open_checked(raw, policy) as (image, _header):
         return _finish(image, raw.name, policy)
 
 
@@ -411,6 +605,8 @@ def _finish(image: Image.Image, name: str, policy: ImagePolicy) -> Image.Image:
         raise _pillow_bomb(name, err, policy) from err
     except Exception as err:
         raise _corrupt(name, err) from err
+    # A format whose decoded size differs from its header (checked above) still must not pass.
+    _check_pixels(image.size, name, policy)
     return _to_rgb(_exif_transpose(image), name)
 
 

@@ -26,6 +26,10 @@ class ImagePolicy:
         max_redirects: redirects followed before giving up.
         allowed_private_hosts: host names or IP literals (as written in the URL) exempt from the
             private-address check, e.g. ``frozenset({"127.0.0.1"})`` for a local test server.
+        max_frames: most frames (animation frames, pages, embedded icons) an image file may declare.
+        max_images: most images one request (one call, one server request) may carry.
+        max_total_pixels: largest sum of ``width * height`` over one request's images, checked from
+            the headers before any image is decoded.
     """
 
     max_pixels: int = 64_000_000
@@ -36,11 +40,16 @@ class ImagePolicy:
     url_timeout: float = 10.0
     max_redirects: int = 3
     allowed_private_hosts: frozenset[str] = field(default_factory=frozenset)
+    max_frames: int = 1024
+    max_images: int = 16
+    max_total_pixels: int = 128_000_000
 
     def __post_init__(self) -> None:
         _require_positive("max_pixels", self.max_pixels)
         _require_positive("max_bytes", self.max_bytes)
         _require_positive("url_timeout", self.url_timeout)
+        for name in ("max_frames", "max_images", "max_total_pixels"):
+            _require_positive(name, getattr(self, name))
         if isinstance(self.max_redirects, bool) or not isinstance(self.max_redirects, int):
             raise TypeError(f"max_redirects must be an int, got {self.max_redirects!r}")
         if self.max_redirects < 0:

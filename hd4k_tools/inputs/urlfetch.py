@@ -23,6 +23,7 @@ finishes in a daemon thread). Proxies and ``.netrc`` from the environment are ig
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 import threading
 import time
@@ -37,7 +38,7 @@ import httpx
 from hd4k_tools.errors import FileTooLargeError, HD4KError, URLFetchError, URLNotAllowedError
 from hd4k_tools.inputs.policy import ImagePolicy
 
-__all__ = ["FetchedURL", "address_refusal", "fetch_url", "redact_url"]
+__all__ = ["FetchedURL", "address_refusal", "embedded_ipv4", "fetch_url", "redact_url"]
 
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _USER_AGENT = "hd4k-tools (+https://github.com/hd4k-tools)"
@@ -67,18 +68,68 @@ class FetchedURL:
 
 
 def redact_url(url: str | httpx.URL) -> str:
-    """``url`` without ``user:password@``, for messages and names."""
-    parts = urllib.parse.urlsplit(str(url))
+    """``url`` without ``user:password@``, for messages and names. Never raises, even for a malformed
+    URL (``http://[::1``), since it runs while reporting errors."""
+    text = str(url)
+    try:
+        parts = urllib.parse.urlsplit(text)
+    except ValueError:  # unbalanced or invalid bracketed host
+        return _CREDENTIALS_RE.sub("//", text)
     if "@" not in parts.netloc:
-        return str(url)
+        return text
     return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
+_CREDENTIALS_RE = re.compile(r"//[^/?#]*@")
+
+# IPv6 prefixes that carry an IPv4 address in their last 32 bits (RFC 6052 NAT64 well-known and
+# local-use prefixes, RFC 2765 IPv4-translated) plus the deprecated site-local range (RFC 3879).
+_NAT64_PREFIXES = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("64:ff9b:1::/48"))
+_TRANSLATED_PREFIX = ipaddress.IPv6Network("::ffff:0:0:0/96")
+_SITE_LOCAL = ipaddress.IPv6Network("fec0::/10")
+# ISATAP interface identifiers: ::0:5efe:a.b.c.d and ::200:5efe:a.b.c.d (RFC 5214), in any /64.
+_ISATAP_IDS = (0x00005EFE, 0x02005EFE)
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """Every IPv4 address an IPv6 address embeds: IPv4-mapped, IPv4-compatible (``::a.b.c.d``),
+    IPv4-translated, NAT64 (``64:ff9b::/96``, ``64:ff9b:1::/48``), 6to4 (``2002::/16``), Teredo
+    (``2001::/32``: server and client) and ISATAP."""
+    value = int(ip)
+    low = ipaddress.IPv4Address(value & 0xFFFFFFFF)
+    found: list[ipaddress.IPv4Address] = []
+    if ip.ipv4_mapped is not None:
+        found.append(ip.ipv4_mapped)
+    if value >> 32 == 0 and value > 1:  # IPv4-compatible ::a.b.c.d (not :: or ::1)
+        found.append(low)
+    if ip in _TRANSLATED_PREFIX or any(ip in net for net in _NAT64_PREFIXES):
+        found.append(low)
+    if ip.sixtofour is not None:
+        found.append(ip.sixtofour)
+    if ip.teredo is not None:
+        found.extend(ip.teredo)
+    if (value >> 32) & 0xFFFFFFFF in _ISATAP_IDS:
+        found.append(low)
+    return found
+
+
 def address_refusal(address: str) -> str | None:
-    """Why ``address`` (an IP literal) must not be fetched from, or ``None`` if it is public."""
+    """Why ``address`` (an IP literal) must not be fetched from, or ``None`` if it is public. IPv6
+    addresses that embed an IPv4 address are refused if the embedded address would be."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:  # ::ffff:a.b.c.d is a.b.c.d on a dual-stack socket
+            return _refusal(ip.ipv4_mapped)
+        if ip in _SITE_LOCAL:
+            return f"{ip}, a site-local address"
+        for inner in embedded_ipv4(ip):
+            refusal = _refusal(inner)
+            if refusal:
+                return f"{ip}, which embeds {refusal}"
+    return _refusal(ip)
+
+
+def _refusal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
     # Most specific first: Python also counts link-local and unspecified ranges as "private".
     checks = (
         ("loopback", ip.is_loopback),

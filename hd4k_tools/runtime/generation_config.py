@@ -9,11 +9,31 @@ from typing import Any
 
 from hd4k_tools.errors import InputError
 
-__all__ = ["MAX_NUM_BEAMS", "GenerationConfig"]
+__all__ = [
+    "MAX_LENGTH_PENALTY",
+    "MAX_NEW_TOKENS_LIMIT",
+    "MAX_NUM_BEAMS",
+    "MAX_SEED",
+    "PENALTY_RANGE",
+    "TEMPERATURE_RANGE",
+    "GenerationConfig",
+]
 
 #: Widest beam search accepted. Each beam keeps its own KV cache, so memory grows linearly with the
 #: width; the authors evaluate with 3 beams, and past a handful the answers stop improving.
 MAX_NUM_BEAMS = 16
+#: Temperatures accepted. Far below the minimum, ``logits / temperature`` overflows float32 to inf and the
+#: softmax turns into NaN; far above it, sampling is uniform noise. OpenAI accepts 0-2 (0 = greedy).
+TEMPERATURE_RANGE = (1e-2, 100.0)
+#: Repetition penalties accepted: the penalty divides or multiplies logits, with the same overflow risk.
+PENALTY_RANGE = (1e-2, 100.0)
+#: Largest ``|length_penalty|``: beam scores are divided by ``length ** length_penalty``, which overflows
+#: float64 for large exponents. HF's default is 1.0; useful values are within a few units of it.
+MAX_LENGTH_PENALTY = 10.0
+#: Largest seed: torch generators take 64-bit unsigned seeds.
+MAX_SEED = 2**64 - 1
+#: Largest ``max_new_tokens`` accepted at all (each engine also caps it to its context).
+MAX_NEW_TOKENS_LIMIT = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -43,23 +63,34 @@ class GenerationConfig:
             return isinstance(v, int) and not isinstance(v, bool)
 
         def is_num(v: object) -> bool:
-            return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            if not isinstance(v, int | float) or isinstance(v, bool):
+                return False
+            try:
+                return math.isfinite(v)
+            except OverflowError:  # an int too large for a float
+                return False
 
-        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        if not is_int(self.max_new_tokens) or not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+            raise InputError(
+                f"max_new_tokens must be an int in [1, {MAX_NEW_TOKENS_LIMIT}], got {self.max_new_tokens!r}"
+            )
         if not isinstance(self.do_sample, bool):
             raise InputError(f"do_sample must be True or False, got {self.do_sample!r}")
-        if not is_num(self.temperature) or self.temperature <= 0:
+        low, high = TEMPERATURE_RANGE
+        if not is_num(self.temperature) or not low <= self.temperature <= high:
             raise InputError(
-                f"temperature must be a number > 0, got {self.temperature!r} (use do_sample=False for greedy)"
+                f"temperature must be a number in [{low:g}, {high:g}], got {self.temperature!r} (use "
+                "do_sample=False for greedy decoding)"
             )
         if not is_num(self.top_p) or not 0 < self.top_p <= 1:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p!r} (1.0 disables nucleus sampling)")
         if not is_int(self.top_k) or self.top_k < 0:
             raise InputError(f"top_k must be an int >= 0, got {self.top_k!r} (0 disables top-k)")
-        if not is_num(self.repetition_penalty) or self.repetition_penalty <= 0:
+        low, high = PENALTY_RANGE
+        if not is_num(self.repetition_penalty) or not low <= self.repetition_penalty <= high:
             raise InputError(
-                f"repetition_penalty must be a number > 0, got {self.repetition_penalty!r} (1.0 disables it)"
+                f"repetition_penalty must be a number in [{low:g}, {high:g}], got {self.repetition_penalty!r} "
+                "(1.0 disables it)"
             )
         if not is_int(self.num_beams) or self.num_beams < 1:
             raise InputError(f"num_beams must be an int >= 1, got {self.num_beams!r}")
@@ -68,10 +99,13 @@ class GenerationConfig:
                 f"num_beams must be at most {MAX_NUM_BEAMS}, got {self.num_beams} (every beam holds its own "
                 "KV cache; 3 is the authors' setting)"
             )
-        if self.seed is not None and (not is_int(self.seed) or self.seed < 0):
-            raise InputError(f"seed must be None or an int >= 0, got {self.seed!r}")
-        if not is_num(self.length_penalty):
-            raise InputError(f"length_penalty must be a finite number, got {self.length_penalty!r}")
+        if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
+            raise InputError(f"seed must be None or an int in [0, 2**64 - 1], got {self.seed!r}")
+        if not is_num(self.length_penalty) or abs(self.length_penalty) > MAX_LENGTH_PENALTY:
+            raise InputError(
+                f"length_penalty must be a number in [-{MAX_LENGTH_PENALTY:g}, {MAX_LENGTH_PENALTY:g}], got "
+                f"{self.length_penalty!r} (1.0 is the usual value)"
+            )
         if self.do_sample and self.num_beams > 1:
             raise InputError(
                 "do_sample=True with num_beams>1 (beam sampling) is not supported: use num_beams=1 to "

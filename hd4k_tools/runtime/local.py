@@ -23,6 +23,8 @@ inputs for beams). Engines that batch for real (vLLM) implement ``generate_batch
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import threading
 import time
 from collections.abc import Callable
@@ -31,12 +33,13 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from hd4k_tools.errors import DeviceError
 from hd4k_tools.inputs.images import image_content_hash
 from hd4k_tools.models.registry import family_for_checkpoint
 from hd4k_tools.models.xcomposer2_4khd.checkpoint import LoadedModel
 from hd4k_tools.models.xcomposer2_4khd.prompt import check_context, conversation_prompt
 from hd4k_tools.models.xcomposer2_4khd.prompt_embeds import PromptInputs, assemble_inputs
-from hd4k_tools.models.xcomposer2_4khd.tiling import HDPlan, to_model_inputs
+from hd4k_tools.models.xcomposer2_4khd.tiling import HDPlan, plan, to_model_inputs
 from hd4k_tools.results import PlanSummary, Timings, Usage
 from hd4k_tools.runtime.embedding_cache import ImageEmbeddingCache
 from hd4k_tools.runtime.generation import (
@@ -52,6 +55,32 @@ from hd4k_tools.runtime.runner import GenerationRequest, RunnerResult, TextStrea
 from hd4k_tools.runtime.stops import StopFilter
 
 Emit = Callable[[str], None]
+
+# The device ran out of memory (torch >= 2.5 names it torch.OutOfMemoryError; torch.cuda's is the same
+# class on CUDA builds).
+OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
+    {e for e in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)) if e}
+)
+
+
+def smaller_plan(p: HDPlan) -> HDPlan | None:
+    """The plan at the largest ``hd_num`` below ``p.hd_num`` whose tile grid is smaller (fewer tokens),
+    or ``None`` when ``p`` is already the smallest."""
+    for n in range(p.hd_num - 1, 0, -1):
+        candidate = plan(p.width, p.height, n)
+        if candidate.num_tokens < p.num_tokens:
+            return candidate
+    return None
+
+
+def free_device_memory() -> None:
+    """Drop unreachable tensors and hand cached blocks back to the device after an out-of-memory error."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    mps = getattr(torch, "mps", None)
+    if mps is not None and torch.backends.mps.is_available():
+        mps.empty_cache()
 
 
 @dataclass(frozen=True)
@@ -190,6 +219,45 @@ class LocalRunner:
         return self._run_prepared(self.prepare(request), emit=emit, cancel=cancel)
 
     def _run_prepared(self, prepared: Prepared, *, emit: Emit | None, cancel: threading.Event | None) -> RunnerResult:
+        """``encode`` + ``decode`` under the model lock. If the device runs out of memory before any text
+        was streamed, the cached memory is freed and the request retried once at the next smaller
+        ``hd_num`` of each image; the result's plans show the hd_num used and ``warnings`` says why."""
+        emitted: list[bool] = []
+
+        def tracked(delta: str) -> None:
+            emitted.append(True)
+            emit(delta)  # type: ignore[misc]
+
+        try:
+            return self._attempt(prepared, emit=tracked if emit is not None else None, cancel=cancel)
+        except OOM_ERRORS as err:
+            free_device_memory()
+            smaller = [smaller_plan(p) for p in prepared.plans]
+            if emitted or not prepared.plans or all(p is None for p in smaller):
+                raise DeviceError(
+                    f"The device ran out of memory ({err}); "
+                    + ("part of the answer was already streamed, so it was not retried. " if emitted else "")
+                    + "Use a smaller hd_num, fewer images or a shorter max_new_tokens, or free device memory."
+                ) from err
+            plans = [s if s is not None else p for s, p in zip(smaller, prepared.plans, strict=True)]
+            old = ", ".join(str(p.hd_num) for p in prepared.plans)
+            new = ", ".join(str(p.hd_num) for p in plans)
+            request = prepared.request
+            retry = self.prepare(
+                GenerationRequest.planned(request.messages, plans, generation=request.generation, layout=request.layout)
+            )
+            try:
+                result = self._attempt(retry, emit=emit, cancel=cancel)
+            except OOM_ERRORS as again:
+                free_device_memory()
+                raise DeviceError(
+                    f"The device ran out of memory at hd_num {old}, and again at {new} ({again}); use a smaller "
+                    "hd_num, fewer images or a shorter max_new_tokens, or free device memory."
+                ) from again
+            warning = f"out of device memory at hd_num {old}; answered at hd_num {new} instead"
+            return dataclasses.replace(result, warnings=[*result.warnings, warning])
+
+    def _attempt(self, prepared: Prepared, *, emit: Emit | None, cancel: threading.Event | None) -> RunnerResult:
         with self._lock, torch.inference_mode():
             encoded = self.encode(prepared)
             out, text = self.decode(prepared, encoded, emit=emit, cancel=cancel)

@@ -55,6 +55,7 @@ from hd4k_tools.errors import InputError, RemoteConnectionError, RemoteResponseE
 from hd4k_tools.inputs.images import to_data_url
 from hd4k_tools.models.xcomposer2_4khd.tiling import HDPlan, plan
 from hd4k_tools.results import PlanSummary, Timings, Usage
+from hd4k_tools.runtime.deadline_http import DeadlineTransport, call_deadline, time_left
 from hd4k_tools.runtime.runner import GenerationRequest, RunnerResult, TextStream, stream_in_thread
 from hd4k_tools.runtime.stops import StopFilter
 
@@ -165,19 +166,28 @@ def _server_message(response: httpx.Response) -> str:
     or the start of the body)."""
     try:
         body = response.json()
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         text = response.text.strip()
         return text[:500] or response.reason_phrase or "no message"
     if isinstance(body, dict):
         err = body.get("error")
-        if isinstance(err, dict) and err.get("message"):
-            return str(err["message"])
+        if isinstance(err, dict) and isinstance(err.get("message"), str) and err["message"]:
+            return err["message"][:2000]
         if isinstance(err, str):
-            return err
+            return err[:2000]
         for key in ("detail", "message"):
-            if body.get(key):
-                return str(body[key])
-    return json.dumps(body)[:500]
+            if isinstance(body.get(key), str) and body[key]:
+                return body[key][:2000]
+    return _excerpt(body, 500)
+
+
+def _excerpt(value: object, limit: int = 300) -> str:
+    """A short JSON excerpt of a server's value for messages; never raises (deep or odd values)."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        text = f"<{type(value).__name__}>"
+    return text[:limit]
 
 
 def _plans_for(request: GenerationRequest) -> list[HDPlan]:
@@ -195,7 +205,9 @@ class RemoteRunner:
             appended when missing).
         model: the model name to request (``hd4k serve`` reports it at ``GET /v1/models``).
         api_key: sent as ``Authorization: Bearer <api_key>`` when given.
-        timeout: seconds to wait for an answer (per read; generous, answers can be long).
+        timeout: seconds for a whole call: connecting, retries and their waits, and reading the whole
+            answer (streamed or not); a server that drips bytes cannot stretch it. Generous, answers
+            can be long. (With ``http_client`` only that client's per-read timeouts apply.)
         connect_timeout: seconds to establish a connection.
         max_retries: extra attempts after a connection error or a 429/500/502/503/504 answer.
         backoff: first wait between attempts in seconds; doubles every attempt, with ±50% jitter, and
@@ -258,7 +270,7 @@ class RemoteRunner:
         if http_client is None:
             http_client = httpx.Client(
                 timeout=httpx.Timeout(timeout, connect=connect_timeout),
-                limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency),
+                transport=DeadlineTransport(max_connections=max_concurrency, max_keepalive_connections=max_concurrency),
             )
         self._client = http_client
 
@@ -313,7 +325,7 @@ class RemoteRunner:
         if cancel is not None and cancel.is_set():
             return self._result("", "cancelled", plans, None, None, started)
         payload = self._payload(request, stream=False)
-        with self._slot(cancel) as acquired:
+        with self._slot(cancel) as acquired, call_deadline(self.timeout):
             if not acquired:
                 return self._result("", "cancelled", plans, None, None, started)
             response = self._send(payload, stream=False, cancel=cancel)
@@ -444,11 +456,7 @@ class RemoteRunner:
             except _RETRY_ERRORS as err:
                 last_error = f"{type(err).__name__}: {err}"
             except httpx.TimeoutException as err:
-                raise RemoteConnectionError(
-                    f"The model server at {self.base_url} did not answer in time ({type(err).__name__}); "
-                    f"raise RemoteRunner(timeout=...) (now {self.timeout} s) for long answers, or ask for "
-                    "fewer tokens."
-                ) from err
+                raise self._timed_out() from err
             except httpx.HTTPError as err:
                 raise RemoteConnectionError(
                     f"Cannot talk to the model server at {self.base_url}: {type(err).__name__}: {err}. "
@@ -469,18 +477,29 @@ class RemoteRunner:
                         f"The model server at {self.base_url} answered {response.status_code}: {message}",
                         status_code=response.status_code,
                     )
-            if attempt + 1 < attempts and not self._wait(self._delay(attempt, response), cancel):
-                return None
+            if attempt + 1 < attempts:
+                delay = self._delay(attempt, response)
+                left = time_left()
+                if left is not None and delay >= left:
+                    raise self._timed_out()
+                if not self._wait(delay, cancel):
+                    return None
         raise RemoteConnectionError(
             f"Cannot reach the model server at {self.base_url} after {attempts} attempt(s) (last error: "
             f"{last_error}). Check that it is running (e.g. `hd4k serve --model DIR --port 8000`) and "
             "that base_url and the port are right."
         )
 
+    def _timed_out(self) -> RemoteConnectionError:
+        return RemoteConnectionError(
+            f"The model server at {self.base_url} did not finish answering within timeout={self.timeout} s "
+            "(the whole call); raise RemoteRunner(timeout=...) for long answers, or ask for fewer tokens."
+        )
+
     def _json(self, response: httpx.Response) -> dict[str, Any]:
         try:
             data = response.json()
-        except (ValueError, UnicodeDecodeError) as err:
+        except (ValueError, UnicodeDecodeError, RecursionError) as err:
             raise RemoteResponseError(
                 f"The server at {self.base_url} answered {response.status_code} with a body that is not "
                 f"JSON: {response.text[:200]!r}",
@@ -501,10 +520,16 @@ class RemoteRunner:
             finish = choice.get("finish_reason") or "stop"
         except (KeyError, IndexError, TypeError, AttributeError) as err:
             raise RemoteResponseError(
-                f"The server at {self.base_url} answered without choices[0].message: {json.dumps(data)[:300]}",
+                f"The server at {self.base_url} answered without choices[0].message: {_excerpt(data)}",
                 status_code=status,
             ) from err
-        return str(text), str(finish)
+        if not isinstance(text, str) or not isinstance(finish, str):
+            raise RemoteResponseError(
+                f"The server at {self.base_url} answered with a message content or finish_reason that is not "
+                f"text: {_excerpt(choice)}",
+                status_code=status,
+            )
+        return text, finish
 
     def _stream_call(self, request: GenerationRequest, emit: Any, cancel: threading.Event) -> RunnerResult:
         # Deltas of the stripped answer (as every runner gives): a server may start with a space (vLLM's
@@ -522,7 +547,7 @@ class RemoteRunner:
         finish: str | None = None
         usage: dict[str, Any] | None = None
         extension: dict[str, Any] | None = None
-        with self._slot(cancel) as acquired:
+        with self._slot(cancel) as acquired, call_deadline(self.timeout):
             if not acquired:
                 return self._result("", "cancelled", plans, None, None, started)
             response = self._send(payload, stream=True, cancel=cancel)
@@ -560,12 +585,11 @@ class RemoteRunner:
                         )
                     usage = event.get("usage") or usage
                     extension = event.get("hd4k") or extension
-                    for choice in event.get("choices") or ():
-                        delta = (choice.get("delta") or {}).get("content")
+                    for delta, choice_finish in self._deltas(event):
                         if delta:
                             pieces.append(delta)
                             emit(delta)
-                        finish = choice.get("finish_reason") or finish
+                        finish = choice_finish or finish
             except httpx.TimeoutException as err:
                 raise RemoteConnectionError(
                     f"The model server at {self.base_url} stopped sending mid-answer for longer than "
@@ -588,16 +612,50 @@ class RemoteRunner:
             emit_raw(tail)
         return self._result("".join(pieces), finish or "stop", plans, usage, extension, started)
 
+    def _deltas(self, event: dict[str, Any]) -> list[tuple[str | None, str | None]]:
+        """(content delta, finish_reason) of each choice of a stream event, every value checked before
+        any is emitted."""
+        choices = event.get("choices") or []
+        if not isinstance(choices, list):
+            raise RemoteResponseError(f"The server at {self.base_url} sent stream choices that are not a list.")
+        out: list[tuple[str | None, str | None]] = []
+        for choice in choices:
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            content = delta.get("content") if isinstance(delta, dict) else None
+            finish = choice.get("finish_reason") if isinstance(choice, dict) else None
+            if (
+                not isinstance(choice, dict)
+                or not isinstance(delta, dict | None)
+                or not isinstance(content, str | None)
+                or not isinstance(finish, str | None)
+            ):
+                raise RemoteResponseError(
+                    f"The server at {self.base_url} sent a malformed stream choice (a choice must be an object "
+                    f"whose delta.content and finish_reason are text): {_excerpt(choice)}"
+                )
+            out.append((content, finish))
+        return out
+
     def _event(self, data: str) -> dict[str, Any]:
         try:
             event = json.loads(data)
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, RecursionError) as err:
             raise RemoteResponseError(
                 f"The server at {self.base_url} sent a stream event that is not JSON: {data[:200]!r}"
             ) from err
         if not isinstance(event, dict):
             raise RemoteResponseError(f"The server at {self.base_url} sent a stream event that is not an object.")
         return event
+
+    def _count(self, value: object, name: str) -> int:
+        """A token count from the server: absent is 0; anything but a non-negative int is refused."""
+        if value is None:
+            return 0
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+            raise RemoteResponseError(
+                f"The server at {self.base_url} sent {name}={_excerpt(value)}, which is not a token count."
+            )
+        return value
 
     def _result(
         self,
@@ -626,10 +684,12 @@ class RemoteRunner:
             if isinstance(extension.get("image_tokens"), int):
                 image_tokens = extension["image_tokens"]
         u = usage if isinstance(usage, dict) else {}
+        if usage is not None and not isinstance(usage, dict):
+            raise RemoteResponseError(f"The server at {self.base_url} sent a usage that is not an object.")
         result_usage = Usage(
-            prompt_tokens=int(u.get("prompt_tokens") or 0),
-            image_tokens=image_tokens,
-            completion_tokens=int(u.get("completion_tokens") or 0),
+            prompt_tokens=self._count(u.get("prompt_tokens"), "usage.prompt_tokens"),
+            image_tokens=self._count(image_tokens, "hd4k.image_tokens"),
+            completion_tokens=self._count(u.get("completion_tokens"), "usage.completion_tokens"),
         )
         timings = timings.model_copy(update={"total_s": time.perf_counter() - started})
         return RunnerResult(

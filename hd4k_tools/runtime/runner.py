@@ -105,6 +105,9 @@ class RunnerResult:
     plans: list[PlanSummary] = field(default_factory=list)
     usage: Usage = field(default_factory=Usage)
     timings: Timings = field(default_factory=Timings)
+    #: Things the caller should know, e.g. that the device ran out of memory and the answer was produced
+    #: at a smaller hd_num (the plans show the hd_num actually used).
+    warnings: list[str] = field(default_factory=list)
 
 
 class TextStream:

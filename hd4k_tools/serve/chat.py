@@ -18,11 +18,12 @@ from pydantic import ValidationError
 
 from hd4k_tools.errors import ContextOverflowError, HD4KError, InputError
 from hd4k_tools.hd4k import plan_images
-from hd4k_tools.inputs.images import load_image
+from hd4k_tools.inputs.images import SourceBytes, probe_image, read_source_bytes
 from hd4k_tools.inputs.policy import ImagePolicy
 from hd4k_tools.models.xcomposer2_4khd.tiling import HDNum, HDPlan
 from hd4k_tools.runtime.generation_config import GenerationConfig
 from hd4k_tools.runtime.runner import GenerationRequest, Message, Runner
+from hd4k_tools.serve import limits
 from hd4k_tools.serve.errors import APIError, api_error_from, validation_message
 from hd4k_tools.serve.schemas import ChatCompletionRequest, ResponseFormat, _ChatMessage, _TextPart
 from hd4k_tools.structured import StructuredOutput
@@ -83,6 +84,10 @@ class ServeSettings:
     api_key: str | None
     max_tokens_limit: int
     sse_keepalive_s: float = DEFAULT_SSE_KEEPALIVE_S
+    body_timeout: float = limits.DEFAULT_BODY_TIMEOUT_S
+    upload_slots: limits.UploadSlots = dataclasses.field(
+        default_factory=lambda: limits.UploadSlots(limits.DEFAULT_MAX_CONCURRENT_UPLOADS)
+    )
 
 
 def generation_config(body: ChatCompletionRequest, max_tokens_limit: int) -> GenerationConfig:
@@ -131,7 +136,9 @@ def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
     return tuple(stops)
 
 
-def _load_image_part(url: str, settings: ServeSettings, param: str) -> Any:
+def _load_image_part(url: str, settings: ServeSettings, param: str) -> SourceBytes:
+    """The image's bytes, header-checked but not decoded: ``limits.load_request_images`` decodes once the
+    whole request fits its budget."""
     head = url.lstrip()[:16].lower()
     if head.startswith("data:"):
         policy = dataclasses.replace(settings.policy, allow_urls=False)
@@ -154,9 +161,11 @@ def _load_image_part(url: str, settings: ServeSettings, param: str) -> Any:
             code="invalid_image_url",
         )
     try:
-        return load_image(url, policy=policy)
+        raw = read_source_bytes(url, policy=policy)
+        probe_image(raw, policy=policy)  # the header promise, per image, so errors name the part
     except HD4KError as err:
         raise api_error_from(err, param=param) from err
+    return raw
 
 
 def tool_result_prefix(name: str | None) -> str:
@@ -265,8 +274,9 @@ def prepare(raw: bytes, settings: ServeSettings) -> Prepared:
     """
     try:
         data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise APIError(400, f"The request body is not valid JSON: {err}", code="invalid_json") from err
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:  # ValueError: also 4,300+ digit ints
+        reason = "nested too deeply" if isinstance(err, RecursionError) else str(err)
+        raise APIError(400, f"The request body is not valid JSON: {reason}", code="invalid_json") from err
     if not isinstance(data, dict):
         raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
     try:
@@ -288,6 +298,22 @@ def prepare(raw: bytes, settings: ServeSettings) -> Prepared:
     gen = generation_config(body, settings.max_tokens_limit)
     stops = _stops(body.stop)
     messages = _messages(body, settings)
+    try:
+        messages = limits.load_request_images(
+            messages,
+            policy=settings.policy,
+            plan=lambda headers: plan_images(
+                headers,  # type: ignore[arg-type]  # only width/height are read
+                body.hd_num,
+                default_hd_num=settings.default_hd_num,
+                context_length=settings.runner.context_length,
+                max_new_tokens=gen.max_new_tokens,
+            ),
+            context_length=settings.runner.context_length,
+            count_text_tokens=settings.runner.count_text_tokens,
+        )
+    except HD4KError as err:
+        raise api_error_from(err, param="messages") from err
     plans = _plans(body, messages, gen, settings)
     request = GenerationRequest.planned(messages, plans, generation=gen, layout=body.layout or "chat")
     include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -15,6 +15,7 @@ from hd4k_tools.errors import InvalidHDNumError, MissingDependencyError
 from hd4k_tools.inputs.policy import ImagePolicy
 from hd4k_tools.models.xcomposer2_4khd.tiling import HDNum, check_hd_num
 from hd4k_tools.runtime.runner import Runner
+from hd4k_tools.serve import limits
 from hd4k_tools.serve.accesslog import AccessLogMiddleware
 from hd4k_tools.serve.chat import (
     DEFAULT_MAX_REQUEST_BYTES,
@@ -64,6 +65,8 @@ def create_app(
     api_key: str | None = None,
     max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
     sse_keepalive_s: float = DEFAULT_SSE_KEEPALIVE_S,
+    body_timeout: float = limits.DEFAULT_BODY_TIMEOUT_S,
+    max_concurrent_uploads: int = limits.DEFAULT_MAX_CONCURRENT_UPLOADS,
 ) -> FastAPI:
     """Build the OpenAI-compatible FastAPI app that answers with ``runner``.
 
@@ -83,6 +86,8 @@ def create_app(
             runner's default, lowered to this limit if needed.
         sse_keepalive_s: a streamed answer whose first token takes longer than this starts its event
             stream and sends an SSE comment (``: keep-alive``) every ``sse_keepalive_s`` until it comes.
+        body_timeout: seconds a client has to send its whole request body; slower uploads get 408.
+        max_concurrent_uploads: request bodies received at once; more get 503 ``too_many_uploads``.
 
     Raises:
         MissingDependencyError: FastAPI/uvicorn are not installed (``pip install "hd4k-tools[serve]"``).
@@ -102,6 +107,8 @@ def create_app(
         raise ValueError(f"max_request_bytes must be >= 1, got {max_request_bytes}")
     if isinstance(max_tokens_limit, bool) or not isinstance(max_tokens_limit, int) or max_tokens_limit < 1:
         raise ValueError(f"max_tokens_limit must be an int >= 1, got {max_tokens_limit!r}")
+    if not (isinstance(body_timeout, int | float) and math.isfinite(body_timeout) and body_timeout > 0):
+        raise ValueError(f"body_timeout must be a positive number of seconds, got {body_timeout!r}")
     if not (isinstance(sse_keepalive_s, int | float) and math.isfinite(sse_keepalive_s) and sse_keepalive_s > 0):
         raise ValueError(f"sse_keepalive_s must be a positive number of seconds, got {sse_keepalive_s!r}")
     settings = ServeSettings(
@@ -114,6 +121,8 @@ def create_app(
         api_key=api_key,
         max_tokens_limit=max_tokens_limit,
         sse_keepalive_s=float(sse_keepalive_s),
+        body_timeout=float(body_timeout),
+        upload_slots=limits.UploadSlots(max_concurrent_uploads),
     )
     metrics = ServerMetrics(settings.model_name)
     app = FastAPI(

@@ -28,7 +28,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from hd4k_tools.errors import CancelledError, HD4KError
 from hd4k_tools.runtime.runner import RunnerResult, TextStream
 from hd4k_tools.runtime.stops import StopFilter
-from hd4k_tools.serve import responses
+from hd4k_tools.serve import limits, responses
 from hd4k_tools.serve.chat import Prepared, ServeSettings, prepare
 from hd4k_tools.serve.errors import APIError, api_error_from, internal_error
 from hd4k_tools.serve.generate import Answer, answer
@@ -95,38 +95,19 @@ def check_auth(request: Request) -> None:
 
 
 async def read_body(request: Request) -> bytes:
-    """The body, at most ``max_request_bytes`` (413 beyond, whatever Content-Length claims)."""
-    limit = _state(request).settings.max_request_bytes
-    too_large = APIError(
-        413,
-        f"The request body is larger than this server's limit of {limit:,} bytes; send smaller or "
-        "fewer images (e.g. pre-sized with RemoteRunner), or raise --max-request-bytes.",
-        code="request_too_large",
-    )
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            declared_size = int(declared)
-        except ValueError:
-            raise APIError(400, "Invalid Content-Length header.", code="invalid_request") from None
-        if declared_size > limit:
-            if declared_size <= limit + _DRAIN_LIMIT:
-                async for _ in request.stream():
-                    pass
-            raise too_large
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit + _DRAIN_LIMIT:
-            break
-        if size <= limit:
-            chunks.append(chunk)
-    # Past the limit (the header lied or was absent: a chunked upload) we stopped storing and drained
-    # a bounded amount, so the client can read this answer.
-    if size > limit:
-        raise too_large
-    return b"".join(chunks)
+    """The body, at most ``max_request_bytes`` (413 beyond, whatever Content-Length claims), received within
+    ``body_timeout`` (408) while at most ``max_concurrent_uploads`` bodies are received at once (503)."""
+    settings = _state(request).settings
+    try:
+        return await limits.read_body(
+            request,
+            max_bytes=settings.max_request_bytes,
+            drain_bytes=_DRAIN_LIMIT,
+            timeout=settings.body_timeout,
+            slots=settings.upload_slots,
+        )
+    except limits.LimitExceeded as err:
+        raise APIError(err.status_code, str(err), code=err.code) from None
 
 
 async def in_thread_until_disconnect(request: Request, call: Callable[[], T], cancel: threading.Event) -> T:

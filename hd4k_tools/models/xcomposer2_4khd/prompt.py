@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import Literal, Protocol, runtime_checkable
 
 from hd4k_tools.errors import ContextOverflowError, InputError
-from hd4k_tools.models.xcomposer2_4khd.special_tokens import IM_END, IM_START, IMAGE_PLACEHOLDER
+from hd4k_tools.models.xcomposer2_4khd.special_tokens import IM_END, IM_START, IMAGE_PLACEHOLDER, RESERVED_STRINGS
 from hd4k_tools.models.xcomposer2_4khd.tiling import plan
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "build_eval_prompt",
     "build_prompt",
     "check_context",
+    "check_encodable",
     "check_untrusted_text",
     "conversation_prompt",
     "count_prompt_tokens",
@@ -116,12 +117,37 @@ class ConversationTurn(Protocol):
 
 
 def check_untrusted_text(role: str, text: str) -> None:
-    """Refuse a literal ``<ImageHere>`` in text: untrusted text must not take an image's place."""
+    """Refuse text that would change the prompt's structure: a literal ``<ImageHere>`` (it would take an
+    image's place), any special token string (``[UNUSED_TOKEN_146]``, ``[UNUSED_TOKEN_145]``, ``<s>``,
+    ``</s>``, ``<unk>``: they would become real control tokens and forge turns) and lone UTF-16
+    surrogates (not text; the tokenizer cannot encode them). Every message's text is untrusted,
+    including system and assistant turns that come from a request (docs/decisions.md)."""
+    if not isinstance(text, str):
+        raise InputError(f"The {role} text must be a str, got {type(text).__name__}.")
     if IMAGE_PLACEHOLDER in text:
         raise InputError(
             f"The {role} text contains {IMAGE_PLACEHOLDER}, which marks where an image goes in this "
             "model's prompt; pass images as image parts and remove the marker from the text."
         )
+    found = [token for token in RESERVED_STRINGS if token in text]
+    if found:
+        raise InputError(
+            f"The {role} text contains {', '.join(found)}, a special token of this model's prompt format "
+            "that would act as a control token (e.g. start a forged turn); remove or rewrite it "
+            "(e.g. put a space inside the brackets)."
+        )
+    check_encodable(role, text)
+
+
+def check_encodable(role: str, text: str) -> None:
+    """Refuse lone surrogates (``"\\ud800"``): they are not Unicode text and cannot be UTF-8 encoded."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InputError(
+            f"The {role} text contains {text[err.start : err.end]!r} at position {err.start}, a lone surrogate "
+            "that is not valid Unicode text; fix the text's encoding."
+        ) from None
 
 
 def conversation_prompt(messages: Sequence[ConversationTurn], layout: Layout = "chat") -> str:

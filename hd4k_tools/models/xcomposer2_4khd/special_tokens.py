@@ -12,5 +12,10 @@ IM_END = "[UNUSED_TOKEN_145]"
 BOS = "<s>"
 EOS = "</s>"
 IMAGE_PLACEHOLDER = "<ImageHere>"
+UNK = "<unk>"
 
-__all__ = ["BOS", "EOS", "IMAGE_PLACEHOLDER", "IM_END", "IM_START"]
+#: Every string with a meaning in the prompt format; untrusted text must not contain any of them
+#: (docs/decisions.md, "Special tokens in untrusted text are refused").
+RESERVED_STRINGS: tuple[str, ...] = (IM_START, IM_END, BOS, EOS, UNK, IMAGE_PLACEHOLDER)
+
+__all__ = ["BOS", "EOS", "IMAGE_PLACEHOLDER", "IM_END", "IM_START", "RESERVED_STRINGS", "UNK"]

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from hd4k_tools.errors import CheckpointError
+from hd4k_tools.errors import CheckpointError, InputError
 from hd4k_tools.models.xcomposer2_4khd.hub import TOKENIZER_FILE
 from hd4k_tools.models.xcomposer2_4khd.special_tokens import IM_END, IM_START
 
@@ -152,7 +152,21 @@ class InternLM2Tokenizer:
 
     # ------------------------------------------------------------------------------------------------
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        """Token ids of ``text``; special-token strings map to their single ids."""
+        """Token ids of ``text``; special-token strings map to their single ids (trusted text only:
+        prompt builders refuse them in untrusted text first, see ``prompt.check_untrusted_text``).
+
+        Raises:
+            InputError: ``text`` is not a str or holds a lone surrogate (not encodable as UTF-8).
+        """
+        if not isinstance(text, str):
+            raise InputError(f"the tokenizer encodes str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise InputError(
+                f"the text contains {text[err.start : err.end]!r} at position {err.start}, a lone surrogate that "
+                "is not valid Unicode text; fix the text's encoding."
+            ) from None
         ids: list[int] = [self._bos_id] if add_bos else []
         parts = self._split_re.split(text) if self._split_re is not None else [text]
         for part in parts:

@@ -88,7 +88,7 @@ class HD4KDocumentLoader(BaseLoader):
 
     def _select(self, source: ImageSource) -> DocumentPages:
         # The core's page selection: checked against the page count and max_pages before any page is read.
-        limit = self.max_pages or self.hd.max_pdf_pages
+        limit = self.hd.max_pdf_pages if self.max_pages is None else self.max_pages
         return select_document_pages(source, self.pages, policy=self.policy or self.hd.policy, max_pages=limit)
 
     @staticmethod

@@ -96,7 +96,8 @@ class HD4KReader(BaseReader):
     # -- reading -------------------------------------------------------------------------------------
     def _select(self, source: ImageSource, pages: PageSelection) -> DocumentPages:
         # The whole selection is validated (pages exist, max_pages) before any page is read.
-        policy, limit = self.policy or self.hd.policy, self.max_pages or self.hd.max_pdf_pages
+        policy = self.policy or self.hd.policy
+        limit = self.hd.max_pdf_pages if self.max_pages is None else self.max_pages
         return select_document_pages(source, pages, policy=policy, max_pages=limit)
 
     def _read_page(self, document: DocumentPages, page: int | None) -> TaskResult:

@@ -509,6 +509,9 @@ def _open_checked(raw: SourceBytes, policy: ImagePolicy) -> Iterator[tuple[Image
     """Open ``raw`` lazily (no pixel decoded) and check its header promise: every frame or embedded
     image within ``max_pixels``, at most ``max_frames`` frames."""
     formats = _available_formats()
+    if raw.data.startswith(_ICO_MAGIC):
+        # Pillow's ICO plugin decodes the largest embedded image inside Image.open: check them all first.
+        _check_ico_entries(raw.data, raw.name, policy)
     try:
         with _pillow_bomb_guard():
             image = Image.open(io.BytesIO(raw.data), formats=formats)
@@ -560,6 +563,7 @@ _TRANSPOSING = frozenset({5, 6, 7, 8})  # orientations that swap width and heigh
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_ICO_MAGIC = b"\x00\x00\x01\x00"
 
 
 def _check_ico_entries(data: bytes, name: str, policy: ImagePolicy) -> tuple[int, int, int]:

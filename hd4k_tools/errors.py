@@ -13,6 +13,16 @@ class HD4KError(Exception):
     """Base class of every error raised by hd4k-tools."""
 
 
+def short_repr(value: object, limit: int = 80) -> str:
+    """``repr(value)`` for error messages: at most ``limit`` characters, and safe for ints too long to
+    print (Python refuses ``str()`` of 4,300+ digit ints) or objects whose repr fails."""
+    try:
+        text = repr(value)
+    except Exception:
+        return f"<a {type(value).__name__} that cannot be printed>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 # ----------------------------------------------------------------------------------------------------
 # Input: images, documents, URLs
 # ----------------------------------------------------------------------------------------------------

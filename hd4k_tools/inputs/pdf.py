@@ -24,6 +24,7 @@ from hd4k_tools.errors import (
     MissingDependencyError,
     PageRangeError,
     PDFError,
+    short_repr,
 )
 from hd4k_tools.inputs.images import ImageSource, SourceBytes, read_source_bytes, sniff_kind
 from hd4k_tools.inputs.policy import ImagePolicy
@@ -84,7 +85,7 @@ def parse_page_range(spec: PageSpec, num_pages: int) -> list[int]:
     if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("all", "*")):
         return list(range(num_pages))
     if isinstance(spec, bool):
-        raise _range_error(f"pages={_shown(spec)} is not a page selection", num_pages)
+        raise _range_error(f"pages={short_repr(spec)} is not a page selection", num_pages)
     if isinstance(spec, int):
         return [_page_index(spec, num_pages)]
     if isinstance(spec, str):
@@ -93,7 +94,7 @@ def parse_page_range(spec: PageSpec, num_pages: int) -> list[int]:
         if not spec:
             raise _range_error("pages=[] selects no page", num_pages)
         return sorted({_page_index(page, num_pages) for page in spec})
-    raise _range_error(f"pages={_shown(spec)} is not a page selection", num_pages)
+    raise _range_error(f"pages={short_repr(spec)} is not a page selection", num_pages)
 
 
 def _parse_range_string(spec: str, num_pages: int) -> list[int]:
@@ -101,11 +102,11 @@ def _parse_range_string(spec: str, num_pages: int) -> list[int]:
     for part in spec.split(","):
         match = _RANGE_PART.match(part)
         if match is None or not (match.group(1) or match.group(3)):
-            raise _range_error(f"cannot read {part.strip()!r} in pages={_shown(spec)}", num_pages)
+            raise _range_error(f"cannot read {part.strip()!r} in pages={short_repr(spec)}", num_pages)
         start_text, dash, end_text = match.groups()
         if not dash:
             if end_text and start_text:  # "1 2": two numbers without a separator
-                raise _range_error(f"cannot read {part.strip()!r} in pages={_shown(spec)}", num_pages)
+                raise _range_error(f"cannot read {part.strip()!r} in pages={short_repr(spec)}", num_pages)
             selected.add(_page_index(int(start_text or end_text), num_pages))
             continue
         start = int(start_text) if start_text else 1
@@ -117,20 +118,11 @@ def _parse_range_string(spec: str, num_pages: int) -> list[int]:
     return sorted(selected)
 
 
-def _shown(value: object) -> str:
-    """``repr(value)`` for messages, short, and safe for ints too long to print (int-str limit)."""
-    try:
-        text = repr(value)
-    except ValueError:
-        return "<a number too long to print>"
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 def _page_index(number: int, num_pages: int) -> int:
     if number < 1:
-        raise _range_error(f"page {_shown(number)} does not exist (pages are numbered from 1)", num_pages)
+        raise _range_error(f"page {short_repr(number)} does not exist (pages are numbered from 1)", num_pages)
     if number > num_pages:
-        raise _range_error(f"page {_shown(number)} does not exist", num_pages)
+        raise _range_error(f"page {short_repr(number)} does not exist", num_pages)
     return number - 1
 
 
@@ -190,7 +182,7 @@ def page_labels(
 
 def _selected_indices(raw: SourceBytes, pages: PageSpec, max_pages: int) -> list[int]:
     if isinstance(max_pages, bool) or not isinstance(max_pages, int) or max_pages < 1:
-        raise PDFError(f"max_pages={_shown(max_pages)} is not usable; pass an int >= 1 (e.g. 200).")
+        raise PDFError(f"max_pages={short_repr(max_pages)} is not usable; pass an int >= 1 (e.g. 200).")
     with _open_document(raw) as document:
         total = len(document)
     indices = parse_page_range(pages, total)
@@ -238,7 +230,7 @@ def render_pages(
     """
     policy = policy if policy is not None else ImagePolicy()
     if isinstance(dpi, bool) or not isinstance(dpi, int | float) or not 0 < dpi <= _MAX_DPI:
-        raise PDFError(f"dpi={_shown(dpi)} is not usable; pass a number between 1 and {_MAX_DPI} (e.g. 150-200).")
+        raise PDFError(f"dpi={short_repr(dpi)} is not usable; pass a number between 1 and {_MAX_DPI} (e.g. 150-200).")
     raw = _read_pdf_bytes(source, policy)
     indices = _selected_indices(raw, pages, max_pages)
     return _render_lazily(raw, indices, float(dpi), policy, progress, cancel)

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from hd4k_tools.errors import InputError
+from hd4k_tools.errors import InputError, short_repr
 
 __all__ = [
     "MAX_LENGTH_PENALTY",
@@ -72,39 +72,39 @@ class GenerationConfig:
 
         if not is_int(self.max_new_tokens) or not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
             raise InputError(
-                f"max_new_tokens must be an int in [1, {MAX_NEW_TOKENS_LIMIT}], got {self.max_new_tokens!r}"
+                f"max_new_tokens must be an int in [1, {MAX_NEW_TOKENS_LIMIT}], got {short_repr(self.max_new_tokens)}"
             )
         if not isinstance(self.do_sample, bool):
-            raise InputError(f"do_sample must be True or False, got {self.do_sample!r}")
+            raise InputError(f"do_sample must be True or False, got {short_repr(self.do_sample)}")
         low, high = TEMPERATURE_RANGE
         if not is_num(self.temperature) or not low <= self.temperature <= high:
             raise InputError(
-                f"temperature must be a number in [{low:g}, {high:g}], got {self.temperature!r} (use "
+                f"temperature must be a number in [{low:g}, {high:g}], got {short_repr(self.temperature)} (use "
                 "do_sample=False for greedy decoding)"
             )
         if not is_num(self.top_p) or not 0 < self.top_p <= 1:
-            raise InputError(f"top_p must be in (0, 1], got {self.top_p!r} (1.0 disables nucleus sampling)")
+            raise InputError(f"top_p must be in (0, 1], got {short_repr(self.top_p)} (1.0 disables nucleus sampling)")
         if not is_int(self.top_k) or self.top_k < 0:
-            raise InputError(f"top_k must be an int >= 0, got {self.top_k!r} (0 disables top-k)")
+            raise InputError(f"top_k must be an int >= 0, got {short_repr(self.top_k)} (0 disables top-k)")
         low, high = PENALTY_RANGE
         if not is_num(self.repetition_penalty) or not low <= self.repetition_penalty <= high:
             raise InputError(
-                f"repetition_penalty must be a number in [{low:g}, {high:g}], got {self.repetition_penalty!r} "
+                f"repetition_penalty must be a number in [{low:g}, {high:g}], got {short_repr(self.repetition_penalty)} "
                 "(1.0 disables it)"
             )
         if not is_int(self.num_beams) or self.num_beams < 1:
-            raise InputError(f"num_beams must be an int >= 1, got {self.num_beams!r}")
+            raise InputError(f"num_beams must be an int >= 1, got {short_repr(self.num_beams)}")
         if self.num_beams > MAX_NUM_BEAMS:
             raise InputError(
                 f"num_beams must be at most {MAX_NUM_BEAMS}, got {self.num_beams} (every beam holds its own "
                 "KV cache; 3 is the authors' setting)"
             )
         if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
-            raise InputError(f"seed must be None or an int in [0, 2**64 - 1], got {self.seed!r}")
+            raise InputError(f"seed must be None or an int in [0, 2**64 - 1], got {short_repr(self.seed)}")
         if not is_num(self.length_penalty) or abs(self.length_penalty) > MAX_LENGTH_PENALTY:
             raise InputError(
                 f"length_penalty must be a number in [-{MAX_LENGTH_PENALTY:g}, {MAX_LENGTH_PENALTY:g}], got "
-                f"{self.length_penalty!r} (1.0 is the usual value)"
+                f"{short_repr(self.length_penalty)} (1.0 is the usual value)"
             )
         if self.do_sample and self.num_beams > 1:
             raise InputError(

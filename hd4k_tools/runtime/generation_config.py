@@ -89,8 +89,8 @@ class GenerationConfig:
         low, high = PENALTY_RANGE
         if not is_num(self.repetition_penalty) or not low <= self.repetition_penalty <= high:
             raise InputError(
-                f"repetition_penalty must be a number in [{low:g}, {high:g}], got {short_repr(self.repetition_penalty)} "
-                "(1.0 disables it)"
+                f"repetition_penalty must be a number in [{low:g}, {high:g}], got "
+                f"{short_repr(self.repetition_penalty)} (1.0 disables it)"
             )
         if not is_int(self.num_beams) or self.num_beams < 1:
             raise InputError(f"num_beams must be an int >= 1, got {short_repr(self.num_beams)}")

@@ -90,6 +90,8 @@ async def read_body(
         if not declared.isdigit() or len(declared) > 18:
             raise LimitExceeded(400, "Invalid Content-Length header.", "invalid_request")
         declared_size = int(declared)
+    from starlette.requests import ClientDisconnect  # the serve extra
+
     semaphore = slots.semaphore
     try:
         semaphore.acquire_nowait()
@@ -101,7 +103,12 @@ async def read_body(
         ) from None
     try:
         with anyio.move_on_after(timeout) as scope:
-            body = await _receive(request, max_bytes, drain_bytes, declared_size)
+            try:
+                body = await _receive(request, max_bytes, drain_bytes, declared_size)
+            except ClientDisconnect:
+                raise LimitExceeded(
+                    400, "The client went away before sending the whole body.", "client_disconnected"
+                ) from None
         if scope.cancelled_caught:
             raise LimitExceeded(
                 408,

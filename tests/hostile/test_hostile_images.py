@@ -26,6 +26,10 @@ from hd4k_tools.inputs.images import probe_image
 SMALL = ImagePolicy(max_pixels=1_000_000)
 
 
+def _over_small() -> bytes:
+    return gray_png_header_only(1200, 1000)
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -51,7 +55,11 @@ def test_probe_reports_the_embedded_size_of_an_ico() -> None:
 
 
 HOSTILE_BYTES: list[tuple[str, Callable[[], bytes], type[Exception]]] = [
-    ("ico-embedded-png-over-limit", lambda: ico_with_png(0, gray_png_header_only(1200, 1000)), errors.ImageTooLargeError),
+    (
+        "ico-embedded-png-over-limit",
+        lambda: ico_with_png(0, gray_png_header_only(1200, 1000)),
+        errors.ImageTooLargeError,
+    ),
     ("ico-bmp-entry-over-limit", lambda: ico_with_bmp_header(4000, 4000), errors.ImageTooLargeError),
     ("ico-entry-past-end", lambda: ico_with_png(16, b"")[:22], errors.InputError),
     ("ico-truncated-directory", lambda: ico_with_png(16, png_bytes())[:12], errors.InputError),
@@ -110,7 +118,11 @@ BAD_STRINGS: list[tuple[str, str, type[Exception]]] = [
     ("data-url-empty-payload", "data:image/png;base64,", errors.EmptyInputError),
     ("data-url-surrogate", "data:image/png;base64,\ud800\ud800", errors.InputError),
     ("data-url-bomb", "data:image/png;base64," + _b64(gray_png_header_only(2000, 2000)), errors.ImageTooLargeError),
-    ("data-url-ico-bomb", "data:image/x-icon;base64," + _b64(ico_with_png(0, gray_png_header_only(1200, 1000))), errors.ImageTooLargeError),
+    (
+        "data-url-ico-bomb",
+        "data:image/x-icon;base64," + _b64(ico_with_png(0, gray_png_header_only(1200, 1000))),
+        errors.ImageTooLargeError,
+    ),
     ("base64-garbage", "A" * 600 + "!", errors.InputError),
     ("base64-not-image", _b64(b"hello world, not an image" * 30), errors.UnsupportedFormatError),
     ("ftp-scheme", "ftp://example.com/a.png", errors.URLNotAllowedError),

@@ -110,7 +110,9 @@ def good_png_module() -> bytes:
 @pytest.fixture(scope="module")
 def lc_tools(hd4k_tiny: HD4K, tool_root: Path) -> dict[str, Any]:
     langchain_hd4k = pytest.importorskip("langchain_hd4k")
-    toolkit = langchain_hd4k.HD4KToolkit(hd4k_tiny, settings=ToolSettings(allowed_root=tool_root, max_new_tokens=1, num_beams=1))
+    toolkit = langchain_hd4k.HD4KToolkit(
+        hd4k_tiny, settings=ToolSettings(allowed_root=tool_root, max_new_tokens=1, num_beams=1)
+    )
     return {t.name: t for t in toolkit.get_tools()}
 
 
@@ -155,7 +157,9 @@ def test_langchain_tools_answer_typed_error_messages(
 
 
 @pytest.mark.parametrize(("name", "args", "error"), TOOL_CASES)
-def test_llamaindex_tools_answer_typed_errors(li_tools: dict[str, Any], name: str, args: dict[str, Any], error: str) -> None:
+def test_llamaindex_tools_answer_typed_errors(
+    li_tools: dict[str, Any], name: str, args: dict[str, Any], error: str
+) -> None:
     out = li_tools[name].call(**args, hd_num=1)
     assert out.is_error
     assert isinstance(out.exception, errors.HD4KError)

@@ -21,11 +21,11 @@ from server_support import HOST, assert_openai_error, chat_body, data_url, free_
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
-from fastapi.testclient import TestClient  # noqa: E402
+from fastapi.testclient import TestClient
 
-from hd4k_tools.inputs.policy import ImagePolicy  # noqa: E402
-from hd4k_tools.runtime.local import LocalRunner  # noqa: E402
-from hd4k_tools.serve.app import create_app  # noqa: E402
+from hd4k_tools.inputs.policy import ImagePolicy
+from hd4k_tools.runtime.local import LocalRunner
+from hd4k_tools.serve.app import create_app
 
 GOOD = data_url(png_bytes())
 

@@ -69,7 +69,11 @@ class _Handler(socketserver.BaseRequestHandler):
                 data += sock.recv(65536)
             head, _, body = data.partition(b"\r\n\r\n")
             length = next(
-                (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")),
+                (
+                    int(line.split(b":")[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length")
+                ),
                 0,
             )
             while len(body) < length:
@@ -105,7 +109,10 @@ WHOLE: list[tuple[str, Script]] = [
     ("usage-negative", _json({**GOOD_BODY, "usage": {"completion_tokens": -5}})),
     ("usage-float", _json({**GOOD_BODY, "usage": {"prompt_tokens": 1.5}})),
     ("usage-bool", _json({**GOOD_BODY, "usage": {"prompt_tokens": True}})),
-    ("usage-huge", _respond(b'{"choices":[{"message":{"content":"x"}}],"usage":{"prompt_tokens":1' + b"0" * 5000 + b"}}")),
+    (
+        "usage-huge",
+        _respond(b'{"choices":[{"message":{"content":"x"}}],"usage":{"prompt_tokens":1' + b"0" * 5000 + b"}}"),
+    ),
     ("usage-inf", _respond(b'{"choices":[{"message":{"content":"x"}}],"usage":{"prompt_tokens":1e999}}')),
     ("image-tokens-str", _json({**GOOD_BODY, "hd4k": {"image_tokens": -1}})),
     ("content-object", _json({"choices": [{"message": {"content": {"text": "x"}}}]})),
@@ -127,7 +134,9 @@ WHOLE: list[tuple[str, Script]] = [
 
 
 @pytest.mark.parametrize("script", [s for _, s in WHOLE], ids=[n for n, _ in WHOLE])
-def test_malformed_whole_answer_is_remote_response_error(remote: RemoteRunner, hostile: _Hostile, script: Script) -> None:
+def test_malformed_whole_answer_is_remote_response_error(
+    remote: RemoteRunner, hostile: _Hostile, script: Script
+) -> None:
     hostile.script = script
     with pytest.raises(RemoteResponseError):
         remote.generate(REQUEST)
@@ -145,7 +154,10 @@ STREAMS: list[tuple[str, Script]] = [
     ("event-array", _sse([1, 2])),
     ("event-nested", _sse(b"[" * 100_000 + b"]" * 100_000)),
     ("event-not-json", _sse(b"{not json")),
-    ("usage-str", _sse({"choices": [{"delta": {"content": "a"}, "finish_reason": "stop"}], "usage": {"prompt_tokens": "x"}})),
+    (
+        "usage-str",
+        _sse({"choices": [{"delta": {"content": "a"}, "finish_reason": "stop"}], "usage": {"prompt_tokens": "x"}}),
+    ),
     ("usage-list", _sse({"choices": [{"delta": {"content": "a"}, "finish_reason": "stop"}], "usage": [1]})),
     ("error-event", _sse({"error": {"message": "boom"}})),
 ]

@@ -18,9 +18,11 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX paths, 
 
 
 def _swap_on_first_open(monkeypatch: pytest.MonkeyPatch, swap: Callable[[], None], match: str | None = None) -> None:
-    """Run ``swap`` just before the first stat or open (of a path ending in ``match``, if given): the
-    moment between the reader's checks and its open."""
+    """Run ``swap`` in the window between a reader's checks and its open: just before its first open,
+    or (without ``match``) before its second ``os.stat`` of ``inner.png`` (a reader that resolves with ``Path.resolve``,
+    which stats once, then stats what it will open)."""
     done: list[bool] = []
+    stats: list[bool] = []
     real_stat, real_open, real_io_open = os.stat, os.open, io.open
 
     def maybe_swap(path: object) -> None:
@@ -31,7 +33,10 @@ def _swap_on_first_open(monkeypatch: pytest.MonkeyPatch, swap: Callable[[], None
             swap()
 
     def stat(path, *args, **kwargs):  # type: ignore[no-untyped-def]
-        maybe_swap(path) if match is None else None
+        if match is None and os.fspath(path).endswith("inner.png"):
+            stats.append(True)
+            if len(stats) >= 2:
+                maybe_swap(path)
         return real_stat(path, *args, **kwargs)
 
     def open_(path, *args, **kwargs):  # type: ignore[no-untyped-def]

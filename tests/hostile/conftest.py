@@ -6,12 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hostile_support import png_bytes
+from hostile_support import GEN, png_bytes
 
 from hd4k_tools import HD4K, ImagePolicy, load_image
-
-#: Short answers keep the catalogue fast; the model work is the real tiny checkpoint's.
-GEN = {"max_new_tokens": 1, "num_beams": 1}
 
 
 @pytest.fixture(scope="session")

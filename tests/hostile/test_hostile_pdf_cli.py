@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import GEN
+from hostile_support import GEN
 from PIL import Image
 
 from hd4k_tools import HD4K, errors

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import GEN
+from hostile_support import GEN
 
 from hd4k_tools import HD4K, ToolSettings, errors
 from hd4k_tools.models.xcomposer2_4khd.special_tokens import RESERVED_STRINGS

@@ -27,7 +27,10 @@ Script = Callable[[socket.socket], None]
 
 def _respond(body: bytes, status: str = "200 OK", content_type: str = "application/json") -> Script:
     def send(sock: socket.socket) -> None:
-        head = f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
+        head = (
+            f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n"  # one request per connection: the client must not reuse it
+        )
         sock.sendall(head.encode() + body)
 
     return send
@@ -173,7 +176,10 @@ def test_malformed_stream_is_typed_and_emits_only_text(remote: RemoteRunner, hos
     assert all(isinstance(d, str) for d in emitted), emitted
 
 
-_DRIP_BODY = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n" + b" " * 200
+_DRIP_BODY = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 200\r\nConnection: close\r\n\r\n"
+    + b" " * 200
+)
 
 
 @pytest.mark.parametrize(

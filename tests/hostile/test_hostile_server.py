@@ -100,7 +100,7 @@ HOSTILE_JSON: list[tuple[str, dict[str, Any]]] = [
     ("messages-string", {"messages": "hi"}),
     ("messages-empty", {"messages": []}),
     ("content-int", {"messages": [_msg(5)]}),
-    ("role-tool", {"messages": [_msg("hi", "tool")]}),
+    ("role-unknown", {"messages": [_msg("hi", "robot")]}),
     ("image-url-int", {"messages": [_msg([{"type": "image_url", "image_url": 5}])]}),
     ("part-type-unknown", {"messages": [_msg([{"type": "audio", "audio": "x"}])]}),
     ("hd-num-string", {"messages": [_msg("hi")], "hd_num": "lots"}),

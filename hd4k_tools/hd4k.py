@@ -351,13 +351,14 @@ class HD4K:
         if not isinstance(source, Image.Image):
             raw = read_source_bytes(source, policy=policy)
             if raw.kind == "pdf":
-                total = len(select_pages(raw, pages, policy=policy, max_pages=max_pages or self.max_pdf_pages))
+                limit = self.max_pdf_pages if max_pages is None else max_pages
+                total = len(select_pages(raw, pages, policy=policy, max_pages=limit))
                 rendered = render_pages(
                     raw,
                     pages=pages,
                     dpi=self.dpi if dpi is None else dpi,
                     policy=policy,
-                    max_pages=self.max_pdf_pages if max_pages is None else max_pages,
+                    max_pages=limit,
                     progress=progress,
                     cancel=cancel,
                 )

@@ -54,7 +54,7 @@ def engine_class(name: str) -> type:
     module_name, _, class_name = row.target.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
+    except ImportError as err:  # a missing package, or a same-named folder that is not the package
         missing = (err.name or "").split(".")[0]
         if missing in row.needs:
             raise MissingDependencyError(

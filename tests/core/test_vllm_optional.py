@@ -1,6 +1,6 @@
 """The vLLM engine's parts that need no vLLM: option checks, the missing-extra error, the server's argv.
 
-The engine itself is tested in ``tests/vllm`` (vLLM's environment, see ``.ci/run``).
+The engine itself is tested in ``tests/engine_vllm`` (vLLM's environment, see ``.ci/run``).
 """
 
 from __future__ import annotations

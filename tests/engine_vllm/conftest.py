@@ -2,7 +2,7 @@
 does not have (each test module starts with ``pytest.importorskip("vllm.entrypoints.llm")``). One engine
 per session: starting one takes 20-35 s on CPU.
 
-Run them in the vLLM environment: ``.venv-vllm/bin/python -m pytest tests/vllm -q`` (see
+Run them in the vLLM environment: ``.venv-vllm/bin/python -m pytest tests/engine_vllm -q`` (see
 ``/work/brief/vllm-plugin-status.md`` / ``.ci/run`` for the environment recipe).
 """
 

@@ -1,6 +1,6 @@
 """``HD4K.from_pretrained(..., engine="vllm")``: the in-process vLLM engine answers as the native runner.
 
-Run in the vLLM environment only (``pytest tests/vllm``; see ``.ci/run``). One engine for the whole module
+Run in the vLLM environment only (``pytest tests/engine_vllm``; see ``.ci/run``). One engine for the whole module
 (vLLM takes 20-35 s to start on CPU) on a tiny checkpoint whose head size vLLM's CPU attention accepts
 (head_dim 32), in float32, greedy: the texts must be equal to the native runner's, token for token.
 """
@@ -14,7 +14,7 @@ import threading
 
 import pytest
 
-pytest.importorskip("vllm.entrypoints.llm")  # not just "vllm": tests/vllm itself is a namespace package
+pytest.importorskip("vllm.entrypoints.llm")
 
 from PIL import Image, ImageDraw
 

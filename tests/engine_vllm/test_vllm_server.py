@@ -2,7 +2,7 @@
 README writes it, answers an image request with the native runner's text; per-request hd_num works within
 the engine's budget and is a 400 above it.
 
-Run in the vLLM environment only (``pytest tests/vllm``; see ``.ci/run``). One server for the module.
+Run in the vLLM environment only (``pytest tests/engine_vllm``; see ``.ci/run``). One server for the module.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("vllm.entrypoints.llm")  # not just "vllm": tests/vllm itself is a namespace package
+pytest.importorskip("vllm.entrypoints.llm")
 
 import httpx
 from PIL import Image, ImageDraw

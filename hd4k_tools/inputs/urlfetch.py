@@ -28,7 +28,7 @@ import socket
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,7 @@ import httpcore
 import httpx
 
 from hd4k_tools.errors import FileTooLargeError, HD4KError, URLFetchError, URLNotAllowedError
+from hd4k_tools.inputs.http_transport import CoreTransport
 from hd4k_tools.inputs.policy import ImagePolicy
 
 __all__ = ["FetchedURL", "address_refusal", "embedded_ipv4", "fetch_url", "redact_url"]
@@ -260,7 +261,7 @@ def _network_reason(shown: str, err: BaseException, policy: ImagePolicy) -> str:
             f"{shown} did not finish within url_timeout={policy.url_timeout:g} s; try again later, "
             "raise url_timeout, or download the file and pass its path."
         )
-    if isinstance(err, httpcore.ConnectError | ConnectionRefusedError):
+    if isinstance(err, httpcore.ConnectError | httpx.ConnectError | ConnectionRefusedError):
         reason = "the connection failed"
     else:
         reason = type(err).__name__
@@ -383,49 +384,8 @@ class _PinnedBackend(httpcore.NetworkBackend):
         time.sleep(seconds)
 
 
-class _CoreBody(httpx.SyncByteStream):
-    def __init__(self, stream: Iterable[bytes]) -> None:
-        self._stream = stream
-
-    def __iter__(self) -> Iterator[bytes]:
-        yield from self._stream
-
-    def close(self) -> None:
-        close = getattr(self._stream, "close", None)
-        if close is not None:
-            close()
-
-
-class _PinnedTransport(httpx.BaseTransport):
+class _PinnedTransport(CoreTransport):
     """An httpx transport over httpcore whose network backend is :class:`_PinnedBackend`."""
 
     def __init__(self, addresses: list[str], deadline: float) -> None:
-        self._pool = httpcore.ConnectionPool(
-            ssl_context=httpx.create_ssl_context(),
-            retries=0,
-            network_backend=_PinnedBackend(addresses, deadline),
-        )
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        core_request = httpcore.Request(
-            method=request.method,
-            url=httpcore.URL(
-                scheme=request.url.raw_scheme,
-                host=request.url.raw_host,
-                port=request.url.port,
-                target=request.url.raw_path,
-            ),
-            headers=request.headers.raw,
-            content=request.stream,  # type: ignore[arg-type]
-            extensions=request.extensions,
-        )
-        core_response = self._pool.handle_request(core_request)
-        return httpx.Response(
-            status_code=core_response.status,
-            headers=core_response.headers,
-            stream=_CoreBody(core_response.stream),  # type: ignore[arg-type]
-            extensions=core_response.extensions,
-        )
-
-    def close(self) -> None:
-        self._pool.close()
+        super().__init__(_PinnedBackend(addresses, deadline))

@@ -16,7 +16,8 @@ from contextlib import contextmanager
 from typing import Any
 
 import httpcore
-import httpx
+
+from hd4k_tools.inputs.http_transport import CoreTransport
 
 __all__ = ["DeadlineTransport", "call_deadline", "time_left"]
 
@@ -98,77 +99,12 @@ class _DeadlineBackend(httpcore.NetworkBackend):
         time.sleep(seconds)
 
 
-class _CoreBody(httpx.SyncByteStream):
-    def __init__(self, stream: Iterable[bytes]) -> None:
-        self._stream = stream
-
-    def __iter__(self) -> Iterator[bytes]:
-        try:
-            yield from self._stream
-        except httpcore.TimeoutException as err:
-            raise httpx.ReadTimeout(str(err)) from err
-        except (httpcore.NetworkError, httpcore.ProtocolError) as err:
-            raise httpx.ReadError(str(err)) from err
-
-    def close(self) -> None:
-        close = getattr(self._stream, "close", None)
-        if close is not None:
-            close()
-
-
-# httpcore errors raised while sending, as the httpx errors callers expect.
-_ERROR_MAP: tuple[tuple[type[Exception], type[httpx.HTTPError]], ...] = (
-    (httpcore.ConnectTimeout, httpx.ConnectTimeout),
-    (httpcore.ReadTimeout, httpx.ReadTimeout),
-    (httpcore.WriteTimeout, httpx.WriteTimeout),
-    (httpcore.PoolTimeout, httpx.PoolTimeout),
-    (httpcore.ConnectError, httpx.ConnectError),
-    (httpcore.ReadError, httpx.ReadError),
-    (httpcore.WriteError, httpx.WriteError),
-    (httpcore.RemoteProtocolError, httpx.RemoteProtocolError),
-    (httpcore.LocalProtocolError, httpx.LocalProtocolError),
-    (httpcore.UnsupportedProtocol, httpx.UnsupportedProtocol),
-)
-
-
-class DeadlineTransport(httpx.BaseTransport):
+class DeadlineTransport(CoreTransport):
     """An httpx transport over an httpcore connection pool whose sockets obey :func:`call_deadline`."""
 
     def __init__(self, *, max_connections: int = 10, max_keepalive_connections: int = 10) -> None:
-        self._pool = httpcore.ConnectionPool(
-            ssl_context=httpx.create_ssl_context(),
+        super().__init__(
+            _DeadlineBackend(),
             max_connections=max_connections,
             max_keepalive_connections=max_keepalive_connections,
-            retries=0,
-            network_backend=_DeadlineBackend(),
         )
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        core_request = httpcore.Request(
-            method=request.method,
-            url=httpcore.URL(
-                scheme=request.url.raw_scheme,
-                host=request.url.raw_host,
-                port=request.url.port,
-                target=request.url.raw_path,
-            ),
-            headers=request.headers.raw,
-            content=request.stream,  # type: ignore[arg-type]
-            extensions=request.extensions,
-        )
-        try:
-            core_response = self._pool.handle_request(core_request)
-        except Exception as err:
-            for core_error, httpx_error in _ERROR_MAP:
-                if isinstance(err, core_error):
-                    raise httpx_error(str(err), request=request) from err
-            raise
-        return httpx.Response(
-            status_code=core_response.status,
-            headers=core_response.headers,
-            stream=_CoreBody(core_response.stream),  # type: ignore[arg-type]
-            extensions=core_response.extensions,
-        )
-
-    def close(self) -> None:
-        self._pool.close()

@@ -19,6 +19,7 @@ from hd4k_tools.cli.args import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, PROG, One
 from hd4k_tools.errors import HD4KError
 from hd4k_tools.ingestion import cli as ingest_command
 from hd4k_tools.mcp import cli as mcp_cli
+from hd4k_tools.models.xcomposer2_4khd.hub import default_model
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiles.register(commands)
     model_commands.register(commands)
     mcp_cli.register(commands)
-    ingest_command.register(commands, default_model=model_commands.default_model())
+    ingest_command.register(commands, default_model=default_model())
     return parser
 
 

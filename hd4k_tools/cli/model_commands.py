@@ -32,17 +32,16 @@ from hd4k_tools.errors import InputError
 from hd4k_tools.hd4k import HD4K
 from hd4k_tools.inputs.images import SourceBytes, load_image, read_source_bytes
 from hd4k_tools.inputs.pdf import select_pages
-from hd4k_tools.models.xcomposer2_4khd.hub import DEFAULT_MODEL_ID, MODEL_ENV, default_model
+from hd4k_tools.models.xcomposer2_4khd.hub import add_model_argument
 from hd4k_tools.progress import progress_line
 from hd4k_tools.results import DocumentResult, TaskResult
 from hd4k_tools.serve import app as server
 from hd4k_tools.tasks import TASKS
 
-OFFICIAL_MODEL = DEFAULT_MODEL_ID
 # The facade's PDF resolution, read from its signature (one fact, one place).
 _DEFAULT_DPI: int = inspect.signature(HD4K).parameters["dpi"].default
 
-__all__ = ["OFFICIAL_MODEL", "default_model", "register"]
+__all__ = ["register"]
 
 
 def _progress() -> bool:
@@ -252,12 +251,7 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
 
 def _add_model_options(p: argparse.ArgumentParser, *, task: str) -> None:
     spec = TASKS[task]
-    p.add_argument(
-        "--model",
-        default=default_model(),
-        metavar="DIR|HUB_ID",
-        help=f"checkpoint folder or hub id (default: ${MODEL_ENV} or {OFFICIAL_MODEL})",
-    )
+    add_model_argument(p)
     p.add_argument(
         "--hd-num",
         default=None,

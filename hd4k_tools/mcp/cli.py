@@ -23,9 +23,9 @@ import anyio
 from pydantic import ValidationError
 
 from hd4k_tools.agent_tools import AgentTools, ImageRegistry, ToolSettings
-from hd4k_tools.cli.model_commands import OFFICIAL_MODEL, default_model
 from hd4k_tools.errors import HD4KError, InputError, MissingDependencyError
 from hd4k_tools.hd4k import HD4K
+from hd4k_tools.models.xcomposer2_4khd.hub import add_model_argument
 from hd4k_tools.runtime.engines import ENGINES, engine_class
 
 TRANSPORTS = ("stdio", "streamable-http")
@@ -56,12 +56,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument(
         "--port", type=_port, default=DEFAULT_PORT, help=f"port for streamable-http (default {DEFAULT_PORT}; 0: any)"
     )
-    p.add_argument(
-        "--model",
-        default=default_model(),
-        metavar="DIR|HUB_ID",
-        help=f"checkpoint folder or hub id (default: $HD4K_MODEL or {OFFICIAL_MODEL})",
-    )
+    add_model_argument(p)
     p.add_argument(
         "--engine", choices=sorted(ENGINES), default="native", help="native PyTorch in this process (default) or vllm"
     )

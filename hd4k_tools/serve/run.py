@@ -21,7 +21,7 @@ from typing import Any
 
 from hd4k_tools.errors import HD4KError, InputError
 from hd4k_tools.inputs.policy import ImagePolicy
-from hd4k_tools.models.xcomposer2_4khd.hub import DEFAULT_MODEL_ID, MODEL_ENV, default_model
+from hd4k_tools.models.xcomposer2_4khd.hub import add_model_argument
 from hd4k_tools.models.xcomposer2_4khd.tiling import HDNum
 from hd4k_tools.runtime.engines import load_engine
 from hd4k_tools.serve.accesslog import ACCESS_LOGGER
@@ -187,12 +187,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         prog="python -m hd4k_tools.serve.app",
         description="Serve InternLM-XComposer2-4KHD over an OpenAI-compatible HTTP API.",
     )
-    p.add_argument(
-        "--model",
-        default=default_model(),
-        metavar="DIR|HUB_ID",
-        help=f"checkpoint folder or hub id (default: ${MODEL_ENV} or {DEFAULT_MODEL_ID})",
-    )
+    add_model_argument(p)
     p.add_argument(
         "--engine",
         choices=("native", "vllm"),

@@ -16,6 +16,7 @@ Failures are told apart: an authentication problem (401/403, a gated or private 
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ __all__ = [
     "DEFAULT_MODEL_ID",
     "MODEL_ENV",
     "HubOptions",
+    "add_model_argument",
     "default_model",
     "download_patterns",
     "hub_offline",
@@ -49,6 +51,17 @@ _BIN = "*.bin"
 def default_model() -> str:
     """``$HD4K_MODEL`` or the official checkpoint id."""
     return os.environ.get(MODEL_ENV) or DEFAULT_MODEL_ID
+
+
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    """``--model DIR|HUB_ID`` as every command that loads the model takes it (``hd4k read/chart/describe/serve/mcp``):
+    ``$HD4K_MODEL`` or the official checkpoint by default."""
+    parser.add_argument(
+        "--model",
+        default=default_model(),
+        metavar="DIR|HUB_ID",
+        help=f"checkpoint folder or hub id (default: ${MODEL_ENV} or {DEFAULT_MODEL_ID})",
+    )
 
 
 def hub_offline() -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from langchain_helpers import CappedRunner, chart_image, page_image, write_pdf
+from langchain_helpers import CappedRunner, make_image_root
 
 from hd4k_tools import HD4K
 
@@ -29,8 +29,4 @@ def hd4k_capped(hd4k_tiny: HD4K) -> HD4K:
 @pytest.fixture(scope="session")
 def image_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tools' allowed folder: a chart PNG, a document page PNG, a 3-page PDF."""
-    root = tmp_path_factory.mktemp("lc_root")
-    chart_image().save(root / "chart.png")
-    page_image(1).save(root / "page.png")
-    write_pdf(root / "report.pdf", 3)
-    return root
+    return make_image_root(tmp_path_factory.mktemp("lc_root"))

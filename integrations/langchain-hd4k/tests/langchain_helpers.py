@@ -1,6 +1,6 @@
-"""Helpers of the LangChain integration tests: a generation cap around the real runner, a scripted
-runner, a local image server, test images, PDFs and tool calls. The fixtures are in
-the folder's ``conftest.py``."""
+"""Helpers of the LangChain integration tests (langchain-hd4k's own and the repository's tests/langchain): a
+generation cap around the real runner, a scripted runner, test images, PDFs and tool calls. The fixtures
+are in each folder's ``conftest.py``."""
 
 from __future__ import annotations
 
@@ -181,3 +181,11 @@ def huge_png(width: int = 20_000, height: int = 20_000) -> bytes:
 
 def tool_call(name: str, args: dict[str, Any], call_id: str = "call-1") -> dict[str, Any]:
     return {"type": "tool_call", "id": call_id, "name": name, "args": args}
+
+
+def make_image_root(root: Path) -> Path:
+    """Fill ``root`` as the tools' allowed folder: ``chart.png``, ``page.png`` and a 3-page ``report.pdf``."""
+    chart_image().save(root / "chart.png")
+    page_image(1).save(root / "page.png")
+    write_pdf(root / "report.pdf", 3)
+    return root

@@ -52,7 +52,7 @@ from results import cpu_name, write_section  # noqa: E402
 from hd4k_tools.models.xcomposer2_4khd import KVCache, load_pretrained  # noqa: E402
 from hd4k_tools.models.xcomposer2_4khd.prompt import build_prompt  # noqa: E402
 from hd4k_tools.models.xcomposer2_4khd.prompt_embeds import assemble_inputs  # noqa: E402
-from hd4k_tools.models.xcomposer2_4khd.tiling import plan, to_model_inputs  # noqa: E402
+from hd4k_tools.models.xcomposer2_4khd.tiling import plan, plan_for_image, to_model_inputs  # noqa: E402
 from hd4k_tools.runtime.embedding_cache import ImageEmbeddingCache, cache_key  # noqa: E402
 from hd4k_tools.runtime.generation import GenerationConfig, generate, iter_tokens  # noqa: E402
 from hd4k_tools.runtime.kv_prefix_cache import PrefixKVCache, split_at_last_image, suffix_inputs  # noqa: E402
@@ -263,7 +263,7 @@ def bench_ttft(loaded: Any, runs: int, hd_nums: tuple[int, ...] = (9, 16)) -> di
         n_image = plan(*image.size, hd).num_tokens
 
         def compute(hd: int = hd) -> torch.Tensor:
-            return model.encode_image(to_model_inputs(image, hd))
+            return model.encode_image(to_model_inputs(image, plan_for_image(image, hd)))
 
         def first_token(cache: ImageEmbeddingCache = cache, key: Any = key, compute: Any = compute) -> int:
             with torch.inference_mode():

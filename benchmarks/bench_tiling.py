@@ -40,6 +40,7 @@ from hd4k_tools.models.xcomposer2_4khd.tiling import (
     ModelInputs,
     hd_transform,
     plan,
+    plan_for_image,
     to_model_inputs,
 )
 
@@ -109,7 +110,7 @@ def naive_model_inputs(img: Image.Image, hd_num: int) -> tuple[torch.Tensor, tor
 # ----------------------------------------------------------------------------------------------------
 def ours(img: Image.Image, hd_num: int) -> ModelInputs:
     plan(img.width, img.height, hd_num)  # what a caller does first (token count); microseconds
-    return to_model_inputs(img, hd_num)  # resize + pad + normalise + tiles + global view
+    return to_model_inputs(img, plan_for_image(img, hd_num))  # resize + pad + normalise + tiles + global view
 
 
 def interleaved_ms(fns: dict[str, Callable[[], object]], runs: int) -> dict[str, list[float]]:

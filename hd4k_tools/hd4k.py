@@ -17,11 +17,14 @@ from typing import Any, TypeVar
 
 from PIL import Image
 
-from hd4k_tools.errors import ContextOverflowError, InputError, InvalidHDNumError
+from hd4k_tools.errors import InputError
 from hd4k_tools.inputs.images import ImageSource, load_image, read_source_bytes
 from hd4k_tools.inputs.pdf import render_pages, select_pages
 from hd4k_tools.inputs.policy import ImagePolicy
-from hd4k_tools.models.xcomposer2_4khd.tiling import MAX_AUTO_HD_NUM, HDNum, HDPlan, auto_hd_num, check_hd_num, plan
+from hd4k_tools.models.xcomposer2_4khd.prompt import prompt_text_tokens
+
+# plan_images, MAX_AUTO_HD_NUM and TEXT_MARGIN are also importable from here (their old home).
+from hd4k_tools.models.xcomposer2_4khd.tiling import MAX_AUTO_HD_NUM, TEXT_MARGIN, HDNum, HDPlan, plan_images  # noqa: F401
 from hd4k_tools.results import ChartResult, DocumentResult, TaskResult, parse_table, thumbnail_data_url
 from hd4k_tools.runtime.engines import load_engine
 from hd4k_tools.runtime.generation_config import GenerationConfig
@@ -42,8 +45,6 @@ GenerationArg = GenerationConfig | Mapping[str, Any] | None
 
 # Pages of a PDF submitted together to a batching engine (BatchRunner).
 PAGE_BATCH = 16
-# Tokens kept free for the prompt text when hd_num="auto" picks the image budget.
-TEXT_MARGIN = 256
 
 
 def _check_chat_args(prompt: object, images: object, history: object, system: object) -> None:
@@ -61,48 +62,6 @@ def _check_chat_args(prompt: object, images: object, history: object, system: ob
             isinstance(turn, Sequence) and len(turn) == 2 and all(isinstance(t, str) for t in turn)
         ):
             raise InputError(f"history[{i}] must be a (question, answer) pair of str, got {turn!r:.80}.")
-
-
-def plan_images(
-    images: Sequence[Image.Image],
-    hd_num: HDNum | Sequence[HDNum] | None,
-    *,
-    default_hd_num: HDNum,
-    context_length: int,
-    max_new_tokens: int,
-) -> tuple[HDPlan, ...]:
-    """The one place where ``hd_num`` becomes an :class:`HDPlan`: in process, on the server, in every engine.
-
-    ``hd_num`` is one value for every image or one per image; ``None`` means ``default_hd_num``. An int is
-    validated as given; ``"auto"`` picks the largest hd_num whose image tokens fit the context left after
-    the answer and :data:`TEXT_MARGIN` tokens of text, shared equally between the images, and never more
-    than :data:`MAX_AUTO_HD_NUM` (the largest budget the authors evaluated).
-    """
-    if isinstance(hd_num, (list, tuple)):
-        if len(hd_num) != len(images):
-            raise InvalidHDNumError(
-                f"{len(hd_num)} hd_num values for {len(images)} images; give one per image, or one value for all."
-            )
-        requested = list(hd_num)
-    else:
-        requested = [hd_num] * len(images)
-    if not images:
-        return ()
-    budget = (context_length - max_new_tokens - TEXT_MARGIN) // len(images)
-    plans = []
-    for image, h in zip(images, requested, strict=True):
-        h = default_hd_num if h is None else h
-        if isinstance(h, str) and h.strip().lower() == "auto":
-            if budget < 1:
-                raise ContextOverflowError(
-                    f"No room for images: the context is {context_length} tokens and "
-                    f"max_tokens={max_new_tokens}; lower max_tokens."
-                )
-            n = auto_hd_num(image.width, image.height, budget, max_hd_num=MAX_AUTO_HD_NUM)
-        else:
-            n = check_hd_num(h)
-        plans.append(plan(image.width, image.height, n))
-    return tuple(plans)
 
 
 class HD4K:
@@ -209,15 +168,32 @@ class HD4K:
         hd_num: HDNum | Sequence[HDNum] | None,
         spec: TaskSpec,
         gen: GenerationConfig,
+        *,
+        text_tokens: int | None = None,
     ) -> tuple[HDPlan, ...]:
-        """The HD plans of ``images`` for a task: :func:`plan_images` against this runner's context."""
+        """The HD plans of ``images`` for a task: :func:`plan_images` against this runner's context, with
+        ``text_tokens`` of prompt reserved (``None``: the fixed ``TEXT_MARGIN``; requests count theirs)."""
         return plan_images(
             images,
             hd_num,
             default_hd_num=spec.default_hd_num,
             context_length=self.runner.context_length,
             max_new_tokens=gen.max_new_tokens,
+            **({} if text_tokens is None else {"text_tokens": text_tokens}),
         )
+
+    def _planned(
+        self, messages: Sequence[Message], hd_num: HDNum | Sequence[HDNum] | None, spec: TaskSpec, gen: GenerationConfig
+    ) -> GenerationRequest:
+        """The request of ``messages``, each image planned once, reserving the prompt's own text tokens."""
+        messages = tuple(messages)
+        images = [img for m in messages for img in m.images]
+        values = hd_num if isinstance(hd_num, list | tuple) else [hd_num]
+        auto = any(str(spec.default_hd_num if v is None else v).strip().lower() == "auto" for v in values)
+        # Only "auto" needs the prompt's length (rendering it here also checks it; the engine does that anyway).
+        text = prompt_text_tokens(self.runner.count_text_tokens, messages, spec.layout) if images and auto else 0
+        plans = self.plan(images, hd_num, spec, gen, text_tokens=text)
+        return GenerationRequest.planned(messages, plans, generation=gen, layout=spec.layout)
 
     def load(self, source: ImageSource, policy: ImagePolicy | None = None) -> Image.Image:
         """Load ``source`` as an RGB image under ``policy`` (default: this object's policy)."""
@@ -231,10 +207,7 @@ class HD4K:
         hd_num: HDNum | None,
         generation: GenerationArg,
     ) -> GenerationRequest:
-        gen = self._generation(spec, generation)
-        return GenerationRequest.planned(
-            (Message.user(image, prompt),), self.plan([image], hd_num, spec, gen), generation=gen, layout=spec.layout
-        )
+        return self._planned((Message.user(image, prompt),), hd_num, spec, self._generation(spec, generation))
 
     @staticmethod
     def _result(cls_: type[T], task: str, out: RunnerResult, request: GenerationRequest, **extra: Any) -> T:
@@ -484,10 +457,7 @@ class HD4K:
         after the answer between the images.
         """
         spec = TASKS["chat"]
-        gen = self._generation(spec, generation)
-        images = [img for m in messages for img in m.images]
-        plans = self.plan(images, hd_num, spec, gen)
-        return GenerationRequest.planned(tuple(messages), plans, generation=gen, layout=spec.layout)
+        return self._planned(messages, hd_num, spec, self._generation(spec, generation))
 
     def chat(
         self,

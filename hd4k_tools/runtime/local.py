@@ -330,7 +330,7 @@ class LocalRunner:
             for img, p, k in zip(prepared.images, plans, embedding_keys, strict=True):
 
                 def compute(img: Image.Image = img, p: HDPlan = p) -> torch.Tensor:
-                    return model.encode_image(to_model_inputs(img, p.hd_num, dtype=dtype))  # [L, D]
+                    return model.encode_image(to_model_inputs(img, p, dtype=dtype))  # [L, D]
 
                 embeds.append(self.embedding_cache.get_or_compute(k, compute))
             inputs = assemble_inputs(

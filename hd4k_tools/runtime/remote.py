@@ -120,14 +120,15 @@ def _data_url(image: Image.Image, image_format: str) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def presize(image: Image.Image, hd_num: int) -> Image.Image:
-    """``image`` reduced to what the model sees at ``hd_num`` (see the module docstring).
+def presize(image: Image.Image, hd_plan: HDPlan | int) -> Image.Image:
+    """``image`` reduced to what the model sees under its plan (see the module docstring); the request's
+    own :class:`HDPlan` (an int hd_num is planned here, for callers outside a request).
 
     Returns ``image`` itself when the HD-N plan does not shrink it (small images are upscaled by the
     server, so sending them as they are costs less), or when the plan is degenerate (a side clamped to
     one pixel).
     """
-    p = plan(image.width, image.height, hd_num)
+    p = hd_plan if isinstance(hd_plan, HDPlan) else plan(image.width, image.height, hd_plan)
     rw, rh = p.resized_size
     if p.clamped or rw * rh >= image.width * image.height:
         return image
@@ -356,7 +357,7 @@ class RemoteRunner:
 
     # -- requests ----------------------------------------------------------------------------------
     def _payload(self, request: GenerationRequest, *, stream: bool) -> dict[str, Any]:
-        hd_nums = iter(request.hd_nums)
+        plans = iter(request.plans())
         if len(request.images) != len(request.hd_nums):
             raise InputError(
                 f"{len(request.images)} images but {len(request.hd_nums)} hd_num values; give one per image."
@@ -371,8 +372,7 @@ class RemoteRunner:
                 if isinstance(p, str):
                     parts.append({"type": "text", "text": p})
                 else:
-                    n = next(hd_nums)
-                    image = presize(p, n) if self.presize else p
+                    image = presize(p, next(plans)) if self.presize else p
                     url = _data_url(image, self.image_format)
                     parts.append({"type": "image_url", "image_url": {"url": url}})
             messages.append({"role": m.role, "content": parts})

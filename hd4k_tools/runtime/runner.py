@@ -20,7 +20,7 @@ from PIL import Image
 
 from hd4k_tools.errors import InputError
 from hd4k_tools.models.xcomposer2_4khd.prompt import Layout
-from hd4k_tools.models.xcomposer2_4khd.tiling import HDPlan, plan
+from hd4k_tools.models.xcomposer2_4khd.tiling import HDPlan, plan_images
 from hd4k_tools.results import PlanSummary, Timings, Usage
 from hd4k_tools.runtime.generation_config import GenerationConfig
 
@@ -61,9 +61,19 @@ class GenerationRequest:
     hd_nums: tuple[int, ...] = ()
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     layout: Layout = "chat"
-    # The plans the facade made (``hd4k_tools.hd4k.plan_images``); they travel with the request down to
-    # the engine, which then never plans again. Empty: planned from ``hd_nums``.
+    # The plans the facade made (``plan_images``); they travel with the request down to the engine, which
+    # never plans. A request built from ``hd_nums`` alone is planned here, once, at construction.
     hd_plans: tuple[HDPlan, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.hd_plans:
+            return
+        images = self.images
+        if len(images) != len(self.hd_nums):
+            raise InputError(f"{len(images)} images but {len(self.hd_nums)} hd_num values; give one per image.")
+        if images:
+            plans = plan_images(images, list(self.hd_nums), default_hd_num=1, context_length=0, max_new_tokens=0)
+            object.__setattr__(self, "hd_plans", plans)  # frozen: set once, here
 
     @classmethod
     def planned(
@@ -83,16 +93,15 @@ class GenerationRequest:
         return [img for m in self.messages for img in m.images]
 
     def plans(self) -> list[HDPlan]:
+        """The request's plans, one per image, as made once (checked against the images; never re-planned)."""
         images = self.images
         if len(images) != len(self.hd_nums):
             raise InputError(f"{len(images)} images but {len(self.hd_nums)} hd_num values; give one per image.")
-        if self.hd_plans:
-            if [(p.width, p.height, p.hd_num) for p in self.hd_plans] != [
-                (img.width, img.height, n) for img, n in zip(images, self.hd_nums, strict=True)
-            ]:
-                raise InputError("The request's plans do not match its images; plan them with plan_images().")
-            return list(self.hd_plans)
-        return [plan(img.width, img.height, n) for img, n in zip(images, self.hd_nums, strict=True)]
+        if [(p.width, p.height, p.hd_num) for p in self.hd_plans] != [
+            (img.width, img.height, n) for img, n in zip(images, self.hd_nums, strict=True)
+        ]:
+            raise InputError("The request's plans do not match its images; plan them with plan_images().")
+        return list(self.hd_plans)
 
 
 @dataclass

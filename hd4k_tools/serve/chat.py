@@ -17,10 +17,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from hd4k_tools.errors import ContextOverflowError, HD4KError, InputError
-from hd4k_tools.hd4k import plan_images
-from hd4k_tools.inputs.images import SourceBytes, probe_image, read_source_bytes
+from hd4k_tools.inputs.images import ImageHeader, SourceBytes, probe_image, read_source_bytes
 from hd4k_tools.inputs.policy import ImagePolicy
-from hd4k_tools.models.xcomposer2_4khd.tiling import HDNum, HDPlan
+from hd4k_tools.models.xcomposer2_4khd.prompt import prompt_text_tokens
+from hd4k_tools.models.xcomposer2_4khd.tiling import HDNum, HDPlan, plan_images
 from hd4k_tools.runtime.generation_config import GenerationConfig
 from hd4k_tools.runtime.runner import GenerationRequest, Message, Runner
 from hd4k_tools.serve import limits
@@ -248,16 +248,22 @@ def _structured(fmt: ResponseFormat | None) -> StructuredOutput | None:
 
 
 def _plans(
-    body: ChatCompletionRequest, messages: Sequence[Message], gen: GenerationConfig, settings: ServeSettings
+    body: ChatCompletionRequest,
+    headers: Sequence[ImageHeader],
+    gen: GenerationConfig,
+    settings: ServeSettings,
+    text_tokens: int,
 ) -> tuple[HDPlan, ...]:
-    images = [img for m in messages for img in m.images]
+    """The request's plans, made once from the image headers (before any decode), reserving the prompt's
+    own ``text_tokens`` for ``"auto"``."""
     try:
         return plan_images(
-            images,
+            headers,
             body.hd_num,
             default_hd_num=settings.default_hd_num,
             context_length=settings.runner.context_length,
             max_new_tokens=gen.max_new_tokens,
+            text_tokens=text_tokens,
         )
     except ContextOverflowError as err:
         raise APIError(400, str(err), param="max_tokens", code="context_length_exceeded") from err
@@ -298,24 +304,19 @@ def prepare(raw: bytes, settings: ServeSettings) -> Prepared:
     gen = generation_config(body, settings.max_tokens_limit)
     stops = _stops(body.stop)
     messages = _messages(body, settings)
+    layout = body.layout or "chat"
     try:
-        messages = limits.load_request_images(
+        text_tokens = prompt_text_tokens(settings.runner.count_text_tokens, messages, layout)
+        messages, plans = limits.load_request_images(
             messages,
             policy=settings.policy,
-            plan=lambda headers: plan_images(
-                headers,  # type: ignore[arg-type]  # only width/height are read
-                body.hd_num,
-                default_hd_num=settings.default_hd_num,
-                context_length=settings.runner.context_length,
-                max_new_tokens=gen.max_new_tokens,
-            ),
+            plan=lambda headers: _plans(body, headers, gen, settings, text_tokens),
             context_length=settings.runner.context_length,
-            count_text_tokens=settings.runner.count_text_tokens,
+            text_tokens=text_tokens,
         )
     except HD4KError as err:
         raise api_error_from(err, param="messages") from err
-    plans = _plans(body, messages, gen, settings)
-    request = GenerationRequest.planned(messages, plans, generation=gen, layout=body.layout or "chat")
+    request = GenerationRequest.planned(messages, plans, generation=gen, layout=layout)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return Prepared(
         request=request, stream=body.stream, include_usage=include_usage, stops=stops, structured=structured

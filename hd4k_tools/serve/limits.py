@@ -148,15 +148,19 @@ def load_request_images(
     policy: ImagePolicy,
     plan: Callable[[list[ImageHeader]], Sequence[HDPlan]],
     context_length: int,
-    count_text_tokens: Callable[[str], int],
-) -> tuple[Message, ...]:
+    text_tokens: int,
+) -> tuple[tuple[Message, ...], tuple[HDPlan, ...]]:
     """Decode the images of ``messages`` (held as undecoded :class:`SourceBytes` parts) once the whole
     request is known to fit, checking before any decode:
 
     1. every text part (special tokens, lone surrogates: ``check_untrusted_text``);
     2. every image's header (size of each frame or embedded image, frame count) under ``policy``;
     3. the image count (``policy.max_images``) and total pixels (``policy.max_total_pixels``);
-    4. the token budget: text tokens plus the image tokens of ``plan(headers)`` within ``context_length``.
+    4. the token budget: the prompt's ``text_tokens`` plus the image tokens of ``plan(headers)`` within
+       ``context_length``.
+
+    Returns the messages with their images decoded, and the plans made from the headers (the request's
+    only planning: an image decodes to its header's size, EXIF orientation included).
 
     Raises:
         RequestTooLargeError, ContextOverflowError, and the input errors of ``probe_image`` / ``load_image``.
@@ -179,16 +183,16 @@ def load_request_images(
             f"of {policy.max_total_pixels:,}; send fewer or smaller images (the model sees at most its "
             "HD-N tiles anyway)."
         )
-    plans = plan(headers)
-    text_tokens = sum(count_text_tokens(p) for m in messages for p in m.content if isinstance(p, str))
+    plans = tuple(plan(headers))
     image_tokens = sum(p.num_tokens for p in plans)
     if text_tokens + image_tokens > context_length:
         raise ContextOverflowError(
-            f"The prompt needs at least {text_tokens + image_tokens} tokens ({text_tokens} text + {image_tokens} "
+            f"The prompt needs {text_tokens + image_tokens} tokens ({text_tokens} text + {image_tokens} "
             f"image tokens for {len(images)} image(s)) but the model's context holds {context_length}; use a "
             "smaller hd_num (or 'auto'), fewer images, or a shorter prompt."
         )
-    return tuple(
+    loaded = tuple(
         Message(m.role, tuple(load_image(p, policy=policy) if isinstance(p, SourceBytes) else p for p in m.content))
         for m in messages
     )
+    return loaded, plans

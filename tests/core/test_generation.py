@@ -14,7 +14,7 @@ from PIL import Image
 from hd4k_tools.errors import InputError
 from hd4k_tools.models.xcomposer2_4khd.prompt import IM_END, build_prompt
 from hd4k_tools.models.xcomposer2_4khd.prompt_embeds import PromptInputs, assemble_inputs
-from hd4k_tools.models.xcomposer2_4khd.tiling import to_model_inputs
+from hd4k_tools.models.xcomposer2_4khd.tiling import plan_for_image, to_model_inputs
 from hd4k_tools.runtime.generation import (
     GenerationConfig,
     GenerationOutput,
@@ -76,7 +76,7 @@ def real_image_inputs(tiny_model) -> PromptInputs:
     image = Image.new("RGB", (420, 300), (30, 140, 220))
     image.paste((250, 250, 10), (40, 40, 200, 120))
     with torch.no_grad():
-        embeds = model.encode_image(to_model_inputs(image, 1))
+        embeds = model.encode_image(to_model_inputs(image, plan_for_image(image, 1)))
     prompt = build_prompt("<ImageHere>Describe the picture in detail.")
     return assemble_inputs(model, tok, prompt, [embeds], max_length=model.config.max_length)
 

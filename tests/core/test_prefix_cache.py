@@ -12,7 +12,7 @@ from PIL import Image
 from hd4k_tools.models.xcomposer2_4khd import KVCache, KVPrefix
 from hd4k_tools.models.xcomposer2_4khd.prompt import build_eval_prompt, build_prompt
 from hd4k_tools.models.xcomposer2_4khd.prompt_embeds import PromptInputs, assemble_inputs
-from hd4k_tools.models.xcomposer2_4khd.tiling import plan, to_model_inputs
+from hd4k_tools.models.xcomposer2_4khd.tiling import plan, plan_for_image, to_model_inputs
 from hd4k_tools.runtime.generation import GenerationConfig, GenerationOutput, generate, iter_tokens
 from hd4k_tools.runtime.kv_prefix_cache import (
     PrefixKey,
@@ -66,7 +66,7 @@ def _prompt(layout: str, question: str) -> tuple[str, bool]:
 def image_embeds(tiny_model) -> torch.Tensor:
     """A real image through the tiny vision tower at HD-2."""
     with torch.inference_mode():
-        return tiny_model.model.encode_image(to_model_inputs(_image(1), 2))
+        return tiny_model.model.encode_image(to_model_inputs(_image(1), plan_for_image(_image(1), 2)))
 
 
 def _full_and_split(tiny_model, embeds: torch.Tensor, layout: str, question: str) -> tuple[PromptInputs, PromptSplit]:

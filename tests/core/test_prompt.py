@@ -21,7 +21,7 @@ from hd4k_tools.models.xcomposer2_4khd.prompt import (
     largest_fitting_hd_num,
 )
 from hd4k_tools.models.xcomposer2_4khd.prompt_embeds import PromptInputs, assemble_inputs
-from hd4k_tools.models.xcomposer2_4khd.tiling import plan, to_model_inputs
+from hd4k_tools.models.xcomposer2_4khd.tiling import plan, plan_for_image, to_model_inputs
 
 
 def _fake_image(length: int, dim: int, seed: int) -> torch.Tensor:
@@ -226,7 +226,7 @@ def test_context_overflow_suggests_largest_fitting_hd_num(short_context_model) -
             tok, prompt, [image_tokens], max_length=config.max_length, image_sizes=[(width, height)], hd_num=hd_num
         )
     # ... and at assembly, with real image embeddings.
-    embeds = model.encode_image(to_model_inputs(image, hd_num))
+    embeds = model.encode_image(to_model_inputs(image, plan_for_image(image, hd_num)))
     assert embeds.shape[0] == image_tokens
     with pytest.raises(ContextOverflowError) as late:
         assemble_inputs(
@@ -250,7 +250,7 @@ def test_context_overflow_suggests_largest_fitting_hd_num(short_context_model) -
         assert err.total_tokens == num_text + image_tokens  # type: ignore[attr-defined]
 
     # The suggestion really fits.
-    small = model.encode_image(to_model_inputs(image, expected))
+    small = model.encode_image(to_model_inputs(image, plan_for_image(image, expected)))
     ok = assemble_inputs(model, tok, prompt, [small], max_length=config.max_length)
     assert ok.length <= config.max_length
 

@@ -760,11 +760,15 @@ def test_hd_num_resolution() -> None:
     assert _post(client, body(hd_num=[1, 6])).status_code == 200
     assert runner.requests[-1].hd_nums == (1, 6)
     assert _post(client, body(hd_num="auto", max_tokens=100)).status_code == 200
-    budget = (4096 - 100 - 256) // 2
+    # "auto" reserves the prompt's own text tokens (issue 19 item 3), no longer a fixed 256-token margin.
+    from hd4k_tools.models.xcomposer2_4khd.prompt import prompt_text_tokens
+
+    text = prompt_text_tokens(runner.count_text_tokens, runner.requests[-1].messages, "chat")
+    budget = (4096 - 100 - text) // 2
     resolved = runner.requests[-1].hd_nums
     for image, n in zip(two, resolved, strict=True):
         assert plan(image.width, image.height, n).num_tokens <= budget
-        assert plan(image.width, image.height, n + 1).num_tokens > budget or n == 100
+        assert plan(image.width, image.height, n + 1).num_tokens > budget or n == 65
     _assert_openai_error(_post(client, body(hd_num=[1, 2, 3])), 400, code="invalid_hd_num")
     _assert_openai_error(_post(client, body(hd_num=0)), 400, code="invalid_hd_num")
 

@@ -25,6 +25,7 @@ from hd4k_tools.models.xcomposer2_4khd.tiling import (
     CLIP_MEAN,
     CLIP_STD,
     HD_COMPARISON,
+    MAX_AUTO_HD_NUM,
     MAX_TILES,
     TILE,
     HDPlan,
@@ -33,6 +34,7 @@ from hd4k_tools.models.xcomposer2_4khd.tiling import (
     hd_transform,
     image_tokens,
     plan,
+    plan_for_image,
     resolve_hd_num,
     to_model_inputs,
 )
@@ -236,7 +238,9 @@ def test_auto_hd_num_picks_the_largest_fitting_budget() -> None:
 
 
 def test_auto_hd_num_respects_max_hd_num() -> None:
-    assert auto_hd_num(336, 336, 10**6) == 100
+    # One cap for every "auto" (plan_images, auto_hd_num, resolve_hd_num): HD-65 (docs/model.md §1.10).
+    assert auto_hd_num(336, 336, 10**6) == MAX_AUTO_HD_NUM == 65
+    assert auto_hd_num(336, 336, 10**6, max_hd_num=100) == 100
     assert auto_hd_num(336, 336, 10**6, max_hd_num=30) == 30
 
 
@@ -350,10 +354,15 @@ def test_pixel_functions_refuse_bad_input() -> None:
     img = random_image(20, 20, seed=0)
     with pytest.raises(InvalidHDNumError):
         hd_transform(img, 0)
-    with pytest.raises(InvalidHDNumError):
+    # to_model_inputs takes a plan, never an hd_num (planning happens once, before).
+    with pytest.raises(InvalidHDNumError, match="HDPlan"):
         to_model_inputs(img, None)  # type: ignore[arg-type]
+    with pytest.raises(InvalidHDNumError, match="HDPlan"):
+        to_model_inputs(img, 4)  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="plan is for"):
+        to_model_inputs(img, plan(30, 20, 4))
     with pytest.raises(InvalidHDNumError, match="max_tokens"):
-        to_model_inputs(img, "auto")
+        plan_for_image(img, "auto")
     with pytest.raises(InvalidHDNumError, match=str(MAX_TILES)):
         hd_transform(img, MAX_TILES + 100)
     with pytest.raises(InputError):
@@ -365,7 +374,7 @@ def test_pixel_functions_refuse_bad_input() -> None:
 # ----------------------------------------------------------------------------------------------------
 def assert_model_inputs_match_reference(img: Image.Image, hd: int) -> None:
     w, h = img.size
-    got = to_model_inputs(img, hd)
+    got = to_model_inputs(img, plan_for_image(img, hd))
     p = got.plan
     assert isinstance(got, ModelInputs)
     assert p == plan(w, h, hd)
@@ -427,7 +436,10 @@ def test_model_inputs_from_a_lazily_decoded_image(workers: int) -> None:
     buf = io.BytesIO()
     random_image(700, 300, seed=4).save(buf, format="PNG")
     lazy = Image.open(io.BytesIO(buf.getvalue()))  # not decoded until first used, by several threads
-    assert torch.equal(to_model_inputs(lazy, 25).tiles, to_model_inputs(random_image(700, 300, seed=4), 25).tiles)
+    eager = random_image(700, 300, seed=4)
+    assert torch.equal(
+        to_model_inputs(lazy, plan_for_image(lazy, 25)).tiles, to_model_inputs(eager, plan(700, 300, 25)).tiles
+    )
 
 
 def test_normalisation_is_exact_for_every_byte() -> None:
@@ -559,7 +571,9 @@ def test_global_view_reads_only_the_taps() -> None:
 
 
 def test_padded_pixels_are_normalised_white() -> None:
-    got = to_model_inputs(random_image(450, 100, seed=5), 9)  # 1×4 grid, 298 px high: 19 px padding on top
+    got = to_model_inputs(
+        random_image(450, 100, seed=5), plan(450, 100, 9)
+    )  # 1×4 grid, 298 px high: 19 px padding on top
     p = got.plan
     top = p.padding[1]
     assert top > 0
@@ -572,8 +586,8 @@ def test_padded_pixels_are_normalised_white() -> None:
 
 def test_model_inputs_dtype_is_a_cast_of_float32() -> None:
     img = random_image(300, 170, seed=11)
-    full = to_model_inputs(img, 6)
-    half = to_model_inputs(img, 6, dtype=torch.bfloat16)
+    full = to_model_inputs(img, plan_for_image(img, 6))
+    half = to_model_inputs(img, plan_for_image(img, 6), dtype=torch.bfloat16)
     assert half.tiles.dtype == half.global_view.dtype == torch.bfloat16
     assert torch.equal(half.tiles, full.tiles.to(torch.bfloat16))
     assert torch.equal(half.global_view, full.global_view.to(torch.bfloat16))
@@ -581,7 +595,7 @@ def test_model_inputs_dtype_is_a_cast_of_float32() -> None:
 
 def test_model_inputs_auto() -> None:
     img = random_image(640, 200, seed=2)
-    got = to_model_inputs(img, "auto", max_tokens=2000)
+    got = to_model_inputs(img, plan_for_image(img, "auto", max_tokens=2000))
     assert got.plan.hd_num == auto_hd_num(640, 200, 2000)
     assert got.plan.num_tokens <= 2000
 
@@ -589,7 +603,7 @@ def test_model_inputs_auto() -> None:
 def test_model_inputs_one_row_strip() -> None:
     # A 1×40 strip, 13440 px wide, checked against the reshape/permute of the reference canvas.
     img = random_image(400, 10, seed=9)
-    got = to_model_inputs(img, 55)
+    got = to_model_inputs(img, plan_for_image(img, 55))
     canvas = ref_normalise(ref_hd_transform(img, 55))
     assert got.plan.cols > 30
     ref_tiles = canvas.view(3, got.plan.rows, TILE, got.plan.cols, TILE).permute(1, 3, 0, 2, 4)

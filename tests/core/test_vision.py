@@ -106,10 +106,10 @@ def test_tower_drops_cls_and_skips_post_layernorm():
 
 
 def test_encode_image_on_tiny_model(tiny_model):
-    from hd4k_tools.models.xcomposer2_4khd.tiling import to_model_inputs
+    from hd4k_tools.models.xcomposer2_4khd.tiling import plan_for_image, to_model_inputs
 
     image = Image.new("RGB", (500, 300), (200, 30, 90))
-    inputs = to_model_inputs(image, 4)
+    inputs = to_model_inputs(image, plan_for_image(image, 4))
     model = tiny_model.model
     with torch.inference_mode():
         embeds = model.encode_image(inputs)

@@ -43,7 +43,7 @@ def native(runner, req: GenerationRequest) -> Result:
     model, tok = runner.model, runner.tokenizer
     prompt = runner.prompt_text(req)
     with torch.inference_mode():
-        embeds = [model.encode_image(to_model_inputs(img, n)) for img, n in zip(req.images, req.hd_nums, strict=True)]
+        embeds = [model.encode_image(to_model_inputs(img, p)) for img, p in zip(req.images, req.plans(), strict=True)]
         inputs = assemble_inputs(model, tok, prompt, embeds, max_length=runner.context_length)
         logits = model(inputs.inputs_embeds, inputs.im_mask, logits_to_keep=1)[0, -1]  # [V]
         out = generate(model, inputs, req.generation, stop_ids=stop_ids_for(tok))

@@ -18,7 +18,7 @@ No token id is hard-coded here: ids come from the tokenizer (``bos_id``, ``im_st
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal, Protocol, runtime_checkable
 
 from hd4k_tools.errors import ContextOverflowError, InputError
@@ -192,6 +192,22 @@ def conversation_prompt(messages: Sequence[ConversationTurn], layout: Layout = "
             pending_user = None
     query = render(turns[-1]) if pending_user is None else pending_user + "\n" + render(turns[-1])
     return build_prompt(query, history=history, meta_instruction=meta)
+
+
+def prompt_text_tokens(
+    count_text_tokens: Callable[[str], int], messages: Sequence[ConversationTurn], layout: Layout = "chat"
+) -> int:
+    """Text tokens of the prompt an engine renders for ``messages`` (BOS included, images excluded), counted
+    with ``count_text_tokens`` (a runner's: exact for the native and vLLM engines, an over-estimate for a
+    remote one). ``plan_images`` reserves this much for ``hd_num="auto"``, so an auto request fits.
+
+    Matches :func:`check_context`: the parts between images are tokenised separately, with the BOS rule of
+    ``layout`` (:func:`with_part_bos`).
+    """
+    parts = conversation_prompt(messages, layout).split(IMAGE_PLACEHOLDER)
+    counts = [count_text_tokens(part) if part else 0 for part in parts]
+    bos = sum(1 for n in counts if n) if layout == "chat" else 1
+    return sum(counts) + bos
 
 
 def build_eval_prompt(prompt: str, *, num_images: int = 1) -> str:

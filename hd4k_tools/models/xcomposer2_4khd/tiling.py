@@ -6,9 +6,10 @@ follow the vision tower (§2). Everything here is deterministic and free of glob
 
 Pipeline for one image of ``W×H`` pixels and a budget ``hd_num``::
 
-    plan(W, H, hd_num)          -> HDPlan      (pure arithmetic, no pixels)
-    hd_transform(image, hd_num) -> PIL canvas  (resized + white-padded, sides multiples of 336)
-    to_model_inputs(image, ...) -> ModelInputs (normalised tiles [R*C,3,336,336] + global view [1,3,336,336])
+    plan_images(images, hd_num, ...) -> HDPlans (the one planner: hd_num, "auto" or None -> one plan per image)
+    plan(W, H, hd_num)               -> HDPlan  (pure arithmetic, no pixels)
+    hd_transform(image, hd_num)      -> PIL canvas  (resized + white-padded, sides multiples of 336)
+    to_model_inputs(image, plan)     -> ModelInputs (normalised tiles [R*C,3,336,336] + global view [1,3,336,336])
     (draw_plan, the preview for people, is in preview.py)
 
 ``torch`` is imported only by :func:`to_model_inputs`, so planning (and the ``hd4k tiles`` command)
@@ -25,13 +26,13 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias
 
 import numpy as np
 import PIL
 from PIL import Image
 
-from hd4k_tools.errors import InputError, InvalidHDNumError
+from hd4k_tools.errors import ContextOverflowError, InputError, InvalidHDNumError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -43,6 +44,7 @@ __all__ = [
     "MAX_AUTO_HD_NUM",
     "MAX_TILES",
     "PAD_WHITE",
+    "TEXT_MARGIN",
     "TILE",
     "HDNum",
     "HDPlan",
@@ -54,6 +56,7 @@ __all__ = [
     "image_tokens",
     "plan",
     "plan_for_image",
+    "plan_images",
     "resolve_hd_num",
     "to_model_inputs",
 ]
@@ -65,9 +68,13 @@ CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 #: hd_num values people usually compare (16: MMMU-style, 25: default, 55: documents; docs/model.md §4).
 HD_COMPARISON: tuple[int, ...] = (9, 16, 25, 55)
-# hd_num="auto" never goes past the largest budget the authors evaluated (DocVQA/InfoVQA test, HD-65,
-# docs/model.md §1.10): the context would allow HD-100 for one page, but nothing shows the model reads better there.
+#: hd_num="auto" never goes past the largest budget the authors evaluated (DocVQA/InfoVQA test, HD-65,
+#: docs/model.md §1.10): the context would allow HD-100 for one page, but nothing shows the model reads better
+#: there. The one cap of "auto": :func:`plan_images`, :func:`auto_hd_num` and :func:`resolve_hd_num` share it.
 MAX_AUTO_HD_NUM = 65
+#: Text tokens :func:`plan_images` reserves when its caller does not give the prompt's own count (a public
+#: caller with no prompt at hand); every request path of the library counts the prompt instead.
+TEXT_MARGIN = 256
 #: Largest tile grid the pixel functions build. A plan is pure arithmetic and accepts any hd_num, but a
 #: canvas of more tiles than this (HD-400 is ~62k image tokens, four times the model's 16k context) is
 #: almost certainly a mistake that would only exhaust memory.
@@ -259,8 +266,9 @@ def _check_max_tokens(max_tokens: object) -> int:
     return value
 
 
-def auto_hd_num(width: int, height: int, max_tokens: int, *, max_hd_num: int = 100) -> int:
-    """The largest ``hd_num`` in ``1..max_hd_num`` whose plan costs at most ``max_tokens`` image tokens.
+def auto_hd_num(width: int, height: int, max_tokens: int, *, max_hd_num: int = MAX_AUTO_HD_NUM) -> int:
+    """The largest ``hd_num`` in ``1..max_hd_num`` whose plan costs at most ``max_tokens`` image tokens
+    (``max_hd_num`` defaults to :data:`MAX_AUTO_HD_NUM`, the cap of every ``"auto"``).
 
     Image tokens never decrease as ``hd_num`` grows (``scale`` is non-decreasing, hence so are
     ``new_w``, ``new_h`` and the grid), but every candidate is checked anyway, so the answer does not
@@ -296,37 +304,137 @@ def resolve_hd_num(
 ) -> int:
     """Turn a user's ``hd_num`` (an int, ``"auto"`` or ``None``) into a concrete tile budget.
 
-    ``None`` gives ``default``; ``"auto"`` (any case) gives :func:`auto_hd_num` under ``max_tokens``,
-    which must then be given; an int is validated and returned.
+    ``None`` gives ``default``; ``"auto"`` (any case) gives :func:`auto_hd_num` under ``max_tokens``
+    (capped at :data:`MAX_AUTO_HD_NUM`, as in :func:`plan_images`), which must then be given; an int is
+    validated and returned.
 
     Raises:
         InvalidHDNumError: an invalid value, or ``"auto"`` without ``max_tokens``.
         InputError: a side that is not a positive integer (checked for ``"auto"``).
     """
-    if hd_num is None:
-        return check_hd_num(default)
-    if isinstance(hd_num, str) and hd_num.strip().lower() == "auto":
-        if max_tokens is None:
+    if _is_auto(hd_num) and max_tokens is None:
+        raise InvalidHDNumError(
+            "hd_num='auto' needs a token budget: pass max_tokens (e.g. 8192), or give an integer hd_num."
+        )
+    return _resolve_one(hd_num, width, height, default=default, auto_budget=max_tokens or 0)
+
+
+def _is_auto(hd_num: object) -> bool:
+    return isinstance(hd_num, str) and hd_num.strip().lower() == "auto"
+
+
+def _resolve_one(
+    hd_num: object, width: int, height: int, *, default: object, auto_budget: int, cap: int = MAX_AUTO_HD_NUM
+) -> int:
+    """The one rule: ``None`` -> ``default``; ``"auto"`` -> the largest hd_num (capped at ``cap``,
+    :data:`MAX_AUTO_HD_NUM` unless an engine's budget is lower) whose image tokens fit ``auto_budget``; an int
+    is validated."""
+    value = default if hd_num is None else hd_num
+    if _is_auto(value):
+        return auto_hd_num(width, height, auto_budget, max_hd_num=cap)
+    return check_hd_num(value)
+
+
+class _Sized(Protocol):
+    """Anything with a size: a PIL image, or an image header read before decoding (the server)."""
+
+    @property
+    def width(self) -> int: ...
+
+    @property
+    def height(self) -> int: ...
+
+
+def plan_images(
+    images: Sequence[_Sized],
+    hd_num: HDNum | Sequence[HDNum] | None,
+    *,
+    default_hd_num: HDNum,
+    context_length: int,
+    max_new_tokens: int,
+    text_tokens: int = TEXT_MARGIN,
+    max_auto_hd_num: int = MAX_AUTO_HD_NUM,
+) -> tuple[HDPlan, ...]:
+    """The one place where ``hd_num`` becomes an :class:`HDPlan`: in process, on the server, in every engine.
+
+    ``hd_num`` is one value for every image or one per image; ``None`` means ``default_hd_num``. An int is
+    validated as given; ``"auto"`` picks the largest hd_num whose image tokens fit the context left after
+    the answer (``max_new_tokens``) and the prompt's own ``text_tokens`` (every request path counts them;
+    :data:`TEXT_MARGIN` only where a caller has no prompt), shared equally between the images, and never
+    more than :data:`MAX_AUTO_HD_NUM` (the largest budget the authors evaluated; an engine with a smaller
+    budget passes its own ``max_auto_hd_num``). So an ``"auto"`` request always fits the context.
+
+    Raises:
+        InvalidHDNumError: a bad value, or a count of values that is not one per image.
+        ContextOverflowError: ``"auto"`` with no room left for even ``hd_num=1``.
+    """
+    if isinstance(hd_num, list | tuple):
+        if len(hd_num) != len(images):
             raise InvalidHDNumError(
-                "hd_num='auto' needs a token budget: pass max_tokens (e.g. 8192), or give an integer hd_num."
+                f"{len(hd_num)} hd_num values for {len(images)} images; give one per image, or one value for all."
             )
-        return auto_hd_num(width, height, max_tokens)
-    return check_hd_num(hd_num)
+        requested = list(hd_num)
+    else:
+        requested = [hd_num] * len(images)
+    if not images:
+        return ()
+    budget = (context_length - max_new_tokens - text_tokens) // len(images)
+    plans = []
+    for image, h in zip(images, requested, strict=True):
+        value = default_hd_num if h is None else h
+        if _is_auto(value):
+            need = plan(image.width, image.height, 1).num_tokens
+            if budget < need:
+                raise ContextOverflowError(
+                    f"No room for the images at any hd_num: the context is {context_length} tokens, the prompt's "
+                    f"text {text_tokens} and max_tokens={max_new_tokens}, leaving {max(budget, 0)} per image where "
+                    f"hd_num=1 needs {need}; lower max_tokens, shorten the prompt or send fewer images."
+                )
+        plans.append(
+            plan(
+                image.width,
+                image.height,
+                _resolve_one(value, image.width, image.height, default=None, auto_budget=budget, cap=max_auto_hd_num),
+            )
+        )
+    return tuple(plans)
 
 
-def plan_for_image(image: Image.Image, hd_num: HDNum, max_tokens: int | None) -> HDPlan:
+def plan_for_image(image: Image.Image, hd_num: HDNum, max_tokens: int | None = None) -> HDPlan:
+    """The plan of one loaded image (``"auto"`` within ``max_tokens`` image tokens), through :func:`plan_images`."""
     if not isinstance(image, Image.Image):
         raise InputError(f"expected a PIL image, got {type(image).__name__}; load it with hd4k_tools.load_image first.")
     if hd_num is None:
         raise InvalidHDNumError("hd_num is required: a positive integer, or 'auto' with max_tokens.")
-    n = resolve_hd_num(hd_num, image.width, image.height, default=1, max_tokens=max_tokens)
-    p = plan(image.width, image.height, n)
+    if _is_auto(hd_num) and max_tokens is None:
+        raise InvalidHDNumError(
+            "hd_num='auto' needs a token budget: pass max_tokens (e.g. 8192), or give an integer hd_num."
+        )
+    (p,) = plan_images(
+        [image], hd_num, default_hd_num=1, context_length=max_tokens or 0, max_new_tokens=0, text_tokens=0
+    )
+    return p
+
+
+def _check_buildable(image: object, p: HDPlan) -> None:
+    """A plan the pixel functions can build for ``image``: made for its size, at most :data:`MAX_TILES` tiles."""
+    if not isinstance(image, Image.Image):
+        raise InputError(f"expected a PIL image, got {type(image).__name__}; load it with hd4k_tools.load_image first.")
+    if not isinstance(p, HDPlan):
+        raise InvalidHDNumError(
+            f"to_model_inputs takes the image's HDPlan, got {p!r:.60}; plan it first with plan_images([image], "
+            "hd_num, ...) (or plan(width, height, hd_num)) and pass the plan."
+        )
+    if (p.width, p.height) != image.size:
+        raise InputError(
+            f"the plan is for a {p.width}×{p.height} image but the image is {image.width}×{image.height}; "
+            "plan this image."
+        )
     if p.num_tiles > MAX_TILES:
         raise InvalidHDNumError(
-            f"hd_num={n} gives {p.num_tiles} tiles ({p.num_tokens} image tokens), more than the "
+            f"hd_num={p.hd_num} gives {p.num_tiles} tiles ({p.num_tokens} image tokens), more than the "
             f"{MAX_TILES} this library builds; the model's context is 16384 tokens, use hd_num <= 100."
         )
-    return p
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -534,6 +642,7 @@ def hd_transform(image: Image.Image, hd_num: HDNum, *, max_tokens: int | None = 
         InvalidHDNumError, InputError: see :func:`plan` and :func:`resolve_hd_num`.
     """
     p = plan_for_image(image, hd_num, max_tokens)
+    _check_buildable(image, p)
     canvas = Image.new("RGB", p.padded_size, PAD_WHITE)
     left, top = p.padding[0], p.padding[1]
 
@@ -798,13 +907,7 @@ def _build_inputs(image: Image.Image, p: HDPlan) -> tuple[np.ndarray, np.ndarray
     return writer.tiles, writer.view.result()
 
 
-def to_model_inputs(
-    image: Image.Image,
-    hd_num: HDNum,
-    *,
-    dtype: torch.dtype | None = None,
-    max_tokens: int | None = None,
-) -> ModelInputs:
+def to_model_inputs(image: Image.Image, plan: HDPlan, *, dtype: torch.dtype | None = None) -> ModelInputs:
     """Preprocess ``image`` for the vision tower: normalised tiles and the global view (docs/model.md §1, §2).
 
     Equal to the reference: ``HD_transform`` -> ToTensor -> Normalize(CLIP) gives a float32 canvas
@@ -818,16 +921,17 @@ def to_model_inputs(
 
     Args:
         image: the input image (converted to RGB if needed).
-        hd_num: tile budget, or ``"auto"`` together with ``max_tokens``.
+        plan: its :class:`HDPlan` from :func:`plan_images` (planning happens once, before; never here).
         dtype: dtype of the returned tensors; ``None`` means ``torch.float32``.
-        max_tokens: image-token budget for ``hd_num="auto"``.
 
     Raises:
-        InvalidHDNumError, InputError: see :func:`plan` and :func:`resolve_hd_num`.
+        InvalidHDNumError: ``plan`` is not an HDPlan (e.g. an hd_num), or has more than :data:`MAX_TILES` tiles.
+        InputError: not a PIL image, or a plan made for another size.
     """
     import torch
 
-    p = plan_for_image(image, hd_num, max_tokens)
+    p = plan
+    _check_buildable(image, p)
     dtype = torch.float32 if dtype is None else dtype
     tiles, global_view = _build_inputs(image, p)  # [R*C, 3, 336, 336], [1, 3, 336, 336] float32
     # Like the reference, the global view is interpolated in float32 and cast to the tower's dtype (docs/model.md §2).

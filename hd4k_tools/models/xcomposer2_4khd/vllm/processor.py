@@ -1,7 +1,9 @@
 """vLLM multimodal processor of IXC2-4KHD: HD-N tiling, ``hd_num`` per engine and per request, the
 official prompt layout (imports vLLM).
 
-* **Tiling** is :func:`hd4k_tools.tiling.to_model_inputs` (the native engine's): one image becomes
+* **Planning** is the family's :func:`~hd4k_tools.models.xcomposer2_4khd.tiling.plan_images` (the one
+  planner), once per image in :meth:`XComposer2MultiModalProcessor.apply`; the plans travel to the tiler.
+* **Tiling** is :func:`hd4k_tools.tiling.to_model_inputs` (the native engine's) on those plans: one image becomes
   ``1 + rows*cols`` normalised 336-px crops (global view first), flattened across images as
   ``pixel_values`` with ``image_grid`` ``[rows, cols]`` per image.
 * **hd_num.** The engine's value (``mm_processor_kwargs={"hd_num": N}`` when the engine starts, default
@@ -9,8 +11,8 @@ official prompt layout (imports vLLM).
   budget: start-up profiling sizes the encoder cache for it. A request may send ``hd_num`` (an int,
   ``"auto"``, or one value per image) in ``mm_processor_kwargs``; a value above the engine's is refused
   with :class:`HDNumOverBudgetError` (a ``ValueError``: HTTP 400 in vLLM's server). ``"auto"`` picks, per
-  image, the largest hd_num whose tokens fit an equal share of the context (as ``HD4K`` does), capped by
-  the engine's budget.
+  image, the largest hd_num whose tokens fit an equal share of the context left after the prompt's own
+  text tokens (as ``HD4K`` does), capped by the engine's budget.
 * **Prompt layout.** ``<ImageHere>`` is one token (see :mod:`.tokenizer`); the prompt ids are rebuilt
   with the shared BOS rule (:func:`~hd4k_tools.models.xcomposer2_4khd.prompt.with_part_bos`): a BOS
   before every non-empty text part (``layout="chat"``, default) or one BOS at the start
@@ -41,10 +43,9 @@ from vllm.multimodal.processing import (
 from vllm.multimodal.processing.inputs import ProcessorInputs
 
 from hd4k_tools.errors import HDNumOverBudgetError, InputError, InvalidHDNumError
-from hd4k_tools.hd4k import plan_images
 from hd4k_tools.models.xcomposer2_4khd.prompt import with_part_bos
 from hd4k_tools.models.xcomposer2_4khd.special_tokens import IMAGE_PLACEHOLDER
-from hd4k_tools.models.xcomposer2_4khd.tiling import MAX_AUTO_HD_NUM, HDNum, plan, to_model_inputs
+from hd4k_tools.models.xcomposer2_4khd.tiling import MAX_AUTO_HD_NUM, HDNum, HDPlan, plan, plan_images, to_model_inputs
 from hd4k_tools.models.xcomposer2_4khd.vision import image_token_count
 
 #: hd_num of an engine started without ``mm_processor_kwargs={"hd_num": ...}`` (``hd4k serve``'s default).
@@ -117,12 +118,10 @@ class XComposer2ProcessingInfo(BaseProcessingInfo):
         engine = self.engine_hd_num()
         return MAX_AUTO_HD_NUM if engine == "auto" else int(engine)
 
-    def resolve_hd_nums(self, requested: object, images: Sequence[Image.Image]) -> list[int]:
-        """One concrete hd_num per image, planned by the facade's ``plan_images`` (the one place hd_num
-        becomes a plan) and checked against the engine's budget: an int above it is refused, ``"auto"``
-        is capped by it (the largest fitting hd_num below the cap is the cap itself, tokens grow with
-        hd_num). No ``max_new_tokens`` is known here, so ``"auto"`` shares ``max_model_len`` minus the
-        text margin."""
+    def plan_images(self, requested: object, images: Sequence[Image.Image], *, text_tokens: int) -> list[HDPlan]:
+        """One plan per image, made once by the family's ``plan_images`` (the one planner) and checked against
+        the engine's budget: an int above it is refused, ``"auto"`` is capped by it. No ``max_new_tokens``
+        is known here, so ``"auto"`` shares ``max_model_len`` minus the prompt's ``text_tokens``."""
         cap = self.max_hd_num()
         values = list(requested) if isinstance(requested, (list, tuple)) else [requested] * len(images)
         for value in values:
@@ -134,21 +133,17 @@ class XComposer2ProcessingInfo(BaseProcessingInfo):
             default_hd_num=self.engine_hd_num(),
             context_length=self.ctx.model_config.max_model_len,
             max_new_tokens=0,
+            text_tokens=text_tokens,
+            max_auto_hd_num=cap,
         )
-        out: list[int] = []
-        for value, p in zip(values, plans, strict=True):
-            value = self.engine_hd_num() if value is None else value
-            if isinstance(value, str):  # "auto" (plan_images refused anything else)
-                out.append(min(p.hd_num, cap))
-            elif p.hd_num > cap:
+        for p in plans:
+            if p.hd_num > cap:
                 raise HDNumOverBudgetError(
                     f"hd_num={p.hd_num} is above this engine's budget of {cap} (set when the engine started, "
                     f"mm_processor_kwargs={{'hd_num': {self.engine_hd_num()!r}}}); use hd_num <= {cap} or 'auto', "
                     "or start the engine with a larger hd_num."
                 )
-            else:
-                out.append(p.hd_num)
-        return out
+        return list(plans)
 
     # -- sizes -----------------------------------------------------------------------------------------
     def largest_image(self) -> tuple[int, int, int]:
@@ -220,12 +215,13 @@ class XComposer2MultiModalProcessor(BaseMultiModalProcessor[XComposer2Processing
                 f"The prompt has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(pil_images)} image(s) were "
                 f"given; put exactly one {IMAGE_PLACEHOLDER} where each image belongs, in the same order."
             )
-        hd_nums = self.info.resolve_hd_nums(kwargs.get("hd_num"), pil_images)
         prompt = official_prompt_ids(
             inputs.prompt, image_id=image_id, bos_id=bos_id, layout=kwargs.get("layout", "chat")
         )
-        # Only the resolved per-image hd_nums reach tiling, hashing and caching (the layout is in the ids).
-        inputs = replace(inputs, prompt=prompt, hf_processor_mm_kwargs={"hd_num": tuple(hd_nums)})
+        plans = self.info.plan_images(kwargs.get("hd_num"), pil_images, text_tokens=len(prompt) - len(pil_images))
+        # Only the per-image plans reach tiling, and their hd_nums hashing and caching (the layout is in the ids).
+        mm_kwargs = {"hd_num": tuple(p.hd_num for p in plans), "hd_plans": tuple(plans)}
+        inputs = replace(inputs, prompt=prompt, hf_processor_mm_kwargs=mm_kwargs)
         return super().apply(inputs, timing_ctx)
 
     # -- cache identity: each image with its own hd_num --------------------------------------------------
@@ -242,22 +238,24 @@ class XComposer2MultiModalProcessor(BaseMultiModalProcessor[XComposer2Processing
         return out
 
     def _get_cache_missing_processor_kwargs(self, inputs: ProcessorInputs, mm_is_cached: Any) -> Mapping[str, object]:
-        hd_nums = tuple(inputs.hf_processor_mm_kwargs.get("hd_num", ()))
-        cached = mm_is_cached.get("image", [False] * len(hd_nums))
-        return {"hd_num": tuple(n for n, hit in zip(hd_nums, cached, strict=True) if not hit)}
+        plans = tuple(inputs.hf_processor_mm_kwargs.get("hd_plans", ()))
+        cached = mm_is_cached.get("image", [False] * len(plans))
+        missing = tuple(p for p, hit in zip(plans, cached, strict=True) if not hit)
+        return {"hd_num": tuple(p.hd_num for p in missing), "hd_plans": missing}
 
     # -- tiling ----------------------------------------------------------------------------------------
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
+        """Tensors of the images from their plans (``hf_kwargs["hd_plans"]``, made in :meth:`apply`)."""
         images = list(hf_data.get("images") or [])
-        hd_nums = tuple(hf_kwargs.get("hd_num", ()))
-        if len(hd_nums) != len(images):
-            raise RuntimeError(f"{len(images)} images but {len(hd_nums)} hd_num values reached the tiler")
+        plans = tuple(hf_kwargs.get("hd_plans", ()))
+        if len(plans) != len(images) or not all(isinstance(p, HDPlan) for p in plans):
+            raise RuntimeError(f"{len(images)} images but {len(plans)} HD plans reached the tiler")
         crops: list[torch.Tensor] = []
         grids: list[list[int]] = []
-        for image, n in zip(images, hd_nums, strict=True):
+        for image, p in zip(images, plans, strict=True):
             if not isinstance(image, Image.Image):
                 raise InputError(f"IXC2-4KHD images must be PIL images or image URLs, got {type(image).__name__}.")
-            inputs = to_model_inputs(image, n)
+            inputs = to_model_inputs(image, p)
             crops.append(torch.cat([inputs.global_view, inputs.tiles], dim=0))  # [1 + rows*cols, 3, 336, 336]
             grids.append([inputs.plan.rows, inputs.plan.cols])
         return BatchFeature(

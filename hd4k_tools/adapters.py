@@ -29,14 +29,7 @@ from hd4k_tools.hd4k import HD4K, _in_thread
 from hd4k_tools.inputs.images import ImageSource, SourceBytes, read_source_bytes
 from hd4k_tools.inputs.pdf import PageSpec, page_count, page_labels, select_pages
 from hd4k_tools.inputs.policy import ImagePolicy
-from hd4k_tools.models.xcomposer2_4khd.prompt import (
-    DEFAULT_META_INSTRUCTION,
-    IM_END,
-    IM_START,
-    IMAGE_PLACEHOLDER,
-    PromptTokenizer,
-    count_prompt_tokens,
-)
+from hd4k_tools.models.registry import DEFAULT_FAMILY, IMAGE_PLACEHOLDER, PromptTokenizer
 from hd4k_tools.runtime.runner import Message, Runner
 from hd4k_tools.runtime.stops import StopFilter
 
@@ -125,22 +118,6 @@ def assemble_messages(turns: Iterable[tuple[Role, Sequence[Part]]]) -> list[Mess
     return out
 
 
-def _rendered_turns(messages: Sequence[Message]) -> str:
-    """The conversation in the chat layout, one ``<ImageHere>`` per image; an open assistant turn follows
-    a final user turn, as in the prompt the model reads."""
-    turns = list(messages)
-    meta = DEFAULT_META_INSTRUCTION
-    if turns and turns[0].role == "system":
-        meta = turns.pop(0).text
-    text = f"{IM_START}system\n{meta}{IM_END}\n" if meta else ""
-    for m in turns:
-        body = "".join(p if isinstance(p, str) else IMAGE_PLACEHOLDER for p in m.content)
-        text += f"{IM_START}{m.role}\n{body}{IM_END}\n"
-    if turns and turns[-1].role == "user":
-        text += f"{IM_START}assistant\n"
-    return text
-
-
 def count_message_tokens(
     hd: HD4K, messages: Sequence[Message], hd_num: Any = None, generation: Mapping[str, Any] | None = None
 ) -> int:
@@ -154,10 +131,11 @@ def count_message_tokens(
     # The plans of a chat request at this hd_num ("auto" depends on the answer length, hence generation).
     plans = hd.build_request(messages, hd_num=hd_num, generation=generation).plans() if images else []
     image_tokens = [p.num_tokens for p in plans]
-    prompt = _rendered_turns(messages)
+    family = getattr(hd.runner, "family", DEFAULT_FAMILY)
+    prompt = family.partial_conversation_prompt(messages)
     tokenizer = getattr(hd.runner, "tokenizer", None)
     if isinstance(tokenizer, PromptTokenizer):
-        return count_prompt_tokens(tokenizer, prompt, image_tokens, bos_each_part=True)
+        return family.count_prompt_tokens(tokenizer, prompt, image_tokens, bos_each_part=True)
     text = prompt.replace(IMAGE_PLACEHOLDER, "")
     return hd.runner.count_text_tokens(text) + sum(image_tokens)
 

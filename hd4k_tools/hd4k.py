@@ -21,10 +21,7 @@ from hd4k_tools.errors import InputError
 from hd4k_tools.inputs.images import ImageSource, load_image, read_source_bytes
 from hd4k_tools.inputs.pdf import render_pages, select_pages
 from hd4k_tools.inputs.policy import ImagePolicy
-from hd4k_tools.models.xcomposer2_4khd.prompt import prompt_text_tokens
-
-# plan_images, MAX_AUTO_HD_NUM and TEXT_MARGIN are also importable from here (their old home).
-from hd4k_tools.models.xcomposer2_4khd.tiling import MAX_AUTO_HD_NUM, TEXT_MARGIN, HDNum, HDPlan, plan_images  # noqa: F401
+from hd4k_tools.models.registry import DEFAULT_FAMILY, HDNum, HDPlan, ModelFamily
 from hd4k_tools.results import ChartResult, DocumentResult, TaskResult, parse_table, thumbnail_data_url
 from hd4k_tools.runtime.engines import load_engine
 from hd4k_tools.runtime.generation_config import GenerationConfig
@@ -45,6 +42,14 @@ GenerationArg = GenerationConfig | Mapping[str, Any] | None
 
 # Pages of a PDF submitted together to a batching engine (BatchRunner).
 PAGE_BATCH = 16
+# Names whose home moved to the family's tiling, still importable from here.
+_MOVED = ("plan_images", "MAX_AUTO_HD_NUM", "TEXT_MARGIN")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        return getattr(DEFAULT_FAMILY.module("tiling"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _check_chat_args(prompt: object, images: object, history: object, system: object) -> None:
@@ -173,7 +178,7 @@ class HD4K:
     ) -> tuple[HDPlan, ...]:
         """The HD plans of ``images`` for a task: :func:`plan_images` against this runner's context, with
         ``text_tokens`` of prompt reserved (``None``: the fixed ``TEXT_MARGIN``; requests count theirs)."""
-        return plan_images(
+        return self.family.plan_images(
             images,
             hd_num,
             default_hd_num=spec.default_hd_num,
@@ -191,9 +196,19 @@ class HD4K:
         values = hd_num if isinstance(hd_num, list | tuple) else [hd_num]
         auto = any(str(spec.default_hd_num if v is None else v).strip().lower() == "auto" for v in values)
         # Only "auto" needs the prompt's length (rendering it here also checks it; the engine does that anyway).
-        text = prompt_text_tokens(self.runner.count_text_tokens, messages, spec.layout) if images and auto else 0
+        text = (
+            self.family.prompt_text_tokens(self.runner.count_text_tokens, messages, spec.layout)
+            if images and auto
+            else 0
+        )
         plans = self.plan(images, hd_num, spec, gen, text_tokens=text)
         return GenerationRequest.planned(messages, plans, generation=gen, layout=spec.layout)
+
+    @property
+    def family(self) -> ModelFamily:
+        """The model family of the runner (``models/registry.py``): its prompt layout and planner."""
+        family = getattr(self.runner, "family", None)
+        return family if isinstance(family, ModelFamily) else DEFAULT_FAMILY
 
     def load(self, source: ImageSource, policy: ImagePolicy | None = None) -> Image.Image:
         """Load ``source`` as an RGB image under ``policy`` (default: this object's policy)."""

@@ -23,7 +23,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from hd4k_tools.errors import InputError
-from hd4k_tools.models.xcomposer2_4khd.prompt import Layout
+from hd4k_tools.models.registry import Layout
 
 TaskName = Literal["read_document", "answer_chart_question", "describe_image", "chat"]
 DocumentOutput = Literal["markdown", "text"]

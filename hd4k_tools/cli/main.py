@@ -14,12 +14,12 @@ import sys
 from collections.abc import Sequence
 
 from hd4k_tools import __version__
+from hd4k_tools.arguments import default_model
 from hd4k_tools.cli import model_commands, tiles
 from hd4k_tools.cli.args import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, PROG, OneLineErrorParser
 from hd4k_tools.errors import HD4KError
 from hd4k_tools.ingestion import cli as ingest_command
 from hd4k_tools.mcp import cli as mcp_cli
-from hd4k_tools.models.xcomposer2_4khd.hub import default_model
 
 
 def build_parser() -> argparse.ArgumentParser:

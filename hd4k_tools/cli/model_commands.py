@@ -27,12 +27,13 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from hd4k_tools.arguments import add_model_argument
 from hd4k_tools.cli.args import EXIT_INTERRUPTED, PROG, parse_hd_num
 from hd4k_tools.errors import InputError
 from hd4k_tools.hd4k import HD4K
 from hd4k_tools.inputs.images import SourceBytes, load_image, read_source_bytes
 from hd4k_tools.inputs.pdf import select_pages
-from hd4k_tools.models.xcomposer2_4khd.hub import add_model_argument
+from hd4k_tools.models.registry import DEFAULT_FAMILY
 from hd4k_tools.progress import progress_line
 from hd4k_tools.results import DocumentResult, TaskResult
 from hd4k_tools.serve import app as server
@@ -53,12 +54,10 @@ def _check_device(args: argparse.Namespace) -> None:
     """The device exists and the dtype is known (native engine only), checked before the model loads."""
     if args.remote:
         return
-    # torch: the native engine's extra
-    from hd4k_tools.models.xcomposer2_4khd.checkpoint import resolve_device, resolve_dtype
-
-    device = resolve_device(args.device)
+    checkpoint = DEFAULT_FAMILY.module("checkpoint")  # torch: the native engine's extra
+    device = checkpoint.resolve_device(args.device)
     try:
-        resolve_dtype(args.dtype, device)
+        checkpoint.resolve_dtype(args.dtype, device)
     except ValueError as err:
         raise InputError(f"--dtype: {err}") from None
 
@@ -241,9 +240,9 @@ def _read_pages(hd: HD4K, raw: SourceBytes, numbers: list[int | None], hd_num: A
 
 
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
-    from hd4k_tools.models.xcomposer2_4khd.tiny import make_tiny_checkpoint
-
-    path = make_tiny_checkpoint(args.directory, seed=args.seed, format=args.format)
+    path = DEFAULT_FAMILY.module("tiny").make_tiny_checkpoint(  # torch: the native engine's extra
+        args.directory, seed=args.seed, format=args.format
+    )
     print(f"wrote a tiny random checkpoint (official layout, gibberish answers) to {path}")
     print(f"try: hd4k describe examples/page.png --model {path} --max-new-tokens 16")
     return 0

@@ -15,9 +15,8 @@ from typing import Any
 from hd4k_tools.cli.args import EXIT_OK, CommandError, parse_hd_num
 from hd4k_tools.errors import InvalidHDNumError
 from hd4k_tools.inputs.images import load_image
-from hd4k_tools.models.xcomposer2_4khd.preview import draw_plan
-from hd4k_tools.models.xcomposer2_4khd.tiling import HD_COMPARISON, plan, resolve_hd_num
 from hd4k_tools.tasks import TASKS
+from hd4k_tools.tiling import HD_COMPARISON, draw_plan, plan, resolve_hd_num
 
 # The preview plans a page as read_document would (its default hd_num, one fact in tasks.py).
 DEFAULT_TILES_HD_NUM = TASKS["read_document"].default_hd_num

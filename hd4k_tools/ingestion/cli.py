@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hd4k_tools.cli.args import parse_hd_num
+from hd4k_tools.arguments import parse_hd_num
 from hd4k_tools.errors import InputError
 from hd4k_tools.ingestion import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE, ingest
 from hd4k_tools.ingestion.records import ENGINES, TASK

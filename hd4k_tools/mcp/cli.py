@@ -23,9 +23,9 @@ import anyio
 from pydantic import ValidationError
 
 from hd4k_tools.agent_tools import AgentTools, ImageRegistry, ToolSettings
+from hd4k_tools.arguments import add_model_argument
 from hd4k_tools.errors import HD4KError, InputError, MissingDependencyError
 from hd4k_tools.hd4k import HD4K
-from hd4k_tools.models.xcomposer2_4khd.hub import add_model_argument
 from hd4k_tools.runtime.engines import ENGINES, engine_class
 
 TRANSPORTS = ("stdio", "streamable-http")

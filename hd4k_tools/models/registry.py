@@ -3,25 +3,41 @@
 
 A family is a sibling folder under ``hd4k_tools/models/`` that owns everything that changes with the
 model (config, vision tower, decoder, checkpoint loader, tokenizer, prompt layout, tiling, tiny
-checkpoint, vLLM plugin parts). Adding a second family is that folder plus one row here; every engine
-finds the family through :func:`family_for_checkpoint`, so engines never hard-code a model.
+checkpoint, vLLM plugin parts). Adding a second family is that folder plus one row here (or a
+:func:`register_family` call); every engine finds the family through :func:`family_for_checkpoint` and
+then uses its :class:`ModelFamily` object (prompt building, planning and tensors, checkpoint and tokenizer
+loading, prefix-cache keys, the vLLM registration), so nothing outside ``models/`` imports a family folder.
+
+The names engines share with every family (the plan and prompt types, the decoder's inputs and KV cache)
+are importable from here: a family folder provides them with the same names, and this module re-exports
+the default family's (the torch ones lazily).
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from hd4k_tools.errors import CheckpointError
+from hd4k_tools.errors import CheckpointError, InputError
+
+# The torch-free types every family shares (a family folder defines them under the same names).
+from hd4k_tools.models.xcomposer2_4khd.prompt import ConversationTurn, Layout, PromptTokenizer
+from hd4k_tools.models.xcomposer2_4khd.special_tokens import IM_END, IM_START, IMAGE_PLACEHOLDER
+from hd4k_tools.models.xcomposer2_4khd.tiling import HDNum, HDPlan
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL import Image
 
 
 @dataclass(frozen=True)
 class ModelFamily:
-    """Where a family lives and how its checkpoints name themselves."""
+    """One model family: where it lives, how its checkpoints name themselves, and what the engines and the
+    facade ask of it. Every method imports the family's module on demand (torch only where tensors are made)."""
 
     package: str  # the family folder as a module path
     model_type: str  # config.json "model_type"
@@ -31,6 +47,83 @@ class ModelFamily:
     def module(self, name: str) -> ModuleType:
         """One of the family's modules (``checkpoint``, ``prompt``, ``tiling``...), imported on demand."""
         return importlib.import_module(f"{self.package}.{name}")
+
+    # -- prompt building -------------------------------------------------------------------------------
+    def conversation_prompt(self, messages: Sequence[ConversationTurn], layout: Layout = "chat") -> str:
+        """The prompt string of a conversation in ``layout`` (one image placeholder per image)."""
+        return self.module("prompt").conversation_prompt(messages, layout)
+
+    def prompt_text_tokens(
+        self, count_text_tokens: Callable[[str], int], messages: Sequence[ConversationTurn], layout: Layout = "chat"
+    ) -> int:
+        """Text tokens of the prompt an engine renders for ``messages`` (what ``"auto"`` reserves)."""
+        return self.module("prompt").prompt_text_tokens(count_text_tokens, messages, layout)
+
+    def check_context(
+        self, tokenizer: PromptTokenizer, prompt: str, image_token_counts: Sequence[int], **kw: Any
+    ) -> int:
+        """Prompt tokens (text + images), raising ``ContextOverflowError`` past ``max_length``."""
+        return self.module("prompt").check_context(tokenizer, prompt, image_token_counts, **kw)
+
+    def check_untrusted_text(self, role: str, text: str) -> None:
+        """Refuse text that would act as a control token of the family's prompt format."""
+        self.module("prompt").check_untrusted_text(role, text)
+
+    # -- planning and tensors --------------------------------------------------------------------------
+    def plan_images(
+        self, images: Sequence[Any], hd_num: HDNum | Sequence[HDNum] | None, **kw: Any
+    ) -> tuple[HDPlan, ...]:
+        """One plan per image: the family's one planner (``tiling.plan_images``)."""
+        return self.module("tiling").plan_images(images, hd_num, **kw)
+
+    def plan(self, width: int, height: int, hd_num: int) -> HDPlan:
+        """The tiling geometry of one ``width×height`` image at an integer ``hd_num`` (arithmetic only)."""
+        return self.module("tiling").plan(width, height, hd_num)
+
+    def check_hd_num(self, hd_num: object) -> int:
+        """A valid integer hd_num (else ``InvalidHDNumError``)."""
+        return self.module("tiling").check_hd_num(hd_num)
+
+    def to_model_inputs(self, image: Image.Image, plan: HDPlan, *, dtype: Any = None) -> Any:
+        """The vision tower's tensors of ``image`` under its ``plan`` (imports torch)."""
+        return self.module("tiling").to_model_inputs(image, plan, dtype=dtype)
+
+    def assemble_inputs(self, model: Any, tokenizer: PromptTokenizer, prompt: str, embeds: Sequence[Any], **kw: Any):
+        """The decoder's inputs: text embeddings and image embeddings interleaved (imports torch)."""
+        return self.module("prompt_embeds").assemble_inputs(model, tokenizer, prompt, embeds, **kw)
+
+    # -- checkpoints -----------------------------------------------------------------------------------
+    def load_pretrained(self, path_or_hub_id: str | Path, **options: Any) -> Any:
+        """The family's checkpoint loader (a ``LoadedModel``: model, tokenizer, config; imports torch)."""
+        return self.module("checkpoint").load_pretrained(path_or_hub_id, **options)
+
+    def load_tokenizer(self, path: str | Path) -> Any:
+        """The family's tokenizer from a checkpoint folder (torch-free)."""
+        return self.module("tokenizer").InternLM2Tokenizer.from_pretrained(path)
+
+    # -- caches ----------------------------------------------------------------------------------------
+    def prefix_parts(
+        self, tokenizer: PromptTokenizer, prompt: str, num_images: int, bos_each_part: bool
+    ) -> list[list[int]]:
+        """Token ids of the prompt's text parts (between images), BOS placed as the engines place it: the
+        material of the prefix-cache key."""
+        prompt_module = self.module("prompt")
+        return prompt_module.text_part_ids(tokenizer, prompt_module.split_prompt(prompt, num_images), bos_each_part)
+
+    # -- vLLM ------------------------------------------------------------------------------------------
+    def register_vllm(self) -> None:
+        """Register the family's vLLM model (vLLM's plugin hook calls the same function)."""
+        self.module("vllm.plugin").register()
+
+    @property
+    def vllm_chat_template_path(self) -> Path:
+        """The chat template ``vllm serve`` is started with for this family."""
+        return Path(self.module("vllm.names").CHAT_TEMPLATE_PATH)
+
+    @property
+    def default_engine_hd_num(self) -> HDNum:
+        """hd_num of a vLLM engine (and ``hd4k serve``) started without one."""
+        return self.module("vllm.names").DEFAULT_ENGINE_HD_NUM
 
 
 FAMILIES: dict[str, ModelFamily] = {
@@ -42,6 +135,39 @@ FAMILIES: dict[str, ModelFamily] = {
     ),
 }
 DEFAULT_FAMILY = FAMILIES["internlmxcomposer2"]
+
+
+def register_family(family: ModelFamily) -> ModelFamily:
+    """Add a family at run time (its folder importable as ``family.package``); checkpoints whose config.json
+    names its ``model_type`` (or an architecture of it) then load through it in every engine."""
+    if not isinstance(family, ModelFamily):
+        raise InputError(f"register_family takes a ModelFamily, got {type(family).__name__}.")
+    if family.model_type in FAMILIES and FAMILIES[family.model_type] != family:
+        raise InputError(f"model_type {family.model_type!r} is already registered to {FAMILIES[family.model_type]}.")
+    FAMILIES[family.model_type] = family
+    return family
+
+
+def unregister_family(model_type: str) -> None:
+    """Remove a family added with :func:`register_family` (the default family stays)."""
+    if model_type != DEFAULT_FAMILY.model_type:
+        FAMILIES.pop(model_type, None)
+
+
+# The torch types every family shares, re-exported lazily (``from hd4k_tools.models.registry import KVCache``).
+_TORCH_TYPES = {
+    "KVCache": "kv_cache",
+    "KVPrefix": "kv_cache",
+    "PromptInputs": "prompt_embeds",
+    "LoadedModel": "checkpoint",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _TORCH_TYPES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(DEFAULT_FAMILY.module(module), name)
 
 
 def family_for_config(config: dict[str, Any], *, where: str = "the checkpoint") -> ModelFamily:
@@ -75,4 +201,20 @@ def family_for_checkpoint(path_or_hub_id: str | Path) -> ModelFamily:
     return family_for_config(config, where=str(path_or_hub_id))
 
 
-__all__ = ["DEFAULT_FAMILY", "FAMILIES", "ModelFamily", "family_for_checkpoint", "family_for_config"]
+__all__ = [
+    "DEFAULT_FAMILY",
+    "FAMILIES",
+    "IMAGE_PLACEHOLDER",
+    "IM_END",
+    "IM_START",
+    "ConversationTurn",
+    "HDNum",
+    "HDPlan",
+    "Layout",
+    "ModelFamily",
+    "PromptTokenizer",
+    "family_for_checkpoint",
+    "family_for_config",
+    "register_family",
+    "unregister_family",
+]

@@ -42,9 +42,7 @@ from typing import Literal, Protocol
 import torch
 import torch.nn.functional as F
 
-from hd4k_tools.models.xcomposer2_4khd.kv_cache import KVCache, KVPrefix
-from hd4k_tools.models.xcomposer2_4khd.prompt import IM_END
-from hd4k_tools.models.xcomposer2_4khd.prompt_embeds import PromptInputs
+from hd4k_tools.models.registry import IM_END, KVCache, KVPrefix, PromptInputs
 from hd4k_tools.runtime.generation_config import GenerationConfig
 
 __all__ = [

@@ -38,11 +38,8 @@ from dataclasses import dataclass
 
 import torch
 
-from hd4k_tools.models.xcomposer2_4khd.kv_cache import KVCache, KVPrefix
-
-# The same tokenisation of text parts as assemble_inputs (private there; reused so both always agree).
-from hd4k_tools.models.xcomposer2_4khd.prompt import PromptTokenizer, split_prompt, text_part_ids
-from hd4k_tools.models.xcomposer2_4khd.prompt_embeds import PromptInputs
+# The family gives the tokenisation of text parts that assemble_inputs uses (so both always agree).
+from hd4k_tools.models.registry import DEFAULT_FAMILY, KVCache, KVPrefix, ModelFamily, PromptInputs, PromptTokenizer
 from hd4k_tools.runtime.lru import BytesLRU
 
 __all__ = ["PrefixKVCache", "PrefixKey", "PromptSplit", "split_at_last_image", "suffix_inputs"]
@@ -95,6 +92,7 @@ def split_at_last_image(
     image_token_counts: Sequence[int],
     *,
     bos_each_part: bool = True,
+    family: ModelFamily = DEFAULT_FAMILY,
 ) -> PromptSplit | None:
     """Cut ``prompt`` (with one ``<ImageHere>`` per image) right after its last image.
 
@@ -105,8 +103,7 @@ def split_at_last_image(
     """
     if not image_token_counts:
         return None
-    parts = split_prompt(prompt, len(image_token_counts))
-    part_ids = text_part_ids(tokenizer, parts, bos_each_part)
+    part_ids = family.prefix_parts(tokenizer, prompt, len(image_token_counts), bos_each_part)
     suffix = tuple(part_ids[-1])
     if not suffix:
         return None

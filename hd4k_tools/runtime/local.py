@@ -35,11 +35,14 @@ from PIL import Image
 
 from hd4k_tools.errors import DeviceError
 from hd4k_tools.inputs.images import image_content_hash
-from hd4k_tools.models.registry import family_for_checkpoint
-from hd4k_tools.models.xcomposer2_4khd.checkpoint import LoadedModel
-from hd4k_tools.models.xcomposer2_4khd.prompt import check_context, conversation_prompt
-from hd4k_tools.models.xcomposer2_4khd.prompt_embeds import PromptInputs, assemble_inputs
-from hd4k_tools.models.xcomposer2_4khd.tiling import HDPlan, plan, to_model_inputs
+from hd4k_tools.models.registry import (
+    DEFAULT_FAMILY,
+    HDPlan,
+    LoadedModel,
+    ModelFamily,
+    PromptInputs,
+    family_for_checkpoint,
+)
 from hd4k_tools.results import PlanSummary, Timings, Usage
 from hd4k_tools.runtime.embedding_cache import ImageEmbeddingCache
 from hd4k_tools.runtime.generation import (
@@ -63,11 +66,11 @@ OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
 )
 
 
-def smaller_plan(p: HDPlan) -> HDPlan | None:
+def smaller_plan(p: HDPlan, family: ModelFamily = DEFAULT_FAMILY) -> HDPlan | None:
     """The plan at the largest ``hd_num`` below ``p.hd_num`` whose tile grid is smaller (fewer tokens),
-    or ``None`` when ``p`` is already the smallest."""
+    or ``None`` when ``p`` is already the smallest (the out-of-memory retry's new plan)."""
     for n in range(p.hd_num - 1, 0, -1):
-        candidate = plan(p.width, p.height, n)
+        (candidate,) = family.plan_images([p], n, default_hd_num=n, context_length=0, max_new_tokens=0)
         if candidate.num_tokens < p.num_tokens:
             return candidate
     return None
@@ -129,10 +132,13 @@ class LocalRunner:
         cache_bytes: int = 1 << 30,
         prefix_cache: PrefixKVCache | None = None,
         prefix_cache_bytes: int = 2 << 30,
+        family: ModelFamily = DEFAULT_FAMILY,
     ) -> None:
         """``cache_bytes`` bounds the image-embedding cache, ``prefix_cache_bytes`` the prefix KV cache
         (decoder K/V up to the last image, on the model's device; 0 disables it). Pass ready caches to
-        share or inspect them."""
+        share or inspect them. ``family`` is the model family the checkpoint belongs to (``models/registry.py``):
+        its prompt, planning and tensor functions are the ones this engine uses."""
+        self.family = family
         self._loaded = loaded
         self._model = loaded.model
         self._tokenizer = loaded.tokenizer
@@ -165,8 +171,8 @@ class LocalRunner:
         parameter in CPU memory). ``revision``, ``token``, ``cache_dir`` and ``local_files_only`` (or
         ``$HF_HUB_OFFLINE=1``) reach the Hugging Face Hub client for a hub id.
         """
-        load_pretrained = family_for_checkpoint(path_or_hub_id).module("checkpoint").load_pretrained
-        loaded = load_pretrained(
+        family = family_for_checkpoint(path_or_hub_id)
+        loaded = family.load_pretrained(
             path_or_hub_id,
             dtype=dtype,
             device=device,
@@ -178,7 +184,13 @@ class LocalRunner:
             cache_dir=cache_dir,
             local_files_only=local_files_only,
         )
-        return cls(loaded, model_id=str(path_or_hub_id), cache_bytes=cache_bytes, prefix_cache_bytes=prefix_cache_bytes)
+        return cls(
+            loaded,
+            model_id=str(path_or_hub_id),
+            cache_bytes=cache_bytes,
+            prefix_cache_bytes=prefix_cache_bytes,
+            family=family,
+        )
 
     # -- Runner protocol ---------------------------------------------------------------------------
     @property
@@ -212,7 +224,7 @@ class LocalRunner:
 
     def prompt_text(self, request: GenerationRequest) -> str:
         """The prompt string with one ``<ImageHere>`` per image, in the request's layout."""
-        return conversation_prompt(request.messages, request.layout)
+        return self.family.conversation_prompt(request.messages, request.layout)
 
     # -- the pipeline ------------------------------------------------------------------------------
     def _run(self, request: GenerationRequest, *, emit: Emit | None, cancel: threading.Event | None) -> RunnerResult:
@@ -232,7 +244,7 @@ class LocalRunner:
             return self._attempt(prepared, emit=tracked if emit is not None else None, cancel=cancel)
         except OOM_ERRORS as err:
             free_device_memory()
-            smaller = [smaller_plan(p) for p in prepared.plans]
+            smaller = [smaller_plan(p, self.family) for p in prepared.plans]
             if emitted or not prepared.plans or all(p is None for p in smaller):
                 raise DeviceError(
                     f"The device ran out of memory ({err}); "
@@ -273,7 +285,7 @@ class LocalRunner:
         token_counts = [p.num_tokens for p in plans]
         # Checked before the vision tower runs, so an overflow costs nothing (docs/model.md §4.2).
         hd_nums = {p.hd_num for p in plans}
-        needed = check_context(
+        needed = self.family.check_context(
             self._tokenizer,
             prompt,
             token_counts,
@@ -283,7 +295,9 @@ class LocalRunner:
             bos_each_part=bos_each_part,
         )
         hashes = [image_content_hash(img) for img in images]
-        split = split_at_last_image(self._tokenizer, prompt, token_counts, bos_each_part=bos_each_part)
+        split = split_at_last_image(
+            self._tokenizer, prompt, token_counts, bos_each_part=bos_each_part, family=self.family
+        )
         param = next(self._model.parameters())
         prefix_key = (
             split.key([(h, p.hd_num) for h, p in zip(hashes, plans, strict=True)], param.dtype, param.device)
@@ -330,10 +344,10 @@ class LocalRunner:
             for img, p, k in zip(prepared.images, plans, embedding_keys, strict=True):
 
                 def compute(img: Image.Image = img, p: HDPlan = p) -> torch.Tensor:
-                    return model.encode_image(to_model_inputs(img, p, dtype=dtype))  # [L, D]
+                    return model.encode_image(self.family.to_model_inputs(img, p, dtype=dtype))  # [L, D]
 
                 embeds.append(self.embedding_cache.get_or_compute(k, compute))
-            inputs = assemble_inputs(
+            inputs = self.family.assemble_inputs(
                 model,
                 self._tokenizer,
                 prepared.prompt,

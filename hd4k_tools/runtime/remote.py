@@ -53,7 +53,7 @@ from PIL import Image
 
 from hd4k_tools.errors import InputError, RemoteConnectionError, RemoteResponseError
 from hd4k_tools.inputs.images import to_data_url
-from hd4k_tools.models.xcomposer2_4khd.tiling import HDPlan, plan
+from hd4k_tools.models.registry import DEFAULT_FAMILY, HDPlan
 from hd4k_tools.results import PlanSummary, Timings, Usage
 from hd4k_tools.runtime.deadline_http import DeadlineTransport, call_deadline, time_left
 from hd4k_tools.runtime.runner import GenerationRequest, RunnerResult, TextStream, stream_in_thread
@@ -96,7 +96,7 @@ def _self_planning_size(p: HDPlan) -> tuple[int, int]:
     same grid; ``p.resized_size`` itself unless float truncation makes it plan one pixel shorter."""
 
     def stable(size: tuple[int, int]) -> bool:
-        q = plan(size[0], size[1], p.hd_num)
+        q = DEFAULT_FAMILY.plan(size[0], size[1], p.hd_num)
         return q.resized_size == size and (q.rows, q.cols) == (p.rows, p.cols)
 
     rw, rh = p.resized_size
@@ -128,7 +128,7 @@ def presize(image: Image.Image, hd_plan: HDPlan | int) -> Image.Image:
     server, so sending them as they are costs less), or when the plan is degenerate (a side clamped to
     one pixel).
     """
-    p = hd_plan if isinstance(hd_plan, HDPlan) else plan(image.width, image.height, hd_plan)
+    p = hd_plan if isinstance(hd_plan, HDPlan) else DEFAULT_FAMILY.plan(image.width, image.height, hd_plan)
     rw, rh = p.resized_size
     if p.clamped or rw * rh >= image.width * image.height:
         return image

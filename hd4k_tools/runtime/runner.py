@@ -19,8 +19,7 @@ from typing import Literal, Protocol, runtime_checkable
 from PIL import Image
 
 from hd4k_tools.errors import InputError
-from hd4k_tools.models.xcomposer2_4khd.prompt import Layout
-from hd4k_tools.models.xcomposer2_4khd.tiling import HDPlan, plan_images
+from hd4k_tools.models.registry import DEFAULT_FAMILY, HDPlan, Layout
 from hd4k_tools.results import PlanSummary, Timings, Usage
 from hd4k_tools.runtime.generation_config import GenerationConfig
 
@@ -72,7 +71,9 @@ class GenerationRequest:
         if len(images) != len(self.hd_nums):
             raise InputError(f"{len(images)} images but {len(self.hd_nums)} hd_num values; give one per image.")
         if images:
-            plans = plan_images(images, list(self.hd_nums), default_hd_num=1, context_length=0, max_new_tokens=0)
+            plans = DEFAULT_FAMILY.plan_images(
+                images, list(self.hd_nums), default_hd_num=1, context_length=0, max_new_tokens=0
+            )
             object.__setattr__(self, "hd_plans", plans)  # frozen: set once, here
 
     @classmethod

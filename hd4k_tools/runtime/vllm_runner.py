@@ -44,9 +44,7 @@ from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from hd4k_tools.errors import HD4KError, InputError, InvalidHDNumError, ModelError
-from hd4k_tools.models.xcomposer2_4khd.prompt import check_context, conversation_prompt
-from hd4k_tools.models.xcomposer2_4khd.tokenizer import InternLM2Tokenizer
-from hd4k_tools.models.xcomposer2_4khd.vllm.processor import DEFAULT_ENGINE_HD_NUM
+from hd4k_tools.models.registry import family_for_checkpoint
 from hd4k_tools.results import PlanSummary, Timings, Usage
 from hd4k_tools.runtime.generation import TextDeltas, decode_output, stop_ids_for
 from hd4k_tools.runtime.generation_config import GenerationConfig
@@ -109,7 +107,8 @@ class VllmRunner:
         model_id: str | None = None,
         **engine_kwargs: Any,
     ) -> None:
-        hd_num = DEFAULT_ENGINE_HD_NUM if hd_num is None else hd_num
+        self.family = family_for_checkpoint(model)
+        hd_num = self.family.default_engine_hd_num if hd_num is None else hd_num
         if not isinstance(hd_num, int) or isinstance(hd_num, bool) or hd_num < 1:
             raise InvalidHDNumError(f"hd_num for the vLLM engine must be a positive integer, got {hd_num!r}.")
         path = Path(model)
@@ -121,7 +120,7 @@ class VllmRunner:
         self._path = path
         self._model_id = model_id or str(model)
         self.hd_num = hd_num
-        self._tokenizer = InternLM2Tokenizer.from_pretrained(path)
+        self._tokenizer = self.family.load_tokenizer(path)
         self._max_len = int(max_model_len or self._config_max_length())
         self._stop_ids = sorted(stop_ids_for(self._tokenizer))
         self._ids = itertools.count()
@@ -278,9 +277,9 @@ class VllmRunner:
             )
         plans = request.plans()
         hd_nums = [p.hd_num for p in plans]
-        prompt = conversation_prompt(request.messages, request.layout)
+        prompt = self.family.conversation_prompt(request.messages, request.layout)
         bos_each_part = request.layout == "chat"
-        needed = check_context(
+        needed = self.family.check_context(
             self._tokenizer,
             prompt,
             [p.num_tokens for p in plans],
@@ -296,6 +295,8 @@ class VllmRunner:
         if plans:
             engine_input["multi_modal_data"] = {"image": request.images}
             engine_input["mm_processor_kwargs"]["hd_num"] = hd_nums
+            # The request's own plans (this process runs vLLM's processor): it tiles them, never re-plans.
+            engine_input["mm_processor_kwargs"]["hd_plans"] = tuple(plans)
         params = _sampling_params(request.generation, max_tokens, self._stop_ids)
         return _Prepared(request, plans, engine_input, params, needed)
 

@@ -19,8 +19,7 @@ from pydantic import ValidationError
 from hd4k_tools.errors import ContextOverflowError, HD4KError, InputError
 from hd4k_tools.inputs.images import ImageHeader, SourceBytes, probe_image, read_source_bytes
 from hd4k_tools.inputs.policy import ImagePolicy
-from hd4k_tools.models.xcomposer2_4khd.prompt import prompt_text_tokens
-from hd4k_tools.models.xcomposer2_4khd.tiling import HDNum, HDPlan, plan_images
+from hd4k_tools.models.registry import DEFAULT_FAMILY, HDNum, HDPlan, ModelFamily
 from hd4k_tools.runtime.generation_config import GenerationConfig
 from hd4k_tools.runtime.runner import GenerationRequest, Message, Runner
 from hd4k_tools.serve import limits
@@ -247,6 +246,12 @@ def _structured(fmt: ResponseFormat | None) -> StructuredOutput | None:
     return StructuredOutput.from_schema(schema)
 
 
+def _family(settings: ServeSettings) -> ModelFamily:
+    """The model family of the served runner (its prompt layout and planner)."""
+    family = getattr(settings.runner, "family", None)
+    return family if isinstance(family, ModelFamily) else DEFAULT_FAMILY
+
+
 def _plans(
     body: ChatCompletionRequest,
     headers: Sequence[ImageHeader],
@@ -257,7 +262,7 @@ def _plans(
     """The request's plans, made once from the image headers (before any decode), reserving the prompt's
     own ``text_tokens`` for ``"auto"``."""
     try:
-        return plan_images(
+        return _family(settings).plan_images(
             headers,
             body.hd_num,
             default_hd_num=settings.default_hd_num,
@@ -306,7 +311,7 @@ def prepare(raw: bytes, settings: ServeSettings) -> Prepared:
     messages = _messages(body, settings)
     layout = body.layout or "chat"
     try:
-        text_tokens = prompt_text_tokens(settings.runner.count_text_tokens, messages, layout)
+        text_tokens = _family(settings).prompt_text_tokens(settings.runner.count_text_tokens, messages, layout)
         messages, plans = limits.load_request_images(
             messages,
             policy=settings.policy,

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from hd4k_tools import __version__
 from hd4k_tools.errors import InvalidHDNumError, MissingDependencyError
 from hd4k_tools.inputs.policy import ImagePolicy
-from hd4k_tools.models.xcomposer2_4khd.tiling import HDNum, check_hd_num
+from hd4k_tools.models.registry import DEFAULT_FAMILY, HDNum
 from hd4k_tools.runtime.runner import Runner
 from hd4k_tools.serve import limits
 from hd4k_tools.serve.accesslog import AccessLogMiddleware
@@ -50,7 +50,7 @@ def _checked_hd_num(default_hd_num: HDNum) -> HDNum:
         if default_hd_num.strip().lower() != "auto":
             raise InvalidHDNumError(f"default_hd_num must be a positive int or 'auto', got {default_hd_num!r}.")
         return "auto"
-    check_hd_num(default_hd_num)
+    DEFAULT_FAMILY.check_hd_num(default_hd_num)
     return default_hd_num
 
 

@@ -19,8 +19,7 @@ import anyio
 from hd4k_tools.errors import ContextOverflowError, RequestTooLargeError
 from hd4k_tools.inputs.images import ImageHeader, SourceBytes, load_image, probe_image
 from hd4k_tools.inputs.policy import ImagePolicy
-from hd4k_tools.models.xcomposer2_4khd.prompt import check_untrusted_text
-from hd4k_tools.models.xcomposer2_4khd.tiling import HDPlan
+from hd4k_tools.models.registry import DEFAULT_FAMILY, HDPlan
 from hd4k_tools.runtime.runner import Message
 
 __all__ = [
@@ -174,7 +173,7 @@ def load_request_images(
     for m in messages:
         for part in m.content:
             if isinstance(part, str):
-                check_untrusted_text(m.role, part)
+                DEFAULT_FAMILY.check_untrusted_text(m.role, part)
     headers = [probe_image(raw, policy=policy) for raw in images]
     total = sum(h.pixels for h in headers)
     if total > policy.max_total_pixels:

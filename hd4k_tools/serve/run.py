@@ -19,10 +19,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hd4k_tools.arguments import add_model_argument
 from hd4k_tools.errors import HD4KError, InputError
 from hd4k_tools.inputs.policy import ImagePolicy
-from hd4k_tools.models.xcomposer2_4khd.hub import add_model_argument
-from hd4k_tools.models.xcomposer2_4khd.tiling import HDNum
+from hd4k_tools.models.registry import HDNum
 from hd4k_tools.runtime.engines import load_engine
 from hd4k_tools.serve.accesslog import ACCESS_LOGGER
 from hd4k_tools.serve.chat import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_TOKENS_LIMIT, DEFAULT_SSE_KEEPALIVE_S

@@ -32,8 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hd4k_tools.errors import CheckpointError, InputError
-from hd4k_tools.models.xcomposer2_4khd.tokenizer import InternLM2Tokenizer
-from hd4k_tools.models.xcomposer2_4khd.vllm import CHAT_TEMPLATE_PATH
+from hd4k_tools.models.registry import DEFAULT_FAMILY, family_for_checkpoint
 from hd4k_tools.runtime.engines import engine_class
 from hd4k_tools.serve.ports import bind_port
 
@@ -52,7 +51,7 @@ BLOCKED_MEDIA_DOMAIN = "hd4k.invalid"
 
 def chat_template_path() -> Path:
     """The chat template shipped with the plugin (the official turns, images as ``<ImageHere>``)."""
-    return Path(CHAT_TEMPLATE_PATH)
+    return DEFAULT_FAMILY.vllm_chat_template_path
 
 
 def stop_generation_config(model: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -67,7 +66,7 @@ def stop_generation_config(model: str | os.PathLike[str], cache_dir: str | os.Pa
         config = json.loads(source.read_text(encoding="utf-8")) if source.is_file() else {}
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{source} is not readable JSON ({err}); re-download the checkpoint.") from err
-    stops = sorted(stop_ids_for(InternLM2Tokenizer.from_pretrained(folder)))
+    stops = sorted(stop_ids_for(family_for_checkpoint(folder).load_tokenizer(folder)))
     config["eos_token_id"] = stops
     text = json.dumps(config, indent=2, sort_keys=True)
     base = Path(cache_dir) if cache_dir else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")

@@ -153,3 +153,44 @@ def test_documented_public_names_stay_importable(module: str, names: list[str]) 
     mod = importlib.import_module(module)
     for name in names:
         assert hasattr(mod, name), f"{module}.{name} is documented public API"
+
+
+# The documented re-export modules (and the package's lazy exports) may name the model family's folder;
+# everything else reaches a family through models/registry.py (issue 18 item 2).
+FAMILY_REEXPORTS = {"hd4k_tools", "hd4k_tools.tiling", "hd4k_tools.imaging", "hd4k_tools.testing"}
+
+
+def test_nothing_outside_models_imports_a_family_folder() -> None:
+    offenders = []
+    for name, tree in _modules().items():
+        if name.startswith("hd4k_tools.models") or name in FAMILY_REEXPORTS:
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                for target in _imported(node):
+                    if target.startswith("hd4k_tools.models.") and not target.startswith("hd4k_tools.models.registry"):
+                        offenders.append(f"{name}:{node.lineno} imports {target}")
+    integrations = PACKAGE.parent / "integrations"
+    for path in sorted(integrations.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                for target in _imported(node):
+                    if target.startswith("hd4k_tools.models"):
+                        offenders.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} imports {target}")
+    assert not offenders, "imports of a model family outside models/ (use models.registry):\n" + "\n".join(offenders)
+
+
+def test_cli_helpers_live_outside_the_family_and_no_arrow_runs_back_up() -> None:
+    """``--model`` and ``--hd-num`` are in the neutral ``hd4k_tools.arguments``; the family folder holds no
+    argparse, ingestion does not import the ``hd4k`` CLI, and the vLLM processor does not import the facade."""
+    modules = _modules()
+    for name, tree in modules.items():
+        targets = [t for n in ast.walk(tree) if isinstance(n, ast.Import | ast.ImportFrom) for t in _imported(n)]
+        if name.startswith("hd4k_tools.models"):
+            assert "argparse" not in targets, name
+            assert not any(t.startswith("hd4k_tools.hd4k") for t in targets), name
+        if name.startswith("hd4k_tools.ingestion"):
+            assert not any(t.startswith("hd4k_tools.cli") for t in targets), name
+    from hd4k_tools.arguments import add_model_argument, parse_hd_num
+
+    assert callable(add_model_argument) and parse_hd_num("auto") == "auto"

@@ -16,7 +16,6 @@ Failures are told apart: an authentication problem (401/403, a gated or private 
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,10 +27,7 @@ from hd4k_tools.models.registry import FAMILIES
 
 __all__ = [
     "DEFAULT_MODEL_ID",
-    "MODEL_ENV",
     "HubOptions",
-    "add_model_argument",
-    "default_model",
     "download_patterns",
     "hub_offline",
     "resolve_checkpoint_path",
@@ -39,29 +35,11 @@ __all__ = [
 
 #: The official checkpoint (the family row's default).
 DEFAULT_MODEL_ID = FAMILIES["internlmxcomposer2"].default_checkpoint
-#: The environment variable that overrides the default model of every command.
-MODEL_ENV = "HD4K_MODEL"
 TOKENIZER_FILE = "tokenizer.model"
 
 _CONFIG_PATTERNS = ("*.json", TOKENIZER_FILE)
 _SAFETENSORS = "*.safetensors"
 _BIN = "*.bin"
-
-
-def default_model() -> str:
-    """``$HD4K_MODEL`` or the official checkpoint id."""
-    return os.environ.get(MODEL_ENV) or DEFAULT_MODEL_ID
-
-
-def add_model_argument(parser: argparse.ArgumentParser) -> None:
-    """``--model DIR|HUB_ID`` as every command that loads the model takes it (``hd4k read/chart/describe/serve/mcp``):
-    ``$HD4K_MODEL`` or the official checkpoint by default."""
-    parser.add_argument(
-        "--model",
-        default=default_model(),
-        metavar="DIR|HUB_ID",
-        help=f"checkpoint folder or hub id (default: ${MODEL_ENV} or {DEFAULT_MODEL_ID})",
-    )
 
 
 def hub_offline() -> bool:

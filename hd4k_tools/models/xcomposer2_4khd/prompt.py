@@ -210,6 +210,23 @@ def prompt_text_tokens(
     return sum(counts) + bos
 
 
+def partial_conversation_prompt(messages: Sequence[ConversationTurn]) -> str:
+    """A conversation in the chat layout that may end with any role (for counting partial histories, e.g.
+    ``trim_messages``): one ``<ImageHere>`` per image, and an open assistant turn after a final user turn,
+    as in the prompt the model reads."""
+    turns = list(messages)
+    meta = DEFAULT_META_INSTRUCTION
+    if turns and turns[0].role == "system":
+        meta = "".join(p for p in turns.pop(0).content if isinstance(p, str))
+    text = f"{IM_START}system\n{meta}{IM_END}\n" if meta else ""
+    for m in turns:
+        body = "".join(p if isinstance(p, str) else IMAGE_PLACEHOLDER for p in m.content)
+        text += f"{IM_START}{m.role}\n{body}{IM_END}\n"
+    if turns and turns[-1].role == "user":
+        text += f"{IM_START}assistant\n"
+    return text
+
+
 def build_eval_prompt(prompt: str, *, num_images: int = 1) -> str:
     """The authors' evaluation layout (docs/model.md §4, VLMEvalKit/lmms-eval ``model_gen``): the images first,
     then the user turn, no system prompt. Assemble it with ``bos_each_part=False``, which gives

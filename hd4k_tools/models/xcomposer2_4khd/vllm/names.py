@@ -22,3 +22,6 @@ CHAT_TEMPLATE_PATH = Path(__file__).with_name("chat_template.jinja")
 #: CUDA graphs / torch.compile are on and ``"gather"`` in eager mode; ``"off"`` disables Partial LoRA (a
 #: negative control for tests and benchmarks; never correct for the real model).
 PLORA_MODES = ("auto", "gather", "static", "off")
+#: hd_num of a vLLM engine started without ``mm_processor_kwargs={"hd_num": ...}``, and ``hd4k serve``'s default
+#: for requests without one (both engines): the chat task's default (docs/model.md §1.10). Written once, here.
+DEFAULT_ENGINE_HD_NUM = 25

@@ -47,11 +47,10 @@ from hd4k_tools.models.xcomposer2_4khd.prompt import with_part_bos
 from hd4k_tools.models.xcomposer2_4khd.special_tokens import IMAGE_PLACEHOLDER
 from hd4k_tools.models.xcomposer2_4khd.tiling import MAX_AUTO_HD_NUM, HDNum, HDPlan, plan, plan_images, to_model_inputs
 from hd4k_tools.models.xcomposer2_4khd.vision import image_token_count
+from hd4k_tools.models.xcomposer2_4khd.vllm.names import DEFAULT_ENGINE_HD_NUM
 
-#: hd_num of an engine started without ``mm_processor_kwargs={"hd_num": ...}`` (``hd4k serve``'s default).
-DEFAULT_ENGINE_HD_NUM = 25
-#: Keys a request may send in ``mm_processor_kwargs``.
-REQUEST_KWARGS = ("hd_num", "layout")
+#: Keys a request may send in ``mm_processor_kwargs`` (``hd_plans``: the in-process engine's own plans).
+REQUEST_KWARGS = ("hd_num", "hd_plans", "layout")
 __all__ = ["DEFAULT_ENGINE_HD_NUM", "HDNumOverBudgetError", "XComposer2MultiModalProcessor", "XComposer2ProcessingInfo"]
 LAYOUTS = ("chat", "eval")
 
@@ -145,6 +144,22 @@ class XComposer2ProcessingInfo(BaseProcessingInfo):
                 )
         return list(plans)
 
+    def check_plans(self, plans: object, images: Sequence[Image.Image]) -> list[HDPlan]:
+        """Plans made by the caller (the in-process engine): one :class:`HDPlan` per image, of its size, within
+        the engine's budget."""
+        if not isinstance(plans, (list, tuple)) or not all(isinstance(p, HDPlan) for p in plans):
+            raise InputError("mm_processor_kwargs hd_plans must be HDPlan objects (in process); send hd_num instead.")
+        if [(p.width, p.height) for p in plans] != [image.size for image in images]:
+            raise InputError("mm_processor_kwargs hd_plans do not match the images (one plan per image, in order).")
+        cap = self.max_hd_num()
+        for p in plans:
+            if p.hd_num > cap:
+                raise HDNumOverBudgetError(
+                    f"hd_num={p.hd_num} is above this engine's budget of {cap}; use hd_num <= {cap} or 'auto', "
+                    "or start the engine with a larger hd_num."
+                )
+        return list(plans)
+
     # -- sizes -----------------------------------------------------------------------------------------
     def largest_image(self) -> tuple[int, int, int]:
         """``(width, height, tokens)`` of an image with the most tokens at the engine's budget."""
@@ -218,7 +233,11 @@ class XComposer2MultiModalProcessor(BaseMultiModalProcessor[XComposer2Processing
         prompt = official_prompt_ids(
             inputs.prompt, image_id=image_id, bos_id=bos_id, layout=kwargs.get("layout", "chat")
         )
-        plans = self.info.plan_images(kwargs.get("hd_num"), pil_images, text_tokens=len(prompt) - len(pil_images))
+        given = kwargs.get("hd_plans")
+        if given is not None:  # planned by the in-process engine's caller: checked, not re-planned
+            plans = self.info.check_plans(given, pil_images)
+        else:
+            plans = self.info.plan_images(kwargs.get("hd_num"), pil_images, text_tokens=len(prompt) - len(pil_images))
         # Only the per-image plans reach tiling, and their hd_nums hashing and caching (the layout is in the ids).
         mm_kwargs = {"hd_num": tuple(p.hd_num for p in plans), "hd_plans": tuple(plans)}
         inputs = replace(inputs, prompt=prompt, hf_processor_mm_kwargs=mm_kwargs)

@@ -1,0 +1,91 @@
+"""A second model family through the registry alone (issue 18 item 2): the same model registered under
+another ``model_type``, a checkpoint that names it, and every engine path going through its
+:class:`ModelFamily` object (prompt building, planning, tensors, checkpoint loading)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from hd4k_tools import HD4K
+from hd4k_tools.errors import CheckpointError, InputError
+from hd4k_tools.models import registry
+from hd4k_tools.models.registry import FAMILIES, ModelFamily, family_for_checkpoint, register_family
+
+
+@dataclass(frozen=True)
+class CountingFamily(ModelFamily):
+    """The IXC2-4KHD family folder under another model_type, counting what the engines ask of it."""
+
+    calls: Counter = field(default_factory=Counter, compare=False, hash=False)
+
+    def conversation_prompt(self, messages: Any, layout: Any = "chat") -> str:
+        self.calls["conversation_prompt"] += 1
+        return super().conversation_prompt(messages, layout)
+
+    def plan_images(self, images: Any, hd_num: Any, **kw: Any) -> Any:
+        self.calls["plan_images"] += 1
+        return super().plan_images(images, hd_num, **kw)
+
+    def to_model_inputs(self, image: Any, plan: Any, *, dtype: Any = None) -> Any:
+        self.calls["to_model_inputs"] += 1
+        return super().to_model_inputs(image, plan, dtype=dtype)
+
+    def load_pretrained(self, path_or_hub_id: Any, **options: Any) -> Any:
+        self.calls["load_pretrained"] += 1
+        return super().load_pretrained(path_or_hub_id, **options)
+
+
+@pytest.fixture
+def toy_family() -> Iterator[CountingFamily]:
+    family = CountingFamily(
+        package=registry.DEFAULT_FAMILY.package,
+        model_type="toy-xcomposer",
+        architectures=("ToyXComposerForCausalLM",),
+        default_checkpoint="example/toy-xcomposer",
+    )
+    register_family(family)
+    try:
+        yield family
+    finally:
+        registry.unregister_family(family.model_type)
+
+
+def _as_toy(checkpoint: Path, folder: Path) -> Path:
+    folder.mkdir()
+    for item in checkpoint.iterdir():
+        (folder / item.name).symlink_to(item)
+    config = json.loads((checkpoint / "config.json").read_text())
+    config.update(model_type="toy-xcomposer", architectures=["ToyXComposerForCausalLM"])
+    (folder / "config.json").unlink()
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_a_second_family_runs_through_the_registry_alone(
+    toy_family: CountingFamily, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    toy = _as_toy(tiny_checkpoint, tmp_path / "toy")
+    assert family_for_checkpoint(toy) is toy_family
+    hd = HD4K.from_pretrained(str(toy), dtype="float32", device="cpu", progress=False)
+    assert hd.runner.family is toy_family and hd.family is toy_family
+    result = hd.describe_image(Image.new("RGB", (200, 150), (20, 90, 160)), hd_num=2, generation={"max_new_tokens": 3})
+    assert result.hd_num == 2
+    assert toy_family.calls == Counter(load_pretrained=1, plan_images=1, conversation_prompt=1, to_model_inputs=1)
+
+
+def test_registering_is_checked(toy_family: CountingFamily) -> None:
+    assert FAMILIES["toy-xcomposer"] is toy_family
+    with pytest.raises(InputError, match="already registered"):
+        register_family(ModelFamily("x.y", "toy-xcomposer", ("Other",), "example/other"))
+    with pytest.raises(InputError):
+        register_family("not a family")  # type: ignore[arg-type]
+    with pytest.raises(CheckpointError, match="toy-xcomposer"):
+        registry.family_for_config({"model_type": "unknown", "architectures": ["Nope"]})

@@ -29,7 +29,7 @@ from hd4k_tools.hd4k import HD4K, _in_thread
 from hd4k_tools.inputs.images import ImageSource, SourceBytes, read_source_bytes
 from hd4k_tools.inputs.pdf import PageSpec, page_count, page_labels, select_pages
 from hd4k_tools.inputs.policy import ImagePolicy
-from hd4k_tools.models.registry import DEFAULT_FAMILY, IMAGE_PLACEHOLDER, PromptTokenizer
+from hd4k_tools.models.registry import IMAGE_PLACEHOLDER, PromptTokenizer
 from hd4k_tools.runtime.runner import Message, Runner
 from hd4k_tools.runtime.stops import StopFilter
 
@@ -131,7 +131,7 @@ def count_message_tokens(
     # The plans of a chat request at this hd_num ("auto" depends on the answer length, hence generation).
     plans = hd.build_request(messages, hd_num=hd_num, generation=generation).plans() if images else []
     image_tokens = [p.num_tokens for p in plans]
-    family = getattr(hd.runner, "family", DEFAULT_FAMILY)
+    family = hd.family
     prompt = family.partial_conversation_prompt(messages)
     tokenizer = getattr(hd.runner, "tokenizer", None)
     if isinstance(tokenizer, PromptTokenizer):

@@ -59,6 +59,16 @@ class ModelFamily:
         """Text tokens of the prompt an engine renders for ``messages`` (what ``"auto"`` reserves)."""
         return self.module("prompt").prompt_text_tokens(count_text_tokens, messages, layout)
 
+    def partial_conversation_prompt(self, messages: Sequence[ConversationTurn]) -> str:
+        """The chat layout of a conversation that may end with any role (token counting of histories)."""
+        return self.module("prompt").partial_conversation_prompt(messages)
+
+    def count_prompt_tokens(
+        self, tokenizer: PromptTokenizer, prompt: str, image_token_counts: Sequence[int], **kw: Any
+    ) -> int:
+        """Prompt tokens (text + images) without running the vision tower."""
+        return self.module("prompt").count_prompt_tokens(tokenizer, prompt, image_token_counts, **kw)
+
     def check_context(
         self, tokenizer: PromptTokenizer, prompt: str, image_token_counts: Sequence[int], **kw: Any
     ) -> int:

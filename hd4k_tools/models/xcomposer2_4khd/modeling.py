@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hd4k_tools.models.xcomposer2_4khd.configuration import XComposer2Config
+from hd4k_tools.models.xcomposer2_4khd.configuration import PLoRAShape, XComposer2Config
 from hd4k_tools.models.xcomposer2_4khd.kv_cache import KVCache
 from hd4k_tools.models.xcomposer2_4khd.vision import VisionTower, encode_crops, image_token_count
 
@@ -93,6 +93,11 @@ class PLoRALinear(nn.Linear):
         self.lora_scaling = lora_alpha / lora_r
         # Set by quantisation (checkpoint.quantize_decoder): a module computing the base projection.
         self.quantized_base: nn.Module | None = None
+
+    @classmethod
+    def of(cls, shape: PLoRAShape, *, bias: bool) -> PLoRALinear:
+        """The linear of ``shape`` (sizes, rank and alpha from :meth:`XComposer2Config.plora_shapes`)."""
+        return cls(shape.in_features, shape.out_features, bias=bias, lora_r=shape.r, lora_alpha=shape.alpha)
 
     def base_forward(self, x: Tensor) -> Tensor:
         if self.quantized_base is not None:
@@ -205,20 +210,9 @@ class Attention(nn.Module):
         self.n_kv_heads = config.num_key_value_heads
         self.q_per_kv = config.num_kv_groups
         self.head_dim = config.head_dim
-        self.wqkv = PLoRALinear(
-            config.hidden_size,
-            (self.n_heads + 2 * self.n_kv_heads) * self.head_dim,
-            bias=config.bias,
-            lora_r=config.wqkv_lora_r,
-            lora_alpha=config.wqkv_lora_alpha,
-        )
-        self.wo = PLoRALinear(
-            self.n_heads * self.head_dim,
-            config.hidden_size,
-            bias=config.bias,
-            lora_r=config.lora_r,
-            lora_alpha=config.lora_alpha,
-        )
+        shapes = config.plora_shapes()
+        self.wqkv = PLoRALinear.of(shapes["wqkv"], bias=config.bias)
+        self.wo = PLoRALinear.of(shapes["wo"], bias=config.bias)
 
     def split_qkv(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``qkv [B, T, n_kv*(q_per_kv+2)*d]`` → views q ``[B, T, n_kv, q_per_kv, d]`` (query head
@@ -280,11 +274,10 @@ class FeedForward(nn.Module):
 
     def __init__(self, config: XComposer2Config) -> None:
         super().__init__()
-        d, f = config.hidden_size, config.intermediate_size
-        lora = {"bias": config.bias, "lora_r": config.lora_r, "lora_alpha": config.lora_alpha}
-        self.w1 = PLoRALinear(d, f, **lora)
-        self.w3 = PLoRALinear(d, f, **lora)
-        self.w2 = PLoRALinear(f, d, **lora)
+        shapes = config.plora_shapes()
+        self.w1 = PLoRALinear.of(shapes["w1"], bias=config.bias)
+        self.w3 = PLoRALinear.of(shapes["w3"], bias=config.bias)
+        self.w2 = PLoRALinear.of(shapes["w2"], bias=config.bias)
 
     def forward(self, x: Tensor, im_mask: LoRAPositions | None) -> Tensor:
         return self.w2(F.silu(self.w1(x, im_mask)) * self.w3(x, im_mask), im_mask)

@@ -41,7 +41,7 @@ from vllm.model_executor.utils import set_weight_attrs
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from hd4k_tools.models.xcomposer2_4khd.checkpoint import _IGNORED_KEYS
-from hd4k_tools.models.xcomposer2_4khd.configuration import XComposer2Config
+from hd4k_tools.models.xcomposer2_4khd.configuration import PLoRAShape, XComposer2Config
 from hd4k_tools.models.xcomposer2_4khd.special_tokens import IMAGE_PLACEHOLDER
 from hd4k_tools.models.xcomposer2_4khd.vision import VisionTower, encode_crops
 from hd4k_tools.models.xcomposer2_4khd.vllm.lora import (
@@ -108,6 +108,11 @@ def add_lora(out: Tensor, x: Tensor, a: Tensor, b: Tensor, scaling: float, lora_
     return plora_static(out, x, a, b, scaling, where)
 
 
+def _plora_args(shape: PLoRAShape) -> dict[str, Any]:
+    """The arguments of a parallel Partial-LoRA linear from the config's shape (full, unsharded sizes)."""
+    return {"in_features": shape.in_features, "out_features": shape.out_features, "r": shape.r, "alpha": shape.alpha}
+
+
 class PLoRAColumnLinear(ColumnParallelLinear):
     """Column-parallel projection + Partial LoRA (``A`` replicated, ``B`` split by output rows)."""
 
@@ -171,23 +176,12 @@ class XComposer2Attention(nn.Module):
         self.n_kv = config.num_key_value_heads // tp
         self.q_per_kv = config.num_kv_groups
         quant = vllm_config.quant_config
+        shapes = config.plora_shapes()  # full sizes; the parallel linears shard them
         self.wqkv = PLoRAColumnLinear(
-            config.hidden_size,
-            (config.num_attention_heads + 2 * config.num_key_value_heads) * self.head_dim,
-            bias=config.bias,
-            r=config.wqkv_lora_r,
-            alpha=config.wqkv_lora_alpha,
-            quant_config=quant,
-            prefix=f"{prefix}.wqkv",
+            **_plora_args(shapes["wqkv"]), bias=config.bias, quant_config=quant, prefix=f"{prefix}.wqkv"
         )
         self.wo = PLoRARowLinear(
-            config.num_attention_heads * self.head_dim,
-            config.hidden_size,
-            bias=config.bias,
-            r=config.lora_r,
-            alpha=config.lora_alpha,
-            quant_config=quant,
-            prefix=f"{prefix}.wo",
+            **_plora_args(shapes["wo"]), bias=config.bias, quant_config=quant, prefix=f"{prefix}.wo"
         )
         self.rotary_emb = get_rope(
             self.head_dim, max_position=config.max_position_embeddings, rope_parameters=rope_parameters
@@ -218,16 +212,11 @@ class XComposer2FeedForward(nn.Module):
 
     def __init__(self, config: XComposer2Config, vllm_config: VllmConfig, prefix: str):
         super().__init__()
-        d, f = config.hidden_size, config.intermediate_size
-        lora = {
-            "bias": config.bias,
-            "r": config.lora_r,
-            "alpha": config.lora_alpha,
-            "quant_config": vllm_config.quant_config,
-        }
-        self.w1 = PLoRAColumnLinear(d, f, prefix=f"{prefix}.w1", **lora)
-        self.w3 = PLoRAColumnLinear(d, f, prefix=f"{prefix}.w3", **lora)
-        self.w2 = PLoRARowLinear(f, d, prefix=f"{prefix}.w2", **lora)
+        shapes = config.plora_shapes()
+        common = {"bias": config.bias, "quant_config": vllm_config.quant_config}
+        self.w1 = PLoRAColumnLinear(**_plora_args(shapes["w1"]), prefix=f"{prefix}.w1", **common)
+        self.w3 = PLoRAColumnLinear(**_plora_args(shapes["w3"]), prefix=f"{prefix}.w3", **common)
+        self.w2 = PLoRARowLinear(**_plora_args(shapes["w2"]), prefix=f"{prefix}.w2", **common)
 
     def forward(self, x: Tensor, lora_at: LoRAAt) -> Tensor:
         return self.w2(F.silu(self.w1(x, lora_at)) * self.w3(x, lora_at), lora_at)

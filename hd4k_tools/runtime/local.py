@@ -56,6 +56,7 @@ from hd4k_tools.runtime.generation import (
 from hd4k_tools.runtime.kv_prefix_cache import PrefixKey, PrefixKVCache, PromptSplit, split_at_last_image, suffix_inputs
 from hd4k_tools.runtime.runner import GenerationRequest, RunnerResult, TextStream, stream_in_thread
 from hd4k_tools.runtime.stops import StopFilter
+from hd4k_tools.runtime.tokenized import TokenizerOwner
 
 Emit = Callable[[str], None]
 
@@ -114,7 +115,7 @@ class Encoded:
     vision_cache_hits: int
 
 
-class LocalRunner:
+class LocalRunner(TokenizerOwner):
     """Runs the native InternLM-XComposer2-4KHD model loaded by ``load_pretrained``.
 
     Model calls are serialised by a lock. Vision outputs are cached by (image content, hd_num, dtype,
@@ -204,13 +205,6 @@ class LocalRunner:
     @property
     def model(self):
         return self._model
-
-    @property
-    def tokenizer(self):
-        return self._tokenizer
-
-    def count_text_tokens(self, text: str) -> int:
-        return len(self._tokenizer.encode(text, add_bos=False))
 
     def close(self) -> None:
         self.embedding_cache.clear()

@@ -50,6 +50,7 @@ from hd4k_tools.runtime.generation import TextDeltas, decode_output, stop_ids_fo
 from hd4k_tools.runtime.generation_config import GenerationConfig
 from hd4k_tools.runtime.runner import GenerationRequest, RunnerResult, TextStream, stream_in_thread
 from hd4k_tools.runtime.stops import StopFilter
+from hd4k_tools.runtime.tokenized import TokenizerOwner
 
 __all__ = ["VllmEngineError", "VllmRunner"]
 
@@ -78,7 +79,7 @@ def _sampling_params(g: GenerationConfig, max_tokens: int, stop_ids: Sequence[in
     return SamplingParams(**kwargs)
 
 
-class VllmRunner:
+class VllmRunner(TokenizerOwner):
     """vLLM's continuous-batching engine behind the :class:`~hd4k_tools.runtime.runner.Runner` protocol.
 
     Args:
@@ -213,13 +214,6 @@ class VllmRunner:
     @property
     def context_length(self) -> int:
         return self._max_len
-
-    @property
-    def tokenizer(self):
-        return self._tokenizer
-
-    def count_text_tokens(self, text: str) -> int:
-        return len(self._tokenizer.encode(text, add_bos=False))
 
     def close(self) -> None:
         """Shut vLLM's engine process down and stop the loop thread (idempotent)."""

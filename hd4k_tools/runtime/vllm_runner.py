@@ -36,6 +36,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -301,11 +302,6 @@ class VllmRunner(TokenizerOwner):
         self, prep: _Prepared, *, emit: Callable[[str], None] | None, cancel: threading.Event | None
     ) -> RunnerResult:
         t_start = time.perf_counter()
-        request_id = f"hd4k-{next(self._ids)}"
-        tokens: list[int] = []
-        finish: str = "length"
-        prompt_tokens = prep.num_prompt_tokens
-        first_token_at: float | None = None
         # Deltas of the *stripped* answer, so that joined they equal the non-streamed text (as natively).
         deltas, trim, pieces = TextDeltas(self._tokenizer), StopFilter(), []
 
@@ -314,41 +310,13 @@ class VllmRunner(TokenizerOwner):
                 pieces.append(piece_text)
                 emit(piece_text)
 
-        cancelled = cancel is not None and cancel.is_set()
-        if not cancelled:
-            watcher = asyncio.ensure_future(self._watch(cancel)) if cancel is not None else None
-            try:
-                async for out in self._engine.generate(prep.engine_input, prep.params, request_id):
-                    if out.prompt_token_ids is not None:
-                        prompt_tokens = len(out.prompt_token_ids)
-                    piece = out.outputs[0]
-                    if piece.token_ids:
-                        if first_token_at is None:
-                            first_token_at = time.perf_counter()
-                        new = [int(t) for t in piece.token_ids if int(t) not in self._stop_ids]
-                        tokens.extend(int(t) for t in piece.token_ids)
-                        send(deltas.feed(new))
-                    if out.finished:
-                        finish = piece.finish_reason or "stop"
-                    if cancel is not None and cancel.is_set():
-                        cancelled = True
-                        break
-            except asyncio.CancelledError:
-                raise
-            except HD4KError:
-                raise
-            except Exception as err:
-                raise _engine_error(err) from err
-            finally:
-                if watcher is not None:
-                    watcher.cancel()
-            if cancelled or finish == "abort":
-                with contextlib.suppress(Exception):
-                    await self._engine.abort(request_id)
-                cancelled = True
-        if tokens and tokens[-1] in self._stop_ids and finish == "stop":
-            tokens = tokens[:-1]  # as the native loop: the stop token is not part of the answer
-        finish_reason = "cancelled" if cancelled else ("stop" if finish == "stop" else "length")
+        run = _Collected(prompt_tokens=prep.num_prompt_tokens)
+        if not (cancel is not None and cancel.is_set()):
+            await self._collect(prep, run, lambda new: send(deltas.feed(new)), cancel)
+        else:
+            run.cancelled = True
+        if run.tokens and run.tokens[-1] in self._stop_ids and run.finish == "stop":
+            run.tokens = run.tokens[:-1]  # as the native loop: the stop token is not part of the answer
         if emit is not None:
             send(deltas.finish())
             if tail := trim.finish():
@@ -356,22 +324,62 @@ class VllmRunner(TokenizerOwner):
                 emit(tail)
             text = "".join(pieces)
         else:
-            text = decode_output(self._tokenizer, tokens)
+            text = decode_output(self._tokenizer, run.tokens)
+        return self._result(prep, run, text, t_start)
+
+    async def _collect(
+        self, prep: _Prepared, run: _Collected, on_tokens: Callable[[list[int]], None], cancel: threading.Event | None
+    ) -> None:
+        """Run one request on the engine, collecting its tokens into ``run`` (new non-stop ids go to
+        ``on_tokens``); a cancel or an engine abort aborts the request and marks ``run`` cancelled."""
+        request_id = f"hd4k-{next(self._ids)}"
+        watcher = asyncio.ensure_future(self._watch(cancel)) if cancel is not None else None
+        try:
+            async for out in self._engine.generate(prep.engine_input, prep.params, request_id):
+                if out.prompt_token_ids is not None:
+                    run.prompt_tokens = len(out.prompt_token_ids)
+                piece = out.outputs[0]
+                if piece.token_ids:
+                    if run.first_token_at is None:
+                        run.first_token_at = time.perf_counter()
+                    run.tokens.extend(int(t) for t in piece.token_ids)
+                    on_tokens([int(t) for t in piece.token_ids if int(t) not in self._stop_ids])
+                if out.finished:
+                    run.finish = piece.finish_reason or "stop"
+                if cancel is not None and cancel.is_set():
+                    run.cancelled = True
+                    break
+        except asyncio.CancelledError:
+            raise
+        except HD4KError:
+            raise
+        except Exception as err:
+            raise _engine_error(err) from err
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+        if run.cancelled or run.finish == "abort":
+            with contextlib.suppress(Exception):
+                await self._engine.abort(request_id)
+            run.cancelled = True
+
+    def _result(self, prep: _Prepared, run: _Collected, text: str, t_start: float) -> RunnerResult:
+        """The answer with its usage and timings (prefill until the first token, decode after it)."""
         end = time.perf_counter()
-        first = first_token_at or end
+        first = run.first_token_at or end
         decode_s = end - first
+        n = len(run.tokens)
         timings = Timings(
             load_s=self.load_seconds,
             prefill_s=first - t_start,
             decode_s=decode_s,
-            decode_tokens_per_s=(len(tokens) - 1) / decode_s if decode_s > 0 and len(tokens) > 1 else 0.0,
+            decode_tokens_per_s=(n - 1) / decode_s if decode_s > 0 and n > 1 else 0.0,
             total_s=end - t_start,
         )
         usage = Usage(
-            prompt_tokens=prompt_tokens,
-            image_tokens=sum(p.num_tokens for p in prep.plans),
-            completion_tokens=len(tokens),
+            prompt_tokens=run.prompt_tokens, image_tokens=sum(p.num_tokens for p in prep.plans), completion_tokens=n
         )
+        finish_reason = "cancelled" if run.cancelled else ("stop" if run.finish == "stop" else "length")
         return RunnerResult(
             text=text.strip(),
             model=self.model_id,
@@ -385,6 +393,17 @@ class VllmRunner(TokenizerOwner):
     async def _watch(cancel: threading.Event) -> None:
         while not cancel.is_set():
             await asyncio.sleep(0.02)
+
+
+@dataclass
+class _Collected:
+    """What one engine request produced: its token ids, how it finished, the prompt length vLLM counted."""
+
+    prompt_tokens: int
+    tokens: list[int] = field(default_factory=list)
+    finish: str = "length"
+    first_token_at: float | None = None
+    cancelled: bool = False
 
 
 class _Prepared:

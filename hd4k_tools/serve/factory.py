@@ -8,6 +8,7 @@ FastAPI is an optional extra (``serve``): it is imported when an app is built, a
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
 from hd4k_tools import __version__
@@ -29,7 +30,7 @@ from hd4k_tools.serve.metrics import ServerMetrics
 if TYPE_CHECKING:  # pragma: no cover
     from fastapi import FastAPI
 
-__all__ = ["SERVE_HINT", "create_app", "require_serve"]
+__all__ = ["SERVE_HINT", "ServerOptions", "create_app", "require_serve"]
 
 SERVE_HINT = 'pip install "hd4k-tools[serve]"'
 
@@ -54,25 +55,11 @@ def _checked_hd_num(default_hd_num: HDNum) -> HDNum:
     return default_hd_num
 
 
-def create_app(
-    runner: Runner,
-    *,
-    policy: ImagePolicy | None = None,
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-    allow_image_urls: bool = False,
-    default_hd_num: HDNum = DEFAULT_FAMILY.default_engine_hd_num,
-    served_model_name: str | None = None,
-    api_key: str | None = None,
-    max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
-    sse_keepalive_s: float = DEFAULT_SSE_KEEPALIVE_S,
-    body_timeout: float = limits.DEFAULT_BODY_TIMEOUT_S,
-    max_concurrent_uploads: int = limits.DEFAULT_MAX_CONCURRENT_UPLOADS,
-) -> FastAPI:
-    """Build the OpenAI-compatible FastAPI app that answers with ``runner``.
+@dataclass(frozen=True)
+class ServerOptions:
+    """What an app serves with besides its runner (the keywords of :func:`create_app`, as one object).
 
-    Args:
-        runner: any :class:`~hd4k_tools.runtime.runner.Runner` (usually a ``LocalRunner``); it must be safe to
-            call from several threads (``LocalRunner`` serialises its model calls).
+    Attributes:
         policy: image limits (pixels, bytes, private URLs); defaults to ``ImagePolicy()``.
         max_request_bytes: largest accepted request body; larger ones get 413.
         allow_image_urls: accept ``http(s)://`` image URLs (fetched under ``policy``: private and
@@ -88,42 +75,74 @@ def create_app(
             stream and sends an SSE comment (``: keep-alive``) every ``sse_keepalive_s`` until it comes.
         body_timeout: seconds a client has to send its whole request body; slower uploads get 408.
         max_concurrent_uploads: request bodies received at once; more get 503 ``too_many_uploads``.
+    """
+
+    policy: ImagePolicy | None = None
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    allow_image_urls: bool = False
+    default_hd_num: HDNum = DEFAULT_FAMILY.default_engine_hd_num
+    served_model_name: str | None = None
+    api_key: str | None = None
+    max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT
+    sse_keepalive_s: float = DEFAULT_SSE_KEEPALIVE_S
+    body_timeout: float = limits.DEFAULT_BODY_TIMEOUT_S
+    max_concurrent_uploads: int = limits.DEFAULT_MAX_CONCURRENT_UPLOADS
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "default_hd_num", _checked_hd_num(self.default_hd_num))
+        if self.max_request_bytes < 1:
+            raise ValueError(f"max_request_bytes must be >= 1, got {self.max_request_bytes}")
+        limit = self.max_tokens_limit
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"max_tokens_limit must be an int >= 1, got {limit!r}")
+        for name in ("body_timeout", "sse_keepalive_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+
+    @classmethod
+    def of(cls, options: ServerOptions | None = None, **changes: Any) -> ServerOptions:
+        """``options`` (default: the defaults) with ``changes``, refusing unknown names."""
+        unknown = sorted(set(changes) - {f.name for f in fields(cls)})
+        if unknown:
+            raise TypeError(f"unknown server options {unknown}; valid: {[f.name for f in fields(cls)]}")
+        return replace(options or cls(), **changes)
+
+    def settings(self, runner: Runner) -> ServeSettings:
+        """The request handlers' settings for ``runner``."""
+        return ServeSettings(
+            runner=runner,
+            policy=self.policy or ImagePolicy(),
+            allow_image_urls=self.allow_image_urls,
+            default_hd_num=self.default_hd_num,
+            model_name=self.served_model_name or runner.model_id,
+            max_request_bytes=self.max_request_bytes,
+            api_key=self.api_key,
+            max_tokens_limit=self.max_tokens_limit,
+            sse_keepalive_s=float(self.sse_keepalive_s),
+            body_timeout=float(self.body_timeout),
+            upload_slots=limits.UploadSlots(self.max_concurrent_uploads),
+        )
+
+
+def create_app(runner: Runner, options: ServerOptions | None = None, **changes: Any) -> FastAPI:
+    """Build the OpenAI-compatible FastAPI app that answers with ``runner``.
+
+    ``runner`` is any :class:`~hd4k_tools.runtime.runner.Runner` (usually a ``LocalRunner``); it must be safe
+    to call from several threads (``LocalRunner`` serialises its model calls). The options are a
+    :class:`ServerOptions`, or its fields as keywords (``create_app(runner, api_key="...",
+    default_hd_num=9)``), or both (the keywords win).
 
     Raises:
         MissingDependencyError: FastAPI/uvicorn are not installed (``pip install "hd4k-tools[serve]"``).
+        ValueError, InvalidHDNumError: an option out of range; TypeError: an unknown option.
     """
     require_serve()
     from fastapi import FastAPI
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.openapi.utils import get_openapi
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse
 
-    from hd4k_tools.serve.routes import ServerState, error_response, logger, openapi_components, router
+    from hd4k_tools.serve.routes import ServerState, router
 
-    default_hd_num = _checked_hd_num(default_hd_num)
-    if max_request_bytes < 1:
-        raise ValueError(f"max_request_bytes must be >= 1, got {max_request_bytes}")
-    if isinstance(max_tokens_limit, bool) or not isinstance(max_tokens_limit, int) or max_tokens_limit < 1:
-        raise ValueError(f"max_tokens_limit must be an int >= 1, got {max_tokens_limit!r}")
-    if not (isinstance(body_timeout, int | float) and math.isfinite(body_timeout) and body_timeout > 0):
-        raise ValueError(f"body_timeout must be a positive number of seconds, got {body_timeout!r}")
-    if not (isinstance(sse_keepalive_s, int | float) and math.isfinite(sse_keepalive_s) and sse_keepalive_s > 0):
-        raise ValueError(f"sse_keepalive_s must be a positive number of seconds, got {sse_keepalive_s!r}")
-    settings = ServeSettings(
-        runner=runner,
-        policy=policy or ImagePolicy(),
-        allow_image_urls=allow_image_urls,
-        default_hd_num=default_hd_num,
-        model_name=served_model_name or runner.model_id,
-        max_request_bytes=max_request_bytes,
-        api_key=api_key,
-        max_tokens_limit=max_tokens_limit,
-        sse_keepalive_s=float(sse_keepalive_s),
-        body_timeout=float(body_timeout),
-        upload_slots=limits.UploadSlots(max_concurrent_uploads),
-    )
+    settings = ServerOptions.of(options, **changes).settings(runner)
     metrics = ServerMetrics(settings.model_name)
     app = FastAPI(
         title="hd4k-tools",
@@ -133,6 +152,19 @@ def create_app(
     app.state.hd4k = ServerState(settings=settings, metrics=metrics)
     app.include_router(router)
     app.add_middleware(AccessLogMiddleware, metrics=metrics)
+    _install_error_handlers(app)
+    _install_openapi(app)
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """Every error as OpenAI's error object (validation 400s, 404/405, our APIErrors, and 500s logged)."""
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+
+    from hd4k_tools.serve.routes import error_response, logger
 
     @app.exception_handler(RequestValidationError)
     async def _on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -155,6 +187,13 @@ def create_app(
         logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return error_response(internal_error())
 
+
+def _install_openapi(app: FastAPI) -> None:
+    """The OpenAPI document with the request/response models the raw-body chat route does not declare."""
+    from fastapi.openapi.utils import get_openapi
+
+    from hd4k_tools.serve.routes import openapi_components
+
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
@@ -165,4 +204,3 @@ def create_app(
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    return app

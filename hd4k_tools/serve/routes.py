@@ -183,22 +183,34 @@ async def _first_or_keepalive(task: asyncio.Task[Any], interval: float) -> Async
             yield responses.KEEPALIVE
 
 
-async def _answer_stream(request: Request, prep: Prepared, cid: str, created: int) -> Response:
-    """A streamed answer. The first delta (or, for structured output, the whole answer) is awaited before
-    the status line for up to ``sse_keepalive_s``, so that early errors (context overflow) keep their status
-    code; a longer prefill starts the 200 stream and sends keep-alive comments until the first token."""
-    state = _state(request)
-    settings, metrics = state.settings, state.metrics
+@dataclass
+class _StreamRun:
+    """One streamed answer in flight: the engine's text stream (None for structured output, answered whole),
+    the task computing its first delta, and what the stream ended with."""
+
+    stream: TextStream | None
+    first_task: asyncio.Future[Any]
+    cancel: threading.Event
+    result: RunnerResult | None = None
+    stopped: bool = False
+    attempts: int | None = None
+
+
+_DONE = object()  # the end of a text stream (next(stream, _DONE))
+
+
+async def _start_stream(
+    request: Request, prep: Prepared, settings: ServeSettings, metrics: ServerMetrics
+) -> _StreamRun:
+    """Start the generation and the wait for its first delta (for structured output: the whole answer)."""
     cancel = threading.Event()
-    done = object()
-    start = time.perf_counter()
     stream: TextStream | None = None
     if prep.structured is None:
         stream = await anyio.to_thread.run_sync(lambda: settings.runner.stream(prep.request, cancel=cancel))
         live = stream
 
         def first_call() -> Any:
-            return next(live, done)
+            return next(live, _DONE)
     else:
 
         def first_call() -> Any:
@@ -206,94 +218,120 @@ async def _answer_stream(request: Request, prep: Prepared, cid: str, created: in
 
     metrics.start_generation()
     first_task = asyncio.ensure_future(in_thread_until_disconnect(request, first_call, cancel))
-    await asyncio.wait({first_task}, timeout=settings.sse_keepalive_s)
-    if first_task.done() and first_task.exception() is not None:
+    return _StreamRun(stream, first_task, cancel)
+
+
+async def _text_chunks(
+    run: _StreamRun, first: Any, prep: Prepared, chunk: Callable[..., bytes]
+) -> AsyncIterator[bytes]:
+    """The answer's chunks from ``first`` on: the whole structured answer in one delta, or the stream's deltas
+    cut at the stop strings; records the result, whether a stop string ended it, and the attempts."""
+    if isinstance(first, Answer):  # structured output: the whole validated JSON in one delta
+        run.result, run.attempts = first.result, first.attempts
+        yield chunk({"content": first.text}, None)
+        return
+    stream = run.stream
+    assert stream is not None
+    filt = StopFilter(prep.stops)
+    delta = first
+    while delta is not _DONE:
+        out = filt.feed(delta)
+        if out:
+            yield chunk({"content": out}, None)
+        if filt.stopped:
+            break
+        delta = await anyio.to_thread.run_sync(lambda: next(stream, _DONE))
+    if filt.stopped:
+        run.cancel.set()
+    tail = filt.finish()
+    if tail:
+        yield chunk({"content": tail}, None)
+    await anyio.to_thread.run_sync(stream.close)
+    run.result, run.stopped = stream.result, filt.stopped
+
+
+def _closing_chunks(run: _StreamRun, prep: Prepared, cid: str, created: int, model: str) -> list[bytes]:
+    """The finish chunk (with the hd4k extension), the usage chunk when asked for, and ``[DONE]``."""
+    result = run.result
+    out = [
+        responses.chunk(
+            cid,
+            created,
+            model,
+            {},
+            responses.finish_reason(result, run.stopped),
+            hd4k=responses.extension(result, prep.request, structured_attempts=run.attempts),
+        )
+    ]
+    if prep.include_usage:
+        usage = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": []}
+        out.append(responses.sse({**usage, "usage": responses.usage(result)}))
+    out.append(b"data: [DONE]\n\n")
+    return out
+
+
+def _error_chunks(err: Exception, cid: str) -> list[bytes]:
+    """The status line is already sent: an error is reported as an event, the way OpenAI does."""
+    api_err = api_error_from(err)
+    if isinstance(err, CancelledError):
+        api_err = APIError(499, "The request was cancelled.", code="cancelled")
+    if api_err.status_code >= 500:
+        logger.error("error while streaming %s", cid, exc_info=err)
+    return [responses.sse(api_err.body()), b"data: [DONE]\n\n"]
+
+
+async def _answer_stream(request: Request, prep: Prepared, cid: str, created: int) -> Response:
+    """A streamed answer. The first delta (or, for structured output, the whole answer) is awaited before
+    the status line for up to ``sse_keepalive_s``, so that early errors (context overflow) keep their status
+    code; a longer prefill starts the 200 stream and sends keep-alive comments until the first token."""
+    state = _state(request)
+    settings, metrics = state.settings, state.metrics
+    start = time.perf_counter()
+    run = await _start_stream(request, prep, settings, metrics)
+    await asyncio.wait({run.first_task}, timeout=settings.sse_keepalive_s)
+    if run.first_task.done() and run.first_task.exception() is not None:
         metrics.dequeued()
         metrics.end_generation()
-        if stream is not None:
-            await anyio.to_thread.run_sync(stream.close)
-        first_task.result()  # raises: answered with its status code by the caller
+        if run.stream is not None:
+            await anyio.to_thread.run_sync(run.stream.close)
+        run.first_task.result()  # raises: answered with its status code by the caller
     model = settings.model_name
 
+    def chunk(delta: dict[str, Any], finish: str | None) -> bytes:
+        return responses.chunk(cid, created, model, delta, finish)
+
     async def events() -> AsyncIterator[bytes]:
-        filt = StopFilter(prep.stops)
         finished = False
         first_seen = False
         try:
-            yield responses.chunk(cid, created, model, {"role": "assistant", "content": ""}, None)
-            async for comment in _first_or_keepalive(first_task, settings.sse_keepalive_s):
+            yield chunk({"role": "assistant", "content": ""}, None)
+            async for comment in _first_or_keepalive(run.first_task, settings.sse_keepalive_s):
                 yield comment
-            first = first_task.result()
+            first = run.first_task.result()
             metrics.first_token(time.perf_counter() - start)
             first_seen = True
-            if isinstance(first, Answer):  # structured output: the whole validated JSON in one delta
-                if first.attempts == 2:
-                    metrics.structured_retry()
-                result: RunnerResult | None = first.result
-                yield responses.chunk(cid, created, model, {"content": first.text}, None)
-                stopped = False
-                attempts: int | None = first.attempts
-            else:
-                assert stream is not None
-                delta = first
-                while delta is not done:
-                    out = filt.feed(delta)
-                    if out:
-                        yield responses.chunk(cid, created, model, {"content": out}, None)
-                    if filt.stopped:
-                        break
-                    delta = await anyio.to_thread.run_sync(lambda: next(stream, done))
-                if filt.stopped:
-                    cancel.set()
-                tail = filt.finish()
-                if tail:
-                    yield responses.chunk(cid, created, model, {"content": tail}, None)
-                await anyio.to_thread.run_sync(stream.close)
-                result = stream.result
-                stopped = filt.stopped
-                attempts = None
-            _usage_for_log(request, result)
-            if result is not None:
-                metrics.finished(result.usage, result.timings)
-            yield responses.chunk(
-                cid,
-                created,
-                model,
-                {},
-                responses.finish_reason(result, stopped),
-                hd4k=responses.extension(result, prep.request, structured_attempts=attempts),
-            )
-            if prep.include_usage:
-                yield responses.sse(
-                    {
-                        "id": cid,
-                        "object": "chat.completion.chunk",
-                        "created": created,
-                        "model": model,
-                        "choices": [],
-                        "usage": responses.usage(result),
-                    }
-                )
-            yield b"data: [DONE]\n\n"
+            if isinstance(first, Answer) and first.attempts == 2:
+                metrics.structured_retry()
+            async for piece in _text_chunks(run, first, prep, chunk):
+                yield piece
+            _usage_for_log(request, run.result)
+            if run.result is not None:
+                metrics.finished(run.result.usage, run.result.timings)
+            for piece in _closing_chunks(run, prep, cid, created, model):
+                yield piece
             finished = True
         except Exception as err:
-            # The status line is already sent: report the error as an event, the way OpenAI does.
-            api_err = api_error_from(err)
-            if isinstance(err, CancelledError):
-                api_err = APIError(499, "The request was cancelled.", code="cancelled")
-            if api_err.status_code >= 500:
-                logger.error("error while streaming %s", cid, exc_info=err)
-            yield responses.sse(api_err.body())
-            yield b"data: [DONE]\n\n"
+            for piece in _error_chunks(err, cid):
+                yield piece
         finally:
             if not finished:
                 # Client gone (task cancelled) or an error: stop the generation, release the worker.
-                cancel.set()
+                run.cancel.set()
             with anyio.CancelScope(shield=True):
                 with contextlib.suppress(BaseException):
-                    await first_task
-                if stream is not None:
-                    await anyio.to_thread.run_sync(stream.close)
+                    await run.first_task
+                if run.stream is not None:
+                    await anyio.to_thread.run_sync(run.stream.close)
             if not first_seen:  # an error or a disconnect before the first token: out of the queue too
                 metrics.dequeued()
             metrics.end_generation()

@@ -16,6 +16,7 @@ import os
 import socket
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +24,15 @@ from hd4k_tools.arguments import add_model_argument
 from hd4k_tools.errors import HD4KError, InputError
 from hd4k_tools.inputs.policy import ImagePolicy
 from hd4k_tools.models.registry import DEFAULT_FAMILY, HDNum
-from hd4k_tools.runtime.engines import DEFAULT_ENGINE, ENGINES, engines_help, load_engine
+from hd4k_tools.runtime.engines import (
+    DEFAULT_ENGINE,
+    ENGINES,
+    engines_help,
+    load_engine,
+)
 from hd4k_tools.serve.accesslog import ACCESS_LOGGER
 from hd4k_tools.serve.chat import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_TOKENS_LIMIT, DEFAULT_SSE_KEEPALIVE_S
-from hd4k_tools.serve.factory import create_app, require_serve
+from hd4k_tools.serve.factory import ServerOptions, create_app, require_serve
 from hd4k_tools.serve.ports import ServeError, bind_port
 from hd4k_tools.serve.vllm import run_vllm_server
 
@@ -54,101 +60,79 @@ def _configure_access_log(log_level: str) -> None:
     access.setLevel(level if isinstance(level, int) else logging.INFO)
 
 
+_SERVER_FIELDS = frozenset(f.name for f in fields(ServerOptions))
+
+
 def run_server(
     model: str,
     *,
     host: str = "127.0.0.1",
     port: int = 8000,
-    device: str = "auto",
-    dtype: str = "auto",
-    quantization: str | None = None,
-    served_model_name: str | None = None,
-    allow_image_urls: bool = False,
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    log_level: str = "info",
+    options: ServerOptions | None = None,
     max_pixels: int | None = None,
     max_image_bytes: int | None = None,
-    default_hd_num: HDNum = DEFAULT_FAMILY.default_engine_hd_num,
-    api_key: str | None = None,
-    log_level: str = "info",
-    cache_bytes: int = 1 << 30,
-    max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
-    sse_keepalive_s: float = DEFAULT_SSE_KEEPALIVE_S,
-    revision: str | None = None,
-    cache_dir: str | None = None,
-    local_files_only: bool = False,
+    **changes: Any,
 ) -> None:
     """Bind ``host:port``, load the native model from ``model`` (a checkpoint folder or hub id) and serve
     it until stopped.
 
+    ``options`` (a :class:`~hd4k_tools.serve.factory.ServerOptions`) holds what the app serves with; its fields
+    may also be given as keywords, and every other keyword is a native engine option (``device``, ``dtype``,
+    ``quantization``, ``cache_bytes``, ``revision``, ``cache_dir``, ``local_files_only``; an unknown one is
+    refused before the model loads). ``max_pixels``/``max_image_bytes`` tighten the default
+    :class:`ImagePolicy`.
+
     The served model id is ``served_model_name``, by default the checkpoint's name (:func:`served_name`:
     the folder's name, or the hub id). Access lines go to the ``hd4k_tools.serve.access`` logger as one
-    JSON object per request (shown at ``log_level`` info and below).
-
-    ``host`` defaults to loopback: pass ``host="0.0.0.0"`` deliberately (ideally with ``api_key``) to
-    serve other machines. ``max_pixels``/``max_image_bytes`` tighten the default :class:`ImagePolicy`;
-    ``max_tokens_limit`` caps ``max_tokens`` per request (see :func:`create_app`).
+    JSON object per request (shown at ``log_level`` info and below). ``host`` defaults to loopback: pass
+    ``host="0.0.0.0"`` deliberately (ideally with ``api_key``) to serve other machines.
 
     Raises:
         ServeError: the port is already in use or cannot be bound (raised before the model loads), or
             uvicorn did not start.
     """
     require_serve()
-    import uvicorn
-
-    policy_changes: dict[str, Any] = {}
-    if max_pixels is not None:
-        policy_changes["max_pixels"] = max_pixels
-    if max_image_bytes is not None:
-        policy_changes["max_bytes"] = max_image_bytes
-    policy = ImagePolicy(**policy_changes)
+    server_changes = {k: v for k, v in changes.items() if k in _SERVER_FIELDS}
+    engine_options = {k: v for k, v in changes.items() if k not in _SERVER_FIELDS}
+    policy_changes = {"max_pixels": max_pixels, "max_bytes": max_image_bytes}
+    policy = ImagePolicy(**{k: v for k, v in policy_changes.items() if v is not None})
+    served = ServerOptions.of(options, **{"policy": policy, **server_changes})
+    if served.served_model_name is None:
+        served = ServerOptions.of(served, served_model_name=served_name(model))
     sock = bind_port(host, port)
     try:
-        runner = load_engine(
-            "native",
-            model,
-            device=device,
-            dtype=dtype,
-            quantization=quantization,
-            cache_bytes=cache_bytes,
-            revision=revision,
-            cache_dir=cache_dir,
-            local_files_only=local_files_only,
-        )
+        runner = load_engine(DEFAULT_ENGINE, model, **engine_options)
         try:
-            app = create_app(
-                runner,
-                policy=policy,
-                max_request_bytes=max_request_bytes,
-                allow_image_urls=allow_image_urls,
-                default_hd_num=default_hd_num,
-                served_model_name=served_model_name or served_name(model),
-                api_key=api_key,
-                max_tokens_limit=max_tokens_limit,
-                sse_keepalive_s=sse_keepalive_s,
-            )
-            _configure_access_log(log_level)
-            bound = sock.getsockname()[1]
-            where = f"[{host}]" if ":" in host else host
-
-            class _Server(uvicorn.Server):
-                async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-                    await super().startup(sockets=sockets)
-                    # uvicorn announces its address only when it binds the socket itself.
-                    if self.started:
-                        logging.getLogger("uvicorn.error").info(
-                            "Uvicorn running on http://%s:%d (Press CTRL+C to quit)", where, bound
-                        )
-
-            server = _Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False))
-            # uvicorn.run treats Ctrl-C as a clean stop too.
-            with contextlib.suppress(KeyboardInterrupt):
-                server.run(sockets=[sock])
-            if not server.started:
-                raise ServeError(f"the server on {host}:{bound} did not start; see the log above")
+            _serve_app(create_app(runner, served), sock, host=host, port=port, log_level=log_level)
         finally:
             runner.close()
     finally:
         sock.close()
+
+
+def _serve_app(app: Any, sock: socket.socket, *, host: str, port: int, log_level: str) -> None:
+    """Run uvicorn on the already bound ``sock`` until stopped (Ctrl-C is a clean stop)."""
+    import uvicorn
+
+    _configure_access_log(log_level)
+    bound = sock.getsockname()[1]
+    where = f"[{host}]" if ":" in host else host
+
+    class _Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            # uvicorn announces its address only when it binds the socket itself.
+            if self.started:
+                logging.getLogger("uvicorn.error").info(
+                    "Uvicorn running on http://%s:%d (Press CTRL+C to quit)", where, bound
+                )
+
+    server = _Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False))
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run(sockets=[sock])
+    if not server.started:
+        raise ServeError(f"the server on {host}:{bound} did not start; see the log above")
 
 
 def _positive_int_arg(value: str) -> int:

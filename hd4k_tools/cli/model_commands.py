@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from hd4k_tools.cli.args import EXIT_INTERRUPTED, PROG, parse_hd_num
+from hd4k_tools.cli.checks import check_before_load, document_sizes
 from hd4k_tools.errors import InputError
 from hd4k_tools.hd4k import HD4K
 from hd4k_tools.inputs.images import SourceBytes, load_image, read_source_bytes
@@ -50,7 +51,8 @@ def _progress() -> bool:
 
 
 def _check_device(args: argparse.Namespace) -> None:
-    """The device exists and the dtype is known (native engine only), checked before the model loads."""
+    """The device exists and the dtype is known (native engine only), checked before the model loads and
+    after every check that needs no torch (:mod:`~hd4k_tools.cli.checks`)."""
     if args.remote:
         return
     # torch: the native engine's extra
@@ -118,6 +120,7 @@ def _cmd_describe(args: argparse.Namespace) -> int:
     _check_stream_json(args)
     hd_num = parse_hd_num(args.hd_num) if args.hd_num else None
     image = _image_input(args.image)
+    check_before_load(args, task="describe_image", sizes=[image.size], hd_num=hd_num)
     _check_device(args)
     with _open(args) as hd:
         if args.stream:
@@ -142,6 +145,7 @@ def _cmd_chart(args: argparse.Namespace) -> int:
             "highest?\", or --table to extract the chart's data."
         )
     image = _image_input(args.image)
+    check_before_load(args, task="answer_chart_question", sizes=[image.size], hd_num=hd_num)
     _check_device(args)
     with _open(args) as hd:
         if args.stream:
@@ -193,6 +197,7 @@ def _cmd_read(args: argparse.Namespace) -> int:
     _check_stream_json(args)
     hd_num = parse_hd_num(args.hd_num) if args.hd_num else None
     raw, numbers = _document_pages(args)
+    check_before_load(args, task="read_document", sizes=document_sizes(raw, numbers, dpi=args.dpi), hd_num=hd_num)
     _check_device(args)
     with _open(args) as hd:
         return _read_pages(hd, raw, numbers, hd_num, args)

@@ -77,9 +77,25 @@ def check_engine_options(name: str, factory: Any, options: dict[str, Any]) -> No
 
 def load_engine(name: str, path_or_hub_id: str, **options: Any) -> Any:
     """Build engine ``name``'s runner for a checkpoint (``Runner.from_pretrained(path, **options)``)."""
+    if name == "native":
+        _find_checkpoint(path_or_hub_id, options)
     factory = engine_class(name).from_pretrained
     check_engine_options(name, factory, options)
     return factory(str(path_or_hub_id), **options)
+
+
+def _find_checkpoint(path_or_hub_id: str, options: dict[str, Any]) -> None:
+    """Make sure the checkpoint can be had before the engine's module imports torch (9-11 s): a hub id
+    offline and not cached, or a folder that is not there, fails in a second (its ``config.json`` is
+    fetched or found now; the weights follow in the engine)."""
+    from pathlib import Path
+
+    from hd4k_tools.models.xcomposer2_4khd.hub import HubOptions, checkpoint_config
+
+    if Path(path_or_hub_id).expanduser().is_dir():
+        return  # the engine reads it (and names any missing file)
+    names = ("revision", "token", "cache_dir", "local_files_only")
+    checkpoint_config(path_or_hub_id, HubOptions(**{k: options[k] for k in names if k in options}))
 
 
 __all__ = ["ENGINES", "EngineRow", "check_engine_options", "engine_class", "load_engine"]

@@ -61,6 +61,12 @@ class FakeHub:
 
         monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
         monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+
+        def hf_hub_download(repo_id: str, filename: str, **kwargs: Any) -> str:
+            snapshot_download(repo_id, **kwargs)  # the same options, recorded the same way
+            return str(hub.folder / filename)
+
+        monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
         # The one reachability check before any hub call: the fake Hub "answers" (no real request).
         monkeypatch.setattr(hub_module, "hub_unreachable", lambda *a, **k: None)
         return self

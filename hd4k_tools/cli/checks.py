@@ -17,7 +17,7 @@ from typing import Any, NamedTuple, cast
 
 from PIL import Image
 
-from hd4k_tools.errors import CLI, PYTHON, ContextOverflowError, DeviceError, InputError
+from hd4k_tools.errors import CLI, PYTHON, CheckpointError, ContextOverflowError, DeviceError, InputError
 from hd4k_tools.hd4k import plan_images  # the facade's planner: the plans the model will get
 from hd4k_tools.inputs.images import SourceBytes, load_image
 from hd4k_tools.inputs.pdf import page_sizes
@@ -71,14 +71,18 @@ def check_before_load(
     Raises:
         DeviceError, InputError: an unknown device or dtype name.
         ContextOverflowError: an image's tokens at ``hd_num`` exceed the context.
-        ModelNotFoundError, HubAuthError, CheckpointError: the checkpoint's config cannot be had (offline
-            and not cached, no such folder...), said now rather than after importing torch.
+        ModelNotFoundError, HubAuthError: the checkpoint cannot be had (offline and not cached, no such
+            folder...), said now rather than after importing torch.
     """
     if args.remote:
         return
     check_device_name(args.device)
     check_dtype_name(args.dtype)
-    max_length = XComposer2Config.from_dict(checkpoint_config(args.model)).max_length
+    try:
+        config = checkpoint_config(args.model)
+    except CheckpointError:
+        return  # a folder without a readable config.json: the loader names every missing file
+    max_length = XComposer2Config.from_dict(config).max_length
     spec = TASKS[task]
     max_new_tokens = args.max_new_tokens if args.max_new_tokens is not None else spec.max_new_tokens
     for number, size in enumerate(sizes, start=1):

@@ -13,7 +13,8 @@ otherwise (``HD4K_NO_PROGRESS=1`` turns it off); the answer to stdout.
 
 Every input check happens before the model loads (the file exists and is an image or PDF, the page range
 fits the document, the question is not empty, the device exists): a typo costs a second, not a model
-load. ``hd4k read`` prints each page as soon as it is read, under a ``--- page N ---`` header for PDFs;
+load. ``hd4k read`` prints each page as soon as it is read, under a ``--- page N ---`` header for PDFs
+(written with the page's text, so an interrupted page leaves no empty header);
 Ctrl-C keeps what was printed and says which pages are left (``--pages`` to resume).
 """
 
@@ -214,15 +215,19 @@ def _read_pages(hd: HD4K, raw: SourceBytes, numbers: list[int | None], hd_num: A
     try:
         for current, number in enumerate(numbers):
             pages = [number] if number is not None else None
+            # The header comes with the page's text (its first streamed piece, or the finished page),
+            # never before: an interrupted page leaves no empty header behind.
+            header = ""
             if number is not None and not args.json:
-                separator = "\n" if current else ""
-                sys.stdout.write(f"{separator}--- page {number} ---\n")
+                header = ("\n" if current else "") + f"--- page {number} ---\n"
             if args.stream:
-                _stream(hd.stream_read_document(raw, pages=pages, generation=_streaming_generation(args), **options))
+                deltas = hd.stream_read_document(raw, pages=pages, generation=_streaming_generation(args), **options)
+                _stream(_after_header(header, deltas))
             else:
                 page = hd.read_document(raw, pages=pages, generation=_generation(args), **options).pages[0]
                 done.append(page)
                 if not args.json:
+                    sys.stdout.write(header)
                     print(page.text, flush=True)
             if _progress() and number is not None:
                 elapsed = time.perf_counter() - start
@@ -243,6 +248,18 @@ def _read_pages(hd: HD4K, raw: SourceBytes, numbers: list[int | None], hd_num: A
     if args.json:
         print(DocumentResult(source=raw.name, pages=done).model_dump_json(indent=2))
     return 0
+
+
+def _after_header(header: str, deltas: Any) -> Any:
+    """``deltas`` with ``header`` written before the first one (or at the end of an empty answer)."""
+    pending = header
+    for delta in deltas:
+        if pending:
+            sys.stdout.write(pending)
+            pending = ""
+        yield delta
+    if pending:
+        sys.stdout.write(pending)
 
 
 def _cmd_make_tiny(args: argparse.Namespace) -> int:

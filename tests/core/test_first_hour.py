@@ -224,3 +224,35 @@ def test_python_messages_speak_python(inputs: dict[str, Path]) -> None:
     assert "bytes, base64 or a URL" in str(missing.value)
     # The same error object, rendered for the other audience.
     assert "hd4k read" in info.value.render("cli") and "render_pages" not in info.value.render("cli")
+
+
+class _StreamingPages:
+    """A facade streaming each page's answer; page ``interrupt_at`` is interrupted before its first token."""
+
+    def __init__(self, interrupt_at: int) -> None:
+        self.interrupt_at = interrupt_at
+
+    def __enter__(self) -> _StreamingPages:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def stream_read_document(self, source: object, *, pages: list[int], **kwargs: object) -> Iterator[str]:
+        if pages[0] == self.interrupt_at:
+            raise KeyboardInterrupt
+        yield f"text of page {pages[0]}"
+
+
+def test_streamed_page_header_comes_with_its_text(
+    inputs: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``hd4k read --stream``: the header is written with the page's first text, so Ctrl-C before a page
+    produced anything leaves no empty header."""
+    from hd4k_tools.cli import model_commands
+
+    monkeypatch.setattr(model_commands, "_open", lambda args: _StreamingPages(interrupt_at=2))
+    monkeypatch.setattr(model_commands, "check_before_load", lambda *a, **k: None)
+    assert main(["read", str(inputs["pdf"]), "--stream"]) == 130
+    out = capsys.readouterr().out
+    assert out == "--- page 1 ---\ntext of page 1\n"

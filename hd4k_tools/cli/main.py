@@ -4,7 +4,8 @@ One module per group of sub-commands registers its parsers (``register(commands)
 :mod:`~hd4k_tools.cli.tiles` (``tiles``), :mod:`~hd4k_tools.cli.model_commands` (``read``, ``chart``,
 ``describe``, ``serve``, ``make-tiny-checkpoint``) and :mod:`~hd4k_tools.mcp.cli` (``mcp``). Errors the
 library raises on purpose (:class:`~hd4k_tools.errors.HD4KError`) are printed as one line,
-``hd4k: error: <message>`` with the error's command-line hint (:meth:`HD4KError.render`), exit code 2; so are argparse usage errors. Ctrl-C exits with 130 and no traceback.
+``hd4k: error: <message>`` with the error's command-line hint (:meth:`HD4KError.render`), exit code 2;
+so are argparse usage errors. Ctrl-C exits with 130 and no traceback.
 """
 
 from __future__ import annotations

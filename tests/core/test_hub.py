@@ -22,9 +22,9 @@ from huggingface_hub.errors import (
 
 from hd4k_tools import HD4K
 from hd4k_tools.errors import HubAuthError, ModelNotFoundError
+from hd4k_tools.models.xcomposer2_4khd import hub as hub_module
 from hd4k_tools.models.xcomposer2_4khd.checkpoint import checkpoint_dtype, load_pretrained, resolve_dtype
 from hd4k_tools.models.xcomposer2_4khd.configuration import XComposer2Config
-from hd4k_tools.models.xcomposer2_4khd import hub as hub_module
 from hd4k_tools.models.xcomposer2_4khd.hub import HubOptions, download_patterns, resolve_checkpoint_path
 from hd4k_tools.runtime.engines import check_engine_options
 from hd4k_tools.runtime.local import LocalRunner

@@ -36,8 +36,8 @@ from hd4k_tools.models.registry import FAMILIES
 
 __all__ = [
     "DEFAULT_MODEL_ID",
-    "MODEL_ENV",
     "HUB_CONNECT_TIMEOUT_S",
+    "MODEL_ENV",
     "HubOptions",
     "add_model_argument",
     "checkpoint_config",

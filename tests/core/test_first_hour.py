@@ -10,6 +10,7 @@ wrapper runs ``hd4k`` commands one after the other and reports whether torch got
 from __future__ import annotations
 
 import json
+import re
 import os
 import socket
 import subprocess
@@ -256,3 +257,18 @@ def test_streamed_page_header_comes_with_its_text(
     assert main(["read", str(inputs["pdf"]), "--stream"]) == 130
     out = capsys.readouterr().out
     assert out == "--- page 1 ---\ntext of page 1\n"
+
+
+def test_docs_are_one_section_per_decision_and_self_contained() -> None:
+    """docs/decisions.md has one section per decision; benchmarks/RESULTS.md cites nothing outside the
+    repository (no internal issue numbers, no ../ notes)."""
+    decisions = (ROOT / "docs" / "decisions.md").read_text()
+    headings = [line for line in decisions.splitlines() if line.startswith("## ")]
+    assert len(headings) == len(set(headings)), sorted(h for h in headings if headings.count(h) > 1)
+    assert "core's hard dependencies are torch" not in decisions
+    results = (ROOT / "benchmarks" / "RESULTS.md").read_text()
+    assert not re.search(r"\bissue \d", results) and "../" not in results and "shared/notes" not in results
+    for doc in ("README.md", "docs/decisions.md", "benchmarks/RESULTS.md", "notebooks/README.md"):
+        text = (ROOT / doc).read_text()
+        for target in re.findall(r"\]\(([^)#:]+)\)", text):  # relative Markdown links resolve in the repo
+            assert ((ROOT / doc).parent / target).exists(), f"{doc}: link to {target} does not exist"

@@ -220,6 +220,7 @@ def test_readme_runs_as_written(tmp_path: Path) -> None:
     work = tmp_path / "repo"
     _copy_of_the_repository(work)
     script = _session(blocks, work)
+    before = _files(work)
     venv_bin = str(Path(sys.prefix) / "bin")
     path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p and Path(p) != Path(venv_bin))
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "HD4K_MODEL", "PYTHONPATH")}
@@ -233,3 +234,31 @@ def test_readme_runs_as_written(tmp_path: Path) -> None:
     )
     # The LlamaIndex example shows a refused path coming back as text for the agent.
     assert "PathNotAllowedError" in run.stdout
+    # What the README writes into the repository is ignored by git (no untracked leftovers).
+    created = [c for c in _new_paths(before, _files(work)) if not c.startswith(".readme-blocks")]
+    assert created, "the README's examples wrote nothing: is the session running?"
+    check = subprocess.run(
+        ["git", "-C", str(ROOT), "check-ignore", "--no-index", "--verbose", "--non-matching", *created],
+        capture_output=True,
+        text=True,
+    )
+    not_ignored = [line.split("\t", 1)[1] for line in check.stdout.splitlines() if line.startswith("::")]
+    assert not not_ignored, f"the README leaves these untracked in the repository; add them to .gitignore: {not_ignored}"
+
+
+def _new_paths(before: set[Path], after: set[Path]) -> list[str]:
+    """The shortest new paths that hold the new files (``tiny/`` for a new folder, ``examples/x.png`` for
+    a new file in an existing one), as ``git check-ignore`` takes them."""
+    old_dirs = {parent for path in before for parent in path.parents}
+    created = set()
+    for path in after - before:
+        for depth in range(1, len(path.parts) + 1):
+            prefix = Path(*path.parts[:depth])
+            if prefix not in old_dirs:
+                created.add(str(prefix) + ("/" if depth < len(path.parts) else ""))
+                break
+    return sorted(created)
+
+
+def _files(root: Path) -> set[Path]:
+    return {p.relative_to(root) for p in root.rglob("*") if p.is_file() and ".venv" not in p.parts}

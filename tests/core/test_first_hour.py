@@ -10,8 +10,8 @@ wrapper runs ``hd4k`` commands one after the other and reports whether torch got
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import socket
 import subprocess
 import sys

@@ -243,7 +243,7 @@ def test_readme_runs_as_written(tmp_path: Path) -> None:
         text=True,
     )
     not_ignored = [line.split("\t", 1)[1] for line in check.stdout.splitlines() if line.startswith("::")]
-    assert not not_ignored, f"the README leaves these untracked in the repository; add them to .gitignore: {not_ignored}"
+    assert not not_ignored, f"the README leaves these untracked in the repository (add to .gitignore): {not_ignored}"
 
 
 def _new_paths(before: set[Path], after: set[Path]) -> list[str]:

@@ -272,3 +272,15 @@ def test_docs_are_one_section_per_decision_and_self_contained() -> None:
         text = (ROOT / doc).read_text()
         for target in re.findall(r"\]\(([^)#:]+)\)", text):  # relative Markdown links resolve in the repo
             assert ((ROOT / doc).parent / target).exists(), f"{doc}: link to {target} does not exist"
+
+
+def test_the_slow_list_names_tests_that_exist() -> None:
+    """The quick subset stays what the README says: every module and test listed as slow exists (a rename
+    must not silently move a slow test into the quick subset)."""
+    import conftest
+
+    for module in conftest.SLOW_MODULES:
+        assert (ROOT / module).is_file(), module
+    for test in conftest.SLOW_TESTS:
+        module, name = test.split("::")
+        assert re.search(rf"^(async )?def {name}\(", (ROOT / module).read_text(), flags=re.M), test

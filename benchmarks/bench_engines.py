@@ -63,7 +63,7 @@ BENCH_CONFIG: dict[str, Any] = {
     "lora_alpha": 32,
     "vision_config": {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 4},
 }
-SECTION = "## Engines: native vs vLLM (issue 11)"
+SECTION = "## Engines: native vs vLLM"
 HD_NUM = 4
 HOST = "127.0.0.1"
 MODEL_NAME = "bench-ixc2"

@@ -37,7 +37,7 @@ from results import cpu_name, write_section  # noqa: E402
 from hd4k_tools import ingest  # noqa: E402
 from hd4k_tools.testing import make_tiny_checkpoint  # noqa: E402
 
-SECTION = "## Ingest (issue 15)"
+SECTION = "## Ingest"
 PAGES_PER_PDF = 6
 SETTINGS: dict[str, Any] = {"hd_num": 4, "dpi": 72, "generation": {"max_new_tokens": 16}}
 

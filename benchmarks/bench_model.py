@@ -18,11 +18,11 @@ prefix KV caches, peak RSS while loading a sharded checkpoint.
   :class:`~hd4k_tools.runtime.embedding_cache.ImageEmbeddingCache`; prefix hit = a *second, different* question
   about the same image with the decoder K/V of the prompt up to the image from
   :class:`~hd4k_tools.runtime.kv_prefix_cache.PrefixKVCache` (key building, lookup, question embedding, prefix
-  copy into a fresh KV cache, prefill of the question, first token). Target (issue 3): cold / prefix hit
+  copy into a fresh KV cache, prefill of the question, first token). Target: cold / prefix hit
   >= 3x.
 * **Peak RSS while loading.** In a fresh subprocess: RSS after the imports is the baseline, then
   ``load_pretrained`` of a 4-shard checkpoint (``.bin``; ``.safetensors`` too); ``VmHWM - baseline``
-  against the checkpoint's total tensor bytes. Target (issue 3): <= 1.3x.
+  against the checkpoint's total tensor bytes. Target: <= 1.3x.
 
 Medians over ``--runs`` repetitions (after one warm-up). No GPU needed.
 """
@@ -57,7 +57,7 @@ from hd4k_tools.runtime.embedding_cache import ImageEmbeddingCache, cache_key  #
 from hd4k_tools.runtime.generation import GenerationConfig, generate, iter_tokens  # noqa: E402
 from hd4k_tools.runtime.kv_prefix_cache import PrefixKVCache, split_at_last_image, suffix_inputs  # noqa: E402
 
-SECTION = "## Model (issue 3)"
+SECTION = "## Model"
 # Same header and convention as bench_tiling.py: each script rewrites only its own section.
 
 PROMPT_TOKENS = 2000

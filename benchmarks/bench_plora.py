@@ -37,7 +37,7 @@ from results import cpu_name, write_section
 from hd4k_tools.models.xcomposer2_4khd.configuration import XComposer2Config
 from hd4k_tools.models.xcomposer2_4khd.vllm.lora import image_rows, plora_gather, plora_static
 
-SECTION = "## Partial LoRA forms in the vLLM plugin (issue 11)"
+SECTION = "## Partial LoRA forms in the vLLM plugin"
 # (label, tokens in the step, image rows)
 SHAPES = (
     ("decode, 1 sequence", 1, 0),

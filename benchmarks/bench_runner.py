@@ -65,7 +65,7 @@ BENCH_CONFIG: dict[str, Any] = {
     "lora_alpha": 32,
     "vision_config": {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 4},
 }
-SECTION = "## Runner and server (issue 4)"
+SECTION = "## Runner and server"
 HD_NUM = 9
 NEW_TOKENS = 32
 HOST = "127.0.0.1"

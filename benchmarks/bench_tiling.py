@@ -44,7 +44,7 @@ from hd4k_tools.models.xcomposer2_4khd.tiling import (
     to_model_inputs,
 )
 
-SECTION = "## Tiling (issue 2)"
+SECTION = "## Tiling"
 CASES = (("3840×1600 (ultrawide screenshot)", 3840, 1600), ("2480×3508 (A4 scan, 300 dpi)", 2480, 3508))
 HD_NUM = 55
 

@@ -46,7 +46,7 @@ from hd4k_tools.runtime.generation_config import GenerationConfig  # noqa: E402
 from hd4k_tools.runtime.runner import GenerationRequest, Message  # noqa: E402
 from hd4k_tools.tasks import document_prompt  # noqa: E402
 
-SECTION = "## vLLM on a GPU, full-size architecture (issue 11)"
+SECTION = "## vLLM on a GPU, full-size architecture"
 FULL_SIZE = {
     "hidden_size": 4096,
     "intermediate_size": 14336,

@@ -27,7 +27,7 @@ def cpu_name() -> str:
 
 
 def write_section(title: str, section: str) -> None:
-    """Replace the section headed ``title`` (e.g. ``"## Tiling (issue 2)"``) of RESULTS.md with
+    """Replace the section headed ``title`` (e.g. ``"## Tiling"``) of RESULTS.md with
     ``section`` (which starts with that heading), or append it; other sections stay untouched."""
     text = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else HEADER
     pattern = re.compile(rf"^{re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)

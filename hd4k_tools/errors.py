@@ -8,9 +8,37 @@ so that generic ``except ValueError`` code keeps working.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+#: The audiences an error's hint can be written for: Python callers (the default, also what ``str(err)``
+#: shows) and the ``hd4k`` command line.
+PYTHON = "python"
+CLI = "cli"
+
 
 class HD4KError(Exception):
-    """Base class of every error raised by hd4k-tools."""
+    """Base class of every error raised by hd4k-tools.
+
+    The message names the problem; the fix often depends on who reads it (``HD4K.from_pretrained(DIR)``
+    in Python, ``--model DIR`` on the command line). Such an error carries one hint per audience in
+    ``hints`` (``{"python": ..., "cli": ...}``) and the caller picks one with :meth:`render`; ``str(err)``
+    is the message with the Python hint, so Python callers, agents and logs see what they can act on.
+    """
+
+    def __init__(self, *args: object, hints: Mapping[str, str] | None = None) -> None:
+        super().__init__(*args)
+        self.hints: dict[str, str] = dict(hints or {})
+
+    def render(self, audience: str = PYTHON) -> str:
+        """The message with the hint for ``audience`` (``"python"`` or ``"cli"``; the Python hint when
+        there is none for ``audience``, nothing when there is none at all)."""
+        base = super().__str__()
+        hints = getattr(self, "hints", {})  # absent on an instance built without __init__ (copy, unpickle)
+        hint = hints.get(audience, hints.get(PYTHON, ""))
+        return f"{base} {hint}" if hint else base
+
+    def __str__(self) -> str:
+        return self.render(PYTHON)
 
 
 def short_repr(value: object, limit: int = 80) -> str:

@@ -13,6 +13,44 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HD4K_NO_PROGRESS", "1")
 
 
+# ----------------------------------------------------------------------------------------------------
+# The quick subset: `pytest -m "not slow"` (README, "Set up")
+# ----------------------------------------------------------------------------------------------------
+# Whole modules whose tests start processes (servers, MCP over stdio/HTTP, Ray, kernels) or fuzz; single
+# tests elsewhere carry @pytest.mark.slow or are listed in SLOW_TESTS. CI runs everything.
+SLOW_MODULES = frozenset(
+    {
+        "tests/core/test_notebooks.py",
+        "tests/core/test_readme.py",
+        "tests/hostile/test_hostile_fuzz.py",
+        "tests/hostile/test_hostile_server.py",
+        "tests/ingest/test_ingest_ray.py",
+        "tests/ingest/test_ingest_readme.py",
+        "tests/mcp/test_mcp_server.py",
+    }
+)
+# module::test (parameters stripped) of single slow tests in otherwise quick modules.
+SLOW_TESTS = frozenset(
+    {
+        "tests/core/test_cli.py::test_installed_console_script",
+        "tests/core/test_cli_model.py::test_serve_on_a_port_in_use_is_one_line_and_exit_2",
+        "tests/core/test_light_core.py::test_agent_hosts_work_without_torch_and_the_native_runner_names_the_extra",
+        "tests/core/test_server_api.py::test_real_server_defaults_metrics_and_access_log",
+        "tests/hostile/test_hostile_pdf_cli.py::test_cli_symlink_loop_in_a_real_process",
+        "tests/ingest/test_ingest_local.py::test_a_killed_cli_run_restarts_and_ends_with_the_same_records",
+    }
+)
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = os.path.relpath(str(item.path), _ROOT).replace(os.sep, "/")
+        name = item.originalname if isinstance(item, pytest.Function) else item.name
+        if module in SLOW_MODULES or f"{module}::{name}" in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def _fixed_seeds() -> None:
     random.seed(0)

@@ -4,7 +4,8 @@ One module per group of sub-commands registers its parsers (``register(commands)
 :mod:`~hd4k_tools.cli.tiles` (``tiles``), :mod:`~hd4k_tools.cli.model_commands` (``read``, ``chart``,
 ``describe``, ``serve``, ``make-tiny-checkpoint``) and :mod:`~hd4k_tools.mcp.cli` (``mcp``). Errors the
 library raises on purpose (:class:`~hd4k_tools.errors.HD4KError`) are printed as one line,
-``hd4k: error: <message>``, with exit code 2; so are argparse usage errors. Ctrl-C exits with 130 and no traceback.
+``hd4k: error: <message>`` with the error's command-line hint (:meth:`HD4KError.render`), exit code 2;
+so are argparse usage errors. Ctrl-C exits with 130 and no traceback.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from hd4k_tools import __version__
 from hd4k_tools.arguments import default_model
 from hd4k_tools.cli import model_commands, tiles
 from hd4k_tools.cli.args import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, PROG, OneLineErrorParser
-from hd4k_tools.errors import HD4KError
+from hd4k_tools.errors import CLI, HD4KError
 from hd4k_tools.ingestion import cli as ingest_command
 from hd4k_tools.mcp import cli as mcp_cli
 
@@ -51,7 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `hd4k tiles x.png | head -1`: the reader left, nothing to report
         return EXIT_OK
     except HD4KError as err:
-        message = " ".join(str(err).split()) or type(err).__name__
+        # The command-line hint (``--model DIR``, ``hd4k read``), not the Python one.
+        message = " ".join(err.render(CLI).split()) or type(err).__name__
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return EXIT_ERROR
 

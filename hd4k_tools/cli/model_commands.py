@@ -13,7 +13,8 @@ otherwise (``HD4K_NO_PROGRESS=1`` turns it off); the answer to stdout.
 
 Every input check happens before the model loads (the file exists and is an image or PDF, the page range
 fits the document, the question is not empty, the device exists): a typo costs a second, not a model
-load. ``hd4k read`` prints each page as soon as it is read, under a ``--- page N ---`` header for PDFs;
+load. ``hd4k read`` prints each page as soon as it is read, under a ``--- page N ---`` header for PDFs
+(written with the page's text, so an interrupted page leaves no empty header);
 Ctrl-C keeps what was printed and says which pages are left (``--pages`` to resume).
 """
 
@@ -29,6 +30,7 @@ from typing import Any
 
 from hd4k_tools.arguments import add_model_argument
 from hd4k_tools.cli.args import EXIT_INTERRUPTED, PROG, parse_hd_num
+from hd4k_tools.cli.checks import check_before_load, document_sizes
 from hd4k_tools.errors import InputError
 from hd4k_tools.hd4k import HD4K
 from hd4k_tools.inputs.images import SourceBytes, load_image, read_source_bytes
@@ -51,7 +53,8 @@ def _progress() -> bool:
 
 
 def _check_device(args: argparse.Namespace) -> None:
-    """The device exists and the dtype is known (native engine only), checked before the model loads."""
+    """The device exists and the dtype is known (native engine only), checked before the model loads and
+    after every check that needs no torch (:mod:`~hd4k_tools.cli.checks`)."""
     if args.remote:
         return
     checkpoint = DEFAULT_FAMILY.module("checkpoint")  # torch: the native engine's extra
@@ -117,6 +120,7 @@ def _cmd_describe(args: argparse.Namespace) -> int:
     _check_stream_json(args)
     hd_num = parse_hd_num(args.hd_num) if args.hd_num else None
     image = _image_input(args.image)
+    check_before_load(args, task="describe_image", sizes=[image.size], hd_num=hd_num)
     _check_device(args)
     with _open(args) as hd:
         if args.stream:
@@ -141,6 +145,7 @@ def _cmd_chart(args: argparse.Namespace) -> int:
             "highest?\", or --table to extract the chart's data."
         )
     image = _image_input(args.image)
+    check_before_load(args, task="answer_chart_question", sizes=[image.size], hd_num=hd_num)
     _check_device(args)
     with _open(args) as hd:
         if args.stream:
@@ -192,6 +197,7 @@ def _cmd_read(args: argparse.Namespace) -> int:
     _check_stream_json(args)
     hd_num = parse_hd_num(args.hd_num) if args.hd_num else None
     raw, numbers = _document_pages(args)
+    check_before_load(args, task="read_document", sizes=document_sizes(raw, numbers, dpi=args.dpi), hd_num=hd_num)
     _check_device(args)
     with _open(args) as hd:
         return _read_pages(hd, raw, numbers, hd_num, args)
@@ -208,15 +214,19 @@ def _read_pages(hd: HD4K, raw: SourceBytes, numbers: list[int | None], hd_num: A
     try:
         for current, number in enumerate(numbers):
             pages = [number] if number is not None else None
+            # The header comes with the page's text (its first streamed piece, or the finished page),
+            # never before: an interrupted page leaves no empty header behind.
+            header = ""
             if number is not None and not args.json:
-                separator = "\n" if current else ""
-                sys.stdout.write(f"{separator}--- page {number} ---\n")
+                header = ("\n" if current else "") + f"--- page {number} ---\n"
             if args.stream:
-                _stream(hd.stream_read_document(raw, pages=pages, generation=_streaming_generation(args), **options))
+                deltas = hd.stream_read_document(raw, pages=pages, generation=_streaming_generation(args), **options)
+                _stream(_after_header(header, deltas))
             else:
                 page = hd.read_document(raw, pages=pages, generation=_generation(args), **options).pages[0]
                 done.append(page)
                 if not args.json:
+                    sys.stdout.write(header)
                     print(page.text, flush=True)
             if _progress() and number is not None:
                 elapsed = time.perf_counter() - start
@@ -237,6 +247,18 @@ def _read_pages(hd: HD4K, raw: SourceBytes, numbers: list[int | None], hd_num: A
     if args.json:
         print(DocumentResult(source=raw.name, pages=done).model_dump_json(indent=2))
     return 0
+
+
+def _after_header(header: str, deltas: Any) -> Any:
+    """``deltas`` with ``header`` written before the first one (or at the end of an empty answer)."""
+    pending = header
+    for delta in deltas:
+        if pending:
+            sys.stdout.write(pending)
+            pending = ""
+        yield delta
+    if pending:
+        sys.stdout.write(pending)
 
 
 def _cmd_make_tiny(args: argparse.Namespace) -> int:

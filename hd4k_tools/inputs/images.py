@@ -28,6 +28,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from hd4k_tools.errors import (
+    CLI,
+    PYTHON,
     CorruptImageError,
     EmptyInputError,
     FileTooLargeError,
@@ -291,9 +293,7 @@ def _from_path(source: str | os.PathLike[str], policy: ImagePolicy) -> SourceByt
         # Symlinks resolved once, here; the open below refuses any symlink it meets after this point.
         resolved = Path(os.path.realpath(path))
     except (OSError, RuntimeError, ValueError) as err:  # RuntimeError: a symlink loop (Python < 3.13)
-        raise ImageNotFoundError(
-            f"no file at {shown!r} ({_reason(err)}); check the path, or pass the image as bytes, base64 or a URL."
-        ) from err
+        raise _not_found(shown, err) from err
     if policy.allowed_roots is not None:
         # Checked before existence too, so that a caller cannot probe for files outside the roots.
         root = _check_allowed(resolved, shown, policy.allowed_roots)
@@ -329,8 +329,14 @@ def _open_error(err: OSError, shown: str) -> InputError:
         )
     if err.errno in (errno.EACCES, errno.EPERM):
         return ImageNotFoundError(f"cannot read {shown!r} ({_reason(err)}); check its permissions.")
+    return _not_found(shown, err)
+
+
+def _not_found(shown: str, err: BaseException) -> ImageNotFoundError:
+    # Other ways to hand over an image exist in Python only; on the command line the path is the way.
     return ImageNotFoundError(
-        f"no file at {shown!r} ({_reason(err)}); check the path, or pass the image as bytes, base64 or a URL."
+        f"no file at {shown!r} ({_reason(err)}); check the path.",
+        hints={PYTHON: "Or pass the image as bytes, base64 or a URL.", CLI: "Give the path of an existing file."},
     )
 
 
@@ -458,8 +464,11 @@ def load_image(
     raw = read_source_bytes(source, policy=policy)
     if raw.kind == "pdf":
         raise UnsupportedFormatError(
-            f"{raw.name} is a PDF, not an image; use read_document, or hd4k_tools.inputs.pdf.render_pages to "
-            "render its pages to images."
+            f"{raw.name} is a PDF, not an image.",
+            hints={
+                PYTHON: "Use read_document, or hd4k_tools.inputs.pdf.render_pages to render its pages to images.",
+                CLI: f"Use `hd4k read {raw.name}` (--pages to choose pages) to transcribe it.",
+            },
         )
     return _decode(raw, policy)
 

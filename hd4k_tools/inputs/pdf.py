@@ -33,7 +33,16 @@ from hd4k_tools.progress import track
 if TYPE_CHECKING:
     import pypdfium2
 
-__all__ = ["RenderedPage", "is_pdf", "page_count", "page_labels", "parse_page_range", "render_pages", "select_pages"]
+__all__ = [
+    "RenderedPage",
+    "is_pdf",
+    "page_count",
+    "page_labels",
+    "page_sizes",
+    "parse_page_range",
+    "render_pages",
+    "select_pages",
+]
 
 PageSpec = int | str | Sequence[int] | None
 
@@ -178,6 +187,37 @@ def page_labels(
                 raise _range_error(f"page {index + 1} does not exist", total)
             labels.append(document.get_page_label(index) or str(index + 1))
     return labels
+
+
+def page_sizes(
+    source: ImageSource | SourceBytes, indices: Sequence[int], *, dpi: float, policy: ImagePolicy | None = None
+) -> list[tuple[int, int]]:
+    """The ``(width, height)`` in pixels that the 0-based pages ``indices`` will have when rendered at
+    ``dpi``, read from the page boxes without rendering (e.g. to plan the tiling before loading a model).
+
+    Raises:
+        ImageTooLargeError: a page over ``policy.max_pixels`` at ``dpi`` (as :func:`render_pages` would).
+        PageRangeError, PDFError, and the errors of :func:`page_count`.
+    """
+    policy = policy if policy is not None else ImagePolicy()
+    raw = _read_pdf_bytes(source, policy)
+    scale = dpi / _POINTS_PER_INCH
+    sizes = []
+    with _open_document(raw) as document, _PDFIUM_LOCK:
+        total = len(document)
+        for index in indices:
+            if not 0 <= index < total:
+                raise _range_error(f"page {index + 1} does not exist", total)
+            page = document[index]
+            try:
+                points = page.get_size()
+            finally:
+                page.close()
+            width, height = math.ceil(points[0] * scale), math.ceil(points[1] * scale)
+            if width * height > policy.max_pixels:
+                raise _page_too_large(raw.name, index, (width, height), points, dpi, policy)
+            sizes.append((width, height))
+    return sizes
 
 
 def _selected_indices(raw: SourceBytes, pages: PageSpec, max_pages: int) -> list[int]:

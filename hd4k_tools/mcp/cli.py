@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from hd4k_tools.agent_tools import AgentTools, ImageRegistry, ToolSettings
 from hd4k_tools.arguments import add_model_argument
-from hd4k_tools.errors import HD4KError, InputError, MissingDependencyError
+from hd4k_tools.errors import CLI, HD4KError, InputError, MissingDependencyError
 from hd4k_tools.hd4k import HD4K
 from hd4k_tools.runtime.engines import ENGINES, engine_class
 
@@ -224,5 +224,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except HD4KError as err:
-        print(f"hd4k mcp: error: {' '.join(str(err).split())}", file=sys.stderr)
+        print(f"hd4k mcp: error: {' '.join(err.render(CLI).split())}", file=sys.stderr)
         return 2

@@ -79,6 +79,21 @@ class ModelFamily:
         """Refuse text that would act as a control token of the family's prompt format."""
         self.module("prompt").check_untrusted_text(role, text)
 
+    # -- checkpoint facts without torch -----------------------------------------------------------------
+    def checkpoint_config(self, path_or_hub_id: str | Path, options: Any = None) -> dict[str, Any]:
+        """The checkpoint's ``config.json`` (a folder's, or the one file fetched for a hub id), without torch."""
+        return self.module("hub").checkpoint_config(path_or_hub_id, options)
+
+    def context_length(self, config: dict[str, Any]) -> int:
+        """The model's context (``max_length``) as its ``config.json`` sets it (the family's default if unset)."""
+        return self.module("configuration").context_length(config)
+
+    def largest_fitting_hd_num(
+        self, num_text_tokens: int, image_sizes: Sequence[tuple[int, int]], max_length: int, **kw: Any
+    ) -> int | None:
+        """The largest hd_num (one for every image) whose tokens fit ``max_length``; ``None`` if none does."""
+        return self.module("prompt").largest_fitting_hd_num(num_text_tokens, image_sizes, max_length, **kw)
+
     # -- planning and tensors --------------------------------------------------------------------------
     def plan_images(
         self, images: Sequence[Any], hd_num: HDNum | Sequence[HDNum] | None, **kw: Any

@@ -80,6 +80,8 @@ def check_engine_options(name: str, factory: Any, options: dict[str, Any]) -> No
 
 def load_engine(name: str, path_or_hub_id: str, **options: Any) -> Any:
     """Build engine ``name``'s runner for a checkpoint (``Runner.from_pretrained(path, **options)``)."""
+    if name == "native":
+        _find_checkpoint(path_or_hub_id, options)
     factory = engine_class(name).from_pretrained
     check_engine_options(name, factory, options)
     return factory(str(path_or_hub_id), **options)
@@ -92,6 +94,21 @@ DEFAULT_ENGINE = "native"
 def engines_help() -> str:
     """``name: summary`` of every engine, for command-line help."""
     return "; ".join(f"{name}: {row.summary}" for name, row in ENGINES.items())
+
+
+def _find_checkpoint(path_or_hub_id: str, options: dict[str, Any]) -> None:
+    """Make sure the checkpoint can be had before the engine's module imports torch (9-11 s): a hub id
+    offline and not cached, or a folder that is not there, fails in a second (its ``config.json`` is
+    fetched or found now; the weights follow in the engine)."""
+    from pathlib import Path
+
+    from hd4k_tools.models.registry import family_for_checkpoint
+
+    if Path(path_or_hub_id).expanduser().is_dir():
+        return  # the engine reads it (and names any missing file)
+    hub = family_for_checkpoint(path_or_hub_id).module("hub")
+    names = ("revision", "token", "cache_dir", "local_files_only")
+    hub.checkpoint_config(path_or_hub_id, hub.HubOptions(**{k: options[k] for k in names if k in options}))
 
 
 __all__ = [

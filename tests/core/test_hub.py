@@ -22,6 +22,7 @@ from huggingface_hub.errors import (
 
 from hd4k_tools import HD4K
 from hd4k_tools.errors import HubAuthError, ModelNotFoundError
+from hd4k_tools.models.xcomposer2_4khd import hub as hub_module
 from hd4k_tools.models.xcomposer2_4khd.checkpoint import checkpoint_dtype, load_pretrained, resolve_dtype
 from hd4k_tools.models.xcomposer2_4khd.configuration import XComposer2Config
 from hd4k_tools.models.xcomposer2_4khd.hub import HubOptions, download_patterns, resolve_checkpoint_path
@@ -60,6 +61,14 @@ class FakeHub:
 
         monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
         monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+
+        def hf_hub_download(repo_id: str, filename: str, **kwargs: Any) -> str:
+            snapshot_download(repo_id, **kwargs)  # the same options, recorded the same way
+            return str(hub.folder / filename)
+
+        monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+        # The one reachability check before any hub call: the fake Hub "answers" (no real request).
+        monkeypatch.setattr(hub_module, "hub_unreachable", lambda *a, **k: None)
         return self
 
 

@@ -206,3 +206,8 @@ class XComposer2Config:
             d[f.name] = getattr(self, f.name)
         d["vision_config"] = self.vision.to_dict()
         return d
+
+
+def context_length(config: dict[str, Any]) -> int:
+    """``max_length`` of a checkpoint's ``config.json`` (the model's context; 16384 when unset)."""
+    return XComposer2Config.from_dict(config).max_length

@@ -12,30 +12,45 @@ One weight format is downloaded: the repository's file list is read first and, w
 Failures are told apart: an authentication problem (401/403, a gated or private repository) is an
 :class:`~hd4k_tools.errors.HubAuthError` that says how to log in; an unknown repository or revision is
 :class:`~hd4k_tools.errors.ModelNotFoundError`; a missing network is "not in the local cache".
+
+No network fails fast: before ``huggingface_hub`` is asked for anything (it retries a refused connection
+five times with backoff, about 30 s), one request with a short connect timeout
+(:data:`HUB_CONNECT_TIMEOUT_S`) checks that the Hub answers at all; when it does not, the cached snapshot
+serves if there is one, else the error says so at once and names both ways on: a local folder and the tiny
+checkpoint (its hint written for the reader: ``--model DIR`` / ``hd4k make-tiny-checkpoint`` on the command
+line, ``HD4K.from_pretrained(DIR)`` / ``make_tiny_checkpoint`` in Python).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hd4k_tools.errors import HubAuthError, MissingDependencyError, ModelNotFoundError
+from hd4k_tools.errors import CLI, PYTHON, CheckpointError, HubAuthError, MissingDependencyError, ModelNotFoundError
 from hd4k_tools.models.registry import FAMILIES
 
 __all__ = [
     "DEFAULT_MODEL_ID",
+    "HUB_CONNECT_TIMEOUT_S",
     "HubOptions",
+    "checkpoint_config",
     "download_patterns",
     "hub_offline",
+    "hub_unreachable",
     "resolve_checkpoint_path",
 ]
 
 #: The official checkpoint (the family row's default).
 DEFAULT_MODEL_ID = FAMILIES["internlmxcomposer2"].default_checkpoint
 TOKENIZER_FILE = "tokenizer.model"
+CONFIG_FILE = "config.json"
+#: Seconds the one reachability check waits to connect to the Hub (TCP and TLS). A reachable Hub connects
+#: in well under a second; an unreachable one is told within this time instead of after ~30 s of retries.
+HUB_CONNECT_TIMEOUT_S = 1.5
 
 _CONFIG_PATTERNS = ("*.json", TOKENIZER_FILE)
 _SAFETENSORS = "*.safetensors"
@@ -69,13 +84,51 @@ def download_patterns(files: Sequence[str]) -> list[str]:
 
 
 def how_to_get(repo_id: str) -> str:
-    """What to run to fetch ``repo_id`` by hand."""
+    """What to run to fetch ``repo_id`` by hand (the part every reader shares; see :func:`remedies`)."""
     return (
         "To get the weights, run on a machine with internet access: "
         f"`hf download {repo_id} --local-dir DIR` (older huggingface_hub: "
-        f"`huggingface-cli download {repo_id} --local-dir DIR`), copy DIR here and pass it: "
-        "`--model DIR` on the command line or `HD4K.from_pretrained(DIR)` in Python."
+        f"`huggingface-cli download {repo_id} --local-dir DIR`) and copy DIR here."
     )
+
+
+def remedies() -> dict[str, str]:
+    """The two ways on without the Hub, per audience (:attr:`HD4KError.hints`): a local checkpoint folder,
+    or the tiny random checkpoint that runs the whole pipeline offline (gibberish answers)."""
+    return {
+        CLI: "Pass the folder with `--model DIR`, or try the pipeline offline with a tiny random checkpoint: "
+        "`hd4k make-tiny-checkpoint tiny` then `--model tiny`.",
+        PYTHON: "Pass the folder: `HD4K.from_pretrained(DIR)`, or try the pipeline offline with a tiny random "
+        "checkpoint: `HD4K.from_pretrained(str(hd4k_tools.make_tiny_checkpoint('tiny')))`.",
+    }
+
+
+def _not_found(message: str) -> ModelNotFoundError:
+    return ModelNotFoundError(message, hints=remedies())
+
+
+def hub_endpoint() -> str:
+    """The Hub's base URL as ``huggingface_hub`` uses it (``$HF_ENDPOINT`` or https://huggingface.co)."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    return str(constants.ENDPOINT).rstrip("/")
+
+
+def hub_unreachable(endpoint: str | None = None, timeout_s: float = HUB_CONNECT_TIMEOUT_S) -> str | None:
+    """``None`` when the Hub answers at all (any HTTP status), else why not, after ONE attempt: a request
+    to ``endpoint`` with a ``timeout_s`` connect timeout, no retries, proxies from the environment as
+    ``huggingface_hub`` uses them."""
+    import httpx  # a core dependency; imported here to keep the module's import light
+
+    url = endpoint or hub_endpoint()
+    try:
+        with httpx.Client(timeout=httpx.Timeout(10.0, connect=timeout_s), follow_redirects=False) as client:
+            client.head(url)
+    except httpx.TransportError as exc:  # refused, DNS failure, connect timeout, dropped, proxy refused
+        return f"{type(exc).__name__}: {_first_line(exc) if str(exc) else 'no answer'} ({url})"
+    return None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -114,25 +167,31 @@ def _classify(exc: BaseException, repo_id: str, options: HubOptions) -> Exceptio
     if "RepositoryNotFoundError" in names:
         # The Hub answers 401 for a private repository without a token, which huggingface_hub reports as
         # "not found"; say both.
-        return ModelNotFoundError(
+        return _not_found(
             f"the Hugging Face Hub has no repository {repo_id!r} visible to you ({detail}); check the id, or "
             f"log in (`hf auth login`, $HF_TOKEN) if it is private. {how_to_get(repo_id)}"
         )
     if "LocalEntryNotFoundError" in names or "OfflineModeIsEnabled" in names or options.offline:
-        if hub_offline():
-            where = "$HF_HUB_OFFLINE is set"
-        elif options.local_files_only:
-            where = "local_files_only=True"
-        else:
-            where = "the Hub cannot be reached"
-        return ModelNotFoundError(
-            f"model {repo_id!r} is not a local folder and not in the Hugging Face cache"
-            f"{' under ' + str(options.cache_dir) if options.cache_dir else ''}, and {where} ({detail}). "
-            f"{how_to_get(repo_id)}"
-        )
-    return ModelNotFoundError(
+        return _offline_error(repo_id, options, detail)
+    return _not_found(
         f"model {repo_id!r} is not a local folder and could not be fetched from the Hugging Face Hub "
         f"({detail}). {how_to_get(repo_id)}"
+    )
+
+
+def _offline_error(repo_id: str, options: HubOptions, detail: str, *, unreachable: bool = False) -> Exception:
+    if unreachable:
+        where = "the Hugging Face Hub cannot be reached"
+    elif hub_offline():
+        where = "$HF_HUB_OFFLINE is set"
+    elif options.local_files_only:
+        where = "local_files_only=True"
+    else:
+        where = "the Hugging Face Hub cannot be reached"
+    return _not_found(
+        f"model {repo_id!r} is not a local folder and not in the Hugging Face cache"
+        f"{' under ' + str(options.cache_dir) if options.cache_dir else ''}, and {where} ({detail}). "
+        f"{how_to_get(repo_id)}"
     )
 
 
@@ -140,53 +199,113 @@ def _repo_files(api: Any, repo_id: str, options: HubOptions) -> list[str]:
     return list(api.list_repo_files(repo_id, revision=options.revision, token=options.token))
 
 
+def _hub_id(path_or_hub_id: str | Path) -> tuple[Path | None, str]:
+    """``(folder, text)``: the local folder when ``path_or_hub_id`` is one, else ``(None, hub id)``.
+
+    Raises:
+        ModelNotFoundError: a path (not a hub id) with no folder there.
+    """
+    path = Path(path_or_hub_id).expanduser()
+    if path.is_dir():
+        return path, str(path_or_hub_id)
+    text = str(path_or_hub_id)
+    looks_like_path = path.exists() or text.startswith((".", "/", "~")) or "\\" in text or text.count("/") != 1
+    if looks_like_path:
+        raise _not_found(f"model folder {text!r} does not exist (or is not a folder). {how_to_get(DEFAULT_MODEL_ID)}")
+    return None, text
+
+
+def _import_hub(repo_id: str) -> Any:
+    try:
+        import huggingface_hub
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"{repo_id!r} is a Hugging Face Hub id, and fetching it needs huggingface_hub: "
+            'pip install "hd4k-tools[local]" (or pass a local checkpoint folder).'
+        ) from exc
+    return huggingface_hub
+
+
+def _fetch(repo_id: str, options: HubOptions, *, config_only: bool) -> Path:
+    """The snapshot folder (``config_only``: the path of ``config.json`` alone) of a hub id: from the cache
+    when offline or when the Hub cannot be reached (checked once, :func:`hub_unreachable`), else
+    downloaded."""
+    huggingface_hub = _import_hub(repo_id)
+    common: dict[str, Any] = {"revision": options.revision, "token": options.token, "cache_dir": options.cache_dir}
+
+    def cached() -> Path:
+        if config_only:
+            return Path(huggingface_hub.hf_hub_download(repo_id, CONFIG_FILE, local_files_only=True, **common))
+        return Path(huggingface_hub.snapshot_download(repo_id=repo_id, local_files_only=True, **common))
+
+    try:
+        if options.offline:
+            return cached()  # only what was downloaded before is there
+        reason = hub_unreachable()
+        if reason is not None:
+            # No network: a snapshot cached earlier still serves, as in transformers; else fail now (no
+            # retry loop of huggingface_hub against a Hub that is not there).
+            try:
+                return cached()
+            except Exception:
+                raise _offline_error(repo_id, options, reason, unreachable=True) from None
+        if config_only:
+            return Path(huggingface_hub.hf_hub_download(repo_id, CONFIG_FILE, **common))
+        try:
+            files = _repo_files(huggingface_hub.HfApi(), repo_id, options)
+        except Exception as exc:
+            if _answered(exc):
+                raise
+            # The Hub went away between the check and the listing: the cache, as above.
+            return _cached_or_raise(huggingface_hub, repo_id, options, common, exc)
+        return Path(
+            huggingface_hub.snapshot_download(
+                repo_id=repo_id, allow_patterns=download_patterns(files), local_files_only=False, **common
+            )
+        )
+    except Exception as exc:  # typed by _classify: auth, not found, offline, network
+        if isinstance(exc, HubAuthError | ModelNotFoundError):
+            raise
+        raise _classify(exc, repo_id, options) from exc
+
+
 def resolve_checkpoint_path(path_or_hub_id: str | Path, options: HubOptions | None = None) -> Path:
     """A local folder as it is, or a hub id fetched (or found in the local HF cache) with
     ``snapshot_download`` under ``options``.
 
     Raises:
-        ModelNotFoundError: no such folder; an unknown repository or revision; offline and not cached.
+        ModelNotFoundError: no such folder; an unknown repository or revision; offline (or the Hub
+            unreachable) and not cached.
         HubAuthError: the Hub refused the token (401/403, a gated or private repository).
         MissingDependencyError: ``huggingface_hub`` is not installed (a hub id needs it).
     """
-    options = options or HubOptions()
-    path = Path(path_or_hub_id).expanduser()
-    if path.is_dir():
-        return path
-    text = str(path_or_hub_id)
-    looks_like_path = path.exists() or text.startswith((".", "/", "~")) or "\\" in text or text.count("/") != 1
-    if looks_like_path:
-        raise ModelNotFoundError(
-            f"model folder {text!r} does not exist (or is not a folder). {how_to_get(DEFAULT_MODEL_ID)}"
-        )
+    folder, repo_id = _hub_id(path_or_hub_id)
+    if folder is not None:
+        return folder
+    return _fetch(repo_id, options or HubOptions(), config_only=False)
+
+
+def checkpoint_config(path_or_hub_id: str | Path, options: HubOptions | None = None) -> dict[str, Any]:
+    """The checkpoint's ``config.json`` as a dict, without torch and without the weights: read from a local
+    folder, or for a hub id the one file fetched (cache first, as :func:`resolve_checkpoint_path`). Lets a
+    caller check arguments against the model (e.g. ``hd_num`` against ``max_length``) before loading it.
+
+    Raises:
+        ModelNotFoundError, HubAuthError, MissingDependencyError: as :func:`resolve_checkpoint_path`.
+        CheckpointError: the folder has no readable ``config.json``.
+    """
+    folder, repo_id = _hub_id(path_or_hub_id)
+    path = folder / CONFIG_FILE if folder is not None else _fetch(repo_id, options or HubOptions(), config_only=True)
     try:
-        import huggingface_hub
-    except ImportError as exc:
-        raise MissingDependencyError(
-            f"{text!r} is a Hugging Face Hub id, and fetching it needs huggingface_hub: "
-            'pip install "hd4k-tools[local]" (or pass a local checkpoint folder).'
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"{str(path)!r} cannot be read as the checkpoint's config ({type(exc).__name__}: {_first_line(exc)}); "
+            "a checkpoint folder holds config.json, tokenizer.model and the weights."
         ) from exc
-    common: dict[str, Any] = {"revision": options.revision, "token": options.token, "cache_dir": options.cache_dir}
-    try:
-        if options.offline:
-            # The cached snapshot as it is (only what was downloaded before is there).
-            folder = huggingface_hub.snapshot_download(repo_id=text, local_files_only=True, **common)
-        else:
-            try:
-                files = _repo_files(huggingface_hub.HfApi(), text, options)
-            except Exception as exc:
-                if _answered(exc):
-                    raise
-                # The Hub cannot be reached: a snapshot cached earlier still serves, as in transformers.
-                return _cached_or_raise(huggingface_hub, text, options, common, exc)
-            folder = huggingface_hub.snapshot_download(
-                repo_id=text, allow_patterns=download_patterns(files), local_files_only=False, **common
-            )
-    except Exception as exc:  # typed by _classify: auth, not found, offline, network
-        if isinstance(exc, HubAuthError | ModelNotFoundError):
-            raise
-        raise _classify(exc, text, options) from exc
-    return Path(folder)
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{str(path)!r} is not a JSON object; is this a checkpoint's config.json?")
+    return data
 
 
 def _answered(exc: BaseException) -> bool:

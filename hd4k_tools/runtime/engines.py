@@ -8,11 +8,14 @@ as the extra to install rather than an ImportError deep inside a dependency.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from hd4k_tools.errors import InputError, MissingDependencyError
+from hd4k_tools.models.registry import family_for_checkpoint
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,23 @@ ENGINES: dict[str, EngineRow] = {
         summary="vLLM with continuous batching (extra: vllm; --model must be a folder)",
     ),
 }
+
+
+def _check_installed(name: str) -> None:
+    """Raise :class:`MissingDependencyError` when a package engine ``name`` needs is not installed, without
+    importing any of them (``find_spec`` only)."""
+    row = ENGINES.get(name)
+    if row is None:
+        return  # engine_class names the unknown engine
+    for package in row.needs:
+        try:
+            found = importlib.util.find_spec(package) is not None
+        except ImportError:  # an import hook that refuses the name (or a broken parent package)
+            found = False
+        if not found:
+            raise MissingDependencyError(
+                f"The {name!r} engine needs {package!r}, which is not installed: {row.install}."
+            )
 
 
 def engine_class(name: str) -> type:
@@ -81,6 +101,7 @@ def check_engine_options(name: str, factory: Any, options: dict[str, Any]) -> No
 def load_engine(name: str, path_or_hub_id: str, **options: Any) -> Any:
     """Build engine ``name``'s runner for a checkpoint (``Runner.from_pretrained(path, **options)``)."""
     if name == "native":
+        _check_installed(name)  # a missing extra is said first: no checkpoint helps without it
         _find_checkpoint(path_or_hub_id, options)
     factory = engine_class(name).from_pretrained
     check_engine_options(name, factory, options)
@@ -100,10 +121,6 @@ def _find_checkpoint(path_or_hub_id: str, options: dict[str, Any]) -> None:
     """Make sure the checkpoint can be had before the engine's module imports torch (9-11 s): a hub id
     offline and not cached, or a folder that is not there, fails in a second (its ``config.json`` is
     fetched or found now; the weights follow in the engine)."""
-    from pathlib import Path
-
-    from hd4k_tools.models.registry import family_for_checkpoint
-
     if Path(path_or_hub_id).expanduser().is_dir():
         return  # the engine reads it (and names any missing file)
     hub = family_for_checkpoint(path_or_hub_id).module("hub")

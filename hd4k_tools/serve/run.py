@@ -81,8 +81,10 @@ def run_server(
     it until stopped.
 
     The served model id is ``served_model_name``, by default the checkpoint's name (:func:`served_name`:
-    the folder's name, or the hub id). Access lines go to the ``hd4k_tools.serve.access`` logger as one
-    JSON object per request (shown at ``log_level`` info and below).
+    the folder's name, or the hub id); without ``served_model_name`` a request may also name the model as
+    ``model`` was given (vLLM's default name). Any other name is a 404 ``model_not_found``. Access lines go
+    to the ``hd4k_tools.serve.access`` logger as one JSON object per request (shown at ``log_level`` info
+    and below).
 
     ``host`` defaults to loopback: pass ``host="0.0.0.0"`` deliberately (ideally with ``api_key``) to
     serve other machines. ``max_pixels``/``max_image_bytes`` tighten the default :class:`ImagePolicy`;
@@ -122,6 +124,8 @@ def run_server(
                 allow_image_urls=allow_image_urls,
                 default_hd_num=default_hd_num,
                 served_model_name=served_model_name or served_name(model),
+                # vLLM's default name is the --model argument: accepted too, so one client recipe fits both.
+                model_aliases=() if served_model_name else (str(model),),
                 api_key=api_key,
                 max_tokens_limit=max_tokens_limit,
                 sse_keepalive_s=sse_keepalive_s,

@@ -24,10 +24,10 @@ import httpx
 import pytest
 from PIL import Image
 
+from hd4k_tools.inputs.images import to_data_url
+
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
-
-from hd4k_tools.inputs.images import to_data_url
 
 HOST = "127.0.0.1"
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -236,6 +236,6 @@ def test_readme_client_snippet_runs_against_hd4k_serve(
     pytest.importorskip("langchain_openai")
     pytest.importorskip("llama_index.llms.openai_like")
     code = _readme_block("**Clients.**")
-    assert "to_data_url(\"chart.png\")" in code and "mm_processor_kwargs" in code
+    assert 'to_data_url("chart.png")' in code and "mm_processor_kwargs" in code
     namespace = _run_snippet(code, server, tmp_path, monkeypatch)
     assert namespace["llm"].model == server["dir"]

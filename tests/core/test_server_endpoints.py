@@ -287,3 +287,22 @@ def test_300_odd_methods_and_paths_add_a_bounded_number_of_series() -> None:
     assert any('method="other",path="/v1/models",status="405"' in s for s in series)
     assert any('method="other",path="(unmatched)",status="404"' in s for s in series)
     assert any('method="GET",path="/v1/models/{model_id:path}",status="404"' in s for s in series)
+
+
+def test_mm_processor_kwargs_keys_are_the_vllm_plugins() -> None:
+    """One recipe for both engines: the native server takes exactly the keys the plugin takes per request
+    (read from the plugin's source, which imports vLLM)."""
+    import ast
+    from pathlib import Path
+
+    import hd4k_tools
+    from hd4k_tools.serve.schemas import MMProcessorKwargs
+
+    source = Path(hd4k_tools.__file__).parent / "models" / "xcomposer2_4khd" / "vllm" / "processor.py"
+    tree = ast.parse(source.read_text(encoding="utf-8"))
+    (value,) = [
+        node.value
+        for node in tree.body
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "REQUEST_KWARGS" for t in node.targets)
+    ]
+    assert set(ast.literal_eval(value)) == set(MMProcessorKwargs.model_fields)

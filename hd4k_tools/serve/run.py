@@ -313,7 +313,8 @@ def _serve_vllm(args: argparse.Namespace) -> int:
         port=args.port,
         hd_num=args.hd_num,
         tensor_parallel_size=args.tensor_parallel_size,
-        served_model_name=args.served_model_name or served_name(args.model),
+        # Like the native server: the folder's name, and the --model argument as given (vLLM's own default).
+        served_model_name=args.served_model_name or list(dict.fromkeys([served_name(args.model), str(args.model)])),
         dtype=args.dtype,
         api_key=args.api_key,
         log_level=args.log_level,

@@ -306,3 +306,22 @@ def test_mm_processor_kwargs_keys_are_the_vllm_plugins() -> None:
         if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "REQUEST_KWARGS" for t in node.targets)
     ]
     assert set(ast.literal_eval(value)) == set(MMProcessorKwargs.model_fields)
+
+
+def test_hd4k_serve_engine_vllm_answers_to_the_same_names(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``hd4k serve --engine vllm --model DIR`` accepts what the native server accepts: the folder's name and
+    DIR as given, so one client recipe (``model="DIR"``) fits both engines."""
+    from hd4k_tools.serve import run
+    from hd4k_tools.serve.vllm import vllm_server_argv
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(run, "run_vllm_server", lambda model, **kw: seen.update(kw))
+    model_dir = tmp_path / "ixc-4khd"
+    model_dir.mkdir()
+    run.serve_from_args(run.build_parser().parse_args(["--engine", "vllm", "--model", str(model_dir)]))
+    assert seen["served_model_name"] == ["ixc-4khd", str(model_dir)]
+    argv = vllm_server_argv(model_dir, served_model_name=seen["served_model_name"], generation_config_dir=tmp_path)
+    at = argv.index("--served-model-name")
+    assert argv[at + 1 : at + 3] == ["ixc-4khd", str(model_dir)] and argv[at + 3].startswith("--")
+    run.serve_from_args(run.build_parser().parse_args(["--engine", "vllm", "--model", "x", "--served-model-name", "n"]))
+    assert seen["served_model_name"] == "n"

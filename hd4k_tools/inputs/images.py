@@ -85,6 +85,8 @@ SUPPORTED_FORMATS: tuple[str, ...] = (
 _BASE64_MIN_LEN = 512
 _BASE64_RE = re.compile(r"[A-Za-z0-9+/=_\-\s]+")
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
+# Longer strings are never looked up as file names (PATH_MAX on Linux is 4096).
+_MAX_PATH_CHARS = 4096
 
 _IMAGE_MAGIC: tuple[bytes, ...] = (
     b"\x89PNG\r\n\x1a\n",
@@ -206,12 +208,31 @@ def _from_string(source: str, policy: ImagePolicy) -> SourceBytes:
             "allow_urls=True) or local paths are accepted."
         )
     if _BASE64_RE.fullmatch(text):
+        if _names_file(source, policy):  # an existing file wins, whatever its name looks like
+            return _from_path(source, policy)
         if len(text) > _BASE64_MIN_LEN:
             return _from_base64(text, "<base64>", policy)
         short = _short_base64(text, policy)
         if short is not None:
             return short
     return _from_path(source, policy)
+
+
+def _names_file(source: str, policy: ImagePolicy) -> bool:
+    """Whether ``source`` names an existing regular file the policy lets us read. Under ``allowed_roots``
+    only files inside a root count, so that the answer reveals nothing about files elsewhere (such a
+    string is then read as base64, as before, and a file outside the roots is never opened)."""
+    if len(source) > _MAX_PATH_CHARS or "\x00" in source:
+        return False
+    try:
+        resolved = Path(os.path.realpath(Path(source).expanduser()))
+        if policy.allowed_roots is not None:
+            roots = [Path(os.path.realpath(root.expanduser())) for root in policy.allowed_roots]
+            if not any(resolved.is_relative_to(root) for root in roots):
+                return False
+        return resolved.is_file()
+    except (OSError, RuntimeError, ValueError):
+        return False
 
 
 def _short_base64(text: str, policy: ImagePolicy) -> SourceBytes | None:
@@ -756,8 +777,19 @@ def image_content_hash(image: Image.Image) -> str:
     return digest.hexdigest()
 
 
-def to_data_url(image: Image.Image, format: str = "PNG") -> str:
-    """Encode ``image`` as a ``data:<mime>;base64,...`` URL (``format`` is a Pillow format name)."""
+def to_data_url(
+    image: ImageSource | SourceBytes, format: str = "PNG", *, policy: ImagePolicy | None = None, **overrides: Any
+) -> str:
+    """Encode an image as a ``data:<mime>;base64,...`` URL (``format`` is a Pillow format name).
+
+    ``image`` is anything :func:`load_image` takes (a path, bytes, a file object, base64, a data URL, a PIL
+    image...); everything but a PIL image is loaded with :func:`load_image` under ``policy`` (and
+    ``overrides``), so the URL holds the checked RGB image the model would see, re-encoded.
+
+    Raises:
+        UnsupportedFormatError: Pillow cannot write ``format``.
+        InputError subclasses: the source cannot be read (see :func:`load_image`).
+    """
     fmt = format.upper()
     if fmt == "JPG":
         fmt = "JPEG"
@@ -765,6 +797,8 @@ def to_data_url(image: Image.Image, format: str = "PNG") -> str:
     mime = Image.MIME.get(fmt)
     if fmt not in Image.SAVE or mime is None:
         raise UnsupportedFormatError(f"cannot encode to {format!r}; use 'PNG', 'JPEG' or 'WEBP'.")
+    if not isinstance(image, Image.Image):
+        image = load_image(image, policy=policy, **overrides)
     if fmt == "JPEG" and image.mode not in ("RGB", "L", "CMYK"):
         image = _to_rgb(image, "<PIL image>")
     buffer = io.BytesIO()

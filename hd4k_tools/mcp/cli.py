@@ -6,6 +6,12 @@
 The model loads before the server answers (a bad ``--model`` fails at once, with the usual one-line error);
 for HTTP the port is bound first, so a port in use fails before the model loads. ``--port 0`` picks a free
 port. The address served is printed on stderr; stdout belongs to the stdio transport.
+
+Over HTTP every request's ``Host`` and ``Origin`` are checked (the MCP specification asks servers to
+validate ``Origin``; DNS-rebinding protection), on every bind: on loopback the loopback names (any port)
+are allowed; bound wider, the hosts clients use must be named with ``--allowed-host`` (a specific address
+is allowed by default; ``0.0.0.0`` / ``::`` has no default and refuses to start without one), and web
+origins with ``--allowed-origin``. A request without ``Origin`` (not a browser) passes the origin check.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import socket
 import sys
 from collections.abc import Sequence
@@ -77,6 +84,26 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--max-pdf-pages", type=int, default=None, metavar="N", help="most PDF pages one call reads")
     p.add_argument("--max-new-tokens", type=int, default=None, metavar="N", help="cap on every answer's length")
     p.add_argument("--num-beams", type=int, default=None, metavar="N", help="beams per call (default: the task's)")
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT]",
+        help=(
+            "streamable-http: a Host header value clients use (repeatable; without a port any port matches); "
+            "needed when --host is 0.0.0.0 or ::. Loopback names are always allowed"
+        ),
+    )
+    p.add_argument(
+        "--allowed-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help=(
+            "streamable-http: a browser origin allowed to call the server, e.g. https://app.example (repeatable); "
+            "default: loopback origins only"
+        ),
+    )
     p.add_argument("--thumbnails", action="store_true", help="add a small JPEG of the input to every result")
     p.add_argument("--log-level", choices=LOG_LEVELS, default="warning", help="server log on stderr (default warning)")
     return p
@@ -167,11 +194,76 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+_WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+def _host_patterns(value: str) -> list[str]:
+    """Host header values for one ``--allowed-host``: as given, plus any port when it names none."""
+    host = value.strip()
+    if ":" in host and not host.startswith("["):
+        if host.count(":") == 1:  # host:port
+            return [host]
+        host = f"[{host}]"  # a bare IPv6 address
+    if host.startswith("[") and "]:" in host:
+        return [host]
+    return [host, f"{host}:*"]
+
+
+def _origin_patterns(value: str) -> list[str]:
+    """Origin header values for one ``--allowed-origin``: as given (no trailing slash), plus any port when it
+    names none."""
+    origin = value.strip().rstrip("/")
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#\s]+", origin):
+        raise InputError(
+            f"--allowed-origin {value!r} is not an origin; give scheme://host[:port] as a browser sends it, e.g. "
+            "https://app.example or http://localhost:3000."
+        )
+    host = origin.split("://", 1)[1]
+    has_port = re.search(r":\d+$", host) is not None
+    return [origin] if has_port else [origin, f"{origin}:*"]
+
+
+def transport_security(host: str, allowed_hosts: Sequence[str] = (), allowed_origins: Sequence[str] = ()) -> Any:
+    """The SDK's :class:`TransportSecuritySettings` for a server bound to ``host``: Host and Origin checked on
+    every bind (see the module docstring).
+
+    Raises:
+        InputError: a wildcard bind (``0.0.0.0``, ``::``) without ``allowed_hosts``, or a malformed origin.
+    """
+    from mcp.server.transport_security import TransportSecuritySettings
+
+    hosts = ["127.0.0.1:*", "localhost:*", "[::1]:*", "127.0.0.1", "localhost", "[::1]"]
+    origins = ["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"]
+    origins += ["http://127.0.0.1", "http://localhost", "http://[::1]"]
+    if host in _WILDCARD_HOSTS and not allowed_hosts:
+        raise InputError(
+            f"--host {host or '(all)'} listens on every address, so the server must know which names clients "
+            "use: add --allowed-host NAME (e.g. --allowed-host gpu-box.lan, repeatable), and --allowed-origin "
+            "for browser clients. Requests with another Host header are refused (DNS-rebinding protection)."
+        )
+    if host not in _LOOPBACK_HOSTS and host not in _WILDCARD_HOSTS:
+        hosts += _host_patterns(host)
+    for value in allowed_hosts:
+        hosts += _host_patterns(value)
+    for value in allowed_origins:
+        origins += _origin_patterns(value)
+    return TransportSecuritySettings(
+        enable_dns_rebinding_protection=True,
+        allowed_hosts=list(dict.fromkeys(hosts)),
+        allowed_origins=list(dict.fromkeys(origins)),
+    )
+
+
 def run_from_args(args: argparse.Namespace) -> int:
     """Run the server the options describe until the client (stdio) or a signal (HTTP) ends it."""
     _require_sdk()
     from hd4k_tools.mcp.server import MCP_IMAGE_LIMIT, build_server  # needs the optional SDK
 
+    security = None
+    if args.transport == "streamable-http":
+        security = transport_security(args.host, args.allowed_host, args.allowed_origin)  # before loading
+    elif args.allowed_host or args.allowed_origin:
+        raise InputError("--allowed-host and --allowed-origin are for --transport streamable-http.")
     settings = tool_settings(args)
     sock = _bind(args.host, args.port) if args.transport == "streamable-http" else None
     try:
@@ -184,7 +276,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             if sock is None:
                 anyio.run(_serve_stdio, server)
             else:
-                anyio.run(_serve_http, server, sock, args.host, args.log_level.lower())
+                anyio.run(_serve_http, server, sock, args.host, args.log_level.lower(), security)
     finally:
         if sock is not None:
             sock.close()
@@ -199,10 +291,14 @@ async def _serve_stdio(server: Any) -> None:
         await server.run(read_stream, write_stream, server.create_initialization_options())
 
 
-async def _serve_http(server: Any, sock: socket.socket, host: str, log_level: str) -> None:
+async def _serve_http(server: Any, sock: socket.socket, host: str, log_level: str, security: Any) -> None:
     import uvicorn
 
-    app = server.streamable_http_app(streamable_http_path=MCP_PATH, host=host)
+    from hd4k_tools.mcp.server import StreamCloseMiddleware
+
+    app = StreamCloseMiddleware(
+        server.streamable_http_app(streamable_http_path=MCP_PATH, host=host, transport_security=security)
+    )
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     if host not in _LOOPBACK_HOSTS:

@@ -11,8 +11,11 @@ frameworks do not:
 - results are the answer as text, plus structured content (:class:`ToolOutput`: per page the HD-N plan, tile
   grid, token counts, timings and page number) and, with ``thumbnails=True``, a small JPEG of the input;
 - ``read_document`` reports MCP progress (pages done / total) when the client asks for it;
-- an MCP cancellation (``notifications/cancelled``, or closing the request's HTTP stream) sets the model's
-  cancel event, so generation stops at the next token and the model is free for the next call.
+- an MCP cancellation (``notifications/cancelled``, or closing the request's HTTP stream, on either
+  protocol era: :class:`StreamCloseMiddleware` reports a closed stream) sets the model's cancel event, so
+  generation stops at the next token or page and the model is free for the next call;
+- error texts name ``hd4k mcp``'s own options (``--allowed-root``, ``--max-image-bytes``...), not the
+  library's field names (:func:`mcp_error_text`).
 
 Failures are tool results with ``isError: true`` whose text is :func:`error_message` (what to change);
 the server lives on.
@@ -23,7 +26,9 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import re
 import threading
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Literal
 
 import anyio
@@ -44,7 +49,16 @@ from hd4k_tools.agent_tools import (
 from hd4k_tools.errors import CancelledError, FileTooLargeError, HD4KError, InputError, InvalidBase64Error
 from hd4k_tools.results import DocumentResult, PlanSummary, TaskResult, Timings, Usage
 
-__all__ = ["MCP_IMAGE_LIMIT", "SERVER_NAME", "PageOutput", "ToolOutput", "build_server", "tool_definitions"]
+__all__ = [
+    "MCP_IMAGE_LIMIT",
+    "SERVER_NAME",
+    "PageOutput",
+    "StreamCloseMiddleware",
+    "ToolOutput",
+    "build_server",
+    "mcp_error_text",
+    "tool_definitions",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -227,8 +241,115 @@ def _thumbnail(answer: ToolAnswer) -> types.ImageContent | None:
     return types.ImageContent(data=data, mime_type=header.removeprefix("data:").split(";", 1)[0])
 
 
+# The library's advice names its Python settings; an MCP user changes hd4k mcp's options instead.
+_MCP_OPTION_WORDING: tuple[tuple[re.Pattern[str], str], ...] = tuple(
+    (re.compile(pattern), replacement)
+    for pattern, replacement in (
+        (
+            r"add its directory to allowed_roots \(ImagePolicy\.allowed_roots; for the agent tools, "
+            r"ToolSettings\.allowed_root\)",
+            "start hd4k mcp with --allowed-root set to a folder that holds it",
+        ),
+        (r"no allowed folder is configured", "hd4k mcp was started without --allowed-root"),
+        (r"URLs are disabled for this tool", "URLs are disabled on this server (hd4k mcp --allow-urls enables them)"),
+        (r"enable URLs with allow_urls=True", "start hd4k mcp with --allow-urls"),
+        (r"with allow_urls=True", "with hd4k mcp --allow-urls"),
+        (r"raise max_bytes in the ImagePolicy", "raise hd4k mcp's --max-image-bytes"),
+        (r"raise max_pixels in the ImagePolicy", "raise hd4k mcp's --max-pixels"),
+        (r"\bmax_bytes=", "--max-image-bytes="),
+        (r"\bmax_pixels=", "--max-pixels="),
+        (r"\bmax_pdf_pages=", "--max-pdf-pages="),
+    )
+)
+
+
+def mcp_error_text(err: BaseException) -> str:
+    """The error text of a failed call (:func:`error_message`), its advice in ``hd4k mcp``'s options."""
+    text = error_message(err)
+    for pattern, replacement in _MCP_OPTION_WORDING:
+        text = pattern.sub(replacement, text)
+    return text
+
+
 def _error_result(err: BaseException) -> types.CallToolResult:
-    return types.CallToolResult(content=[types.TextContent(text=error_message(err))], is_error=True)
+    return types.CallToolResult(content=[types.TextContent(text=mcp_error_text(err))], is_error=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# A request's HTTP stream closing cancels its call
+# ----------------------------------------------------------------------------------------------------
+#: Where :class:`StreamCloseMiddleware` leaves the :class:`_StreamWatch` of an HTTP request (its ASGI scope).
+STREAM_WATCH_KEY = "hd4k.stream_watch"
+
+
+class _StreamWatch:
+    """Callbacks to run once when the client closes a request's HTTP stream before its response ended."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[], None]] = []
+        self.closed = False
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` when the stream closes (at once if it already has)."""
+        with self._lock:
+            if not self.closed:
+                self._callbacks.append(callback)
+                return
+        callback()
+
+    def close(self) -> None:
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+
+_Scope = MutableMapping[str, Any]
+_Message = MutableMapping[str, Any]
+_ASGIApp = Callable[[_Scope, Callable[[], Awaitable[_Message]], Callable[[_Message], Awaitable[None]]], Awaitable[None]]
+
+
+class StreamCloseMiddleware:
+    """ASGI middleware around the streamable-HTTP app: when a client disconnects before its response has
+    ended, the request's :class:`_StreamWatch` (in its scope, which the SDK hands the tool handler as
+    ``ctx.request.scope``) runs its callbacks, so the call is cancelled. The SDK cancels on a closed stream
+    only in the 2026 protocol; clients of the 2025 protocol (initialize handshake) close a stream and may
+    send nothing else."""
+
+    def __init__(self, app: _ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(
+        self, scope: _Scope, receive: Callable[[], Awaitable[_Message]], send: Callable[[_Message], Awaitable[None]]
+    ) -> None:
+        if scope.get("type") != "http":
+            await self.app(scope, receive, send)
+            return
+        watch = _StreamWatch()
+        scope[STREAM_WATCH_KEY] = watch
+        ended = False
+
+        async def watched_send(message: _Message) -> None:
+            nonlocal ended
+            if message.get("type") == "http.response.body" and not message.get("more_body", False):
+                ended = True
+            await send(message)
+
+        async def watched_receive() -> _Message:
+            message = await receive()
+            if message.get("type") == "http.disconnect" and not ended:
+                watch.close()
+            return message
+
+        try:
+            await self.app(scope, watched_receive, watched_send)
+        finally:
+            if not ended:
+                watch.close()  # the handler gave up on the stream (a disconnect seen by someone else)
 
 
 class _ToolCaller:
@@ -273,6 +394,15 @@ class _ToolCaller:
         the worker, like everything else that takes time)."""
         cancel = threading.Event()
         pages = [0, 0]  # done, total
+        watch = getattr(getattr(ctx, "request", None), "scope", {}).get(STREAM_WATCH_KEY)
+        if isinstance(watch, _StreamWatch):
+
+            def stream_closed() -> None:
+                if not cancel.is_set():
+                    logger.info("tool %s: the client closed the request's stream; cancelling", name)
+                cancel.set()
+
+            watch.on_close(stream_closed)
 
         def on_page(done: int, total: int) -> None:
             pages[:] = [done, total]

@@ -59,7 +59,7 @@ from hd4k_tools.runtime.deadline_http import DeadlineTransport, call_deadline, t
 from hd4k_tools.runtime.runner import GenerationRequest, RunnerResult, TextStream, stream_in_thread
 from hd4k_tools.runtime.stops import StopFilter
 
-__all__ = ["RETRY_STATUSES", "RemoteRunner", "presize"]
+__all__ = ["MAX_SSE_LINE_BYTES", "RETRY_STATUSES", "RemoteRunner", "presize", "sse_lines"]
 
 #: Statuses worth retrying: rate limited, a transient server failure (500: e.g. a GPU out-of-memory error
 #: under load), or a gateway/server that is (re)starting or overloaded. 501 and 505 will not change.
@@ -198,6 +198,49 @@ def _plans_for(request: GenerationRequest) -> list[HDPlan]:
 # ----------------------------------------------------------------------------------------------------
 # The runner
 # ----------------------------------------------------------------------------------------------------
+#: Longest line of a server-sent-event stream the client reads (8 MiB: a whole structured answer with its
+#: plans fits many times over). Beyond it the stream is refused, so a server that never sends a newline
+#: costs at most this much memory.
+MAX_SSE_LINE_BYTES = 8 * 2**20
+
+
+def sse_lines(chunks: Iterator[bytes], max_line_bytes: int, source: str = "the server") -> Iterator[str]:
+    """The lines of an event stream (``\n``, ``\r\n`` or ``\r`` ends a line, as SSE allows), decoded as
+    UTF-8, reading ``chunks`` as they come and holding at most ``max_line_bytes`` of an unfinished line.
+
+    Raises:
+        RemoteResponseError: a line is longer than ``max_line_bytes`` (raised as soon as the buffer passes
+            it, without reading the rest).
+    """
+    buffer = bytearray()
+    for chunk in chunks:
+        buffer += chunk
+        start = 0
+        # The next LF and CR at or after ``start`` (-1: none left in this buffer), each searched once.
+        lf, cr = buffer.find(b"\n"), buffer.find(b"\r")
+        while lf >= 0 or cr >= 0:
+            end = min(k for k in (lf, cr) if k >= 0)
+            if end == cr and end + 1 == len(buffer):
+                break  # a CR at the end of the chunk: its LF may come next
+            if end - start > max_line_bytes:
+                break
+            yield buffer[start:end].decode("utf-8", errors="replace")
+            start = end + (2 if end == cr and end + 1 == lf else 1)
+            if 0 <= lf < start:
+                lf = buffer.find(b"\n", start)
+            if 0 <= cr < start:
+                cr = buffer.find(b"\r", start)
+        del buffer[:start]
+        if len(buffer) - buffer.endswith(b"\r") > max_line_bytes:
+            raise RemoteResponseError(
+                f"The server at {source} sent an event-stream line longer than {max_line_bytes:,} bytes; an "
+                "OpenAI-compatible stream sends one small JSON event per line. Check that the URL points at "
+                "the model server, or raise RemoteRunner.max_sse_line_bytes."
+            )
+    if buffer:
+        yield buffer.rstrip(b"\r").decode("utf-8", errors="replace")
+
+
 class RemoteRunner:
     """A :class:`~hd4k_tools.runtime.runner.Runner` that sends each request to an OpenAI-compatible server.
 
@@ -226,6 +269,9 @@ class RemoteRunner:
 
     The runner is thread-safe: ``httpx.Client`` is, and the concurrency limit is a semaphore.
     """
+
+    #: Longest server-sent-event line read (see :func:`sse_lines`); an instance may lower or raise it.
+    max_sse_line_bytes: int = MAX_SSE_LINE_BYTES
 
     def __init__(
         self,
@@ -567,7 +613,7 @@ class RemoteRunner:
                     emit_raw(tail)
                 return self._result(text, finish, plans, data.get("usage"), data.get("hd4k"), started)
             try:
-                for line in response.iter_lines():
+                for line in sse_lines(response.iter_bytes(), self.max_sse_line_bytes, self.base_url):
                     if cancel.is_set():
                         return self._result("".join(pieces), "cancelled", plans, usage, extension, started)
                     if not line.startswith("data:"):

@@ -9,8 +9,12 @@
   ``repetition_penalty``, ``num_beams`` and ``layout`` (``"chat"`` or ``"eval"``). Responses carry an
   extension field ``hd4k`` with the tile plans, timings and image-token count. ``tools`` are refused with
   400 ``tools_not_supported`` (the model has no tool calling; the message says how to use the hd4k tools).
-* ``GET /v1/models``, ``GET /health`` (``?verbose=true``: state and cache statistics) and ``GET /metrics``
-  (Prometheus text format); ``/docs`` and ``/openapi.json`` describe the API.
+  ``mm_processor_kwargs`` (``hd_num``, ``layout``) is read as the vLLM engine reads it.
+* ``POST /v1/completions``: a text ``prompt`` answered as one user turn, in the ``text_completion`` shape
+  (whole or streamed); images go to the chat route.
+* ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health`` (``?verbose=true``: state and cache
+  statistics) and ``GET /metrics`` (Prometheus text format, bounded labels); ``/docs`` and
+  ``/openapi.json`` describe the API. Every response carries ``x-request-id`` (the client's, when sane).
 
 Untrusted input never reaches the model unchecked: the request body is capped (``max_request_bytes``),
 images go through :func:`hd4k_tools.inputs.images.load_image` under an :class:`ImagePolicy` (pixel and byte
@@ -24,8 +28,9 @@ request leaves out; ``temperature: 0`` is greedy, any other temperature samples.
 hold the model for long or exhaust its memory, ``max_tokens`` above the server's ``max_tokens_limit``
 (default :data:`DEFAULT_MAX_TOKENS_LIMIT`) is refused with 400 (not clamped: a silently shorter answer
 would look like a complete one), and ``num_beams`` is at most
-:data:`~hd4k_tools.runtime.generation_config.MAX_NUM_BEAMS`. The request's ``model`` field is not checked (one
-server serves one model). Streamed and whole answers are cut at ``stop`` sequences and trimmed of
+:data:`~hd4k_tools.runtime.generation_config.MAX_NUM_BEAMS`. A request's ``model`` must be a name ``/v1/models``
+lists (the served name, and without ``served_model_name`` the ``--model`` argument); another is a 404
+``model_not_found``, as OpenAI answers. Streamed and whole answers are cut at ``stop`` sequences and trimmed of
 surrounding whitespace the same way, so the deltas join to the whole answer.
 
 Generation runs in a worker thread, so the event loop keeps answering (``/health`` stays responsive

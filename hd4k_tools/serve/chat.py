@@ -34,6 +34,7 @@ __all__ = [
     "MAX_STOP_SEQUENCES",
     "Prepared",
     "ServeSettings",
+    "check_model",
     "generation_config",
     "prepare",
     "tool_result_prefix",
@@ -87,6 +88,49 @@ class ServeSettings:
     upload_slots: limits.UploadSlots = dataclasses.field(
         default_factory=lambda: limits.UploadSlots(limits.DEFAULT_MAX_CONCURRENT_UPLOADS)
     )
+    #: Other names a request's ``model`` may use (listed by ``/v1/models`` after ``model_name``).
+    model_aliases: tuple[str, ...] = ()
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """Every name this server answers to: the served name first, then the aliases."""
+        return (self.model_name, *(a for a in dict.fromkeys(self.model_aliases) if a != self.model_name))
+
+
+def check_model(model: str | None, settings: ServeSettings) -> None:
+    """A request's ``model`` must be one of :attr:`ServeSettings.model_names` (or left out): another name is
+    a 404 ``model_not_found``, as OpenAI answers it, rather than an answer from a model the client did not
+    ask for."""
+    if model is None or model in settings.model_names:
+        return
+    names = ", ".join(repr(n) for n in settings.model_names)
+    shown = model if len(model) <= 200 else model[:200] + "..."
+    raise APIError(
+        404,
+        f"The model {shown!r} does not exist on this server; it serves {names} (GET /v1/models lists them).",
+        code="model_not_found",
+    )
+
+
+def _with_mm_processor_kwargs(body: ChatCompletionRequest) -> ChatCompletionRequest:
+    """``mm_processor_kwargs.hd_num`` / ``.layout`` (vLLM's spelling) as the top-level ``hd_num`` /
+    ``layout``; both spellings with different values are a 400."""
+    mm = body.mm_processor_kwargs
+    if mm is None:
+        return body
+    changes: dict[str, Any] = {}
+    for name in ("hd_num", "layout"):
+        value, top = getattr(mm, name), getattr(body, name)
+        if value is None:
+            continue
+        if top is not None and top != value:
+            raise APIError(
+                400,
+                f"{name}={top!r} and mm_processor_kwargs.{name}={value!r} disagree; send one of them.",
+                param=f"mm_processor_kwargs.{name}",
+            )
+        changes[name] = value
+    return body.model_copy(update=changes)
 
 
 def generation_config(body: ChatCompletionRequest, max_tokens_limit: int) -> GenerationConfig:
@@ -295,6 +339,8 @@ def prepare(raw: bytes, settings: ServeSettings) -> Prepared:
     except ValidationError as err:
         message, param = validation_message(err)
         raise APIError(400, message, param=param) from err
+    check_model(body.model, settings)
+    body = _with_mm_processor_kwargs(body)
     if body.n not in (None, 1):
         raise APIError(400, "Only n=1 is supported: one answer per request.", param="n", code="unsupported_n")
     _refuse_tools(body)

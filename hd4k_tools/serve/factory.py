@@ -8,6 +8,7 @@ FastAPI is an optional extra (``serve``): it is imported when an app is built, a
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +56,25 @@ def _checked_hd_num(default_hd_num: HDNum) -> HDNum:
     return default_hd_num
 
 
+# The routes a client may call, for the message of a 404.
+_ROUTES = (
+    "POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/models/{id}, GET /health, "
+    "GET /metrics, GET /docs"
+)
+
+
+def _routing_message(request: Any, status: int, detail: str, headers: Any) -> str:
+    """Starlette's "Not Found" / "Method Not Allowed" as messages that say what to call instead."""
+    method = request.method if len(request.method) <= 32 else request.method[:32] + "..."
+    path = request.url.path if len(request.url.path) <= 200 else request.url.path[:200] + "..."
+    if status == 404 and detail == "Not Found":
+        return f"No route {method} {path!r} on this server; it answers {_ROUTES}."
+    if status == 405 and detail == "Method Not Allowed":
+        allowed = (headers or {}).get("Allow") or (headers or {}).get("allow") or "another method"
+        return f"{method} is not allowed on {path!r}; use {allowed}."
+    return detail
+
+
 @dataclass(frozen=True)
 class ServerOptions:
     """What an app serves with besides its runner (the keywords of :func:`create_app`, as one object).
@@ -67,6 +87,8 @@ class ServerOptions:
             accepted.
         default_hd_num: tile budget for images when a request has no ``hd_num`` (an int or ``"auto"``).
         served_model_name: the model name reported by the API; defaults to ``runner.model_id``.
+        model_aliases: other names a request's ``model`` may use; ``/v1/models`` lists them after the served
+            name. Any other ``model`` is a 404 ``model_not_found`` (a request without ``model`` is answered).
         api_key: when set, requests to ``/v1/*`` must send ``Authorization: Bearer <api_key>``.
         max_tokens_limit: largest ``max_tokens`` (or ``max_completion_tokens``) a request may ask for;
             more is refused with 400 ``max_tokens_too_large``. A request without ``max_tokens`` gets the
@@ -82,6 +104,7 @@ class ServerOptions:
     allow_image_urls: bool = False
     default_hd_num: HDNum = DEFAULT_FAMILY.default_engine_hd_num
     served_model_name: str | None = None
+    model_aliases: Sequence[str] = ()
     api_key: str | None = None
     max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT
     sse_keepalive_s: float = DEFAULT_SSE_KEEPALIVE_S
@@ -122,6 +145,7 @@ class ServerOptions:
             sse_keepalive_s=float(self.sse_keepalive_s),
             body_timeout=float(self.body_timeout),
             upload_slots=limits.UploadSlots(self.max_concurrent_uploads),
+            model_aliases=tuple(str(a) for a in self.model_aliases),
         )
 
 
@@ -172,11 +196,13 @@ def _install_error_handlers(app: FastAPI) -> None:
         return error_response(APIError(400, message, param=param))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        err = APIError(exc.status_code, str(exc.detail), type=kind, code=code)
-        return JSONResponse(err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        message = _routing_message(request, exc.status_code, str(exc.detail), headers)
+        err = APIError(exc.status_code, message, type=kind, code=code)
+        return JSONResponse(err.body(), status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(APIError)
     async def _on_api_error(_: Request, exc: APIError) -> JSONResponse:

@@ -21,7 +21,7 @@ from typing import Any
 
 from hd4k_tools.results import Timings, Usage
 
-__all__ = ["CONTENT_TYPE", "Histogram", "ServerMetrics", "cache_stats"]
+__all__ = ["CONTENT_TYPE", "KNOWN_METHODS", "UNMATCHED_PATH", "Histogram", "ServerMetrics", "cache_stats"]
 
 #: The media type of the text exposition format.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -29,6 +29,11 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _TPS_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0)
 _DURATION_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+#: HTTP methods counted under their own name; any other method name is counted as ``other``, so a client
+#: cannot grow the series without bound (HTTP allows any token as a method).
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+#: The ``path`` label of requests no route matched.
+UNMATCHED_PATH = "(unmatched)"
 
 
 def cache_stats(runner: Any) -> dict[str, dict[str, int]]:
@@ -94,10 +99,14 @@ class ServerMetrics:
 
     # -- recording -----------------------------------------------------------------------------------
     def record_request(self, method: str, path: str, status: int, duration_s: float) -> None:
+        """Count one request. ``path`` must be a route template (or :data:`UNMATCHED_PATH`), never the raw
+        path; a method outside :data:`KNOWN_METHODS` is counted as ``other``."""
+        method = method if method in KNOWN_METHODS else "other"
+        status = status if 100 <= status <= 599 else 0
         with self._lock:
             key = (method, path, status)
             self.requests[key] = self.requests.get(key, 0) + 1
-            if path.startswith("/v1/chat/"):
+            if path.startswith("/v1/chat/") or path == "/v1/completions":
                 self.duration.observe(duration_s)
 
     def start_generation(self) -> None:

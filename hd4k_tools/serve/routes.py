@@ -1,4 +1,5 @@
-"""The FastAPI routes: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``, ``GET /metrics``.
+"""The FastAPI routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``,
+``GET /v1/models/{id}``, ``GET /health``, ``GET /metrics``.
 
 Real FastAPI routes, so ``/docs`` and ``/openapi.json`` describe the API. The chat handler reads the raw
 body itself (the size limit is enforced while reading, and every error is answered in OpenAI's shape); its
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import json
 import logging
 import threading
 import time
@@ -29,7 +31,8 @@ from hd4k_tools.errors import CancelledError, HD4KError
 from hd4k_tools.runtime.runner import RunnerResult, TextStream
 from hd4k_tools.runtime.stops import StopFilter
 from hd4k_tools.serve import limits, responses
-from hd4k_tools.serve.chat import Prepared, ServeSettings, prepare
+from hd4k_tools.serve.chat import Prepared, ServeSettings, check_model, prepare
+from hd4k_tools.serve.completions import completion_as_chat, completion_body, completion_events
 from hd4k_tools.serve.errors import APIError, api_error_from, internal_error
 from hd4k_tools.serve.generate import Answer, answer
 from hd4k_tools.serve.metrics import CONTENT_TYPE, ServerMetrics, cache_stats
@@ -37,8 +40,11 @@ from hd4k_tools.serve.schemas import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
     ErrorBody,
     Health,
+    ModelCard,
     ModelList,
 )
 
@@ -386,18 +392,66 @@ async def chat_completions(request: Request) -> Response:
         if prep.stream:
             return await _answer_stream(request, prep, cid, created)
         return await _answer_whole(request, prep, cid, created)
-    except APIError as err:
-        return error_response(err)
-    except CancelledError:
-        return error_response(APIError(499, "The request was cancelled.", code="cancelled"))
-    except HD4KError as err:
+    except Exception as err:
+        return error_response(_api_error(err, "/v1/chat/completions"))
+
+
+def _api_error(err: Exception, where: str) -> APIError:
+    """What a completion route answers for ``err``: its own status for client errors, 499 for a cancel,
+    a generic 500 (details in the log) for bugs."""
+    if isinstance(err, APIError):
+        return err
+    if isinstance(err, CancelledError):
+        return APIError(499, "The request was cancelled.", code="cancelled")
+    if isinstance(err, HD4KError):
         api_err = api_error_from(err)
         if api_err.status_code >= 500:
-            logger.error("error on /v1/chat/completions", exc_info=err)
-        return error_response(api_err)
+            logger.error("error on %s", where, exc_info=err)
+        return api_err
+    logger.error("unhandled error on %s", where, exc_info=err)
+    return internal_error()
+
+
+@router.post(
+    "/v1/completions",
+    summary="Text completion (OpenAI-compatible; the prompt is answered as one user turn)",
+    response_model=Completion,
+    responses={
+        200: {
+            "description": "The answer; with ``stream: true`` a text/event-stream of Completion chunks.",
+            "content": {"text/event-stream": {"schema": {"$ref": "#/components/schemas/Completion"}}},
+        },
+        **_error_responses(400, 401, 404, 413, 500),
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/CompletionRequest"}}},
+        }
+    },
+)
+async def completions(request: Request) -> Response:
+    """OpenAI text completions (what LlamaIndex ``OpenAILike`` calls by default): one text ``prompt``,
+    answered by the model as one user turn of its conversation template, whole or streamed. Every chat
+    field (``max_tokens``, ``temperature``, ``stop``, ``stream``, the hd4k extensions) means the same as on
+    ``/v1/chat/completions``; images go there, as ``image_url`` parts. ``echo``, ``suffix``, ``best_of``
+    > 1 and ``logprobs`` are refused with a 400."""
+    state = _state(request)
+    try:
+        check_auth(request)
+        raw = await read_body(request)
+        prep = await anyio.to_thread.run_sync(lambda: prepare(completion_as_chat(raw), state.settings))
+        cid = f"cmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        if prep.stream:
+            streamed = await _answer_stream(request, prep, cid, created)
+            assert isinstance(streamed, StreamingResponse)
+            streamed.body_iterator = completion_events(streamed.body_iterator)
+            return streamed
+        whole = await _answer_whole(request, prep, cid, created)
+        return JSONResponse(completion_body(json.loads(whole.body)))
     except Exception as err:
-        logger.error("unhandled error on /v1/chat/completions", exc_info=err)
-        return error_response(internal_error())
+        return error_response(_api_error(err, "/v1/completions"))
 
 
 def error_response(err: APIError) -> JSONResponse:
@@ -408,29 +462,44 @@ def error_response(err: APIError) -> JSONResponse:
 # ----------------------------------------------------------------------------------------------------
 # Models, health, metrics
 # ----------------------------------------------------------------------------------------------------
+def _model_card(state: ServerState, name: str) -> dict[str, Any]:
+    return {
+        "id": name,
+        "object": "model",
+        "created": state.started,
+        "owned_by": "hd4k-tools",
+        "context_length": state.settings.runner.context_length,
+    }
+
+
 @router.get("/v1/models", summary="The served model", response_model=ModelList, responses=_error_responses(401))
 async def list_models(request: Request) -> Response:
-    """The one model this server serves (its id is ``--served-model-name``, by default the checkpoint's
-    folder name)."""
+    """The model this server serves: its id (``--served-model-name``, by default the checkpoint's folder
+    name) first, then the other names a request's ``model`` may use (by default also the ``--model``
+    argument as given, which is vLLM's default name)."""
     try:
         check_auth(request)
     except APIError as err:
         return error_response(err)
     state = _state(request)
-    return JSONResponse(
-        {
-            "object": "list",
-            "data": [
-                {
-                    "id": state.settings.model_name,
-                    "object": "model",
-                    "created": state.started,
-                    "owned_by": "hd4k-tools",
-                    "context_length": state.settings.runner.context_length,
-                }
-            ],
-        }
-    )
+    return JSONResponse({"object": "list", "data": [_model_card(state, n) for n in state.settings.model_names]})
+
+
+@router.get(
+    "/v1/models/{model_id:path}",
+    summary="One served model (OpenAI's models.retrieve)",
+    response_model=ModelCard,
+    responses=_error_responses(401, 404),
+)
+async def retrieve_model(request: Request, model_id: str) -> Response:
+    """The card of ``model_id`` when it is one of the names ``/v1/models`` lists; 404 ``model_not_found``
+    otherwise."""
+    try:
+        check_auth(request)
+        check_model(model_id, _state(request).settings)
+    except APIError as err:
+        return error_response(err)
+    return JSONResponse(_model_card(_state(request), model_id))
 
 
 @router.get("/health", summary="Liveness, and with ?verbose=true state and cache statistics", response_model=Health)
@@ -471,7 +540,11 @@ def openapi_components() -> dict[str, Any]:
     """JSON schemas of the request and streamed-chunk models under ``#/components/schemas`` (the chat
     route reads its body itself, so FastAPI does not register them)."""
     _, top = models_json_schema(
-        [(ChatCompletionRequest, "validation"), (ChatCompletionChunk, "serialization")],
+        [
+            (ChatCompletionRequest, "validation"),
+            (CompletionRequest, "validation"),
+            (ChatCompletionChunk, "serialization"),
+        ],
         ref_template="#/components/schemas/{model}",
     )
     return dict(top.get("$defs", {}))

@@ -84,9 +84,11 @@ def run_server(
     :class:`ImagePolicy`.
 
     The served model id is ``served_model_name``, by default the checkpoint's name (:func:`served_name`:
-    the folder's name, or the hub id). Access lines go to the ``hd4k_tools.serve.access`` logger as one
-    JSON object per request (shown at ``log_level`` info and below). ``host`` defaults to loopback: pass
-    ``host="0.0.0.0"`` deliberately (ideally with ``api_key``) to serve other machines.
+    the folder's name, or the hub id); without ``served_model_name`` a request may also name the model as
+    ``model`` was given (vLLM's default name). Any other name is a 404 ``model_not_found``. Access lines go
+    to the ``hd4k_tools.serve.access`` logger as one JSON object per request (shown at ``log_level`` info
+    and below). ``host`` defaults to loopback: pass ``host="0.0.0.0"`` deliberately (ideally with
+    ``api_key``) to serve other machines.
 
     Raises:
         ServeError: the port is already in use or cannot be bound (raised before the model loads), or
@@ -99,7 +101,8 @@ def run_server(
     policy = ImagePolicy(**{k: v for k, v in policy_changes.items() if v is not None})
     served = ServerOptions.of(options, **{"policy": policy, **server_changes})
     if served.served_model_name is None:
-        served = ServerOptions.of(served, served_model_name=served_name(model))
+        # vLLM's default name is the --model argument: accepted too, so one client recipe fits both servers.
+        served = ServerOptions.of(served, served_model_name=served_name(model), model_aliases=(str(model),))
     sock = bind_port(host, port)
     try:
         runner = load_engine(DEFAULT_ENGINE, model, **engine_options)
@@ -295,7 +298,8 @@ def _serve_vllm(args: argparse.Namespace) -> int:
         port=args.port,
         hd_num=args.hd_num,
         tensor_parallel_size=args.tensor_parallel_size,
-        served_model_name=args.served_model_name or served_name(args.model),
+        # Like the native server: the folder's name, and the --model argument as given (vLLM's own default).
+        served_model_name=args.served_model_name or list(dict.fromkeys([served_name(args.model), str(args.model)])),
         dtype=args.dtype,
         api_key=args.api_key,
         log_level=args.log_level,

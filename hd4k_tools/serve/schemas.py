@@ -17,8 +17,11 @@ __all__ = [
     "ChatCompletion",
     "ChatCompletionChunk",
     "ChatCompletionRequest",
+    "Completion",
+    "CompletionRequest",
     "ErrorBody",
     "Health",
+    "MMProcessorKwargs",
     "ModelCard",
     "ModelList",
     "ResponseFormat",
@@ -80,6 +83,21 @@ class ResponseFormat(BaseModel):
     json_schema: _JSONSchemaFormat | None = None
 
 
+_HDNumValue = StrictInt | Literal["auto"] | list[StrictInt | Literal["auto"]]
+
+
+class MMProcessorKwargs(BaseModel):
+    """``mm_processor_kwargs``: the per-request keys the vLLM plugin accepts (``hd_num``, ``layout``;
+    ``REQUEST_KWARGS`` of :mod:`hd4k_tools.models.xcomposer2_4khd.vllm.processor`), so one client recipe
+    (``extra_body={"mm_processor_kwargs": {"hd_num": 9}}``) works on both engines. Other keys are refused,
+    as the plugin refuses them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hd_num: _HDNumValue | None = None
+    layout: Literal["chat", "eval"] | None = None
+
+
 class ChatCompletionRequest(BaseModel):
     """The body of ``POST /v1/chat/completions`` (unknown OpenAI fields are accepted and ignored)."""
 
@@ -101,11 +119,29 @@ class ChatCompletionRequest(BaseModel):
     functions: list[dict[str, Any]] | None = None
     response_format: ResponseFormat | None = None
     # hd4k extensions
-    hd_num: StrictInt | Literal["auto"] | list[StrictInt | Literal["auto"]] | None = None
+    hd_num: _HDNumValue | None = None
     top_k: StrictInt | None = Field(default=None, ge=0)
     repetition_penalty: float | None = Field(default=None, gt=0)
     num_beams: StrictInt | None = Field(default=None, ge=1, le=MAX_NUM_BEAMS)
     layout: Literal["chat", "eval"] | None = None
+    # vLLM's spelling of the two above (what the vLLM engine reads), accepted here too
+    mm_processor_kwargs: MMProcessorKwargs | None = None
+
+
+class CompletionRequest(BaseModel):
+    """The body of ``POST /v1/completions``: a text ``prompt`` (one string), answered as one user turn.
+    Every other field is a chat-completion field and means the same (``max_tokens``, ``temperature``,
+    ``stop``, ``stream``, the hd4k extensions...); the completion-only options this server cannot honour
+    (``echo``, ``suffix``, ``best_of`` > 1, ``logprobs``) are refused with a 400."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    prompt: str | list[str]
+    echo: StrictBool | None = None
+    suffix: str | None = None
+    best_of: StrictInt | None = Field(default=None, ge=1)
+    logprobs: StrictInt | None = Field(default=None, ge=0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -167,6 +203,25 @@ class ChatCompletionChunk(BaseModel):
     created: int
     model: str
     choices: list[_ChunkChoice]
+    usage: _Usage | None = None
+    hd4k: _HD4KExtension | None = None
+
+
+class _CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None = None
+
+
+class Completion(BaseModel):
+    """A ``/v1/completions`` answer (``object`` ``text_completion``; streamed as chunks of the same shape)."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[_CompletionChoice]
     usage: _Usage | None = None
     hd4k: _HD4KExtension | None = None
 

@@ -87,7 +87,7 @@ def vllm_server_argv(
     port: int = 8000,
     hd_num: int | None = None,
     tensor_parallel_size: int = 1,
-    served_model_name: str | None = None,
+    served_model_name: str | Sequence[str] | None = None,
     dtype: str = "auto",
     generation_config_dir: str | os.PathLike[str] | None = None,
     extra_args: Sequence[str] = (),
@@ -96,6 +96,7 @@ def vllm_server_argv(
     """The full command line of vLLM's OpenAI server for an IXC2-4KHD checkpoint folder.
 
     ``extra_args`` (any vLLM server option) come last, so they override the defaults set here.
+    ``served_model_name`` may be several names (vLLM reports the first and accepts all).
     """
     if hd_num is not None and (not isinstance(hd_num, int) or isinstance(hd_num, bool) or hd_num < 1):
         raise InputError(f"--hd-num for the vLLM engine must be a positive integer, got {hd_num!r}.")
@@ -109,7 +110,7 @@ def vllm_server_argv(
         "--model",
         str(model),
         "--served-model-name",
-        served_model_name or str(model),
+        *([served_model_name] if isinstance(served_model_name, str) else served_model_name or [str(model)]),
         "--host",
         host,
         "--port",
@@ -140,7 +141,7 @@ def run_vllm_server(
     port: int = 8000,
     hd_num: int | None = None,
     tensor_parallel_size: int = 1,
-    served_model_name: str | None = None,
+    served_model_name: str | Sequence[str] | None = None,
     dtype: str = "auto",
     api_key: str | None = None,
     log_level: str = "info",

@@ -500,6 +500,7 @@ class FakeRunner:
 
 
 def _client(runner: FakeRunner | None = None, **kwargs: Any) -> TestClient:
+    kwargs.setdefault("model_aliases", ["m", "tiny"])  # the names _text_body and _chat_body send
     return TestClient(create_app(runner or FakeRunner(), **kwargs), raise_server_exceptions=False)
 
 
@@ -882,7 +883,7 @@ def threaded_server() -> Iterator[Any]:
 
     def start(runner: FakeRunner) -> str:
         port = _free_port()
-        config = uvicorn.Config(create_app(runner), host=HOST, port=port, log_level="warning")
+        config = uvicorn.Config(create_app(runner, model_aliases=["m"]), host=HOST, port=port, log_level="warning")
         server = uvicorn.Server(config)
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()

@@ -87,6 +87,7 @@ class ScriptedRunner:
 
 
 def _client(runner: ScriptedRunner, **kwargs: Any) -> TestClient:
+    kwargs.setdefault("model_aliases", ["m"])  # the name the bodies below send
     return TestClient(create_app(runner, **kwargs), raise_server_exceptions=False)
 
 

@@ -176,7 +176,7 @@ def test_six_8000px_images_do_not_raise_server_peak_memory(tiny_checkpoint: Path
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HD4K_NO_PROGRESS": "1"}
     env.pop("HD4K_API_KEY", None)
     cmd = [sys.executable, "-m", "hd4k_tools.cli", "serve", "--model", str(tiny_checkpoint), "--host", HOST]
-    cmd += ["--port", str(port), "--log-level", "warning"]
+    cmd += ["--port", str(port), "--log-level", "warning", "--served-model-name", "tiny"]  # chat_body sends "tiny"
     log = (tmp_path / "serve.log").open("wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     base = f"http://{HOST}:{port}"

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,9 +72,11 @@ def stdio_transport(checkpoint: Path, root: Path, errlog: Any) -> Any:
     return stdio_client(params, errlog=errlog)
 
 
-def start_http_server(checkpoint: Path, root: Path, lines: list[str]) -> tuple[subprocess.Popen, str]:
-    command = [sys.executable, "-m", "hd4k_tools.mcp", "--transport", "streamable-http", "--host", "127.0.0.1"]
-    command += ["--port", "0", "--model", str(checkpoint), "--allowed-root", str(root), *SERVER_OPTIONS]
+def start_http_server(
+    checkpoint: Path, root: Path, lines: list[str], *, host: str = "127.0.0.1", extra: Sequence[str] = ()
+) -> tuple[subprocess.Popen, str]:
+    command = [sys.executable, "-m", "hd4k_tools.mcp", "--transport", "streamable-http", "--host", host]
+    command += ["--port", "0", "--model", str(checkpoint), "--allowed-root", str(root), *SERVER_OPTIONS, *extra]
     proc = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=environment())
     found: list[str] = []
     ready = threading.Event()

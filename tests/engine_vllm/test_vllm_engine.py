@@ -219,3 +219,21 @@ def test_langchain_chat_model_runs_on_the_engine(engine: HD4K, native: HD4K, lan
     assert ours.content == theirs.content and ours.content
     streamed = "".join(c.content for c in ChatHD4K(hd=engine, hd_num=4, max_new_tokens=24).stream([message]))
     assert streamed == theirs.content
+
+
+def test_each_image_is_planned_once(engine: HD4K, landscape, portrait, monkeypatch) -> None:
+    """The facade plans each image once; the in-process processor tiles those plans (hd_plans) without
+    planning again (issue 18 item 1)."""
+    from hd4k_tools.models.xcomposer2_4khd import tiling
+
+    calls: list[int] = []
+    original = tiling._resolve_one
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tiling, "_resolve_one", counting)
+    result = engine.chat("Compare.", [landscape, portrait], hd_num=[1, 4], generation={"max_new_tokens": 2})
+    assert [p.hd_num for p in result.plans] == [1, 4]
+    assert len(calls) == 2

@@ -22,7 +22,7 @@ from hd4k_tools.inputs.images import ImageSource, load_image, read_source_bytes
 from hd4k_tools.inputs.pdf import render_pages, select_pages
 from hd4k_tools.inputs.policy import ImagePolicy
 from hd4k_tools.models.xcomposer2_4khd.tiling import MAX_AUTO_HD_NUM, HDNum, HDPlan, auto_hd_num, check_hd_num, plan
-from hd4k_tools.results import ChartResult, DocumentResult, TaskResult, parse_table, thumbnail_data_url
+from hd4k_tools.results import ChartResult, DocumentResult, TaskResult, thumbnail_data_url
 from hd4k_tools.runtime.engines import load_engine
 from hd4k_tools.runtime.generation_config import GenerationConfig
 from hd4k_tools.runtime.remote import RemoteRunner
@@ -35,7 +35,7 @@ from hd4k_tools.runtime.runner import (
     TextStream,
     generate_all,
 )
-from hd4k_tools.tasks import TABLE_PROMPT, TASKS, TaskSpec, chart_prompt, describe_prompt, document_prompt
+from hd4k_tools.tasks import TASKS, TaskCall, TaskSpec
 
 T = TypeVar("T")
 GenerationArg = GenerationConfig | Mapping[str, Any] | None
@@ -253,11 +253,155 @@ class HD4K:
             **extra,
         )
 
-    # -- describe_image ----------------------------------------------------------------------------
-    def _describe_request(self, source, detail, hd_num, generation, policy):
-        spec = TASKS["describe_image"]
-        return self._image_request(spec, self.load(source, policy), describe_prompt(detail), hd_num, generation)
+    # -- tasks: one generic path -------------------------------------------------------------------
+    def _task_request(
+        self, spec: TaskSpec, image: Image.Image, call: TaskCall, hd_num: HDNum | None, generation: GenerationArg
+    ) -> GenerationRequest:
+        if call.generation and not isinstance(generation, GenerationConfig):
+            # The call's defaults (e.g. room for a table) under the caller's options.
+            generation = {**call.generation, **(generation or {})}
+        return self._image_request(spec, image, call.prompt, hd_num, generation)
 
+    def _task_result(
+        self, spec: TaskSpec, call: TaskCall, out: RunnerResult, request: GenerationRequest, **extra: Any
+    ) -> TaskResult:
+        fields = {**call.fields, **extra}
+        if call.parse is not None:
+            fields.update(call.parse(out.text))
+        return self._result(spec.result, spec.name, out, request, **fields)
+
+    @staticmethod
+    def _refuse_document_options(spec: TaskSpec, document_options: Mapping[str, Any]) -> None:
+        given = sorted(k for k, v in document_options.items() if v is not None)
+        if given and not spec.documents:
+            raise InputError(
+                f"{spec.name} reads one image; {', '.join(f'{k}=' for k in given)} "
+                "only apply to tasks that read documents (e.g. read_document)."
+            )
+
+    def run_task(
+        self,
+        task: str | TaskSpec,
+        source: ImageSource,
+        *,
+        hd_num: HDNum | None = None,
+        generation: GenerationArg = None,
+        policy: ImagePolicy | None = None,
+        cancel: threading.Event | None = None,
+        pages: Any = None,
+        dpi: int | None = None,
+        progress: bool | None = None,
+        max_pages: int | None = None,
+        on_page: Callable[[int, int], None] | None = None,
+        **options: Any,
+    ) -> TaskResult | DocumentResult:
+        """Run any task on ``source``: the one path behind :meth:`read_document`,
+        :meth:`answer_chart_question`, :meth:`describe_image` and any :class:`~hd4k_tools.tasks.TaskSpec`.
+
+        ``task`` is a spec or the name of one of :data:`hd4k_tools.tasks.TASKS`; ``options`` are the task's
+        own options (``spec.option_names()``, e.g. ``question=`` or ``detail=``). A task with
+        ``documents=True`` reads an image or a PDF page by page (``pages``, ``dpi``, ``progress``,
+        ``max_pages``, ``on_page`` as in :meth:`read_document`) and returns a :class:`DocumentResult`; any
+        other task returns one ``spec.result``.
+        """
+        spec = TASKS.get_spec(task)
+        call = spec.call(options)
+        document_options = {"pages": pages, "dpi": dpi, "progress": progress, "max_pages": max_pages}
+        if spec.documents:
+            return self._run_document(spec, call, source, hd_num, generation, policy, cancel, on_page, document_options)
+        self._refuse_document_options(spec, {**document_options, "on_page": on_page})
+        request = self._task_request(spec, self.load(source, policy), call, hd_num, generation)
+        return self._task_result(spec, call, self.runner.generate(request, cancel=cancel), request)
+
+    def _run_document(
+        self,
+        spec: TaskSpec,
+        call: TaskCall,
+        source: ImageSource,
+        hd_num: HDNum | None,
+        generation: GenerationArg,
+        policy: ImagePolicy | None,
+        cancel: threading.Event | None,
+        on_page: Callable[[int, int], None] | None,
+        document_options: Mapping[str, Any],
+    ) -> DocumentResult:
+        name, total, page_iter = self._document_pages(source, policy=policy, cancel=cancel, **document_options)
+        if on_page is not None:
+            on_page(0, total)
+        results: list[TaskResult] = []
+        # A batching engine gets the pages together (PAGE_BATCH at a time, so rendered pages stay bounded);
+        # any other runner one by one, each page rendered just before it is read.
+        chunk = PAGE_BATCH if isinstance(self.runner, BatchRunner) else 1
+        while batch := list(itertools.islice(page_iter, chunk)):
+            requests = [self._task_request(spec, image, call, hd_num, generation) for _, image in batch]
+            outs = generate_all(self.runner, requests, cancel=cancel)
+            for (number, _), request, out in zip(batch, requests, outs, strict=True):
+                results.append(self._task_result(spec, call, out, request, page=number, source=name))
+                if on_page is not None:
+                    on_page(len(results), total)
+        return DocumentResult(source=name, pages=results)
+
+    def stream_task(
+        self,
+        task: str | TaskSpec,
+        source: ImageSource,
+        *,
+        hd_num: HDNum | None = None,
+        generation: GenerationArg = None,
+        policy: ImagePolicy | None = None,
+        cancel: threading.Event | None = None,
+        pages: Any = None,
+        dpi: int | None = None,
+        progress: bool | None = None,
+        max_pages: int | None = None,
+        **options: Any,
+    ) -> Iterator[str]:
+        """Text deltas of :meth:`run_task` (a document's pages separated by a blank line). A call whose result
+        is parsed from the whole answer (e.g. ``extract_table=True``) cannot stream: :class:`InputError`."""
+        spec = TASKS.get_spec(task)
+        call = spec.call(options)
+        if call.parse is not None:
+            raise InputError(
+                f"This {spec.name} call's result is parsed from the whole answer, so it cannot be streamed; use "
+                f"run_task / {spec.name} instead."
+            )
+        document_options = {"pages": pages, "dpi": dpi, "progress": progress, "max_pages": max_pages}
+        if not spec.documents:
+            self._refuse_document_options(spec, document_options)
+            request = self._task_request(spec, self.load(source, policy), call, hd_num, generation)
+            return self.runner.stream(request, cancel=cancel)
+        return self._stream_document(spec, call, source, hd_num, generation, policy, cancel, document_options)
+
+    def _stream_document(
+        self,
+        spec: TaskSpec,
+        call: TaskCall,
+        source: ImageSource,
+        hd_num: HDNum | None,
+        generation: GenerationArg,
+        policy: ImagePolicy | None,
+        cancel: threading.Event | None,
+        document_options: Mapping[str, Any],
+    ) -> Iterator[str]:
+        _, _, page_iter = self._document_pages(source, policy=policy, cancel=cancel, **document_options)
+        for i, (_, image) in enumerate(page_iter):
+            if i:
+                yield "\n\n"
+            stream = self.runner.stream(self._task_request(spec, image, call, hd_num, generation), cancel=cancel)
+            try:
+                yield from stream
+            finally:
+                stream.close()
+
+    async def arun_task(self, task: str | TaskSpec, source: ImageSource, **kwargs: Any) -> TaskResult | DocumentResult:
+        """Async :meth:`run_task` (in a worker thread; cancelling the awaiting task stops the model)."""
+        return await _in_thread(lambda cancel: self.run_task(task, source, cancel=cancel, **kwargs))
+
+    def astream_task(self, task: str | TaskSpec, source: ImageSource, **kwargs: Any) -> AsyncIterator[str]:
+        """Async :meth:`stream_task`."""
+        return _aiter_stream(lambda cancel: self.stream_task(task, source, cancel=cancel, **kwargs))
+
+    # -- describe_image ----------------------------------------------------------------------------
     def describe_image(
         self,
         source: ImageSource,
@@ -268,9 +412,11 @@ class HD4K:
         policy: ImagePolicy | None = None,
         cancel: threading.Event | None = None,
     ) -> TaskResult:
-        """Describe an image (``detail="detailed"`` or ``"brief"``); default hd_num 16."""
-        request = self._describe_request(source, detail, hd_num, generation, policy)
-        return self._result(TaskResult, "describe_image", self.runner.generate(request, cancel=cancel), request)
+        """Describe an image (``detail="detailed"`` or ``"brief"``); default hd_num 16.
+        ``run_task("describe_image", ...)``."""
+        return self.run_task(  # type: ignore[return-value]
+            "describe_image", source, detail=detail, hd_num=hd_num, generation=generation, policy=policy, cancel=cancel
+        )
 
     def stream_describe_image(
         self,
@@ -283,20 +429,11 @@ class HD4K:
         cancel: threading.Event | None = None,
     ) -> TextStream:
         """Text deltas of :meth:`describe_image`."""
-        return self.runner.stream(self._describe_request(source, detail, hd_num, generation, policy), cancel=cancel)
+        return self.stream_task(  # type: ignore[return-value]
+            "describe_image", source, detail=detail, hd_num=hd_num, generation=generation, policy=policy, cancel=cancel
+        )
 
     # -- answer_chart_question ---------------------------------------------------------------------
-    def _chart_request(self, source, question, hd_num, generation, extract_table, policy):
-        spec = TASKS["answer_chart_question"]
-        if extract_table:
-            # A table is longer than a VQA answer: give it room unless the caller decided.
-            prompt = f"{TABLE_PROMPT}\n{question}".strip()
-            if not isinstance(generation, GenerationConfig):
-                generation = {"max_new_tokens": 512, **(generation or {})}
-        else:
-            prompt = chart_prompt(question)
-        return self._image_request(spec, self.load(source, policy), prompt, hd_num, generation)
-
     def answer_chart_question(
         self,
         source: ImageSource,
@@ -312,14 +449,18 @@ class HD4K:
 
         With ``extract_table=True`` the model is asked for the chart's data as a Markdown table, parsed
         into :attr:`ChartResult.table` (``TableParseError`` if the answer is not a table); the question
-        may then be empty.
+        may then be empty. ``run_task("answer_chart_question", ...)``.
         """
-        if not extract_table and not question.strip():
-            raise InputError("The chart question is empty; pass the question to answer about the chart.")
-        request = self._chart_request(source, question, hd_num, generation, extract_table, policy)
-        out = self.runner.generate(request, cancel=cancel)
-        table = parse_table(out.text) if extract_table else None
-        return self._result(ChartResult, "answer_chart_question", out, request, question=question, table=table)
+        return self.run_task(  # type: ignore[return-value]
+            "answer_chart_question",
+            source,
+            question=question,
+            extract_table=extract_table,
+            hd_num=hd_num,
+            generation=generation,
+            policy=policy,
+            cancel=cancel,
+        )
 
     def stream_answer_chart_question(
         self,
@@ -332,8 +473,15 @@ class HD4K:
         cancel: threading.Event | None = None,
     ) -> TextStream:
         """Text deltas of :meth:`answer_chart_question`."""
-        request = self._chart_request(source, question, hd_num, generation, False, policy)
-        return self.runner.stream(request, cancel=cancel)
+        return self.stream_task(  # type: ignore[return-value]
+            "answer_chart_question",
+            source,
+            question=question,
+            hd_num=hd_num,
+            generation=generation,
+            policy=policy,
+            cancel=cancel,
+        )
 
     # -- read_document -----------------------------------------------------------------------------
     def _document_pages(
@@ -380,7 +528,8 @@ class HD4K:
     ) -> GenerationRequest:
         """The request :meth:`read_document` sends for one page ``image`` (hd_num planned, task prompt and
         generation settings), for pipelines that batch pages themselves (``hd4k_tools.ingest``)."""
-        return self._image_request(TASKS["read_document"], image, document_prompt(output), hd_num, generation)
+        spec = TASKS["read_document"]
+        return self._task_request(spec, image, spec.call({"output": output}), hd_num, generation)
 
     def read_document(
         self,
@@ -402,25 +551,22 @@ class HD4K:
         ``pages`` selects PDF pages (1-based: ``3``, ``"1-3,5"``, ``[1, 2]``); PDFs render at ``dpi``
         (default 200) with a progress bar when interactive (``progress=False`` turns it off).
         ``on_page(done, total)`` is called before the first page (``done=0``) and after each page, e.g. to
-        report progress to a client.
+        report progress to a client. ``run_task("read_document", ...)``.
         """
-        spec = TASKS["read_document"]
-        prompt = document_prompt(output)
-        name, total, page_iter = self._document_pages(source, pages, dpi, progress, cancel, policy, max_pages)
-        if on_page is not None:
-            on_page(0, total)
-        results = []
-        # A batching engine gets the pages together (PAGE_BATCH at a time, so rendered pages stay bounded);
-        # any other runner one by one, each page rendered just before it is read.
-        chunk = PAGE_BATCH if isinstance(self.runner, BatchRunner) else 1
-        while batch := list(itertools.islice(page_iter, chunk)):
-            requests = [self._image_request(spec, image, prompt, hd_num, generation) for _, image in batch]
-            outs = generate_all(self.runner, requests, cancel=cancel)
-            for (number, _), request, out in zip(batch, requests, outs, strict=True):
-                results.append(self._result(TaskResult, "read_document", out, request, page=number, source=name))
-                if on_page is not None:
-                    on_page(len(results), total)
-        return DocumentResult(source=name, pages=results)
+        return self.run_task(  # type: ignore[return-value]
+            "read_document",
+            source,
+            output=output,
+            pages=pages,
+            hd_num=hd_num,
+            dpi=dpi,
+            progress=progress,
+            generation=generation,
+            policy=policy,
+            max_pages=max_pages,
+            cancel=cancel,
+            on_page=on_page,
+        )
 
     def stream_read_document(
         self,
@@ -437,17 +583,19 @@ class HD4K:
         cancel: threading.Event | None = None,
     ) -> Iterator[str]:
         """Text deltas of :meth:`read_document`, pages separated by a blank line."""
-        spec = TASKS["read_document"]
-        prompt = document_prompt(output)
-        _, _, page_iter = self._document_pages(source, pages, dpi, progress, cancel, policy, max_pages)
-        for i, (_, image) in enumerate(page_iter):
-            if i:
-                yield "\n\n"
-            stream = self.runner.stream(self._image_request(spec, image, prompt, hd_num, generation), cancel=cancel)
-            try:
-                yield from stream
-            finally:
-                stream.close()
+        return self.stream_task(
+            "read_document",
+            source,
+            output=output,
+            pages=pages,
+            hd_num=hd_num,
+            dpi=dpi,
+            progress=progress,
+            generation=generation,
+            policy=policy,
+            max_pages=max_pages,
+            cancel=cancel,
+        )
 
     # -- chat --------------------------------------------------------------------------------------
     def _chat_request(

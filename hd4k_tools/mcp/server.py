@@ -1,7 +1,7 @@
 """The three agent tools as an MCP server, on the official MCP Python SDK's low-level :class:`mcp.server.Server`.
 
 Everything a client sees about a tool comes from :mod:`hd4k_tools.agent_tools`: the name, the description
-(``TOOL_DESCRIPTIONS``), the input schema (the ``TOOL_ARGS`` models) and the untrusted-argument rules
+(the task specs of its ``tasks``), the input schema (their ``args`` models) and the untrusted-argument rules
 (:class:`AgentTools` under its :class:`ToolSettings`). This module only adds what MCP has and the other
 frameworks do not:
 
@@ -34,13 +34,7 @@ from mcp.server import Server, ServerRequestContext
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hd4k_tools import __version__
-from hd4k_tools.agent_tools import (
-    TOOL_ARGS,
-    TOOL_DESCRIPTIONS,
-    AgentTools,
-    ToolAnswer,
-    error_message,
-)
+from hd4k_tools.agent_tools import AgentTools, ToolAnswer, error_message
 from hd4k_tools.errors import CancelledError, FileTooLargeError, HD4KError, InputError, InvalidBase64Error
 from hd4k_tools.results import DocumentResult, PlanSummary, TaskResult, Timings, Usage
 
@@ -152,9 +146,9 @@ def _title(name: str) -> str:
     return f"{name.replace('_', ' ').capitalize()} ({SERVER_NAME})"
 
 
-def _input_schema(name: str) -> dict[str, Any]:
-    """The tool's argument schema from ``TOOL_ARGS``, its ``image`` also accepting MCP image content."""
-    schema = TOOL_ARGS[name].model_json_schema()
+def _input_schema(args: type[BaseModel]) -> dict[str, Any]:
+    """The tool's argument schema (its task spec's ``args``), its ``image`` also accepting MCP image content."""
+    schema = args.model_json_schema()
     if "image" not in schema.get("properties", {}):
         return schema
     image = schema["properties"]["image"]
@@ -169,14 +163,15 @@ def _input_schema(name: str) -> dict[str, Any]:
 
 
 def tool_definitions(tools: AgentTools) -> list[types.Tool]:
-    """The MCP tool list: names, descriptions and schemas from :mod:`hd4k_tools.agent_tools`."""
+    """The MCP tool list: one tool per task of ``tools.tasks`` with an ``args`` schema (names, descriptions
+    and schemas from the task specs)."""
     output_schema = ToolOutput.model_json_schema()
     return [
         types.Tool(
             name=name,
             title=_title(name),
-            description=TOOL_DESCRIPTIONS[name],
-            input_schema=_input_schema(name),
+            description=spec.description,
+            input_schema=_input_schema(spec.args),
             output_schema=output_schema,
             annotations=types.ToolAnnotations(
                 title=_title(name),
@@ -187,7 +182,8 @@ def tool_definitions(tools: AgentTools) -> list[types.Tool]:
                 open_world_hint=tools.settings.allow_urls,
             ),
         )
-        for name in TOOL_DESCRIPTIONS
+        for name, spec in tools.tasks.tools().items()
+        if spec.args is not None
     ]
 
 

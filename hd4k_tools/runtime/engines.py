@@ -40,6 +40,9 @@ ENGINES: dict[str, EngineRow] = {
     ),
 }
 
+#: The engine used when none is named (the CLI task commands' ``--engine`` default).
+DEFAULT_ENGINE = "native"
+
 
 def engine_class(name: str) -> type:
     """The runner class of engine ``name``.

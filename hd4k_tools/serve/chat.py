@@ -27,6 +27,7 @@ from hd4k_tools.serve import limits
 from hd4k_tools.serve.errors import APIError, api_error_from, validation_message
 from hd4k_tools.serve.schemas import ChatCompletionRequest, ResponseFormat, _ChatMessage, _TextPart
 from hd4k_tools.structured import StructuredOutput
+from hd4k_tools.tasks import tool_specs
 
 __all__ = [
     "DEFAULT_MAX_REQUEST_BYTES",
@@ -55,7 +56,7 @@ TOOLS_UNSUPPORTED = (
     "This model (InternLM-XComposer2-4KHD) has no tool calling, so 'tools' cannot be honoured: an answer "
     "would be prose with no tool call. Send the request without 'tools' (or with tool_choice \"none\"), "
     "and to let an agent see documents and images give its tool-calling LLM the hd4k tools instead: "
-    "read_document, answer_chart_question and describe_image (langchain_hd4k.HD4KToolkit, "
+    f"{', '.join(tool_specs())} (langchain_hd4k.HD4KToolkit, "
     "llama_index_hd4k.HD4KToolSpec, or hd4k_tools.AgentTools over HD4K.remote(<this server>))."
 )
 

@@ -13,7 +13,7 @@ import dataclasses
 import itertools
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Unpack
 
 from PIL import Image
 
@@ -24,7 +24,12 @@ from hd4k_tools.inputs.policy import ImagePolicy
 from hd4k_tools.models.xcomposer2_4khd.tiling import MAX_AUTO_HD_NUM, HDNum, HDPlan, auto_hd_num, check_hd_num, plan
 from hd4k_tools.results import ChartResult, DocumentResult, TaskResult, thumbnail_data_url
 from hd4k_tools.runtime.engines import load_engine
-from hd4k_tools.runtime.generation_config import GenerationConfig
+from hd4k_tools.runtime.generation_config import (
+    GENERATION_OPTIONS,
+    GenerationConfig,
+    GenerationOptions,
+    merge_generation,
+)
 from hd4k_tools.runtime.remote import RemoteRunner
 from hd4k_tools.runtime.runner import (
     BatchRunner,
@@ -299,12 +304,16 @@ class HD4K:
         :meth:`answer_chart_question`, :meth:`describe_image` and any :class:`~hd4k_tools.tasks.TaskSpec`.
 
         ``task`` is a spec or the name of one of :data:`hd4k_tools.tasks.TASKS`; ``options`` are the task's
-        own options (``spec.option_names()``, e.g. ``question=`` or ``detail=``). A task with
+        own options (``spec.option_names()``, e.g. ``question=`` or ``detail=``) and generation options as
+        keywords (:class:`~hd4k_tools.runtime.generation_config.GenerationOptions`: ``max_new_tokens``,
+        ``temperature``, ``top_p``, ..., as ``ChatHD4K`` and ``ToolSettings`` take them), which may also come
+        as ``generation={...}`` (the same option both ways is a ``ConflictingOptionsError``). A task with
         ``documents=True`` reads an image or a PDF page by page (``pages``, ``dpi``, ``progress``,
         ``max_pages``, ``on_page`` as in :meth:`read_document`) and returns a :class:`DocumentResult`; any
         other task returns one ``spec.result``.
         """
         spec = TASKS.get_spec(task)
+        generation, options = _split_generation(generation, options)
         call = spec.call(options)
         document_options = {"pages": pages, "dpi": dpi, "progress": progress, "max_pages": max_pages}
         if spec.documents:
@@ -359,6 +368,7 @@ class HD4K:
         """Text deltas of :meth:`run_task` (a document's pages separated by a blank line). A call whose result
         is parsed from the whole answer (e.g. ``extract_table=True``) cannot stream: :class:`InputError`."""
         spec = TASKS.get_spec(task)
+        generation, options = _split_generation(generation, options)
         call = spec.call(options)
         if call.parse is not None:
             raise InputError(
@@ -411,11 +421,19 @@ class HD4K:
         generation: GenerationArg = None,
         policy: ImagePolicy | None = None,
         cancel: threading.Event | None = None,
+        **generation_options: Unpack[GenerationOptions],
     ) -> TaskResult:
         """Describe an image (``detail="detailed"`` or ``"brief"``); default hd_num 16.
         ``run_task("describe_image", ...)``."""
         return self.run_task(  # type: ignore[return-value]
-            "describe_image", source, detail=detail, hd_num=hd_num, generation=generation, policy=policy, cancel=cancel
+            "describe_image",
+            source,
+            detail=detail,
+            hd_num=hd_num,
+            generation=generation,
+            policy=policy,
+            cancel=cancel,
+            **generation_options,
         )
 
     def stream_describe_image(
@@ -427,10 +445,18 @@ class HD4K:
         generation: GenerationArg = None,
         policy: ImagePolicy | None = None,
         cancel: threading.Event | None = None,
+        **generation_options: Unpack[GenerationOptions],
     ) -> TextStream:
         """Text deltas of :meth:`describe_image`."""
         return self.stream_task(  # type: ignore[return-value]
-            "describe_image", source, detail=detail, hd_num=hd_num, generation=generation, policy=policy, cancel=cancel
+            "describe_image",
+            source,
+            detail=detail,
+            hd_num=hd_num,
+            generation=generation,
+            policy=policy,
+            cancel=cancel,
+            **generation_options,
         )
 
     # -- answer_chart_question ---------------------------------------------------------------------
@@ -444,6 +470,7 @@ class HD4K:
         generation: GenerationArg = None,
         policy: ImagePolicy | None = None,
         cancel: threading.Event | None = None,
+        **generation_options: Unpack[GenerationOptions],
     ) -> ChartResult:
         """Answer a question about a chart (default hd_num 25, the authors' VQA prompt).
 
@@ -460,6 +487,7 @@ class HD4K:
             generation=generation,
             policy=policy,
             cancel=cancel,
+            **generation_options,
         )
 
     def stream_answer_chart_question(
@@ -471,6 +499,7 @@ class HD4K:
         generation: GenerationArg = None,
         policy: ImagePolicy | None = None,
         cancel: threading.Event | None = None,
+        **generation_options: Unpack[GenerationOptions],
     ) -> TextStream:
         """Text deltas of :meth:`answer_chart_question`."""
         return self.stream_task(  # type: ignore[return-value]
@@ -481,6 +510,7 @@ class HD4K:
             generation=generation,
             policy=policy,
             cancel=cancel,
+            **generation_options,
         )
 
     # -- read_document -----------------------------------------------------------------------------
@@ -545,6 +575,7 @@ class HD4K:
         max_pages: int | None = None,
         cancel: threading.Event | None = None,
         on_page: Callable[[int, int], None] | None = None,
+        **generation_options: Unpack[GenerationOptions],
     ) -> DocumentResult:
         """Transcribe a document image or PDF (one result per page; default hd_num 55).
 
@@ -566,6 +597,7 @@ class HD4K:
             max_pages=max_pages,
             cancel=cancel,
             on_page=on_page,
+            **generation_options,
         )
 
     def stream_read_document(
@@ -581,6 +613,7 @@ class HD4K:
         policy: ImagePolicy | None = None,
         max_pages: int | None = None,
         cancel: threading.Event | None = None,
+        **generation_options: Unpack[GenerationOptions],
     ) -> Iterator[str]:
         """Text deltas of :meth:`read_document`, pages separated by a blank line."""
         return self.stream_task(
@@ -595,6 +628,7 @@ class HD4K:
             policy=policy,
             max_pages=max_pages,
             cancel=cancel,
+            **generation_options,
         )
 
     # -- chat --------------------------------------------------------------------------------------
@@ -648,9 +682,11 @@ class HD4K:
         generation: GenerationArg = None,
         policy: ImagePolicy | None = None,
         cancel: threading.Event | None = None,
+        **generation_options: Unpack[GenerationOptions],
     ) -> TaskResult:
         """A free prompt with any number of images (placed before the prompt), in the official chat
         format. ``system=None`` uses the model's default meta instruction; ``system=""`` none."""
+        generation = merge_generation(generation, generation_options)
         request = self._chat_request(prompt, images, hd_num, history, system, generation, policy)
         return self._result(TaskResult, "chat", self.runner.generate(request, cancel=cancel), request)
 
@@ -665,8 +701,10 @@ class HD4K:
         generation: GenerationArg = None,
         policy: ImagePolicy | None = None,
         cancel: threading.Event | None = None,
+        **generation_options: Unpack[GenerationOptions],
     ) -> TextStream:
         """Text deltas of :meth:`chat`."""
+        generation = merge_generation(generation, generation_options)
         request = self._chat_request(prompt, images, hd_num, history, system, generation, policy)
         return self.runner.stream(request, cancel=cancel)
 
@@ -703,6 +741,14 @@ class HD4K:
 
     def astream_chat(self, prompt: str, images: Sequence[ImageSource] = (), **kwargs: Any) -> AsyncIterator[str]:
         return _aiter_stream(lambda cancel: self.stream_chat(prompt, images, cancel=cancel, **kwargs))
+
+
+def _split_generation(generation: GenerationArg, options: Mapping[str, Any]) -> tuple[GenerationArg, dict[str, Any]]:
+    """Generation keywords out of a task call's keyword ``options``, merged with ``generation=`` (the one
+    place: :func:`merge_generation`); the rest are the task's own options."""
+    keywords = {k: v for k, v in options.items() if k in GENERATION_OPTIONS}
+    rest = {k: v for k, v in options.items() if k not in GENERATION_OPTIONS}
+    return merge_generation(generation, keywords), rest
 
 
 async def _in_thread(call: Callable[[threading.Event], T]) -> T:

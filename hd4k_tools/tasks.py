@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from hd4k_tools.errors import InputError
 from hd4k_tools.models.xcomposer2_4khd.prompt import Layout
 from hd4k_tools.results import ChartResult, TaskResult, parse_table
+from hd4k_tools.runtime.generation_config import GENERATION_OPTIONS
 
 DocumentOutput = Literal["markdown", "text"]
 Detail = Literal["brief", "detailed"]
@@ -130,7 +131,10 @@ class TaskSpec:
         known = self.option_names()
         unknown = sorted(set(options) - set(known))
         if unknown:
-            raise InputError(f"{self.name} does not take {unknown}; its options are {sorted(known)}.")
+            raise InputError(
+                f"{self.name} does not take {unknown}; its options are {sorted(known)}, plus hd_num, generation "
+                f"and the generation options {list(GENERATION_OPTIONS)}."
+            )
         return self.prepare(**options)
 
     def option_names(self) -> tuple[str, ...]:
@@ -289,6 +293,9 @@ class TaskRegistry(Mapping[str, TaskSpec]):
         for spec in specs:
             if spec.name in self._specs:
                 raise ValueError(f"Two tasks are named {spec.name!r}.")
+            clash = sorted(set(spec.option_names()) & set(GENERATION_OPTIONS))
+            if clash:
+                raise ValueError(f"Task {spec.name!r}: options {clash} are generation options; rename them.")
             self._specs[spec.name] = spec
 
     def __getitem__(self, name: str) -> TaskSpec:

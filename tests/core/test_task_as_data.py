@@ -171,3 +171,44 @@ def test_task_commands_take_engine_from_the_engine_table(image_file: Path, capsy
     # A combination the engine cannot take is refused before anything loads.
     assert main(["describe", str(image_file), "--engine", "vllm", "--device", "cpu"]) == 2
     assert "--device is for --engine native" in capsys.readouterr().err
+
+
+# -- one way to pass generation options ----------------------------------------------------------------
+def test_generation_options_as_keywords_on_every_task_method() -> None:
+    from hd4k_tools.errors import ConflictingOptionsError
+
+    runner = EchoRunner()
+    hd = HD4K(runner)
+    image = Image.new("RGB", (400, 300), "white")
+    hd.describe_image(image, max_new_tokens=8)
+    assert runner.requests[-1].generation.max_new_tokens == 8
+    hd.answer_chart_question(image, "Which?", num_beams=1, top_k=5)
+    assert (runner.requests[-1].generation.num_beams, runner.requests[-1].generation.top_k) == (1, 5)
+    hd.read_document(image, max_tokens=7, generation={"top_p": 0.5})
+    assert runner.requests[-1].generation.max_new_tokens == 7 and runner.requests[-1].generation.top_p == 0.5
+    hd.chat("hi", [image], temperature=0.7)
+    gen = runner.requests[-1].generation
+    assert gen.do_sample and gen.temperature == 0.7  # as in ChatHD4K: a temperature means sampling
+    hd.run_task(COUNT, image, what="x", temperature=0)
+    assert not runner.requests[-1].generation.do_sample  # 0: greedy, as in ChatHD4K and OpenAI
+    assert "".join(hd.stream_describe_image(image, max_new_tokens=3))
+    assert runner.requests[-1].generation.max_new_tokens == 3
+    with pytest.raises(ConflictingOptionsError, match="max_new_tokens given both"):
+        hd.describe_image(image, max_new_tokens=8, generation={"max_new_tokens": 9})
+    with pytest.raises(ConflictingOptionsError, match="given twice"):
+        hd.describe_image(image, max_new_tokens=8, max_tokens=9)
+    with pytest.raises(InputError, match="max_new_tokens must be"):
+        hd.describe_image(image, max_new_tokens=0)  # validated where every option is: GenerationConfig
+    with pytest.raises(InputError, match="does not take"):
+        hd.run_task("describe_image", image, max_new_token=8)  # a typo is named, never ignored
+
+
+def test_the_keywords_are_those_of_chathd4k_and_toolsettings() -> None:
+    from hd4k_tools.runtime.generation_config import GENERATION_OPTIONS
+
+    assert {"max_new_tokens", "num_beams"} <= set(GENERATION_OPTIONS) & set(ToolSettings.model_fields)
+    langchain_hd4k = pytest.importorskip("langchain_hd4k")
+    chat_fields = set(langchain_hd4k.ChatHD4K.model_fields)
+    assert {"max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "num_beams", "do_sample"} <= (
+        chat_fields & set(GENERATION_OPTIONS)
+    )

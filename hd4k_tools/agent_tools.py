@@ -33,6 +33,7 @@ from hd4k_tools.progress import check_cancelled
 from hd4k_tools.results import ChartResult, DocumentResult, TaskResult
 from hd4k_tools.runtime.generation_config import MAX_NUM_BEAMS
 from hd4k_tools.tasks import TASKS, TaskRegistry, TaskSpec, tool_specs
+from hd4k_tools.zoom import detail_note
 
 IMAGE_REF_SCHEME = "image://"
 
@@ -188,13 +189,29 @@ def error_message(err: BaseException) -> str:
     return f"Error: the tool failed unexpectedly ({type(err).__name__}). Try different arguments."
 
 
+def _detail_line(result: TaskResult | ChartResult | DocumentResult) -> str | None:
+    """One line when detail was lost (the page that lost the most), from :func:`hd4k_tools.zoom.detail_note`."""
+    calls = result.pages if isinstance(result, DocumentResult) else [result]
+    lossy = [r for r in calls if r.detail is not None and r.detail.lost and not r.windows]
+    if not lossy:
+        return None
+    worst = max(lossy, key=lambda r: r.detail.scale)  # type: ignore[union-attr]
+    what = "the region" if worst.region is not None else "the image" if worst.page is None else f"page {worst.page}"
+    return detail_note(worst.detail, what=what)
+
+
 def tool_text(result: TaskResult | ChartResult | DocumentResult) -> str:
-    """What the LLM reads of a task's result: the answer; a multi-page document page by page."""
+    """What the LLM reads of a task's result: the answer (a multi-page document page by page), and one line
+    when the source was shrunk enough to lose small print, with a ``region`` to look closer."""
     if isinstance(result, DocumentResult):
         if len(result.pages) == 1:
-            return result.pages[0].text
-        return "\n\n".join(f"--- page {p.page} ---\n{p.text}" for p in result.pages)
-    return result.text
+            text = result.pages[0].text
+        else:
+            text = "\n\n".join(f"--- page {p.page} ---\n{p.text}" for p in result.pages)
+    else:
+        text = result.text
+    note = _detail_line(result)
+    return text if note is None else f"{text}\n\n{note}"
 
 
 @dataclass(frozen=True)
@@ -247,17 +264,23 @@ class AgentTools:
     def _source(self, image: str) -> ImageSource:
         return resolve_image_argument(image, self.settings, self.registry)
 
-    def read_document(self, image: str, pages: str | None = None, hd_num: int | None = None) -> ToolAnswer:
+    def read_document(
+        self, image: str, pages: str | None = None, hd_num: int | None = None, region: list[float] | None = None
+    ) -> ToolAnswer:
         """Transcribe a document image or PDF (the read-document tool)."""
-        return self.run("read_document", {"image": image, "pages": pages, "hd_num": hd_num})
+        return self.call("read_document", image=image, pages=pages, hd_num=hd_num, region=region)
 
-    def answer_chart_question(self, image: str, question: str, hd_num: int | None = None) -> ToolAnswer:
+    def answer_chart_question(
+        self, image: str, question: str, hd_num: int | None = None, region: list[float] | None = None
+    ) -> ToolAnswer:
         """Answer a question about a chart (the chart-question tool)."""
-        return self.run("answer_chart_question", {"image": image, "question": question, "hd_num": hd_num})
+        return self.call("answer_chart_question", image=image, question=question, hd_num=hd_num, region=region)
 
-    def describe_image(self, image: str, detail: str = "detailed", hd_num: int | None = None) -> ToolAnswer:
+    def describe_image(
+        self, image: str, detail: str = "detailed", hd_num: int | None = None, region: list[float] | None = None
+    ) -> ToolAnswer:
         """Describe an image (the describe-image tool)."""
-        return self.run("describe_image", {"image": image, "detail": detail, "hd_num": hd_num})
+        return self.call("describe_image", image=image, detail=detail, hd_num=hd_num, region=region)
 
     def run(
         self,

@@ -21,8 +21,16 @@ from hd4k_tools.errors import ContextOverflowError, InputError, InvalidHDNumErro
 from hd4k_tools.inputs.images import ImageSource, load_image, read_source_bytes
 from hd4k_tools.inputs.pdf import render_pages, select_pages
 from hd4k_tools.inputs.policy import ImagePolicy
-from hd4k_tools.models.xcomposer2_4khd.tiling import MAX_AUTO_HD_NUM, HDNum, HDPlan, auto_hd_num, check_hd_num, plan
-from hd4k_tools.results import ChartResult, DocumentResult, TaskResult, thumbnail_data_url
+from hd4k_tools.models.xcomposer2_4khd.tiling import (
+    MAX_AUTO_HD_NUM,
+    TILE,
+    HDNum,
+    HDPlan,
+    auto_hd_num,
+    check_hd_num,
+    plan,
+)
+from hd4k_tools.results import ChartResult, DocumentResult, TaskResult, Timings, Usage, thumbnail_data_url
 from hd4k_tools.runtime.engines import load_engine
 from hd4k_tools.runtime.generation_config import (
     GENERATION_OPTIONS,
@@ -41,6 +49,15 @@ from hd4k_tools.runtime.runner import (
     generate_all,
 )
 from hd4k_tools.tasks import TASKS, TaskCall, TaskSpec
+from hd4k_tools.zoom import (
+    Region,
+    check_region,
+    compose_region,
+    crop_region,
+    detail_loss,
+    merge_window_texts,
+    plan_windows,
+)
 
 T = TypeVar("T")
 GenerationArg = GenerationConfig | Mapping[str, Any] | None
@@ -268,16 +285,62 @@ class HD4K:
         return self._image_request(spec, image, call.prompt, hd_num, generation)
 
     def _task_result(
-        self, spec: TaskSpec, call: TaskCall, out: RunnerResult, request: GenerationRequest, **extra: Any
+        self,
+        spec: TaskSpec,
+        call: TaskCall,
+        out: RunnerResult,
+        request: GenerationRequest,
+        *,
+        region: Region | None = None,
+        render_dpi: float | None = None,
+        **extra: Any,
     ) -> TaskResult:
         fields = {**call.fields, **extra}
         if call.parse is not None:
             fields.update(call.parse(out.text))
-        return self._result(spec.result, spec.name, out, request, **fields)
+        hd_plans = request.hd_plans or tuple(request.plans())
+        render_scale = None if render_dpi is None else render_dpi / 72.0
+        detail = detail_loss(hd_plans[0], render_scale=render_scale, region=region) if hd_plans else None
+        return self._result(spec.result, spec.name, out, request, region=region, detail=detail, **fields)
+
+    @staticmethod
+    def _region_pixels(spec: TaskSpec, hd_num: HDNum | None) -> int:
+        """About the most pixels a plan at ``hd_num`` keeps: what a PDF region is rendered for."""
+        n = hd_num if isinstance(hd_num, int) else spec.default_hd_num if hd_num is None else MAX_AUTO_HD_NUM
+        return n * TILE * TILE
+
+    def _merged_page(
+        self, spec: TaskSpec, windows: list[TaskResult], image: Image.Image, region: Region | None, **extra: Any
+    ) -> TaskResult:
+        """A page read in windows: the windows' texts merged in reading order, their plans, usage and time
+        together, the most detail any window lost, and every window's own result."""
+        first = windows[0]
+        worst = max((w.detail for w in windows if w.detail is not None), key=lambda d: d.scale, default=None)
+        finish = next((w.finish_reason for w in windows if w.finish_reason != "stop"), first.finish_reason)
+        return spec.result(
+            task=spec.name,
+            text=merge_window_texts([w.text for w in windows]),
+            model=first.model,
+            hd_num=first.hd_num,
+            plans=[p for w in windows for p in w.plans],
+            usage=Usage(
+                prompt_tokens=sum(w.usage.prompt_tokens for w in windows),
+                image_tokens=sum(w.usage.image_tokens for w in windows),
+                completion_tokens=sum(w.usage.completion_tokens for w in windows),
+            ),
+            timings=Timings(total_s=sum(w.timings.total_s for w in windows)),
+            finish_reason=finish,
+            warnings=[m for w in windows for m in w.warnings],
+            region=region,
+            detail=worst,
+            windows=windows,
+            thumbnail=thumbnail_data_url(image),
+            **extra,
+        )
 
     @staticmethod
     def _refuse_document_options(spec: TaskSpec, document_options: Mapping[str, Any]) -> None:
-        given = sorted(k for k, v in document_options.items() if v is not None)
+        given = sorted(k for k, v in document_options.items() if v is not None and k != "region_pixels")
         if given and not spec.documents:
             raise InputError(
                 f"{spec.name} reads one image; {', '.join(f'{k}=' for k in given)} "
@@ -298,6 +361,8 @@ class HD4K:
         progress: bool | None = None,
         max_pages: int | None = None,
         on_page: Callable[[int, int], None] | None = None,
+        region: Any = None,
+        windows: int | str | None = None,
         **options: Any,
     ) -> TaskResult | DocumentResult:
         """Run any task on ``source``: the one path behind :meth:`read_document`,
@@ -311,16 +376,27 @@ class HD4K:
         ``documents=True`` reads an image or a PDF page by page (``pages``, ``dpi``, ``progress``,
         ``max_pages``, ``on_page`` as in :meth:`read_document`) and returns a :class:`DocumentResult`; any
         other task returns one ``spec.result``.
+
+        ``region=[x0, y0, x1, y1]`` (page fractions) reads only that part of the image or page, tiled with the
+        whole ``hd_num`` budget; a PDF region is re-rendered from the vector page at a higher scale, so small
+        print gains real detail (see :func:`hd4k_tools.inputs.pdf.render_pages`). ``windows="auto"`` or ``N``
+        (document tasks) reads a page whose detail would be lost in overlapping windows, batched, and merges
+        their texts (:func:`hd4k_tools.zoom.merge_window_texts`); each window's result is in ``windows``.
+        Every result reports ``region`` and ``detail`` (:class:`hd4k_tools.zoom.DetailLoss`).
         """
         spec = TASKS.get_spec(task)
         generation, options = _split_generation(generation, options)
         call = spec.call(options)
+        region = None if region is None else check_region(region)
         document_options = {"pages": pages, "dpi": dpi, "progress": progress, "max_pages": max_pages}
         if spec.documents:
-            return self._run_document(spec, call, source, hd_num, generation, policy, cancel, on_page, document_options)
-        self._refuse_document_options(spec, {**document_options, "on_page": on_page})
-        request = self._task_request(spec, self.load(source, policy), call, hd_num, generation)
-        return self._task_result(spec, call, self.runner.generate(request, cancel=cancel), request)
+            return self._run_document(
+                spec, call, source, hd_num, generation, policy, cancel, on_page, document_options, region, windows
+            )
+        self._refuse_document_options(spec, {**document_options, "on_page": on_page, "windows": windows})
+        image = crop_region(self.load(source, policy), region)
+        request = self._task_request(spec, image, call, hd_num, generation)
+        return self._task_result(spec, call, self.runner.generate(request, cancel=cancel), request, region=region)
 
     def _run_document(
         self,
@@ -333,19 +409,47 @@ class HD4K:
         cancel: threading.Event | None,
         on_page: Callable[[int, int], None] | None,
         document_options: Mapping[str, Any],
+        region: Region | None = None,
+        windows: int | str | None = None,
     ) -> DocumentResult:
-        name, total, page_iter = self._document_pages(source, policy=policy, cancel=cancel, **document_options)
+        name, total, page_iter = self._document_pages(
+            source,
+            policy=policy,
+            cancel=cancel,
+            region=region,
+            region_pixels=self._region_pixels(spec, hd_num),
+            **document_options,
+        )
         if on_page is not None:
             on_page(0, total)
         results: list[TaskResult] = []
-        # A batching engine gets the pages together (PAGE_BATCH at a time, so rendered pages stay bounded);
-        # any other runner one by one, each page rendered just before it is read.
+        # A batching engine gets the pages (and their windows) together (PAGE_BATCH pages at a time, so
+        # rendered pages stay bounded); any other runner one by one, each page rendered just before it is read.
         chunk = PAGE_BATCH if isinstance(self.runner, BatchRunner) else 1
+        planned_hd = spec.default_hd_num if hd_num is None else hd_num
         while batch := list(itertools.islice(page_iter, chunk)):
-            requests = [self._task_request(spec, image, call, hd_num, generation) for _, image in batch]
-            outs = generate_all(self.runner, requests, cancel=cancel)
-            for (number, _), request, out in zip(batch, requests, outs, strict=True):
-                results.append(self._task_result(spec, call, out, request, page=number, source=name))
+            jobs = []
+            for number, image, render_dpi in batch:
+                wins = plan_windows(image.width, image.height, planned_hd, windows) if windows is not None else []
+                crops = [image.crop(w.box) for w in wins] if len(wins) > 1 else [image]
+                requests = [self._task_request(spec, crop, call, hd_num, generation) for crop in crops]
+                jobs.append((number, image, render_dpi, wins if len(wins) > 1 else [], requests))
+            outs = iter(generate_all(self.runner, [r for job in jobs for r in job[4]], cancel=cancel))
+            for number, image, render_dpi, wins, requests in jobs:
+                page = dict(page=number, source=name)
+                read = [
+                    self._task_result(
+                        spec,
+                        call,
+                        next(outs),
+                        request,
+                        region=compose_region(region, w.region) if wins else region,
+                        render_dpi=render_dpi,
+                        **page,
+                    )
+                    for request, w in zip(requests, wins or [None] * len(requests), strict=True)
+                ]
+                results.append(self._merged_page(spec, read, image, region, **page) if wins else read[0])
                 if on_page is not None:
                     on_page(len(results), total)
         return DocumentResult(source=name, pages=results)
@@ -363,6 +467,8 @@ class HD4K:
         dpi: int | None = None,
         progress: bool | None = None,
         max_pages: int | None = None,
+        region: Any = None,
+        windows: int | str | None = None,
         **options: Any,
     ) -> Iterator[str]:
         """Text deltas of :meth:`run_task` (a document's pages separated by a blank line). A call whose result
@@ -375,11 +481,19 @@ class HD4K:
                 f"This {spec.name} call's result is parsed from the whole answer, so it cannot be streamed; use "
                 f"run_task / {spec.name} instead."
             )
+        if windows is not None:
+            raise InputError("windows= reads a page in several windows and merges them; it cannot stream.")
+        region = None if region is None else check_region(region)
         document_options = {"pages": pages, "dpi": dpi, "progress": progress, "max_pages": max_pages}
         if not spec.documents:
             self._refuse_document_options(spec, document_options)
-            request = self._task_request(spec, self.load(source, policy), call, hd_num, generation)
-            return self.runner.stream(request, cancel=cancel)
+            image = crop_region(self.load(source, policy), region)
+            return self.runner.stream(self._task_request(spec, image, call, hd_num, generation), cancel=cancel)
+        document_options = {
+            **document_options,
+            "region": region,
+            "region_pixels": self._region_pixels(spec, hd_num),
+        }
         return self._stream_document(spec, call, source, hd_num, generation, policy, cancel, document_options)
 
     def _stream_document(
@@ -394,7 +508,7 @@ class HD4K:
         document_options: Mapping[str, Any],
     ) -> Iterator[str]:
         _, _, page_iter = self._document_pages(source, policy=policy, cancel=cancel, **document_options)
-        for i, (_, image) in enumerate(page_iter):
+        for i, (_, image, _) in enumerate(page_iter):
             if i:
                 yield "\n\n"
             stream = self.runner.stream(self._task_request(spec, image, call, hd_num, generation), cancel=cancel)
@@ -421,10 +535,12 @@ class HD4K:
         generation: GenerationArg = None,
         policy: ImagePolicy | None = None,
         cancel: threading.Event | None = None,
+        region: Any = None,
         **generation_options: Unpack[GenerationOptions],
     ) -> TaskResult:
-        """Describe an image (``detail="detailed"`` or ``"brief"``); default hd_num 16.
-        ``run_task("describe_image", ...)``."""
+        """Describe an image (``detail="detailed"`` or ``"brief"``); default hd_num 16. ``region=[x0, y0, x1,
+        y1]`` (page fractions) looks at that part only, with the whole budget; generation options as keywords
+        (``max_new_tokens=64``) or ``generation={...}``. ``run_task("describe_image", ...)``."""
         return self.run_task(  # type: ignore[return-value]
             "describe_image",
             source,
@@ -433,6 +549,7 @@ class HD4K:
             generation=generation,
             policy=policy,
             cancel=cancel,
+            region=region,
             **generation_options,
         )
 
@@ -445,6 +562,7 @@ class HD4K:
         generation: GenerationArg = None,
         policy: ImagePolicy | None = None,
         cancel: threading.Event | None = None,
+        region: Any = None,
         **generation_options: Unpack[GenerationOptions],
     ) -> TextStream:
         """Text deltas of :meth:`describe_image`."""
@@ -456,6 +574,7 @@ class HD4K:
             generation=generation,
             policy=policy,
             cancel=cancel,
+            region=region,
             **generation_options,
         )
 
@@ -470,6 +589,7 @@ class HD4K:
         generation: GenerationArg = None,
         policy: ImagePolicy | None = None,
         cancel: threading.Event | None = None,
+        region: Any = None,
         **generation_options: Unpack[GenerationOptions],
     ) -> ChartResult:
         """Answer a question about a chart (default hd_num 25, the authors' VQA prompt).
@@ -487,6 +607,7 @@ class HD4K:
             generation=generation,
             policy=policy,
             cancel=cancel,
+            region=region,
             **generation_options,
         )
 
@@ -499,6 +620,7 @@ class HD4K:
         generation: GenerationArg = None,
         policy: ImagePolicy | None = None,
         cancel: threading.Event | None = None,
+        region: Any = None,
         **generation_options: Unpack[GenerationOptions],
     ) -> TextStream:
         """Text deltas of :meth:`answer_chart_question`."""
@@ -510,6 +632,7 @@ class HD4K:
             generation=generation,
             policy=policy,
             cancel=cancel,
+            region=region,
             **generation_options,
         )
 
@@ -523,8 +646,11 @@ class HD4K:
         cancel: threading.Event | None,
         policy: ImagePolicy | None = None,
         max_pages: int | None = None,
-    ) -> tuple[str, int, Iterator[tuple[int | None, Image.Image]]]:
-        """(source name, number of pages, iterator of (page number or None, image)) for an image or a PDF."""
+        region: Region | None = None,
+        region_pixels: int | None = None,
+    ) -> tuple[str, int, Iterator[tuple[int | None, Image.Image, float | None]]]:
+        """(source name, number of pages, iterator of (page number or None, image, PDF render dpi or None))
+        for an image or a PDF; with ``region`` only that part (a PDF's re-rendered, an image's cropped)."""
         policy = policy or self.policy
         if not isinstance(source, Image.Image):
             raw = read_source_bytes(source, policy=policy)
@@ -539,14 +665,16 @@ class HD4K:
                     max_pages=limit,
                     progress=progress,
                     cancel=cancel,
+                    region=region,
+                    region_pixels=region_pixels,
                 )
-                return raw.name, total, ((p.number, p.image) for p in rendered)
+                return raw.name, total, ((p.number, p.image, p.dpi) for p in rendered)
             name, source = raw.name, raw
         else:
             name = "<image>"
         if pages not in (None, 1, "1", [1], (1,)):
             raise InputError(f"pages={pages!r} was given but {name} is a single image, not a PDF.")
-        return name, 1, iter([(None, self.load(source, policy))])
+        return name, 1, iter([(None, crop_region(self.load(source, policy), region), None)])
 
     def document_request(
         self,
@@ -575,6 +703,8 @@ class HD4K:
         max_pages: int | None = None,
         cancel: threading.Event | None = None,
         on_page: Callable[[int, int], None] | None = None,
+        region: Any = None,
+        windows: int | str | None = None,
         **generation_options: Unpack[GenerationOptions],
     ) -> DocumentResult:
         """Transcribe a document image or PDF (one result per page; default hd_num 55).
@@ -582,7 +712,10 @@ class HD4K:
         ``pages`` selects PDF pages (1-based: ``3``, ``"1-3,5"``, ``[1, 2]``); PDFs render at ``dpi``
         (default 200) with a progress bar when interactive (``progress=False`` turns it off).
         ``on_page(done, total)`` is called before the first page (``done=0``) and after each page, e.g. to
-        report progress to a client. ``run_task("read_document", ...)``.
+        report progress to a client. ``region=[x0, y0, x1, y1]`` reads that part of each page (a PDF's
+        re-rendered at a higher scale); ``windows="auto"`` (or a number) reads a page whose detail would be
+        lost in overlapping windows and merges their texts (``pages[i].windows`` holds each window's result).
+        ``run_task("read_document", ...)``.
         """
         return self.run_task(  # type: ignore[return-value]
             "read_document",
@@ -597,6 +730,8 @@ class HD4K:
             max_pages=max_pages,
             cancel=cancel,
             on_page=on_page,
+            region=region,
+            windows=windows,
             **generation_options,
         )
 
@@ -613,6 +748,7 @@ class HD4K:
         policy: ImagePolicy | None = None,
         max_pages: int | None = None,
         cancel: threading.Event | None = None,
+        region: Any = None,
         **generation_options: Unpack[GenerationOptions],
     ) -> Iterator[str]:
         """Text deltas of :meth:`read_document`, pages separated by a blank line."""
@@ -628,6 +764,7 @@ class HD4K:
             policy=policy,
             max_pages=max_pages,
             cancel=cancel,
+            region=region,
             **generation_options,
         )
 

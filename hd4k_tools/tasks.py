@@ -21,14 +21,15 @@ import functools
 import inspect
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from hd4k_tools.errors import InputError
 from hd4k_tools.models.xcomposer2_4khd.prompt import Layout
 from hd4k_tools.results import ChartResult, TaskResult, parse_table
 from hd4k_tools.runtime.generation_config import GENERATION_OPTIONS
+from hd4k_tools.zoom import check_region
 
 DocumentOutput = Literal["markdown", "text"]
 Detail = Literal["brief", "detailed"]
@@ -46,6 +47,25 @@ _HD_NUM_DESCRIPTION = (
     "Optional resolution budget: the maximum number of 336x336 tiles the image is cut into (1-100). "
     "Omit it for the task's default ({default}); raise it to read smaller text, lower it to save tokens."
 )
+_REGION_DESCRIPTION = (
+    "Optional part of the image (or of each PDF page) to look at closely: [x0, y0, x1, y1] in fractions of its "
+    "width and height, 0,0 being the top-left corner (e.g. [0, 0, 0.5, 0.5] is the top-left quarter). The part "
+    "gets the whole resolution budget (a PDF's is re-rendered sharper); use it when an answer says detail was lost."
+)
+
+
+def _checked_region(value: list[float] | None) -> list[float] | None:
+    # check_region raises InvalidRegionError, a ValueError: pydantic reports it as this field's error.
+    return None if value is None else list(check_region(value))
+
+
+#: The ``region`` argument of every task's tool schema: a box in page fractions, validated.
+RegionArg = Annotated[
+    list[Annotated[float, Field(ge=0, le=1)]] | None,
+    Field(default=None, min_length=4, max_length=4, description=_REGION_DESCRIPTION),
+    AfterValidator(_checked_region),
+]
+
 # Largest hd_num a tool call may ask for (HD-100 fills the 16k context with one image).
 MAX_TOOL_HD_NUM = 100
 
@@ -152,10 +172,6 @@ def _option_names(prepare: Callable[..., TaskCall]) -> tuple[str, ...]:
     )
 
 
-#: Arguments every task's tool schema may carry that are not the task's own options.
-COMMON_ARGS = ("image", "hd_num", "pages")
-
-
 # Default hd_num per task, from the authors' evaluation (docs/model.md §1.10).
 _HD_DOCUMENT, _HD_CHART, _HD_IMAGE, _HD_CHAT = 55, 25, 16, 25
 
@@ -172,6 +188,7 @@ class ReadDocumentArgs(BaseModel):
         max_length=200,
     )
     hd_num: int | None = _hd_num_field(_HD_DOCUMENT)
+    region: RegionArg = None
 
 
 class ChartQuestionArgs(BaseModel):
@@ -182,6 +199,7 @@ class ChartQuestionArgs(BaseModel):
     image: str = _image_field(pdf=False)
     question: str = Field(description="The question to answer about the chart.", min_length=1, max_length=2000)
     hd_num: int | None = _hd_num_field(_HD_CHART)
+    region: RegionArg = None
 
 
 class DescribeImageArgs(BaseModel):
@@ -194,6 +212,7 @@ class DescribeImageArgs(BaseModel):
         default="detailed", description="'detailed' for a full description, 'brief' for one or two sentences."
     )
     hd_num: int | None = _hd_num_field(_HD_IMAGE)
+    region: RegionArg = None
 
 
 VQA_PREFIX = "Answer the question using a single word or phrase."
@@ -271,6 +290,10 @@ class ReadDocumentCliOptions(BaseModel):
     """``hd4k read`` options beyond the tool's arguments."""
 
     output: DocumentOutput = Field(default="markdown", description="Markdown (default) or plain text.")
+    windows: str | None = Field(
+        default=None,
+        description="'auto' or N: read a page whose small print would be lost in N overlapping windows, merged",
+    )
 
 
 class ChartCliOptions(BaseModel):

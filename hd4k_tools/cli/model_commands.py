@@ -42,6 +42,7 @@ from hd4k_tools.results import DocumentResult, TaskResult
 from hd4k_tools.runtime.engines import DEFAULT_ENGINE, ENGINES
 from hd4k_tools.serve import app as server
 from hd4k_tools.tasks import TASKS, CliSpec, TaskRegistry, TaskSpec
+from hd4k_tools.zoom import check_region, check_windows
 
 # The facade's PDF resolution, read from its signature (one fact, one place).
 _DEFAULT_DPI: int = inspect.signature(HD4K).parameters["dpi"].default
@@ -131,9 +132,14 @@ def _check_stream_json(args: argparse.Namespace) -> None:
         raise InputError("--stream and --json do not combine: choose one.")
 
 
+# Options of HD4K.run_task (beyond the task's own) that a task command passes on when its schema has them.
+_RUN_OPTIONS = ("region", "windows")
+
+
 def _task_options(spec: TaskSpec, args: argparse.Namespace) -> dict[str, Any]:
-    """The task's own options (``spec.option_names()``) as the command line gave them."""
-    return {name: getattr(args, name) for name in spec.option_names() if hasattr(args, name)}
+    """The task's own options (``spec.option_names()``) and ``--region``/``--windows`` as given."""
+    names = (*spec.option_names(), *_RUN_OPTIONS)
+    return {name: getattr(args, name) for name in names if hasattr(args, name)}
 
 
 def _parsed_flags(spec: TaskSpec, args: argparse.Namespace) -> str:
@@ -153,7 +159,11 @@ def _cmd_task(spec: TaskSpec, args: argparse.Namespace) -> int:
     _check_stream_json(args)
     _check_engine(args)
     options = _task_options(spec, args)
-    call = spec.call(options)  # the task's options (e.g. an empty question) are checked now
+    call = spec.call({k: v for k, v in options.items() if k not in _RUN_OPTIONS})  # e.g. an empty question
+    if options.get("region") is not None:
+        options["region"] = check_region(options["region"])  # "x0,y0,x1,y1", checked before the load
+    if options.get("windows") is not None:
+        options["windows"] = check_windows(options["windows"])
     if args.stream and call.parse is not None:
         raise InputError(
             f"{_parsed_flags(spec, args)} and --stream do not combine: the answer is parsed as a whole; drop --stream."
@@ -315,6 +325,8 @@ def _add_field(p: argparse.ArgumentParser, cli: CliSpec, name: str, field: Field
     """One ``--option`` from a pydantic field: a Literal gives choices, a bool a switch, an int ``type=int``."""
     help_text = field.description
     kinds = {a for a in (typing.get_args(field.annotation) or (field.annotation,)) if a is not type(None)}
+    if name == "region":
+        help_text = "look at a part only: x0,y0,x1,y1 in page fractions, e.g. 0,0,0.5,0.5 (the top-left quarter)"
     if field.annotation is bool:
         p.add_argument(_flag(cli, name), dest=name, action="store_true", help=help_text)
     elif typing.get_origin(field.annotation) is typing.Literal:

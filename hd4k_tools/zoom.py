@@ -244,8 +244,10 @@ def _grid_for(width: int, height: int, hd_num: int, count: int | None) -> tuple[
             if n % cols:
                 continue
             rows = n // cols
-            left, top, right, bottom = region_box(width, height, _grid_regions(rows, cols, WINDOW_OVERLAP)[0][2])
-            if detail_loss(plan(right - left, bottom - top, hd_num)).scale <= DETAIL_LOSS_THRESHOLD:
+            boxes = [region_box(width, height, region) for _, _, region in _grid_regions(rows, cols, WINDOW_OVERLAP)]
+            # Inner windows overlap on both sides, so they are the largest: every window must keep the detail.
+            sizes = {(right - left, bottom - top) for left, top, right, bottom in boxes}
+            if all(detail_loss(plan(w, h, hd_num)).scale <= DETAIL_LOSS_THRESHOLD for w, h in sizes):
                 return rows, cols
     # Not reachable within MAX_WINDOWS windows: as many as allowed, as square as the page allows.
     return _grid_for(width, height, hd_num, MAX_WINDOWS)

@@ -36,6 +36,7 @@ __all__ = [
     "crop_region",
     "detail_loss",
     "detail_note",
+    "draw_windows",
     "merge_window_texts",
     "parse_region",
     "plan_windows",
@@ -296,6 +297,37 @@ def plan_windows(
     return [
         Window(r, c, region, region_box(width, height, region)) for r, c, region in _grid_regions(rows, cols, overlap)
     ]
+
+
+_COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#008080", "#9a6324", "#800000")
+
+
+def draw_windows(image: Image.Image, windows: Sequence[Window], hd_num: int, *, max_side: int = 1600) -> Image.Image:
+    """A preview of ``windows`` on ``image``: each window's outline (one colour per window, numbered in
+    reading order) and its own tile grid at ``hd_num``, drawn at most ``max_side`` px on the long side."""
+    from PIL import ImageDraw
+
+    f = min(1.0, max_side / max(image.width, image.height))
+    canvas = image.convert("RGB").resize((max(1, round(image.width * f)), max(1, round(image.height * f))))
+    draw = ImageDraw.Draw(canvas)
+    for i, w in enumerate(windows):
+        colour = _COLOURS[i % len(_COLOURS)]
+        left, top, right, bottom = w.box
+        p = plan(right - left, bottom - top, hd_num)
+        # Tile edges in the window's own pixels: the padded canvas's 336-px grid, scaled back from the resize.
+        fx, fy = (right - left) / p.resized_size[0], (bottom - top) / p.resized_size[1]
+        pad_left, pad_top = p.padding[0], p.padding[1]
+        for k in range(1, p.cols):
+            x = left + (k * 336 - pad_left) * fx
+            if left < x < right:
+                draw.line([(x * f, top * f), (x * f, bottom * f)], fill=colour, width=1)
+        for k in range(1, p.rows):
+            y = top + (k * 336 - pad_top) * fy
+            if top < y < bottom:
+                draw.line([(left * f, y * f), (right * f, y * f)], fill=colour, width=1)
+        draw.rectangle([left * f, top * f, right * f - 1, bottom * f - 1], outline=colour, width=3)
+        draw.text((left * f + 6, top * f + 4), f"{i + 1}: {p.rows}x{p.cols}", fill=colour)
+    return canvas
 
 
 # ----------------------------------------------------------------------------------------------------

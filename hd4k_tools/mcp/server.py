@@ -37,6 +37,7 @@ from hd4k_tools import __version__
 from hd4k_tools.agent_tools import AgentTools, ToolAnswer, error_message
 from hd4k_tools.errors import CancelledError, FileTooLargeError, HD4KError, InputError, InvalidBase64Error
 from hd4k_tools.results import DocumentResult, PlanSummary, TaskResult, Timings, Usage
+from hd4k_tools.zoom import DetailLoss
 
 __all__ = ["MCP_IMAGE_LIMIT", "SERVER_NAME", "PageOutput", "ToolOutput", "build_server", "tool_definitions"]
 
@@ -69,6 +70,13 @@ class PageOutput(BaseModel):
     usage: Usage
     timings: Timings
     finish_reason: str
+    region: tuple[float, float, float, float] | None = Field(
+        default=None, description="The part read, [x0, y0, x1, y1] in page fractions; null: all of it."
+    )
+    detail: DetailLoss | None = Field(
+        default=None, description="How much the source was shrunk to fit the plan (source px per model px)."
+    )
+    windows: int = Field(default=0, description="Windows the page was read in (0: read whole).")
 
 
 class ToolOutput(BaseModel):
@@ -113,6 +121,9 @@ def _page_output(result: TaskResult) -> PageOutput:
         usage=result.usage,
         timings=result.timings,
         finish_reason=result.finish_reason,
+        region=result.region,
+        detail=result.detail,
+        windows=len(result.windows),
     )
 
 

@@ -14,6 +14,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from PIL import Image
 from pydantic import ValidationError
 
 from hd4k_tools.errors import ContextOverflowError, HD4KError, InputError
@@ -28,6 +29,7 @@ from hd4k_tools.serve.errors import APIError, api_error_from, validation_message
 from hd4k_tools.serve.schemas import ChatCompletionRequest, ResponseFormat, _ChatMessage, _TextPart
 from hd4k_tools.structured import StructuredOutput
 from hd4k_tools.tasks import tool_specs
+from hd4k_tools.zoom import check_region, crop_region
 
 __all__ = [
     "DEFAULT_MAX_REQUEST_BYTES",
@@ -266,6 +268,29 @@ def _plans(
         raise api_error_from(err, param="hd_num") from err
 
 
+def _crop_regions(body: ChatCompletionRequest, messages: tuple[Message, ...]) -> tuple[Message, ...]:
+    """The images cropped to the request's ``region`` (one box for all, or one per image), before planning."""
+    if body.region is None:
+        return messages
+    count = sum(len(m.images) for m in messages)
+    if body.region and all(isinstance(r, list | type(None)) for r in body.region):
+        boxes = list(body.region)
+        if len(boxes) != count:
+            raise APIError(
+                400, f"{len(boxes)} regions for {count} images; give one per image, or one box.", param="region"
+            )
+    else:
+        boxes = [body.region] * count
+    try:
+        checked = iter([None if b is None else check_region(b) for b in boxes])
+    except InputError as err:
+        raise APIError(400, str(err), param="region", code="invalid_region") from err
+    return tuple(
+        Message(m.role, tuple(crop_region(p, next(checked)) if isinstance(p, Image.Image) else p for p in m.content))
+        for m in messages
+    )
+
+
 def prepare(raw: bytes, settings: ServeSettings) -> Prepared:
     """Parse, validate and load a request body (runs in a worker thread: JSON and image decoding are
     CPU work).
@@ -315,6 +340,7 @@ def prepare(raw: bytes, settings: ServeSettings) -> Prepared:
         )
     except HD4KError as err:
         raise api_error_from(err, param="messages") from err
+    messages = _crop_regions(body, messages)
     plans = _plans(body, messages, gen, settings)
     request = GenerationRequest.planned(messages, plans, generation=gen, layout=body.layout or "chat")
     include_usage = bool(body.stream_options and body.stream_options.include_usage)

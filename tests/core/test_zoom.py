@@ -299,3 +299,55 @@ def test_read_document_in_windows_batches_and_keeps_each_window() -> None:
     # A page that keeps its detail is read whole.
     small = HD4K(ImageRunner()).read_document(Image.new("RGB", (1200, 900)), windows="auto").pages[0]
     assert small.windows == []
+
+
+def test_server_takes_region_alongside_hd_num() -> None:
+    from fastapi.testclient import TestClient
+
+    from hd4k_tools.inputs.images import to_data_url
+    from hd4k_tools.serve.app import create_app
+
+    runner = ImageRunner()
+    client = TestClient(create_app(runner, default_hd_num=9), raise_server_exceptions=False)
+    image = _noise(800, 600)
+    content = [{"type": "image_url", "image_url": {"url": to_data_url(image)}}, {"type": "text", "text": "?"}]
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": 8, "hd_num": 4}
+    ok = client.post("/v1/chat/completions", json={**body, "region": [0, 0, 0.5, 0.25]})
+    assert ok.status_code == 200, ok.text
+    assert np.array_equal(np.asarray(runner.images[-1]), np.asarray(image)[:150, :400])
+    for bad in ([0.5, 0, 0.5, 1], [0.9, 0, 0.1, 1], [0, 0, 1.5, 1], [[0, 0, 1, 1], [0, 0, 1, 1]]):
+        refused = client.post("/v1/chat/completions", json={**body, "region": bad})
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["param"] == "region"
+
+
+def test_cli_region_and_windows_are_checked_before_the_model_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from hd4k_tools.cli.main import build_parser, main
+
+    Image.new("RGB", (100, 100), "white").save(tmp_path / "a.png")
+    args = build_parser().parse_args(["read", str(tmp_path / "a.png"), "--region", "0,0,.5,.5", "--windows", "auto"])
+    assert (args.region, args.windows) == ("0,0,.5,.5", "auto")
+    missing = str(tmp_path / "no-model")
+    assert main(["describe", str(tmp_path / "a.png"), "--region", "0.5,0,0.2,1", "--model", missing]) == 2
+    assert "empty or inverted" in capsys.readouterr().err
+    assert main(["read", str(tmp_path / "a.png"), "--windows", "0", "--model", missing]) == 2
+    assert "windows must be" in capsys.readouterr().err
+
+
+def test_tiles_windows_preview(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from hd4k_tools.cli.main import main
+
+    Image.new("RGB", (9000, 6000), "white").save(tmp_path / "big.png")
+    out = tmp_path / "prev.png"
+    assert main(["tiles", str(tmp_path / "big.png"), "--windows", "auto", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    windows = plan_windows(9000, 6000, 55, "auto")
+    assert f"Read in {len(windows)} window(s) at HD-55" in text and out.exists()
+    assert main(["tiles", str(tmp_path / "big.png"), "--windows", "4", "--json", "--no-preview"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert len(payload["windows"]) == 4 and payload["detail"]["scale_x"] > DETAIL_LOSS_THRESHOLD
+    assert {"region", "box", "grid", "num_tokens", "detail"} <= set(payload["windows"][0])

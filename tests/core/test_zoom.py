@@ -351,3 +351,19 @@ def test_tiles_windows_preview(tmp_path: Path, capsys: pytest.CaptureFixture[str
     payload = json.loads(capsys.readouterr().out)
     assert len(payload["windows"]) == 4 and payload["detail"]["scale_x"] > DETAIL_LOSS_THRESHOLD
     assert {"region", "box", "grid", "num_tokens", "detail"} <= set(payload["windows"][0])
+
+
+def test_both_frameworks_take_and_validate_region(tmp_path: Path) -> None:
+    langchain_hd4k = pytest.importorskip("langchain_hd4k")
+    llama_tools = pytest.importorskip("llama_index.tools.hd4k")
+    Image.new("RGB", (800, 400), "white").save(tmp_path / "a.png")
+    settings = ToolSettings(allowed_root=tmp_path)
+    lc = {t.name: t for t in langchain_hd4k.HD4KToolkit(HD4K(ImageRunner()), settings=settings).get_tools()}
+    assert lc["describe_image"].invoke({"image": "a.png", "region": [0, 0, 0.5, 0.5]}) == "400x200"
+    assert "empty or inverted" in lc["describe_image"].invoke({"image": "a.png", "region": [0.5, 0, 0.5, 1]})
+    li = {t.metadata.name: t for t in llama_tools.HD4KToolSpec(HD4K(ImageRunner()), settings).to_tool_list()}
+    assert li["read_document"].call(image="a.png", region=[0.5, 0.5, 1, 1]).content == "400x200"
+    refused = li["answer_chart_question"].call(image="a.png", question="q", region=[0, 0, 1, 2])
+    assert refused.is_error and "region" in refused.content
+    schema = li["describe_image"].metadata.get_parameters_dict()["properties"]["region"]
+    assert schema["anyOf"][0]["maxItems"] == 4

@@ -166,29 +166,41 @@ class HD4KToolSpec(BaseToolSpec):
         args = self._validated(name, arguments)
         return await run_cancellable(lambda cancel: self.agent_tools.run(name, args, cancel=cancel))
 
-    def read_document(self, image: str, pages: str | None = None, hd_num: int | None = None) -> ToolAnswer:
+    def read_document(
+        self, image: str, pages: str | None = None, hd_num: int | None = None, region: list[float] | None = None
+    ) -> ToolAnswer:
         """Transcribe a document image or PDF (pages: '1', '2-4', '1,3'); see ``ReadDocumentArgs``."""
-        return self.call("read_document", image=image, pages=pages, hd_num=hd_num)
+        return self.call("read_document", image=image, pages=pages, hd_num=hd_num, region=region)
 
-    def answer_chart_question(self, image: str, question: str, hd_num: int | None = None) -> ToolAnswer:
+    def answer_chart_question(
+        self, image: str, question: str, hd_num: int | None = None, region: list[float] | None = None
+    ) -> ToolAnswer:
         """Answer a question about a chart; see ``ChartQuestionArgs``."""
-        return self.call("answer_chart_question", image=image, question=question, hd_num=hd_num)
+        return self.call("answer_chart_question", image=image, question=question, hd_num=hd_num, region=region)
 
-    def describe_image(self, image: str, detail: str = "detailed", hd_num: int | None = None) -> ToolAnswer:
+    def describe_image(
+        self, image: str, detail: str = "detailed", hd_num: int | None = None, region: list[float] | None = None
+    ) -> ToolAnswer:
         """Describe an image ('brief' or 'detailed'); see ``DescribeImageArgs``."""
-        return self.call("describe_image", image=image, detail=detail, hd_num=hd_num)
+        return self.call("describe_image", image=image, detail=detail, hd_num=hd_num, region=region)
 
-    async def aread_document(self, image: str, pages: str | None = None, hd_num: int | None = None) -> ToolAnswer:
+    async def aread_document(
+        self, image: str, pages: str | None = None, hd_num: int | None = None, region: list[float] | None = None
+    ) -> ToolAnswer:
         """Async :meth:`read_document` (cancellable)."""
-        return await self.acall("read_document", image=image, pages=pages, hd_num=hd_num)
+        return await self.acall("read_document", image=image, pages=pages, hd_num=hd_num, region=region)
 
-    async def aanswer_chart_question(self, image: str, question: str, hd_num: int | None = None) -> ToolAnswer:
+    async def aanswer_chart_question(
+        self, image: str, question: str, hd_num: int | None = None, region: list[float] | None = None
+    ) -> ToolAnswer:
         """Async :meth:`answer_chart_question` (cancellable)."""
-        return await self.acall("answer_chart_question", image=image, question=question, hd_num=hd_num)
+        return await self.acall("answer_chart_question", image=image, question=question, hd_num=hd_num, region=region)
 
-    async def adescribe_image(self, image: str, detail: str = "detailed", hd_num: int | None = None) -> ToolAnswer:
+    async def adescribe_image(
+        self, image: str, detail: str = "detailed", hd_num: int | None = None, region: list[float] | None = None
+    ) -> ToolAnswer:
         """Async :meth:`describe_image` (cancellable)."""
-        return await self.acall("describe_image", image=image, detail=detail, hd_num=hd_num)
+        return await self.acall("describe_image", image=image, detail=detail, hd_num=hd_num, region=region)
 
     # -- LlamaIndex plumbing -------------------------------------------------------------------------
     def get_metadata_from_fn_name(

@@ -33,6 +33,7 @@ _EXPORTS: dict[str, str] = {
     "TaskSpec": "hd4k_tools.tasks",
     "TaskCall": "hd4k_tools.tasks",
     "TaskRegistry": "hd4k_tools.tasks",
+    "DetailLoss": "hd4k_tools.zoom",
     "errors": "hd4k_tools.errors",
     "HD4KError": "hd4k_tools.errors",
     "InputError": "hd4k_tools.errors",
@@ -117,6 +118,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from hd4k_tools.runtime.runner import GenerationRequest, Message, Runner, RunnerResult, TextStream
     from hd4k_tools.runtime.stops import StopFilter, cut_at_stops
     from hd4k_tools.tasks import TASKS, TaskCall, TaskRegistry, TaskSpec
+    from hd4k_tools.zoom import DetailLoss
 
 
 def __getattr__(name: str) -> Any:

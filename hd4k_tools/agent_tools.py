@@ -192,7 +192,7 @@ def error_message(err: BaseException) -> str:
 def _detail_line(result: TaskResult | ChartResult | DocumentResult) -> str | None:
     """One line when detail was lost (the page that lost the most), from :func:`hd4k_tools.zoom.detail_note`."""
     calls = result.pages if isinstance(result, DocumentResult) else [result]
-    lossy = [r for r in calls if r.detail is not None and r.detail.lost and not r.windows]
+    lossy = [r for r in calls if r.detail is not None and r.detail.lost]
     if not lossy:
         return None
     worst = max(lossy, key=lambda r: r.detail.scale)  # type: ignore[union-attr]

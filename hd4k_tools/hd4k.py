@@ -52,6 +52,7 @@ from hd4k_tools.tasks import TASKS, TaskCall, TaskSpec
 from hd4k_tools.zoom import (
     Region,
     check_region,
+    check_windows,
     compose_region,
     crop_region,
     detail_loss,
@@ -388,6 +389,7 @@ class HD4K:
         generation, options = _split_generation(generation, options)
         call = spec.call(options)
         region = None if region is None else check_region(region)
+        windows = None if windows is None else check_windows(windows)
         document_options = {"pages": pages, "dpi": dpi, "progress": progress, "max_pages": max_pages}
         if spec.documents:
             return self._run_document(

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from PIL import Image
+from PIL import Image, ImageDraw
 from pydantic import BaseModel, ConfigDict
 
 from hd4k_tools.errors import InvalidRegionError
@@ -305,8 +305,6 @@ _COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#008080", "#
 def draw_windows(image: Image.Image, windows: Sequence[Window], hd_num: int, *, max_side: int = 1600) -> Image.Image:
     """A preview of ``windows`` on ``image``: each window's outline (one colour per window, numbered in
     reading order) and its own tile grid at ``hd_num``, drawn at most ``max_side`` px on the long side."""
-    from PIL import ImageDraw
-
     f = min(1.0, max_side / max(image.width, image.height))
     canvas = image.convert("RGB").resize((max(1, round(image.width * f)), max(1, round(image.height * f))))
     draw = ImageDraw.Draw(canvas)

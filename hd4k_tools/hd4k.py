@@ -3,7 +3,10 @@
 It turns sources (paths, bytes, URLs, data URLs, PIL images, PDFs) into safe images, picks an HD-N
 budget per task, runs a :class:`~hd4k_tools.runtime.runner.Runner` (the native model in process, or a remote
 OpenAI-compatible server) and returns pydantic results. Every method has an async twin (``a`` prefix)
-and a streaming twin (``stream_`` / ``astream_`` prefix).
+and a streaming twin (``stream_`` / ``astream_`` prefix). Every task runs through one path,
+:meth:`HD4K.run_task` (``stream_task``, ``arun_task``, ``astream_task``), driven by its
+:class:`~hd4k_tools.tasks.TaskSpec`; ``read_document``, ``answer_chart_question`` and ``describe_image`` are
+thin wrappers of it.
 """
 
 from __future__ import annotations

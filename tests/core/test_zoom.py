@@ -4,6 +4,7 @@ vector page, window coverage and overlap merging, region validation on every sur
 from __future__ import annotations
 
 import io
+import json
 import threading
 from pathlib import Path
 
@@ -367,3 +368,19 @@ def test_both_frameworks_take_and_validate_region(tmp_path: Path) -> None:
     assert refused.is_error and "region" in refused.content
     schema = li["describe_image"].metadata.get_parameters_dict()["properties"]["region"]
     assert schema["anyOf"][0]["maxItems"] == 4
+
+
+def test_cli_region_and_windows_reach_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from hd4k_tools.cli import model_commands
+    from hd4k_tools.cli.main import main
+
+    _noise(800, 600).save(tmp_path / "a.png")
+    monkeypatch.setattr(model_commands, "_open", lambda args: HD4K(ImageRunner()))
+    monkeypatch.setattr(model_commands, "_check_device", lambda args: None)
+    assert main(["describe", str(tmp_path / "a.png"), "--region", "0,0,0.5,0.5"]) == 0
+    assert capsys.readouterr().out.strip() == "400x300"
+    assert main(["read", str(tmp_path / "a.png"), "--windows", "2", "--json"]) == 0
+    page = json.loads(capsys.readouterr().out)["pages"][0]
+    assert len(page["windows"]) == 2 and page["detail"] is not None

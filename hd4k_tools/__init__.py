@@ -30,6 +30,10 @@ _EXPORTS: dict[str, str] = {
     "Timings": "hd4k_tools.results",
     "Usage": "hd4k_tools.results",
     "TASKS": "hd4k_tools.tasks",
+    "TaskSpec": "hd4k_tools.tasks",
+    "TaskCall": "hd4k_tools.tasks",
+    "TaskRegistry": "hd4k_tools.tasks",
+    "DetailLoss": "hd4k_tools.zoom",
     "errors": "hd4k_tools.errors",
     "HD4KError": "hd4k_tools.errors",
     "InputError": "hd4k_tools.errors",
@@ -113,7 +117,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from hd4k_tools.runtime.remote import RemoteRunner
     from hd4k_tools.runtime.runner import GenerationRequest, Message, Runner, RunnerResult, TextStream
     from hd4k_tools.runtime.stops import StopFilter, cut_at_stops
-    from hd4k_tools.tasks import TASKS
+    from hd4k_tools.tasks import TASKS, TaskCall, TaskRegistry, TaskSpec
+    from hd4k_tools.zoom import DetailLoss
 
 
 def __getattr__(name: str) -> Any:

@@ -15,7 +15,6 @@ Errors are :class:`~hd4k_tools.errors.HD4KError` subclasses whose text tells the
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import threading
 from collections.abc import Callable, Mapping
@@ -33,7 +32,8 @@ from hd4k_tools.inputs.policy import ImagePolicy
 from hd4k_tools.progress import check_cancelled
 from hd4k_tools.results import ChartResult, DocumentResult, TaskResult
 from hd4k_tools.runtime.generation_config import MAX_NUM_BEAMS
-from hd4k_tools.tasks import tool_specs
+from hd4k_tools.tasks import TASKS, TaskRegistry, TaskSpec, tool_specs
+from hd4k_tools.zoom import detail_note
 
 IMAGE_REF_SCHEME = "image://"
 
@@ -189,13 +189,29 @@ def error_message(err: BaseException) -> str:
     return f"Error: the tool failed unexpectedly ({type(err).__name__}). Try different arguments."
 
 
+def _detail_line(result: TaskResult | ChartResult | DocumentResult) -> str | None:
+    """One line when detail was lost (the page that lost the most), from :func:`hd4k_tools.zoom.detail_note`."""
+    calls = result.pages if isinstance(result, DocumentResult) else [result]
+    lossy = [r for r in calls if r.detail is not None and r.detail.lost]
+    if not lossy:
+        return None
+    worst = max(lossy, key=lambda r: r.detail.scale)  # type: ignore[union-attr]
+    what = "the region" if worst.region is not None else "the image" if worst.page is None else f"page {worst.page}"
+    return detail_note(worst.detail, what=what)
+
+
 def tool_text(result: TaskResult | ChartResult | DocumentResult) -> str:
-    """What the LLM reads of a task's result: the answer; a multi-page document page by page."""
+    """What the LLM reads of a task's result: the answer (a multi-page document page by page), and one line
+    when the source was shrunk enough to lose small print, with a ``region`` to look closer."""
     if isinstance(result, DocumentResult):
         if len(result.pages) == 1:
-            return result.pages[0].text
-        return "\n\n".join(f"--- page {p.page} ---\n{p.text}" for p in result.pages)
-    return result.text
+            text = result.pages[0].text
+        else:
+            text = "\n\n".join(f"--- page {p.page} ---\n{p.text}" for p in result.pages)
+    else:
+        text = result.text
+    note = _detail_line(result)
+    return text if note is None else f"{text}\n\n{note}"
 
 
 @dataclass(frozen=True)
@@ -207,29 +223,64 @@ class ToolAnswer:
 
 
 class AgentTools:
-    """The three tools over one :class:`HD4K`, with untrusted-argument handling."""
+    """The agent tools (one per task of ``tasks`` with an ``args`` schema; default the three of
+    :data:`~hd4k_tools.tasks.TASKS`) over one :class:`HD4K`, with untrusted-argument handling.
 
-    def __init__(self, hd: HD4K, settings: ToolSettings | None = None, registry: ImageRegistry | None = None) -> None:
+    ``tasks`` is an explicit :class:`~hd4k_tools.tasks.TaskRegistry`: the LangChain and LlamaIndex
+    toolkits and the MCP server built on this object offer exactly its tools.
+    """
+
+    def __init__(
+        self,
+        hd: HD4K,
+        settings: ToolSettings | None = None,
+        registry: ImageRegistry | None = None,
+        tasks: TaskRegistry | None = None,
+    ) -> None:
         self.hd = hd
         self.settings = settings or ToolSettings()
         self.registry = registry if registry is not None else ImageRegistry()
+        self.tasks = TASKS if tasks is None else tasks
         self._policy = self.settings.image_policy()
         self._generation = self.settings.generation() or None
+
+    @property
+    def tool_args(self) -> dict[str, type[BaseModel]]:
+        """Argument schema per tool name."""
+        return {name: spec.args for name, spec in self.tasks.tools().items()}  # type: ignore[misc]
+
+    @property
+    def tool_descriptions(self) -> dict[str, str]:
+        """What an LLM reads about each tool, by tool name."""
+        return {name: spec.description for name, spec in self.tasks.tools().items()}
+
+    def spec(self, name: str) -> TaskSpec:
+        """The task spec of tool ``name`` (:class:`InputError` naming the tools if there is none)."""
+        spec = self.tasks.tools().get(name)
+        if spec is None:
+            raise InputError(f"Unknown tool {name!r}; tools are {sorted(self.tasks.tools())}.")
+        return spec
 
     def _source(self, image: str) -> ImageSource:
         return resolve_image_argument(image, self.settings, self.registry)
 
-    def read_document(self, image: str, pages: str | None = None, hd_num: int | None = None) -> ToolAnswer:
+    def read_document(
+        self, image: str, pages: str | None = None, hd_num: int | None = None, region: list[float] | None = None
+    ) -> ToolAnswer:
         """Transcribe a document image or PDF (the read-document tool)."""
-        return self.run("read_document", {"image": image, "pages": pages, "hd_num": hd_num})
+        return self.call("read_document", image=image, pages=pages, hd_num=hd_num, region=region)
 
-    def answer_chart_question(self, image: str, question: str, hd_num: int | None = None) -> ToolAnswer:
+    def answer_chart_question(
+        self, image: str, question: str, hd_num: int | None = None, region: list[float] | None = None
+    ) -> ToolAnswer:
         """Answer a question about a chart (the chart-question tool)."""
-        return self.run("answer_chart_question", {"image": image, "question": question, "hd_num": hd_num})
+        return self.call("answer_chart_question", image=image, question=question, hd_num=hd_num, region=region)
 
-    def describe_image(self, image: str, detail: str = "detailed", hd_num: int | None = None) -> ToolAnswer:
+    def describe_image(
+        self, image: str, detail: str = "detailed", hd_num: int | None = None, region: list[float] | None = None
+    ) -> ToolAnswer:
         """Describe an image (the describe-image tool)."""
-        return self.run("describe_image", {"image": image, "detail": detail, "hd_num": hd_num})
+        return self.call("describe_image", image=image, detail=detail, hd_num=hd_num, region=region)
 
     def run(
         self,
@@ -239,34 +290,27 @@ class AgentTools:
         cancel: threading.Event | None = None,
         on_page: Callable[[int, int], None] | None = None,
     ) -> ToolAnswer:
-        """Run tool ``name`` (a task spec's name and HD4K method) with already-validated arguments.
+        """Run tool ``name`` (a task of :attr:`tasks`) with already-validated arguments, through
+        :meth:`HD4K.run_task`.
 
-        The image argument is resolved under the tool settings; the HD4K method gets this object's
-        policy and generation limits, plus the page limit and no progress bar where it reads documents,
-        and ``on_page(done, total)`` where it reports pages (see :meth:`HD4K.read_document`)."""
-        spec = tool_specs().get(name)
-        if spec is None:
-            raise InputError(f"Unknown tool {name!r}; tools are {sorted(TOOL_ARGS)}.")
+        The image argument is resolved under the tool settings; the task runs under this object's policy
+        and generation limits, and a task that reads documents also gets the page limit, no progress bar
+        and ``on_page(done, total)`` (see :meth:`HD4K.read_document`)."""
+        spec = self.spec(name)
         args = dict(arguments)
         source = self._source(args.pop("image"))
-        method = getattr(self.hd, spec.name)
-        accepted = inspect.signature(method).parameters
-        options: dict[str, Any] = {"policy": self._policy, "generation": self._generation}
-        if "max_pages" in accepted:
-            options.update(max_pages=self.settings.max_pdf_pages, progress=False)
-        if cancel is not None and "cancel" in accepted:
-            options["cancel"] = cancel
-        if on_page is not None and "on_page" in accepted:
-            options["on_page"] = on_page
-        result = method(source, **args, **options)
+        options: dict[str, Any] = {"policy": self._policy, "generation": self._generation, "cancel": cancel}
+        if spec.documents:
+            options.update(max_pages=self.settings.max_pdf_pages, progress=False, on_page=on_page)
+        result = self.hd.run_task(spec, source, **args, **options)
         return ToolAnswer(content=tool_text(result), result=result)
+
+    def _schema(self, name: str) -> type[BaseModel]:
+        return self.spec(name).args  # type: ignore[return-value]
 
     def call(self, name: str, **arguments: Any) -> ToolAnswer:
         """Validate ``arguments`` against the tool's schema and run it."""
-        schema = TOOL_ARGS.get(name)
-        if schema is None:
-            raise InputError(f"Unknown tool {name!r}; tools are {sorted(TOOL_ARGS)}.")
-        args = schema.model_validate(arguments)
+        args = self._schema(name).model_validate(arguments)
         return self.run(name, args.model_dump())
 
     def invoke(
@@ -284,13 +328,11 @@ class AgentTools:
         :class:`~hd4k_tools.errors.CancelledError` (a cut answer is never returned as a whole one);
         ``on_page(done, total)`` reports the pages of ``read_document``.
         """
-        schema = TOOL_ARGS.get(name)
-        if schema is None:
-            raise InputError(f"Unknown tool {name!r}; tools are {sorted(TOOL_ARGS)}.")
+        schema = self._schema(name)
         try:
             args = schema.model_validate(dict(arguments or {}))
         except ValidationError as err:
-            raise invalid_arguments(name, err) from None
+            raise invalid_arguments(name, err, schema) from None
         answer = self.run(name, args.model_dump(), cancel=cancel, on_page=on_page)
         check_cancelled(cancel, f"The {name} call")
         return answer

@@ -58,6 +58,14 @@ class InputError(HD4KError, ValueError):
     """The image or document handed to us cannot be used."""
 
 
+class ConflictingOptionsError(InputError):
+    """The same option was given twice (e.g. ``max_new_tokens=`` and ``generation={"max_new_tokens": ...}``)."""
+
+
+class InvalidRegionError(InputError):
+    """A ``region`` box that is not ``[x0, y0, x1, y1]`` page fractions with ``0 <= x0 < x1 <= 1``."""
+
+
 class EmptyInputError(InputError):
     """A 0-byte file, empty bytes or an empty string."""
 

@@ -3,7 +3,10 @@
 It turns sources (paths, bytes, URLs, data URLs, PIL images, PDFs) into safe images, picks an HD-N
 budget per task, runs a :class:`~hd4k_tools.runtime.runner.Runner` (the native model in process, or a remote
 OpenAI-compatible server) and returns pydantic results. Every method has an async twin (``a`` prefix)
-and a streaming twin (``stream_`` / ``astream_`` prefix).
+and a streaming twin (``stream_`` / ``astream_`` prefix). Every task runs through one path,
+:meth:`HD4K.run_task` (``stream_task``, ``arun_task``, ``astream_task``), driven by its
+:class:`~hd4k_tools.tasks.TaskSpec`; ``read_document``, ``answer_chart_question`` and ``describe_image`` are
+thin wrappers of it.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import dataclasses
 import itertools
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Unpack
 
 from PIL import Image
 
@@ -22,9 +25,14 @@ from hd4k_tools.inputs.images import ImageSource, load_image, read_source_bytes
 from hd4k_tools.inputs.pdf import render_pages, select_pages
 from hd4k_tools.inputs.policy import ImagePolicy
 from hd4k_tools.models.registry import DEFAULT_FAMILY, HDNum, HDPlan, ModelFamily
-from hd4k_tools.results import ChartResult, DocumentResult, TaskResult, parse_table, thumbnail_data_url
+from hd4k_tools.results import ChartResult, DocumentResult, TaskResult, Timings, Usage, thumbnail_data_url
 from hd4k_tools.runtime.engines import load_engine
-from hd4k_tools.runtime.generation_config import GenerationConfig
+from hd4k_tools.runtime.generation_config import (
+    GENERATION_OPTIONS,
+    GenerationConfig,
+    GenerationOptions,
+    merge_generation,
+)
 from hd4k_tools.runtime.remote import RemoteRunner
 from hd4k_tools.runtime.runner import (
     BatchRunner,
@@ -35,7 +43,17 @@ from hd4k_tools.runtime.runner import (
     TextStream,
     generate_all,
 )
-from hd4k_tools.tasks import TABLE_PROMPT, TASKS, TaskSpec, chart_prompt, describe_prompt, document_prompt
+from hd4k_tools.tasks import TASKS, TaskCall, TaskSpec
+from hd4k_tools.zoom import (
+    Region,
+    check_region,
+    check_windows,
+    compose_region,
+    crop_region,
+    detail_loss,
+    merge_window_texts,
+    plan_windows,
+)
 
 T = TypeVar("T")
 GenerationArg = GenerationConfig | Mapping[str, Any] | None
@@ -241,11 +259,258 @@ class HD4K:
             **extra,
         )
 
-    # -- describe_image ----------------------------------------------------------------------------
-    def _describe_request(self, source, detail, hd_num, generation, policy):
-        spec = TASKS["describe_image"]
-        return self._image_request(spec, self.load(source, policy), describe_prompt(detail), hd_num, generation)
+    # -- tasks: one generic path -------------------------------------------------------------------
+    def _task_request(
+        self, spec: TaskSpec, image: Image.Image, call: TaskCall, hd_num: HDNum | None, generation: GenerationArg
+    ) -> GenerationRequest:
+        if call.generation and not isinstance(generation, GenerationConfig):
+            # The call's defaults (e.g. room for a table) under the caller's options.
+            generation = {**call.generation, **(generation or {})}
+        return self._image_request(spec, image, call.prompt, hd_num, generation)
 
+    def _task_result(
+        self,
+        spec: TaskSpec,
+        call: TaskCall,
+        out: RunnerResult,
+        request: GenerationRequest,
+        *,
+        region: Region | None = None,
+        render_dpi: float | None = None,
+        **extra: Any,
+    ) -> TaskResult:
+        fields = {**call.fields, **extra}
+        if call.parse is not None:
+            fields.update(call.parse(out.text))
+        hd_plans = request.hd_plans or tuple(request.plans())
+        render_scale = None if render_dpi is None else render_dpi / 72.0
+        detail = detail_loss(hd_plans[0], render_scale=render_scale, region=region) if hd_plans else None
+        return self._result(spec.result, spec.name, out, request, region=region, detail=detail, **fields)
+
+    def _region_pixels(self, spec: TaskSpec, hd_num: HDNum | None) -> int:
+        """About the most pixels a plan at ``hd_num`` keeps: what a PDF region is rendered for."""
+        tiling = self.family.module("tiling")
+        n = hd_num if isinstance(hd_num, int) else spec.default_hd_num if hd_num is None else tiling.MAX_AUTO_HD_NUM
+        return n * tiling.TILE * tiling.TILE
+
+    def _merged_page(
+        self, spec: TaskSpec, windows: list[TaskResult], image: Image.Image, region: Region | None, **extra: Any
+    ) -> TaskResult:
+        """A page read in windows: the windows' texts merged in reading order, their plans, usage and time
+        together, the most detail any window lost, and every window's own result."""
+        first = windows[0]
+        worst = max((w.detail for w in windows if w.detail is not None), key=lambda d: d.scale, default=None)
+        finish = next((w.finish_reason for w in windows if w.finish_reason != "stop"), first.finish_reason)
+        return spec.result(
+            task=spec.name,
+            text=merge_window_texts([w.text for w in windows]),
+            model=first.model,
+            hd_num=first.hd_num,
+            plans=[p for w in windows for p in w.plans],
+            usage=Usage(
+                prompt_tokens=sum(w.usage.prompt_tokens for w in windows),
+                image_tokens=sum(w.usage.image_tokens for w in windows),
+                completion_tokens=sum(w.usage.completion_tokens for w in windows),
+            ),
+            timings=Timings(total_s=sum(w.timings.total_s for w in windows)),
+            finish_reason=finish,
+            warnings=[m for w in windows for m in w.warnings],
+            region=region,
+            detail=worst,
+            windows=windows,
+            thumbnail=thumbnail_data_url(image),
+            **extra,
+        )
+
+    @staticmethod
+    def _refuse_document_options(spec: TaskSpec, document_options: Mapping[str, Any]) -> None:
+        given = sorted(k for k, v in document_options.items() if v is not None and k != "region_pixels")
+        if given and not spec.documents:
+            raise InputError(
+                f"{spec.name} reads one image; {', '.join(f'{k}=' for k in given)} "
+                "only apply to tasks that read documents (e.g. read_document)."
+            )
+
+    def run_task(
+        self,
+        task: str | TaskSpec,
+        source: ImageSource,
+        *,
+        hd_num: HDNum | None = None,
+        generation: GenerationArg = None,
+        policy: ImagePolicy | None = None,
+        cancel: threading.Event | None = None,
+        pages: Any = None,
+        dpi: int | None = None,
+        progress: bool | None = None,
+        max_pages: int | None = None,
+        on_page: Callable[[int, int], None] | None = None,
+        region: Any = None,
+        windows: int | str | None = None,
+        **options: Any,
+    ) -> TaskResult | DocumentResult:
+        """Run any task on ``source``: the one path behind :meth:`read_document`,
+        :meth:`answer_chart_question`, :meth:`describe_image` and any :class:`~hd4k_tools.tasks.TaskSpec`.
+
+        ``task`` is a spec or the name of one of :data:`hd4k_tools.tasks.TASKS`; ``options`` are the task's
+        own options (``spec.option_names()``, e.g. ``question=`` or ``detail=``) and generation options as
+        keywords (:class:`~hd4k_tools.runtime.generation_config.GenerationOptions`: ``max_new_tokens``,
+        ``temperature``, ``top_p``, ..., as ``ChatHD4K`` and ``ToolSettings`` take them), which may also come
+        as ``generation={...}`` (the same option both ways is a ``ConflictingOptionsError``). A task with
+        ``documents=True`` reads an image or a PDF page by page (``pages``, ``dpi``, ``progress``,
+        ``max_pages``, ``on_page`` as in :meth:`read_document`) and returns a :class:`DocumentResult`; any
+        other task returns one ``spec.result``.
+
+        ``region=[x0, y0, x1, y1]`` (page fractions) reads only that part of the image or page, tiled with the
+        whole ``hd_num`` budget; a PDF region is re-rendered from the vector page at a higher scale, so small
+        print gains real detail (see :func:`hd4k_tools.inputs.pdf.render_pages`). ``windows="auto"`` or ``N``
+        (document tasks) reads a page whose detail would be lost in overlapping windows, batched, and merges
+        their texts (:func:`hd4k_tools.zoom.merge_window_texts`); each window's result is in ``windows``.
+        Every result reports ``region`` and ``detail`` (:class:`hd4k_tools.zoom.DetailLoss`).
+        """
+        spec = TASKS.get_spec(task)
+        generation, options = _split_generation(generation, options)
+        call = spec.call(options)
+        region = None if region is None else check_region(region)
+        windows = None if windows is None else check_windows(windows)
+        document_options = {"pages": pages, "dpi": dpi, "progress": progress, "max_pages": max_pages}
+        if spec.documents:
+            return self._run_document(
+                spec, call, source, hd_num, generation, policy, cancel, on_page, document_options, region, windows
+            )
+        self._refuse_document_options(spec, {**document_options, "on_page": on_page, "windows": windows})
+        image = crop_region(self.load(source, policy), region)
+        request = self._task_request(spec, image, call, hd_num, generation)
+        return self._task_result(spec, call, self.runner.generate(request, cancel=cancel), request, region=region)
+
+    def _run_document(
+        self,
+        spec: TaskSpec,
+        call: TaskCall,
+        source: ImageSource,
+        hd_num: HDNum | None,
+        generation: GenerationArg,
+        policy: ImagePolicy | None,
+        cancel: threading.Event | None,
+        on_page: Callable[[int, int], None] | None,
+        document_options: Mapping[str, Any],
+        region: Region | None = None,
+        windows: int | str | None = None,
+    ) -> DocumentResult:
+        name, total, page_iter = self._document_pages(
+            source,
+            policy=policy,
+            cancel=cancel,
+            region=region,
+            region_pixels=self._region_pixels(spec, hd_num),
+            **document_options,
+        )
+        if on_page is not None:
+            on_page(0, total)
+        results: list[TaskResult] = []
+        # A batching engine gets the pages (and their windows) together (PAGE_BATCH pages at a time, so
+        # rendered pages stay bounded); any other runner one by one, each page rendered just before it is read.
+        chunk = PAGE_BATCH if isinstance(self.runner, BatchRunner) else 1
+        planned_hd = spec.default_hd_num if hd_num is None else hd_num
+        while batch := list(itertools.islice(page_iter, chunk)):
+            jobs = []
+            for number, image, render_dpi in batch:
+                wins = plan_windows(image.width, image.height, planned_hd, windows) if windows is not None else []
+                crops = [image.crop(w.box) for w in wins] if len(wins) > 1 else [image]
+                requests = [self._task_request(spec, crop, call, hd_num, generation) for crop in crops]
+                jobs.append((number, image, render_dpi, wins if len(wins) > 1 else [], requests))
+            outs = iter(generate_all(self.runner, [r for job in jobs for r in job[4]], cancel=cancel))
+            for number, image, render_dpi, wins, requests in jobs:
+                page = dict(page=number, source=name)
+                read = [
+                    self._task_result(
+                        spec,
+                        call,
+                        next(outs),
+                        request,
+                        region=compose_region(region, w.region) if wins else region,
+                        render_dpi=render_dpi,
+                        **page,
+                    )
+                    for request, w in zip(requests, wins or [None] * len(requests), strict=True)
+                ]
+                results.append(self._merged_page(spec, read, image, region, **page) if wins else read[0])
+                if on_page is not None:
+                    on_page(len(results), total)
+        return DocumentResult(source=name, pages=results)
+
+    def stream_task(
+        self,
+        task: str | TaskSpec,
+        source: ImageSource,
+        *,
+        hd_num: HDNum | None = None,
+        generation: GenerationArg = None,
+        policy: ImagePolicy | None = None,
+        cancel: threading.Event | None = None,
+        pages: Any = None,
+        dpi: int | None = None,
+        progress: bool | None = None,
+        max_pages: int | None = None,
+        region: Any = None,
+        windows: int | str | None = None,
+        **options: Any,
+    ) -> Iterator[str]:
+        """Text deltas of :meth:`run_task` (a document's pages separated by a blank line). A call whose result
+        is parsed from the whole answer (e.g. ``extract_table=True``) cannot stream: :class:`InputError`."""
+        spec = TASKS.get_spec(task)
+        generation, options = _split_generation(generation, options)
+        call = spec.call(options)
+        if call.parse is not None:
+            raise InputError(
+                f"This {spec.name} call's result is parsed from the whole answer, so it cannot be streamed; use "
+                f"run_task / {spec.name} instead."
+            )
+        if windows is not None:
+            raise InputError("windows= reads a page in several windows and merges them; it cannot stream.")
+        region = None if region is None else check_region(region)
+        document_options = {"pages": pages, "dpi": dpi, "progress": progress, "max_pages": max_pages}
+        if not spec.documents:
+            self._refuse_document_options(spec, document_options)
+            image = crop_region(self.load(source, policy), region)
+            return self.runner.stream(self._task_request(spec, image, call, hd_num, generation), cancel=cancel)
+        document_options = {
+            **document_options,
+            "region": region,
+            "region_pixels": self._region_pixels(spec, hd_num),
+        }
+        return self._stream_document(spec, call, source, hd_num, generation, policy, cancel, document_options)
+
+    def _stream_document(
+        self,
+        spec: TaskSpec,
+        call: TaskCall,
+        source: ImageSource,
+        hd_num: HDNum | None,
+        generation: GenerationArg,
+        policy: ImagePolicy | None,
+        cancel: threading.Event | None,
+        document_options: Mapping[str, Any],
+    ) -> Iterator[str]:
+        _, _, page_iter = self._document_pages(source, policy=policy, cancel=cancel, **document_options)
+        for i, (_, image, _) in enumerate(page_iter):
+            if i:
+                yield "\n\n"
+            stream = self.runner.stream(self._task_request(spec, image, call, hd_num, generation), cancel=cancel)
+            try:
+                yield from stream
+            finally:
+                stream.close()
+
+    async def arun_task(self, task: str | TaskSpec, source: ImageSource, **kwargs: Any) -> TaskResult | DocumentResult:
+        """Async :meth:`run_task` (in a worker thread; cancelling the awaiting task stops the model)."""
+        return await _in_thread(lambda cancel: self.run_task(task, source, cancel=cancel, **kwargs))
+
+    def astream_task(self, task: str | TaskSpec, source: ImageSource, **kwargs: Any) -> AsyncIterator[str]:
+        """Async :meth:`stream_task`."""
+        return _aiter_stream(lambda cancel: self.stream_task(task, source, cancel=cancel, **kwargs))
+
+    # -- describe_image ----------------------------------------------------------------------------
     def describe_image(
         self,
         source: ImageSource,
@@ -255,10 +520,23 @@ class HD4K:
         generation: GenerationArg = None,
         policy: ImagePolicy | None = None,
         cancel: threading.Event | None = None,
+        region: Any = None,
+        **generation_options: Unpack[GenerationOptions],
     ) -> TaskResult:
-        """Describe an image (``detail="detailed"`` or ``"brief"``); default hd_num 16."""
-        request = self._describe_request(source, detail, hd_num, generation, policy)
-        return self._result(TaskResult, "describe_image", self.runner.generate(request, cancel=cancel), request)
+        """Describe an image (``detail="detailed"`` or ``"brief"``); default hd_num 16. ``region=[x0, y0, x1,
+        y1]`` (page fractions) looks at that part only, with the whole budget; generation options as keywords
+        (``max_new_tokens=64``) or ``generation={...}``. ``run_task("describe_image", ...)``."""
+        return self.run_task(  # type: ignore[return-value]
+            "describe_image",
+            source,
+            detail=detail,
+            hd_num=hd_num,
+            generation=generation,
+            policy=policy,
+            cancel=cancel,
+            region=region,
+            **generation_options,
+        )
 
     def stream_describe_image(
         self,
@@ -269,22 +547,23 @@ class HD4K:
         generation: GenerationArg = None,
         policy: ImagePolicy | None = None,
         cancel: threading.Event | None = None,
+        region: Any = None,
+        **generation_options: Unpack[GenerationOptions],
     ) -> TextStream:
         """Text deltas of :meth:`describe_image`."""
-        return self.runner.stream(self._describe_request(source, detail, hd_num, generation, policy), cancel=cancel)
+        return self.stream_task(  # type: ignore[return-value]
+            "describe_image",
+            source,
+            detail=detail,
+            hd_num=hd_num,
+            generation=generation,
+            policy=policy,
+            cancel=cancel,
+            region=region,
+            **generation_options,
+        )
 
     # -- answer_chart_question ---------------------------------------------------------------------
-    def _chart_request(self, source, question, hd_num, generation, extract_table, policy):
-        spec = TASKS["answer_chart_question"]
-        if extract_table:
-            # A table is longer than a VQA answer: give it room unless the caller decided.
-            prompt = f"{TABLE_PROMPT}\n{question}".strip()
-            if not isinstance(generation, GenerationConfig):
-                generation = {"max_new_tokens": 512, **(generation or {})}
-        else:
-            prompt = chart_prompt(question)
-        return self._image_request(spec, self.load(source, policy), prompt, hd_num, generation)
-
     def answer_chart_question(
         self,
         source: ImageSource,
@@ -295,19 +574,27 @@ class HD4K:
         generation: GenerationArg = None,
         policy: ImagePolicy | None = None,
         cancel: threading.Event | None = None,
+        region: Any = None,
+        **generation_options: Unpack[GenerationOptions],
     ) -> ChartResult:
         """Answer a question about a chart (default hd_num 25, the authors' VQA prompt).
 
         With ``extract_table=True`` the model is asked for the chart's data as a Markdown table, parsed
         into :attr:`ChartResult.table` (``TableParseError`` if the answer is not a table); the question
-        may then be empty.
+        may then be empty. ``run_task("answer_chart_question", ...)``.
         """
-        if not extract_table and not question.strip():
-            raise InputError("The chart question is empty; pass the question to answer about the chart.")
-        request = self._chart_request(source, question, hd_num, generation, extract_table, policy)
-        out = self.runner.generate(request, cancel=cancel)
-        table = parse_table(out.text) if extract_table else None
-        return self._result(ChartResult, "answer_chart_question", out, request, question=question, table=table)
+        return self.run_task(  # type: ignore[return-value]
+            "answer_chart_question",
+            source,
+            question=question,
+            extract_table=extract_table,
+            hd_num=hd_num,
+            generation=generation,
+            policy=policy,
+            cancel=cancel,
+            region=region,
+            **generation_options,
+        )
 
     def stream_answer_chart_question(
         self,
@@ -318,10 +605,21 @@ class HD4K:
         generation: GenerationArg = None,
         policy: ImagePolicy | None = None,
         cancel: threading.Event | None = None,
+        region: Any = None,
+        **generation_options: Unpack[GenerationOptions],
     ) -> TextStream:
         """Text deltas of :meth:`answer_chart_question`."""
-        request = self._chart_request(source, question, hd_num, generation, False, policy)
-        return self.runner.stream(request, cancel=cancel)
+        return self.stream_task(  # type: ignore[return-value]
+            "answer_chart_question",
+            source,
+            question=question,
+            hd_num=hd_num,
+            generation=generation,
+            policy=policy,
+            cancel=cancel,
+            region=region,
+            **generation_options,
+        )
 
     # -- read_document -----------------------------------------------------------------------------
     def _document_pages(
@@ -333,8 +631,11 @@ class HD4K:
         cancel: threading.Event | None,
         policy: ImagePolicy | None = None,
         max_pages: int | None = None,
-    ) -> tuple[str, int, Iterator[tuple[int | None, Image.Image]]]:
-        """(source name, number of pages, iterator of (page number or None, image)) for an image or a PDF."""
+        region: Region | None = None,
+        region_pixels: int | None = None,
+    ) -> tuple[str, int, Iterator[tuple[int | None, Image.Image, float | None]]]:
+        """(source name, number of pages, iterator of (page number or None, image, PDF render dpi or None))
+        for an image or a PDF; with ``region`` only that part (a PDF's re-rendered, an image's cropped)."""
         policy = policy or self.policy
         if not isinstance(source, Image.Image):
             raw = read_source_bytes(source, policy=policy)
@@ -349,14 +650,16 @@ class HD4K:
                     max_pages=limit,
                     progress=progress,
                     cancel=cancel,
+                    region=region,
+                    region_pixels=region_pixels,
                 )
-                return raw.name, total, ((p.number, p.image) for p in rendered)
+                return raw.name, total, ((p.number, p.image, p.dpi) for p in rendered)
             name, source = raw.name, raw
         else:
             name = "<image>"
         if pages not in (None, 1, "1", [1], (1,)):
             raise InputError(f"pages={pages!r} was given but {name} is a single image, not a PDF.")
-        return name, 1, iter([(None, self.load(source, policy))])
+        return name, 1, iter([(None, crop_region(self.load(source, policy), region), None)])
 
     def document_request(
         self,
@@ -368,7 +671,8 @@ class HD4K:
     ) -> GenerationRequest:
         """The request :meth:`read_document` sends for one page ``image`` (hd_num planned, task prompt and
         generation settings), for pipelines that batch pages themselves (``hd4k_tools.ingest``)."""
-        return self._image_request(TASKS["read_document"], image, document_prompt(output), hd_num, generation)
+        spec = TASKS["read_document"]
+        return self._task_request(spec, image, spec.call({"output": output}), hd_num, generation)
 
     def read_document(
         self,
@@ -384,31 +688,37 @@ class HD4K:
         max_pages: int | None = None,
         cancel: threading.Event | None = None,
         on_page: Callable[[int, int], None] | None = None,
+        region: Any = None,
+        windows: int | str | None = None,
+        **generation_options: Unpack[GenerationOptions],
     ) -> DocumentResult:
         """Transcribe a document image or PDF (one result per page; default hd_num 55).
 
         ``pages`` selects PDF pages (1-based: ``3``, ``"1-3,5"``, ``[1, 2]``); PDFs render at ``dpi``
         (default 200) with a progress bar when interactive (``progress=False`` turns it off).
         ``on_page(done, total)`` is called before the first page (``done=0``) and after each page, e.g. to
-        report progress to a client.
+        report progress to a client. ``region=[x0, y0, x1, y1]`` reads that part of each page (a PDF's
+        re-rendered at a higher scale); ``windows="auto"`` (or a number) reads a page whose detail would be
+        lost in overlapping windows and merges their texts (``pages[i].windows`` holds each window's result).
+        ``run_task("read_document", ...)``.
         """
-        spec = TASKS["read_document"]
-        prompt = document_prompt(output)
-        name, total, page_iter = self._document_pages(source, pages, dpi, progress, cancel, policy, max_pages)
-        if on_page is not None:
-            on_page(0, total)
-        results = []
-        # A batching engine gets the pages together (PAGE_BATCH at a time, so rendered pages stay bounded);
-        # any other runner one by one, each page rendered just before it is read.
-        chunk = PAGE_BATCH if isinstance(self.runner, BatchRunner) else 1
-        while batch := list(itertools.islice(page_iter, chunk)):
-            requests = [self._image_request(spec, image, prompt, hd_num, generation) for _, image in batch]
-            outs = generate_all(self.runner, requests, cancel=cancel)
-            for (number, _), request, out in zip(batch, requests, outs, strict=True):
-                results.append(self._result(TaskResult, "read_document", out, request, page=number, source=name))
-                if on_page is not None:
-                    on_page(len(results), total)
-        return DocumentResult(source=name, pages=results)
+        return self.run_task(  # type: ignore[return-value]
+            "read_document",
+            source,
+            output=output,
+            pages=pages,
+            hd_num=hd_num,
+            dpi=dpi,
+            progress=progress,
+            generation=generation,
+            policy=policy,
+            max_pages=max_pages,
+            cancel=cancel,
+            on_page=on_page,
+            region=region,
+            windows=windows,
+            **generation_options,
+        )
 
     def stream_read_document(
         self,
@@ -423,19 +733,25 @@ class HD4K:
         policy: ImagePolicy | None = None,
         max_pages: int | None = None,
         cancel: threading.Event | None = None,
+        region: Any = None,
+        **generation_options: Unpack[GenerationOptions],
     ) -> Iterator[str]:
         """Text deltas of :meth:`read_document`, pages separated by a blank line."""
-        spec = TASKS["read_document"]
-        prompt = document_prompt(output)
-        _, _, page_iter = self._document_pages(source, pages, dpi, progress, cancel, policy, max_pages)
-        for i, (_, image) in enumerate(page_iter):
-            if i:
-                yield "\n\n"
-            stream = self.runner.stream(self._image_request(spec, image, prompt, hd_num, generation), cancel=cancel)
-            try:
-                yield from stream
-            finally:
-                stream.close()
+        return self.stream_task(
+            "read_document",
+            source,
+            output=output,
+            pages=pages,
+            hd_num=hd_num,
+            dpi=dpi,
+            progress=progress,
+            generation=generation,
+            policy=policy,
+            max_pages=max_pages,
+            cancel=cancel,
+            region=region,
+            **generation_options,
+        )
 
     # -- chat --------------------------------------------------------------------------------------
     def _chat_request(
@@ -485,9 +801,11 @@ class HD4K:
         generation: GenerationArg = None,
         policy: ImagePolicy | None = None,
         cancel: threading.Event | None = None,
+        **generation_options: Unpack[GenerationOptions],
     ) -> TaskResult:
         """A free prompt with any number of images (placed before the prompt), in the official chat
         format. ``system=None`` uses the model's default meta instruction; ``system=""`` none."""
+        generation = merge_generation(generation, generation_options)
         request = self._chat_request(prompt, images, hd_num, history, system, generation, policy)
         return self._result(TaskResult, "chat", self.runner.generate(request, cancel=cancel), request)
 
@@ -502,8 +820,10 @@ class HD4K:
         generation: GenerationArg = None,
         policy: ImagePolicy | None = None,
         cancel: threading.Event | None = None,
+        **generation_options: Unpack[GenerationOptions],
     ) -> TextStream:
         """Text deltas of :meth:`chat`."""
+        generation = merge_generation(generation, generation_options)
         request = self._chat_request(prompt, images, hd_num, history, system, generation, policy)
         return self.runner.stream(request, cancel=cancel)
 
@@ -540,6 +860,14 @@ class HD4K:
 
     def astream_chat(self, prompt: str, images: Sequence[ImageSource] = (), **kwargs: Any) -> AsyncIterator[str]:
         return _aiter_stream(lambda cancel: self.stream_chat(prompt, images, cancel=cancel, **kwargs))
+
+
+def _split_generation(generation: GenerationArg, options: Mapping[str, Any]) -> tuple[GenerationArg, dict[str, Any]]:
+    """Generation keywords out of a task call's keyword ``options``, merged with ``generation=`` (the one
+    place: :func:`merge_generation`); the rest are the task's own options."""
+    keywords = {k: v for k, v in options.items() if k in GENERATION_OPTIONS}
+    rest = {k: v for k, v in options.items() if k not in GENERATION_OPTIONS}
+    return merge_generation(generation, keywords), rest
 
 
 async def _in_thread(call: Callable[[threading.Event], T]) -> T:

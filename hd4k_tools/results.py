@@ -12,6 +12,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from hd4k_tools.errors import TableParseError
+from hd4k_tools.zoom import DetailLoss
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -92,6 +93,14 @@ class TaskResult(BaseModel):
     """A small JPEG data URL of the (first) image, for notebooks; not serialised."""
     warnings: list[str] = Field(default_factory=list)
     """E.g. that the device ran out of memory and ``hd_num`` was lowered (``plans`` show the one used)."""
+    region: tuple[float, float, float, float] | None = None
+    """The part of the page read (``[x0, y0, x1, y1]`` page fractions); ``None``: all of it."""
+    detail: DetailLoss | None = None
+    """How much the source was shrunk to fit the plan (source pixels per model pixel; for PDFs the render
+    scale and the effective dpi); for a page read in windows, the window that lost the most."""
+    windows: list[TaskResult] = Field(default_factory=list)
+    """A page read in windows (``read_document(windows=...)``): each window's own result, in reading order;
+    ``text`` is their merge."""
 
     @property
     def plan(self) -> PlanSummary | None:
@@ -107,6 +116,12 @@ class TaskResult(BaseModel):
             rows.append(("page", str(self.page)))
         for p in self.plans:
             rows.append(("plan", f"HD-{p.hd_num}: {p.grid} tiles + global, {p.image_tokens} image tokens"))
+        if self.region is not None:
+            rows.append(("region", "[" + ", ".join(f"{v:g}" for v in self.region) + "]"))
+        if self.detail is not None:
+            d = self.detail
+            dpi = f", {d.effective_dpi:g} dpi effective" if d.effective_dpi is not None else ""
+            rows.append(("detail", f"{d.scale:.2f} source px per model px{dpi}"))
         t = self.timings
         rows.append(
             (

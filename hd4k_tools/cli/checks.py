@@ -22,7 +22,7 @@ from hd4k_tools.hd4k import plan_images  # the facade's planner: the plans the m
 from hd4k_tools.inputs.images import SourceBytes, load_image
 from hd4k_tools.inputs.pdf import page_sizes
 from hd4k_tools.models.registry import ModelFamily, family_for_checkpoint, family_for_config
-from hd4k_tools.tasks import TASKS
+from hd4k_tools.tasks import TASKS, TaskSpec
 
 __all__ = ["DTYPE_NAMES", "check_before_load", "check_device_name", "check_dtype_name", "document_sizes"]
 
@@ -59,7 +59,7 @@ def document_sizes(raw: SourceBytes, numbers: Sequence[int | None], *, dpi: int)
 
 
 def check_before_load(
-    args: argparse.Namespace, *, task: str, sizes: Sequence[tuple[int, int]], hd_num: int | str | None
+    args: argparse.Namespace, *, task: str | TaskSpec, sizes: Sequence[tuple[int, int]], hd_num: int | str | None
 ) -> None:
     """Every check of a model command that needs no weights: ``--device`` and ``--dtype`` by name, and each
     image (``sizes``) at ``hd_num`` (``None``: the task's default) against the checkpoint's context.
@@ -82,7 +82,7 @@ def check_before_load(
     except CheckpointError:
         return  # a folder without a readable config.json (or of no known family): the loader names the problem
     max_length = family.context_length(config)
-    spec = TASKS[task]
+    spec = TASKS[task] if isinstance(task, str) else task
     max_new_tokens = args.max_new_tokens if args.max_new_tokens is not None else spec.max_new_tokens
     for number, size in enumerate(sizes, start=1):
         (plan,) = plan_images(

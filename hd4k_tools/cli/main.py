@@ -21,10 +21,12 @@ from hd4k_tools.cli.args import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, PROG, One
 from hd4k_tools.errors import CLI, HD4KError
 from hd4k_tools.ingestion import cli as ingest_command
 from hd4k_tools.mcp import cli as mcp_cli
+from hd4k_tools.tasks import TaskRegistry
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``hd4k`` parser; each sub-command sets ``func`` to its ``_cmd_<name>``."""
+def build_parser(tasks: TaskRegistry | None = None) -> argparse.ArgumentParser:
+    """The ``hd4k`` parser; each sub-command sets ``func``. ``tasks``: the tasks that get a sub-command
+    (default :data:`hd4k_tools.tasks.TASKS`)."""
     parser = OneLineErrorParser(
         prog=PROG,
         description="Let agents see high-resolution documents, charts and images (InternLM-XComposer2-4KHD).",
@@ -33,15 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     tiles.register(commands)
-    model_commands.register(commands)
+    model_commands.register(commands, tasks)
     mcp_cli.register(commands)
     ingest_command.register(commands, default_model=default_model())
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, tasks: TaskRegistry | None = None) -> int:
     """Run ``hd4k`` with ``argv`` (default ``sys.argv[1:]``) and return the exit code."""
-    parser = build_parser()
+    parser = build_parser(tasks)
     try:
         args = parser.parse_args(argv)
         return int(args.func(args))

@@ -21,12 +21,16 @@ Ctrl-C keeps what was printed and says which pages are left (``--pages`` to resu
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import os
 import sys
 import time
+import typing
 from collections.abc import Sequence
 from typing import Any
+
+from pydantic.fields import FieldInfo
 
 from hd4k_tools.arguments import add_model_argument
 from hd4k_tools.cli.args import EXIT_INTERRUPTED, PROG, parse_hd_num
@@ -38,8 +42,10 @@ from hd4k_tools.inputs.pdf import select_pages
 from hd4k_tools.models.registry import DEFAULT_FAMILY
 from hd4k_tools.progress import progress_line
 from hd4k_tools.results import DocumentResult, TaskResult
+from hd4k_tools.runtime.engines import DEFAULT_ENGINE, ENGINES
 from hd4k_tools.serve import app as server
-from hd4k_tools.tasks import TASKS
+from hd4k_tools.tasks import TASKS, CliSpec, TaskRegistry, TaskSpec
+from hd4k_tools.zoom import check_region, check_windows
 
 # The facade's PDF resolution, read from its signature (one fact, one place).
 _DEFAULT_DPI: int = inspect.signature(HD4K).parameters["dpi"].default
@@ -55,7 +61,7 @@ def _progress() -> bool:
 def _check_device(args: argparse.Namespace) -> None:
     """The device exists and the dtype is known (native engine only), checked before the model loads and
     after every check that needs no torch (:mod:`~hd4k_tools.cli.checks`)."""
-    if args.remote:
+    if args.remote or args.engine != "native":
         return
     checkpoint = DEFAULT_FAMILY.module("checkpoint")  # torch: the native engine's extra
     device = checkpoint.resolve_device(args.device)
@@ -65,9 +71,21 @@ def _check_device(args: argparse.Namespace) -> None:
         raise InputError(f"--dtype: {err}") from None
 
 
+def _check_engine(args: argparse.Namespace) -> None:
+    """``--engine`` combines with the options it takes (checked before the model loads)."""
+    if args.engine == DEFAULT_ENGINE:
+        return
+    if args.remote:
+        raise InputError(f"--remote and --engine {args.engine} do not combine: the server runs its own engine.")
+    if args.device != "auto":
+        raise InputError(f"--device is for --engine native; --engine {args.engine} picks its devices itself.")
+
+
 def _open(args: argparse.Namespace) -> HD4K:
     if args.remote:
         return HD4K.remote(args.remote, args.remote_model or args.model, api_key=os.environ.get("HD4K_API_KEY"))
+    if args.engine != DEFAULT_ENGINE:
+        return HD4K.from_pretrained(args.model, engine=args.engine, dtype=args.dtype)
     return HD4K.from_pretrained(args.model, device=args.device, dtype=args.dtype, progress=_progress())
 
 
@@ -116,50 +134,62 @@ def _check_stream_json(args: argparse.Namespace) -> None:
         raise InputError("--stream and --json do not combine: choose one.")
 
 
-def _cmd_describe(args: argparse.Namespace) -> int:
+# Options of HD4K.run_task (beyond the task's own) that a task command passes on when its schema has them.
+_RUN_OPTIONS = ("region", "windows")
+
+
+def _task_options(spec: TaskSpec, args: argparse.Namespace) -> dict[str, Any]:
+    """The task's own options (``spec.option_names()``) and ``--region``/``--windows`` as given."""
+    names = (*spec.option_names(), *_RUN_OPTIONS)
+    return {name: getattr(args, name) for name in names if hasattr(args, name)}
+
+
+def _parsed_flags(spec: TaskSpec, args: argparse.Namespace) -> str:
+    """The CLI-only options given with a non-default value, as flags (for the --stream refusal)."""
+    cli = spec.cli
+    if cli is None or cli.options is None:
+        return "these options"
+    given = [
+        _flag(cli, name) for name, f in cli.options.model_fields.items() if getattr(args, name, f.default) != f.default
+    ]
+    return ", ".join(given) or "these options"
+
+
+def _cmd_task(spec: TaskSpec, args: argparse.Namespace) -> int:
+    """Any task's sub-command: every check before the model loads, then :meth:`HD4K.run_task` (or
+    :meth:`HD4K.stream_task`); a task that reads documents goes page by page (:func:`_read_pages`)."""
     _check_stream_json(args)
+    _check_engine(args)
+    options = _task_options(spec, args)
+    call = spec.call({k: v for k, v in options.items() if k not in _RUN_OPTIONS})  # e.g. an empty question
+    if options.get("region") is not None:
+        options["region"] = check_region(options["region"])  # "x0,y0,x1,y1", checked before the load
+    if options.get("windows") is not None:
+        options["windows"] = check_windows(options["windows"])
+    if args.stream and call.parse is not None:
+        raise InputError(
+            f"{_parsed_flags(spec, args)} and --stream do not combine: the answer is parsed as a whole; drop --stream."
+        )
     hd_num = parse_hd_num(args.hd_num) if args.hd_num else None
+    if spec.documents:
+        raw, numbers = _document_pages(args)
+        check_before_load(args, task=spec, sizes=document_sizes(raw, numbers, dpi=args.dpi), hd_num=hd_num)
+        _check_device(args)
+        with _open(args) as hd:
+            return _read_pages(hd, spec, raw, numbers, hd_num, options, args)
     image = _image_input(args.image)
-    check_before_load(args, task="describe_image", sizes=[image.size], hd_num=hd_num)
+    check_before_load(args, task=spec, sizes=[image.size], hd_num=hd_num)
     _check_device(args)
     with _open(args) as hd:
         if args.stream:
             return _stream(
-                hd.stream_describe_image(
-                    image, detail=args.detail, hd_num=hd_num, generation=_streaming_generation(args)
-                )
+                hd.stream_task(spec, image, hd_num=hd_num, generation=_streaming_generation(args), **options)
             )
-        return _emit(hd.describe_image(image, detail=args.detail, hd_num=hd_num, generation=_generation(args)), args)
-
-
-def _cmd_chart(args: argparse.Namespace) -> int:
-    _check_stream_json(args)
-    if args.stream and args.table:
-        raise InputError(
-            "--table and --stream do not combine: the table is parsed from the whole answer; drop --stream."
-        )
-    hd_num = parse_hd_num(args.hd_num) if args.hd_num else None
-    if not args.table and not (args.question or "").strip():
-        raise InputError(
-            'The chart question is empty; pass it after the image, e.g. hd4k chart chart.png "Which year is '
-            "highest?\", or --table to extract the chart's data."
-        )
-    image = _image_input(args.image)
-    check_before_load(args, task="answer_chart_question", sizes=[image.size], hd_num=hd_num)
-    _check_device(args)
-    with _open(args) as hd:
-        if args.stream:
-            return _stream(
-                hd.stream_answer_chart_question(
-                    image, args.question, hd_num=hd_num, generation=_streaming_generation(args)
-                )
-            )
-        result = hd.answer_chart_question(
-            image, args.question or "", hd_num=hd_num, extract_table=args.table, generation=_generation(args)
-        )
-        if args.table and not args.json and result.table is not None:
-            print(" | ".join(result.table.columns))
-            for row in result.table.rows:
+        result = hd.run_task(spec, image, hd_num=hd_num, generation=_generation(args), **options)
+        table = getattr(result, "table", None)
+        if table is not None and not args.json:
+            print(" | ".join(table.columns))
+            for row in table.rows:
                 print(" | ".join(row))
             return 0
         return _emit(result, args)
@@ -170,7 +200,7 @@ def _document_pages(args: argparse.Namespace) -> tuple[SourceBytes, list[int | N
     model loads: the file exists and is an image or a PDF, the page range fits, ``--dpi`` is positive."""
     if args.dpi < 1:
         raise InputError(f"--dpi must be a positive number of dots per inch, got {args.dpi} (e.g. --dpi 200).")
-    raw = read_source_bytes(args.document)
+    raw = read_source_bytes(args.image)
     if raw.kind == "pdf":
         return raw, [i + 1 for i in select_pages(raw, args.pages)]
     if args.pages not in (None, "1"):
@@ -193,20 +223,18 @@ def _ranges(numbers: Sequence[int]) -> str:
     return ",".join(parts)
 
 
-def _cmd_read(args: argparse.Namespace) -> int:
-    _check_stream_json(args)
-    hd_num = parse_hd_num(args.hd_num) if args.hd_num else None
-    raw, numbers = _document_pages(args)
-    check_before_load(args, task="read_document", sizes=document_sizes(raw, numbers, dpi=args.dpi), hd_num=hd_num)
-    _check_device(args)
-    with _open(args) as hd:
-        return _read_pages(hd, raw, numbers, hd_num, args)
-
-
-def _read_pages(hd: HD4K, raw: SourceBytes, numbers: list[int | None], hd_num: Any, args: argparse.Namespace) -> int:
+def _read_pages(
+    hd: HD4K,
+    spec: TaskSpec,
+    raw: SourceBytes,
+    numbers: list[int | None],
+    hd_num: Any,
+    task_options: dict[str, Any],
+    args: argparse.Namespace,
+) -> int:
     """Read page by page: each page printed as soon as it is done (under a header for PDFs); Ctrl-C keeps
     the printed pages and says which are left."""
-    options = {"hd_num": hd_num, "output": args.output, "dpi": args.dpi, "progress": False}
+    options = {"hd_num": hd_num, "dpi": args.dpi, "progress": False, **task_options}
     done: list[TaskResult] = []
     total = len(numbers)
     start = time.perf_counter()
@@ -220,10 +248,11 @@ def _read_pages(hd: HD4K, raw: SourceBytes, numbers: list[int | None], hd_num: A
             if number is not None and not args.json:
                 header = ("\n" if current else "") + f"--- page {number} ---\n"
             if args.stream:
-                deltas = hd.stream_read_document(raw, pages=pages, generation=_streaming_generation(args), **options)
+                deltas = hd.stream_task(spec, raw, pages=pages, generation=_streaming_generation(args), **options)
                 _stream(_after_header(header, deltas))
             else:
-                page = hd.read_document(raw, pages=pages, generation=_generation(args), **options).pages[0]
+                document = hd.run_task(spec, raw, pages=pages, generation=_generation(args), **options)
+                page = document.pages[0]  # type: ignore[union-attr]
                 done.append(page)
                 if not args.json:
                     sys.stdout.write(header)
@@ -270,9 +299,14 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_model_options(p: argparse.ArgumentParser, *, task: str) -> None:
-    spec = TASKS[task]
+def _add_model_options(p: argparse.ArgumentParser, spec: TaskSpec) -> None:
     add_model_argument(p)
+    p.add_argument(
+        "--engine",
+        choices=tuple(ENGINES),
+        default=DEFAULT_ENGINE,
+        help=f"where the model runs (default {DEFAULT_ENGINE}; vllm needs the vllm extra)",
+    )
     p.add_argument(
         "--hd-num",
         default=None,
@@ -303,32 +337,58 @@ def _add_model_options(p: argparse.ArgumentParser, *, task: str) -> None:
     p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
 
 
-def register(commands: Any) -> None:
-    """Add the model sub-commands to the ``hd4k`` parser's sub-parsers."""
-    describe = commands.add_parser("describe", help="describe an image", description="Describe IMAGE.")
-    describe.add_argument("image", metavar="IMAGE")
-    describe.add_argument("--detail", choices=("detailed", "brief"), default="detailed")
-    _add_model_options(describe, task="describe_image")
-    describe.set_defaults(func=_cmd_describe)
+def _flag(cli: CliSpec, name: str) -> str:
+    return "--" + cli.flags.get(name, name).replace("_", "-")
 
-    read = commands.add_parser(
-        "read", help="transcribe a document image or PDF", description="Transcribe DOCUMENT page by page."
-    )
-    read.add_argument("document", metavar="DOCUMENT", help="image or PDF")
-    read.add_argument("--pages", default=None, help="PDF pages, 1-based: 1 | 2-4 | 1,3,5 (default: all)")
-    read.add_argument("--dpi", type=int, default=_DEFAULT_DPI, help=f"PDF render resolution (default {_DEFAULT_DPI})")
-    read.add_argument("--output", choices=("markdown", "text"), default="markdown")
-    _add_model_options(read, task="read_document")
-    read.set_defaults(func=_cmd_read)
 
-    chart = commands.add_parser("chart", help="answer a question about a chart", description="Ask about a chart.")
-    chart.add_argument("image", metavar="IMAGE")
-    chart.add_argument("question", nargs="?", default="", metavar="QUESTION")
-    chart.add_argument(
-        "--table", action="store_true", help="extract the chart's data as a table instead (not with --stream)"
-    )
-    _add_model_options(chart, task="answer_chart_question")
-    chart.set_defaults(func=_cmd_chart)
+def _add_field(p: argparse.ArgumentParser, cli: CliSpec, name: str, field: FieldInfo) -> None:
+    """One ``--option`` from a pydantic field: a Literal gives choices, a bool a switch, an int ``type=int``."""
+    help_text = field.description
+    kinds = {a for a in (typing.get_args(field.annotation) or (field.annotation,)) if a is not type(None)}
+    if name == "region":
+        help_text = "look at a part only: x0,y0,x1,y1 in page fractions, e.g. 0,0,0.5,0.5 (the top-left quarter)"
+    if field.annotation is bool:
+        p.add_argument(_flag(cli, name), dest=name, action="store_true", help=help_text)
+    elif typing.get_origin(field.annotation) is typing.Literal:
+        choices = typing.get_args(field.annotation)
+        p.add_argument(_flag(cli, name), dest=name, choices=choices, default=field.default, help=help_text)
+    else:
+        kind = int if kinds == {int} else str
+        p.add_argument(_flag(cli, name), dest=name, type=kind, default=field.default, help=help_text)
+
+
+# Arguments every task command gets from _add_model_options (or as its first positional).
+_MODEL_OPTION_FIELDS = ("image", "hd_num")
+
+
+def add_task_command(commands: Any, spec: TaskSpec) -> argparse.ArgumentParser:
+    """The sub-command of ``spec`` (its :class:`~hd4k_tools.tasks.CliSpec`), generated from the task's
+    argument schema and CLI options, running :func:`_cmd_task`."""
+    cli = spec.cli
+    assert cli is not None and spec.args is not None
+    p = commands.add_parser(cli.command, help=cli.help, description=cli.description or cli.help)
+    first, *rest = cli.positionals
+    p.add_argument(first, metavar=cli.metavar, help="image or PDF" if spec.documents else None)
+    for name in rest:
+        p.add_argument(name, nargs="?", default="", metavar=name.upper())
+    fields = {**spec.args.model_fields, **(cli.options.model_fields if cli.options else {})}
+    for name, field in fields.items():
+        if name not in cli.positionals and name not in _MODEL_OPTION_FIELDS:
+            _add_field(p, cli, name, field)
+    if spec.documents:
+        p.add_argument("--dpi", type=int, default=_DEFAULT_DPI, help=f"PDF render resolution (default {_DEFAULT_DPI})")
+    _add_model_options(p, spec)
+    p.set_defaults(func=functools.partial(_cmd_task, spec))
+    return p
+
+
+def register(commands: Any, tasks: TaskRegistry | None = None) -> None:
+    """Add the model sub-commands to the ``hd4k`` parser's sub-parsers: one per task of ``tasks`` (default
+    :data:`~hd4k_tools.tasks.TASKS`) that has a :class:`~hd4k_tools.tasks.CliSpec`, then ``serve`` and
+    ``make-tiny-checkpoint``."""
+    for spec in (TASKS if tasks is None else tasks).values():
+        if spec.cli is not None and spec.args is not None:
+            add_task_command(commands, spec)
 
     serve = commands.add_parser(
         "serve",

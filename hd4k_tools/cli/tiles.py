@@ -17,6 +17,7 @@ from hd4k_tools.errors import InvalidHDNumError
 from hd4k_tools.inputs.images import load_image
 from hd4k_tools.tasks import TASKS
 from hd4k_tools.tiling import HD_COMPARISON, draw_plan, plan, resolve_hd_num
+from hd4k_tools.zoom import Window, check_windows, detail_loss, draw_windows, plan_windows
 
 # The preview plans a page as read_document would (its default hd_num, one fact in tasks.py).
 DEFAULT_TILES_HD_NUM = TASKS["read_document"].default_hd_num
@@ -39,10 +40,11 @@ def _cmd_tiles(args: argparse.Namespace) -> int:
     budgets = sorted({*HD_COMPARISON, n})
     comparison = [plan(image.width, image.height, b) for b in budgets]
 
+    windows = plan_windows(image.width, image.height, n, args.windows) if args.windows is not None else None
     out: Path | None = None
     if not args.no_preview:
         out = Path(args.out) if args.out else Path.cwd() / f"{Path(args.image).stem}.tiles.png"
-        preview = draw_plan(image, n)
+        preview = draw_plan(image, n) if windows is None else draw_windows(image, windows, n)
         try:
             preview.save(out, format="PNG")
         except (OSError, ValueError) as err:
@@ -68,17 +70,53 @@ def _cmd_tiles(args: argparse.Namespace) -> int:
                 for p in comparison
             ],
             "preview": str(out) if out else None,
+            "detail": detail_loss(chosen).model_dump(),
         }
+        if windows is not None:
+            payload["windows"] = [_window_dict(w, n) for w in windows]
         print(json.dumps(payload, ensure_ascii=False))
         return EXIT_OK
 
     print(_format_plan(str(args.image), chosen, hd_num, max_tokens))
     print()
     print(_format_comparison(comparison, n))
+    if windows is not None:
+        print()
+        print(_format_windows(windows, n))
     if out is not None:
         print()
         print(f"Preview written to {out}")
     return EXIT_OK
+
+
+def _window_dict(w: Window, n: int) -> dict[str, Any]:
+    p = plan(*w.size, n)
+    return {
+        "row": w.row,
+        "col": w.col,
+        "region": list(w.region),
+        "box": list(w.box),
+        "grid": f"{p.rows}x{p.cols}",
+        "num_tokens": p.num_tokens,
+        "detail": detail_loss(p).scale,
+    }
+
+
+def _format_windows(windows: Sequence[Window], n: int) -> str:
+    """The windows ``read_document(windows=...)`` would read, each with its grid, tokens and detail."""
+    whole = sum(plan(*w.size, n).num_tokens for w in windows)
+    lines = [f"Read in {len(windows)} window(s) at HD-{n} ({whole} image tokens in all):"]
+    lines.append(
+        f"{'#':>3}  {'region [x0, y0, x1, y1]':<30}  {'pixels':>11}  {'grid':>5}  {'tokens':>6}  {'detail':>6}"
+    )
+    for i, w in enumerate(windows, 1):
+        p = plan(*w.size, n)
+        region = "[" + ", ".join(f"{v:.3f}" for v in w.region) + "]"
+        lines.append(
+            f"{i:>3}  {region:<30}  {_size(w.size):>11}  {p.rows}x{p.cols:<3}  {p.num_tokens:>6}  "
+            f"{detail_loss(p).scale:>5.2f}x"
+        )
+    return "\n".join(lines)
 
 
 def _size(wh: tuple[int, int]) -> str:
@@ -100,6 +138,10 @@ def _format_plan(name: str, p: Any, requested: int | str | None, max_tokens: int
         ("padded", _size(p.padded_size)),
         ("padding", f"left {left}, top {top}, right {right}, bottom {bottom} (white)"),
         ("tokens", f"{p.num_tokens} image tokens"),
+        (
+            "detail",
+            f"{detail_loss(p).scale:.2f} source px per model px" + (" (detail lost)" if detail_loss(p).lost else ""),
+        ),
     ]
     return "\n".join(f"{label:<9}{value}" for label, value in rows)
 
@@ -142,6 +184,13 @@ def register(commands: Any) -> None:
         help=f"image-token budget for --hd-num auto (default {DEFAULT_AUTO_MAX_TOKENS})",
     )
     tiles.add_argument("--out", metavar="PNG", help="where to write the preview (default: <image stem>.tiles.png here)")
+    tiles.add_argument(
+        "--windows",
+        default=None,
+        type=check_windows,
+        metavar="auto|N",
+        help="show the overlapping windows read_document(windows=...) reads, each with its grid",
+    )
     tiles.add_argument("--no-preview", action="store_true", help="do not write the preview PNG")
     tiles.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     tiles.set_defaults(func=_cmd_tiles)

@@ -29,6 +29,7 @@ from hd4k_tools.errors import (
 from hd4k_tools.inputs.images import ImageSource, SourceBytes, read_source_bytes, sniff_kind
 from hd4k_tools.inputs.policy import ImagePolicy
 from hd4k_tools.progress import track
+from hd4k_tools.zoom import region_box
 
 if TYPE_CHECKING:
     import pypdfium2
@@ -67,12 +68,14 @@ class RenderedPage:
         number: 1-based page number (``index + 1``), as people count pages.
         image: the page as an RGB PIL image.
         dpi: the resolution it was rendered at.
+        region: the part of the page rendered (page fractions ``(x0, y0, x1, y1)``), or ``None``: all of it.
     """
 
     index: int
     number: int
     image: Image.Image
     dpi: float
+    region: tuple[float, float, float, float] | None = None
 
 
 def is_pdf(data: bytes) -> bool:
@@ -244,8 +247,15 @@ def render_pages(
     max_pages: int = 200,
     progress: bool | None = None,
     cancel: threading.Event | None = None,
+    region: tuple[float, float, float, float] | None = None,
+    region_pixels: int | None = None,
 ) -> Iterator[RenderedPage]:
     """Render the selected pages of a PDF, lazily, one :class:`RenderedPage` at a time.
+
+    With ``region`` (page fractions ``(x0, y0, x1, y1)``) only that part of each page is rendered, from the
+    vector page, at a scale high enough for it to have about ``region_pixels`` pixels (never below ``dpi``,
+    and bounded by ``policy.max_pixels``): zooming in gains real detail, not upscaled pixels. The clip is
+    the pixel box :func:`hd4k_tools.zoom.region_box` gives on the whole page rendered at that scale.
 
     The document is read and the selection validated when this is called (errors surface here, not
     at the first ``next()``); pages are rendered as the iterator is consumed, so only one page is held
@@ -273,7 +283,7 @@ def render_pages(
         raise PDFError(f"dpi={short_repr(dpi)} is not usable; pass a number between 1 and {_MAX_DPI} (e.g. 150-200).")
     raw = _read_pdf_bytes(source, policy)
     indices = _selected_indices(raw, pages, max_pages)
-    return _render_lazily(raw, indices, float(dpi), policy, progress, cancel)
+    return _render_lazily(raw, indices, float(dpi), policy, progress, cancel, region, region_pixels)
 
 
 def _render_lazily(
@@ -283,12 +293,17 @@ def _render_lazily(
     policy: ImagePolicy,
     progress: bool | None,
     cancel: threading.Event | None,
+    region: tuple[float, float, float, float] | None = None,
+    region_pixels: int | None = None,
 ) -> Iterator[RenderedPage]:
     with _open_document(raw) as document:
         steps = track(indices, total=len(indices), desc="PDF pages", unit="page", progress=progress, cancel=cancel)
         for index in steps:
-            image = _render_page(document, index, dpi, policy, raw.name)
-            yield RenderedPage(index=index, number=index + 1, image=image, dpi=dpi)
+            if region is None:
+                image, page_dpi = _render_page(document, index, dpi, policy, raw.name), dpi
+            else:
+                image, page_dpi = _render_region(document, index, dpi, policy, raw.name, region, region_pixels)
+            yield RenderedPage(index=index, number=index + 1, image=image, dpi=page_dpi, region=region)
 
 
 def _render_page(document: Any, index: int, dpi: float, policy: ImagePolicy, name: str) -> Image.Image:
@@ -319,6 +334,59 @@ def _render_page(document: Any, index: int, dpi: float, policy: ImagePolicy, nam
             ) from err
         finally:
             page.close()
+
+
+def region_scale(
+    points: tuple[float, float],
+    region: tuple[float, float, float, float],
+    dpi: float,
+    region_pixels: int | None,
+    max_pixels: int,
+) -> float:
+    """Pixels per point to render ``region`` of a page of ``points`` at: enough for ``region_pixels`` pixels,
+    never below ``dpi``, never above what ``max_pixels`` (or the largest dpi) allows."""
+    x0, y0, x1, y1 = region
+    area = max((x1 - x0) * points[0] * (y1 - y0) * points[1], 1e-9)
+    scale = dpi / _POINTS_PER_INCH
+    if region_pixels is not None:
+        scale = max(scale, math.sqrt(region_pixels / area))
+    # The clip is whole pixels rounded outward: keep a margin of one pixel per side under max_pixels.
+    limit = math.sqrt(max_pixels / area) * 0.98
+    return max(min(scale, limit, _MAX_DPI / _POINTS_PER_INCH), 1e-3)
+
+
+def _render_region(
+    document: Any,
+    index: int,
+    dpi: float,
+    policy: ImagePolicy,
+    name: str,
+    region: tuple[float, float, float, float],
+    region_pixels: int | None,
+) -> tuple[Image.Image, float]:
+    """``region`` of page ``index`` rendered alone (pdfium clips while rendering), and its dpi."""
+    with _PDFIUM_LOCK:
+        page = document[index]
+        try:
+            width_pt, height_pt = page.get_size()
+            scale = region_scale((width_pt, height_pt), region, dpi, region_pixels, policy.max_pixels)
+            full_w, full_h = math.ceil(width_pt * scale), math.ceil(height_pt * scale)
+            left, top, right, bottom = region_box(full_w, full_h, region)
+            if (right - left) * (bottom - top) > policy.max_pixels:
+                raise _page_too_large(name, index, (right - left, bottom - top), (width_pt, height_pt), dpi, policy)
+            # pdfium takes the crop in points and rounds each side up (ceil(c * scale)); half a pixel less
+            # than the wanted pixel count rounds up to exactly it.
+            crop = tuple(
+                max(0.0, (px - 0.5) / scale) if px else 0.0 for px in (left, full_h - bottom, full_w - right, top)
+            )
+            bitmap = page.render(scale=scale, crop=crop)
+            try:
+                image = bitmap.to_pil().convert("RGB")
+            finally:
+                bitmap.close()
+        finally:
+            page.close()
+    return image, scale * _POINTS_PER_INCH
 
 
 def _page_too_large(

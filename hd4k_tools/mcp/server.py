@@ -1,7 +1,7 @@
 """The three agent tools as an MCP server, on the official MCP Python SDK's low-level :class:`mcp.server.Server`.
 
 Everything a client sees about a tool comes from :mod:`hd4k_tools.agent_tools`: the name, the description
-(``TOOL_DESCRIPTIONS``), the input schema (the ``TOOL_ARGS`` models) and the untrusted-argument rules
+(the task specs of its ``tasks``), the input schema (their ``args`` models) and the untrusted-argument rules
 (:class:`AgentTools` under its :class:`ToolSettings`). This module only adds what MCP has and the other
 frameworks do not:
 
@@ -39,15 +39,10 @@ from mcp.server import Server, ServerRequestContext
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hd4k_tools import __version__
-from hd4k_tools.agent_tools import (
-    TOOL_ARGS,
-    TOOL_DESCRIPTIONS,
-    AgentTools,
-    ToolAnswer,
-    error_message,
-)
+from hd4k_tools.agent_tools import AgentTools, ToolAnswer, error_message
 from hd4k_tools.errors import CancelledError, FileTooLargeError, HD4KError, InputError, InvalidBase64Error
 from hd4k_tools.results import DocumentResult, PlanSummary, TaskResult, Timings, Usage
+from hd4k_tools.zoom import DetailLoss
 
 __all__ = [
     "MCP_IMAGE_LIMIT",
@@ -89,6 +84,13 @@ class PageOutput(BaseModel):
     usage: Usage
     timings: Timings
     finish_reason: str
+    region: tuple[float, float, float, float] | None = Field(
+        default=None, description="The part read, [x0, y0, x1, y1] in page fractions; null: all of it."
+    )
+    detail: DetailLoss | None = Field(
+        default=None, description="How much the source was shrunk to fit the plan (source px per model px)."
+    )
+    windows: int = Field(default=0, description="Windows the page was read in (0: read whole).")
 
 
 class ToolOutput(BaseModel):
@@ -133,6 +135,9 @@ def _page_output(result: TaskResult) -> PageOutput:
         usage=result.usage,
         timings=result.timings,
         finish_reason=result.finish_reason,
+        region=result.region,
+        detail=result.detail,
+        windows=len(result.windows),
     )
 
 
@@ -166,9 +171,9 @@ def _title(name: str) -> str:
     return f"{name.replace('_', ' ').capitalize()} ({SERVER_NAME})"
 
 
-def _input_schema(name: str) -> dict[str, Any]:
-    """The tool's argument schema from ``TOOL_ARGS``, its ``image`` also accepting MCP image content."""
-    schema = TOOL_ARGS[name].model_json_schema()
+def _input_schema(args: type[BaseModel]) -> dict[str, Any]:
+    """The tool's argument schema (its task spec's ``args``), its ``image`` also accepting MCP image content."""
+    schema = args.model_json_schema()
     if "image" not in schema.get("properties", {}):
         return schema
     image = schema["properties"]["image"]
@@ -183,14 +188,15 @@ def _input_schema(name: str) -> dict[str, Any]:
 
 
 def tool_definitions(tools: AgentTools) -> list[types.Tool]:
-    """The MCP tool list: names, descriptions and schemas from :mod:`hd4k_tools.agent_tools`."""
+    """The MCP tool list: one tool per task of ``tools.tasks`` with an ``args`` schema (names, descriptions
+    and schemas from the task specs)."""
     output_schema = ToolOutput.model_json_schema()
     return [
         types.Tool(
             name=name,
             title=_title(name),
-            description=TOOL_DESCRIPTIONS[name],
-            input_schema=_input_schema(name),
+            description=spec.description,
+            input_schema=_input_schema(spec.args),
             output_schema=output_schema,
             annotations=types.ToolAnnotations(
                 title=_title(name),
@@ -201,7 +207,8 @@ def tool_definitions(tools: AgentTools) -> list[types.Tool]:
                 open_world_hint=tools.settings.allow_urls,
             ),
         )
-        for name in TOOL_DESCRIPTIONS
+        for name, spec in tools.tasks.tools().items()
+        if spec.args is not None
     ]
 
 

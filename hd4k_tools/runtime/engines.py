@@ -46,6 +46,9 @@ ENGINES: dict[str, EngineRow] = {
     ),
 }
 
+#: The engine used when none is named (the CLI task commands' ``--engine`` default).
+DEFAULT_ENGINE = "native"
+
 
 def _check_installed(name: str) -> None:
     """Raise :class:`MissingDependencyError` when a package engine ``name`` needs is not installed, without

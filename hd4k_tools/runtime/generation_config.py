@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
-from hd4k_tools.errors import InputError, short_repr
+from hd4k_tools.errors import ConflictingOptionsError, InputError, short_repr
 
 __all__ = [
+    "GENERATION_OPTIONS",
     "MAX_LENGTH_PENALTY",
     "MAX_NEW_TOKENS_LIMIT",
     "MAX_NUM_BEAMS",
@@ -17,6 +19,9 @@ __all__ = [
     "PENALTY_RANGE",
     "TEMPERATURE_RANGE",
     "GenerationConfig",
+    "GenerationOptions",
+    "generation_keywords",
+    "merge_generation",
 ]
 
 #: Widest beam search accepted. Each beam keeps its own KV cache, so memory grows linearly with the
@@ -115,3 +120,82 @@ class GenerationConfig:
     def replace(self, **changes: Any) -> GenerationConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+class GenerationOptions(TypedDict, total=False):
+    """Generation options as keywords, the same names everywhere a user meets them (``HD4K``'s task
+    methods, ``ChatHD4K``, ``ToolSettings``): :class:`GenerationConfig`'s fields, plus ``max_tokens`` (the
+    OpenAI/LangChain name of ``max_new_tokens``). ``temperature`` follows LangChain and OpenAI: ``0`` is greedy
+    decoding, a positive one turns sampling on unless ``do_sample`` says otherwise."""
+
+    max_new_tokens: int
+    max_tokens: int
+    do_sample: bool
+    temperature: float
+    top_p: float
+    top_k: int
+    repetition_penalty: float
+    num_beams: int
+    seed: int
+    length_penalty: float
+
+
+#: Generation options accepted as keywords (:class:`GenerationOptions`).
+GENERATION_OPTIONS: tuple[str, ...] = tuple(GenerationOptions.__annotations__)
+_ALIASES = {"max_tokens": "max_new_tokens"}
+
+
+def generation_keywords(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Generation keywords as :class:`GenerationConfig` fields: ``None`` dropped (the default), ``max_tokens``
+    read as ``max_new_tokens``, ``temperature <= 0`` as greedy decoding and a positive one as sampling unless
+    ``do_sample`` is given. Unknown names and an option given under both its names are typed errors."""
+    unknown = sorted(set(options) - set(GENERATION_OPTIONS))
+    if unknown:
+        raise InputError(f"Unknown generation option(s) {unknown}; valid: {list(GENERATION_OPTIONS)}.")
+    values: dict[str, Any] = {}
+    for name, value in options.items():
+        if value is None:
+            continue
+        field = _ALIASES.get(name, name)
+        if field in values:
+            raise ConflictingOptionsError(f"{field} was given twice (as {name} too); give it once.")
+        values[field] = value
+    temperature = values.get("temperature")
+    if isinstance(temperature, int | float) and not isinstance(temperature, bool):
+        if temperature <= 0:
+            # LangChain/OpenAI's convention for greedy decoding; GenerationConfig wants temperature > 0.
+            del values["temperature"]
+            values.setdefault("do_sample", False)
+        else:
+            values.setdefault("do_sample", True)
+    return values
+
+
+def merge_generation(
+    generation: GenerationConfig | Mapping[str, Any] | None, keywords: Mapping[str, Any]
+) -> GenerationConfig | dict[str, Any] | None:
+    """The one place where ``generation=`` and generation keywords meet (every HD4K task method calls it).
+
+    ``keywords`` (see :func:`generation_keywords`) are laid over a ``generation`` mapping, or replace fields
+    of a :class:`GenerationConfig` (validated again). An option given both ways is a
+    :class:`~hd4k_tools.errors.ConflictingOptionsError`: there is no silent winner.
+    """
+    if not keywords:
+        return generation  # type: ignore[return-value]
+    values = generation_keywords(keywords)
+    if isinstance(generation, GenerationConfig):
+        return generation.replace(**values)
+    if generation is None:
+        return values
+    if not isinstance(generation, Mapping):
+        raise InputError(
+            f"generation must be a GenerationConfig or a mapping of option names to values, got "
+            f"{type(generation).__name__}; e.g. generation={{'max_new_tokens': 256}}."
+        )
+    given = {_ALIASES.get(k, k) for k in keywords if keywords[k] is not None}
+    both = sorted(given & {_ALIASES.get(k, k) for k in generation})
+    if both:
+        raise ConflictingOptionsError(
+            f"{', '.join(both)} given both as a keyword and in generation=; pass each option once (either way works)."
+        )
+    return {**generation, **values}

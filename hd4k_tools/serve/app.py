@@ -5,7 +5,9 @@
 * ``POST /v1/chat/completions``: OpenAI chat completions (text and ``image_url`` content parts, streaming
   with server-sent events and keep-alive comments during long prefills, ``response_format``
   ``json_object`` / ``json_schema`` by JSON prompting with validation and one retry, ``tool`` messages),
-  plus the extensions ``hd_num`` (an int, ``"auto"``, or one per image), ``top_k``,
+  plus the extensions ``hd_num`` (an int, ``"auto"``, or one per image), ``region`` (``[x0, y0, x1, y1]`` in
+  image fractions, one for every image or one per image: only that part is read, with the whole hd_num;
+  OpenAI clients send it in ``extra_body``), ``top_k``,
   ``repetition_penalty``, ``num_beams`` and ``layout`` (``"chat"`` or ``"eval"``). Responses carry an
   extension field ``hd4k`` with the tile plans, timings and image-token count. ``tools`` are refused with
   400 ``tools_not_supported`` (the model has no tool calling; the message says how to use the hd4k tools).

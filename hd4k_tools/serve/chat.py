@@ -14,6 +14,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from PIL import Image
 from pydantic import ValidationError
 
 from hd4k_tools.errors import ContextOverflowError, HD4KError, InputError
@@ -26,6 +27,8 @@ from hd4k_tools.serve import limits
 from hd4k_tools.serve.errors import APIError, api_error_from, validation_message
 from hd4k_tools.serve.schemas import ChatCompletionRequest, ResponseFormat, _ChatMessage, _TextPart
 from hd4k_tools.structured import StructuredOutput
+from hd4k_tools.tasks import tool_specs
+from hd4k_tools.zoom import Region, check_region, crop_region, region_box
 
 __all__ = [
     "DEFAULT_MAX_REQUEST_BYTES",
@@ -55,7 +58,7 @@ TOOLS_UNSUPPORTED = (
     "This model (InternLM-XComposer2-4KHD) has no tool calling, so 'tools' cannot be honoured: an answer "
     "would be prose with no tool call. Send the request without 'tools' (or with tool_choice \"none\"), "
     "and to let an agent see documents and images give its tool-calling LLM the hd4k tools instead: "
-    "read_document, answer_chart_question and describe_image (langchain_hd4k.HD4KToolkit, "
+    f"{', '.join(tool_specs())} (langchain_hd4k.HD4KToolkit, "
     "llama_index_hd4k.HD4KToolSpec, or hd4k_tools.AgentTools over HD4K.remote(<this server>))."
 )
 
@@ -298,7 +301,7 @@ def _family(settings: ServeSettings) -> ModelFamily:
 
 def _plans(
     body: ChatCompletionRequest,
-    headers: Sequence[ImageHeader],
+    headers: Sequence[Any],
     gen: GenerationConfig,
     settings: ServeSettings,
     text_tokens: int,
@@ -318,6 +321,59 @@ def _plans(
         raise APIError(400, str(err), param="max_tokens", code="context_length_exceeded") from err
     except InputError as err:
         raise api_error_from(err, param="hd_num") from err
+
+
+def _region_boxes(body: ChatCompletionRequest, messages: Sequence[Message]) -> list[Region | None] | None:
+    """The request's ``region`` as one checked box per image (``None``: the whole image), or ``None`` when
+    the request has none. One box applies to every image; a list gives one per image."""
+    if body.region is None:
+        return None
+    count = sum(1 for m in messages for p in m.content if not isinstance(p, str))
+    if body.region and all(isinstance(r, list | type(None)) for r in body.region):
+        boxes = list(body.region)
+        if len(boxes) != count:
+            raise APIError(
+                400, f"{len(boxes)} regions for {count} images; give one per image, or one box.", param="region"
+            )
+    else:
+        boxes = [body.region] * count
+    try:
+        return [None if b is None else check_region(b) for b in boxes]
+    except InputError as err:
+        raise APIError(400, str(err), param="region", code="invalid_region") from err
+
+
+@dataclasses.dataclass(frozen=True)
+class _Size:
+    """The size an image will have once cropped (what the planner reads)."""
+
+    width: int
+    height: int
+
+
+def _cropped_sizes(headers: Sequence[ImageHeader], boxes: list[Region | None] | None) -> list[Any]:
+    """Each header's size after its region's crop, so the one planning (from headers) plans the crop."""
+    if boxes is None:
+        return list(headers)
+    out: list[Any] = []
+    for header, box in zip(headers, boxes, strict=True):
+        if box is None:
+            out.append(header)
+            continue
+        x0, y0, x1, y1 = region_box(header.width, header.height, box)
+        out.append(_Size(x1 - x0, y1 - y0))
+    return out
+
+
+def _crop_regions(messages: tuple[Message, ...], boxes: list[Region | None] | None) -> tuple[Message, ...]:
+    """The decoded images cropped to their boxes (pixel-exact, no resampling)."""
+    if boxes is None:
+        return messages
+    checked = iter(boxes)
+    return tuple(
+        Message(m.role, tuple(crop_region(p, next(checked)) if isinstance(p, Image.Image) else p for p in m.content))
+        for m in messages
+    )
 
 
 def prepare(raw: bytes, settings: ServeSettings) -> Prepared:
@@ -355,18 +411,20 @@ def prepare(raw: bytes, settings: ServeSettings) -> Prepared:
     gen = generation_config(body, settings.max_tokens_limit)
     stops = _stops(body.stop)
     messages = _messages(body, settings)
+    boxes = _region_boxes(body, messages)
     layout = body.layout or "chat"
     try:
         text_tokens = _family(settings).prompt_text_tokens(settings.runner.count_text_tokens, messages, layout)
         messages, plans = limits.load_request_images(
             messages,
             policy=settings.policy,
-            plan=lambda headers: _plans(body, headers, gen, settings, text_tokens),
+            plan=lambda headers: _plans(body, _cropped_sizes(headers, boxes), gen, settings, text_tokens),
             context_length=settings.runner.context_length,
             text_tokens=text_tokens,
         )
     except HD4KError as err:
         raise api_error_from(err, param="messages") from err
+    messages = _crop_regions(messages, boxes)
     request = GenerationRequest.planned(messages, plans, generation=gen, layout=layout)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return Prepared(

@@ -120,6 +120,12 @@ class ChatCompletionRequest(BaseModel):
     response_format: ResponseFormat | None = None
     # hd4k extensions
     hd_num: _HDNumValue | None = None
+    region: list[float] | list[list[float] | None] | None = Field(
+        default=None,
+        description="hd4k extension: look at part of the image(s) only, [x0, y0, x1, y1] in fractions of the "
+        "image (one box for every image, or one per image, null for a whole one); the part gets the whole hd_num. "
+        "OpenAI clients send it in extra_body.",
+    )
     top_k: StrictInt | None = Field(default=None, ge=0)
     repetition_penalty: float | None = Field(default=None, gt=0)
     num_beams: StrictInt | None = Field(default=None, ge=1, le=MAX_NUM_BEAMS)

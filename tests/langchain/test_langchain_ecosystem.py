@@ -17,8 +17,8 @@ from langchain_helpers import ScriptedRunner, chart_image, png_bytes
 from pydantic import BaseModel, ConfigDict, Field
 from slow_runner import SlowTokenRunner
 
-from hd4k_tools import HD4K, TOOL_ARGS, TOOL_DESCRIPTIONS, ToolSettings, plan, to_data_url
-from hd4k_tools.tasks import TASKS
+from hd4k_tools import HD4K, TOOL_ARGS, ToolSettings, plan, to_data_url
+from hd4k_tools.tasks import TASKS, TaskCall, TaskSpec
 
 
 def _image_message(text: str) -> HumanMessage:
@@ -137,11 +137,21 @@ class CountArgs(BaseModel):
     what: str
 
 
-def test_a_fourth_task_needs_no_edit_in_the_toolkit(hd4k_tiny: HD4K, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(TOOL_ARGS, "count_objects", CountArgs)
-    monkeypatch.setitem(TOOL_DESCRIPTIONS, "count_objects", "Count objects of a kind in an image.")
-    tools = HD4KToolkit(hd4k_tiny).get_tools()
-    assert [t.name for t in tools] == list(TOOL_ARGS)
+def test_a_fourth_task_needs_no_edit_in_the_toolkit(hd4k_tiny: HD4K) -> None:
+    # An explicit task registry (no global mutation): the toolkit offers exactly its tools.
+    count = TaskSpec(
+        "count_objects",
+        16,
+        "chat",
+        max_new_tokens=8,
+        num_beams=1,
+        description="Count objects of a kind in an image.",
+        args=CountArgs,
+        prepare=lambda *, what: TaskCall(f"How many {what}?"),
+    )
+    tasks = TASKS.with_tasks(count)
+    tools = HD4KToolkit(hd4k_tiny, tasks=tasks).get_tools()
+    assert [t.name for t in tools] == [*TOOL_ARGS, "count_objects"]
     new = tools[-1]
     assert type(new) is HD4KBaseTool and new.args_schema is CountArgs
     assert new.description == "Count objects of a kind in an image."

@@ -27,6 +27,7 @@ from hd4k_tools import (
     load_image,
     plan,
 )
+from hd4k_tools.agent_tools import tool_text
 
 
 @pytest.fixture
@@ -66,7 +67,7 @@ def test_three_function_tools_with_shared_schemas_and_async(spec: HD4KToolSpec) 
         params = tool.metadata.to_openai_tool()["function"]["parameters"]
         assert "image" in params["required"] and "hd_num" in params["properties"]
     chart = tools[1].metadata.get_parameters_dict()
-    assert set(chart["properties"]) == {"image", "question", "hd_num"}
+    assert set(chart["properties"]) == {"image", "question", "hd_num", "region"}
 
 
 def test_subset_and_unknown_spec_functions(spec: HD4KToolSpec) -> None:
@@ -107,13 +108,15 @@ def test_read_document_pdf_pages(spec: HD4KToolSpec, runner: RecordingRunner, ro
     assert not out.is_error
     result = out.raw_output
     assert isinstance(result, DocumentResult) and [p.page for p in result.pages] == [1, 2]
-    assert out.content == "\n\n".join(f"--- page {p.page} ---\n{p.text}" for p in result.pages)
+    # The pages, then (these small pages are shrunk at hd_num 1) the one line on lost detail.
+    assert out.content == tool_text(result)
+    assert out.content.startswith("\n\n".join(f"--- page {p.page} ---\n{p.text}" for p in result.pages))
     assert len(runner.requests) == 2
 
     runner.requests.clear()
     one = tools_by_name(spec)["read_document"].call(image="report.pdf", pages="2", hd_num=1)
     assert [p.page for p in one.raw_output.pages] == [2]
-    assert one.content == one.raw_output.pages[0].text
+    assert one.content == tool_text(one.raw_output) and one.content.startswith(one.raw_output.pages[0].text)
     assert len(runner.requests) == 1
 
 
@@ -219,19 +222,30 @@ async def test_cancelling_an_async_tool_call_stops_the_model_at_the_next_token(r
     assert runner.cancelled and runner.tokens < 2000
 
 
-def test_tools_follow_tool_args(runner: RecordingRunner, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A fourth task in TOOL_ARGS becomes a tool with its schema and description, with no edit here."""
+def test_tools_follow_tool_args(runner: RecordingRunner) -> None:
+    """A fourth task in an explicit task registry becomes a tool with its schema and description, with no
+    edit here and no global mutation."""
     from pydantic import BaseModel, ConfigDict
+
+    from hd4k_tools.tasks import TASKS, TaskCall, TaskSpec
 
     class CountArgs(BaseModel):
         model_config = ConfigDict(extra="forbid")
         image: str
         what: str
 
-    monkeypatch.setitem(TOOL_ARGS, "count_objects", CountArgs)
-    monkeypatch.setitem(TOOL_DESCRIPTIONS, "count_objects", "Count objects of a kind in an image.")
-    tools = HD4KToolSpec(HD4K(runner)).to_tool_list()
-    assert [t.metadata.name for t in tools] == list(TOOL_ARGS)
+    count = TaskSpec(
+        "count_objects",
+        16,
+        "chat",
+        max_new_tokens=8,
+        num_beams=1,
+        description="Count objects of a kind in an image.",
+        args=CountArgs,
+        prepare=lambda *, what: TaskCall(f"How many {what}?"),
+    )
+    tools = HD4KToolSpec(HD4K(runner), tasks=TASKS.with_tasks(count)).to_tool_list()
+    assert [t.metadata.name for t in tools] == [*TOOL_ARGS, "count_objects"]
     assert tools[-1].metadata.fn_schema is CountArgs
     assert tools[-1].metadata.description == "Count objects of a kind in an image."
     assert [t.metadata.name for t in tools][:3] == ["read_document", "answer_chart_question", "describe_image"]

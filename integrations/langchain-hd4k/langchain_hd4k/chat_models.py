@@ -43,6 +43,7 @@ from hd4k_tools import (
     errors,
 )
 from hd4k_tools.adapters import as_hd4k, assemble_messages, count_message_tokens, tool_result_parts
+from hd4k_tools.runtime.generation_config import generation_keywords
 from hd4k_tools.structured import (
     StructuredAnswer,
     StructuredOutput,
@@ -251,15 +252,8 @@ class ChatHD4K(BaseChatModel):
         values = {name: options.get(name, getattr(self, name)) for name in _GENERATION_FIELDS}
         if "max_tokens" in options and "max_new_tokens" not in options:
             values["max_new_tokens"] = options["max_tokens"]
-        temperature = values["temperature"]
-        if temperature is not None and temperature <= 0:
-            # LangChain's convention for greedy decoding; GenerationConfig wants temperature > 0.
-            values["temperature"] = None
-            if values["do_sample"] is None:
-                values["do_sample"] = False
-        elif temperature is not None and values["do_sample"] is None:
-            values["do_sample"] = True
-        return {k: v for k, v in values.items() if v is not None}
+        # The same reading of the keywords as HD4K's task methods (temperature 0 = greedy, ...).
+        return generation_keywords(values)
 
     def _build_request(self, messages: Sequence[BaseMessage], kwargs: Mapping[str, Any]) -> GenerationRequest:
         unknown = (

@@ -20,14 +20,13 @@ from pydantic import ConfigDict, Field, PrivateAttr, ValidationError, model_vali
 
 from hd4k_tools import (
     HD4K,
-    TOOL_ARGS,
-    TOOL_DESCRIPTIONS,
     AgentTools,
     HD4KError,
     ImagePolicy,
     ImageRegistry,
     InputError,
     Runner,
+    TaskRegistry,
     ToolAnswer,
     ToolSettings,
     error_message,
@@ -55,7 +54,7 @@ class HD4KBaseTool(BaseTool):
     errors as ``ToolException``, ``(text, result)`` as output, and cancellation of an async call stopping
     the model at its next token.
 
-    The tool is the task named ``name`` (a key of :data:`hd4k_tools.TOOL_ARGS`, generated from the task
+    The tool is the task named ``name`` (a tool of its ``agent_tools.tasks``, generated from the task
     specs); name, description and argument schema come from there, so a new task needs no code here. The
     named subclasses fix ``name`` for the three tasks of today.
     """
@@ -77,23 +76,26 @@ class HD4KBaseTool(BaseTool):
             return data
         data = dict(data)
         task = cls.task or data.get("name")
-        if task not in TOOL_ARGS:
-            raise TypeError(
-                f"{cls.__name__} needs name= one of the hd4k tools {sorted(TOOL_ARGS)} (got {task!r}); or use "
-                "HD4KReadDocumentTool, HD4KChartQuestionTool, HD4KDescribeImageTool or HD4KToolkit(hd).get_tools()."
-            )
         hd = data.pop("hd", None)
         settings = data.pop("settings", None)
         registry = data.pop("registry", None)
+        tasks = data.pop("tasks", None)
         if data.get("agent_tools") is None:
             if hd is None:
                 raise TypeError(f"{cls.__name__} needs hd= (an hd4k_tools.HD4K or Runner) or agent_tools=")
-            data["agent_tools"] = AgentTools(as_hd4k(hd), settings, registry)
-        elif hd is not None or settings is not None or registry is not None:
-            raise TypeError("pass either agent_tools= or hd=/settings=/registry=, not both")
+            data["agent_tools"] = AgentTools(as_hd4k(hd), settings, registry, tasks)
+        elif hd is not None or settings is not None or registry is not None or tasks is not None:
+            raise TypeError("pass either agent_tools= or hd=/settings=/registry=/tasks=, not both")
+        agent_tools: AgentTools = data["agent_tools"]
+        tool_args = agent_tools.tool_args
+        if task not in tool_args:
+            raise TypeError(
+                f"{cls.__name__} needs name= one of the hd4k tools {sorted(tool_args)} (got {task!r}); or use "
+                "HD4KReadDocumentTool, HD4KChartQuestionTool, HD4KDescribeImageTool or HD4KToolkit(hd).get_tools()."
+            )
         data.setdefault("name", task)
-        data.setdefault("description", TOOL_DESCRIPTIONS[task])
-        data.setdefault("args_schema", TOOL_ARGS[task])
+        data.setdefault("description", agent_tools.tool_descriptions[task])
+        data.setdefault("args_schema", tool_args[task])
         if data.get("handle_validation_error") is None:
             data["handle_validation_error"] = InvalidArgumentsMessage(task)
         return data
@@ -110,7 +112,7 @@ class HD4KBaseTool(BaseTool):
 
     def _arguments(self, arguments: dict[str, Any]) -> dict[str, Any]:
         # LangChain passes the validated fields the call gave; the schema's defaults fill in the rest.
-        return TOOL_ARGS[self.name].model_validate(arguments).model_dump()
+        return self.agent_tools.spec(self.name).args.model_validate(arguments).model_dump()  # type: ignore[union-attr]
 
     def _answer(self, arguments: dict[str, Any], cancel: threading.Event | None = None) -> tuple[str, Any]:
         try:
@@ -150,7 +152,7 @@ class HD4KDescribeImageTool(HD4KBaseTool):
     task: ClassVar[str | None] = "describe_image"
 
 
-# The named classes of today's tasks; any other task of TOOL_ARGS is an HD4KBaseTool with its name.
+# The named classes of today's tasks; any other tool task is an HD4KBaseTool with its name.
 _NAMED_TOOLS: dict[str, type[HD4KBaseTool]] = {
     cls.task: cls for cls in (HD4KReadDocumentTool, HD4KChartQuestionTool, HD4KDescribeImageTool) if cls.task
 }
@@ -188,6 +190,8 @@ class HD4KToolkit(BaseToolkit):
     """Limits for untrusted tool arguments (allowed root, URLs, sizes)."""
     registry: ImageRegistry = Field(default_factory=ImageRegistry, exclude=True)
     """Images that tool calls may name as ``image://...``."""
+    tasks: TaskRegistry | None = Field(default=None, exclude=True)
+    """The tasks offered as tools (default :data:`hd4k_tools.TASKS`: the three of today)."""
 
     _agent_tools: AgentTools = PrivateAttr()
 
@@ -224,7 +228,7 @@ class HD4KToolkit(BaseToolkit):
         return cls(hd, settings=settings, registry=registry)
 
     def model_post_init(self, context: Any, /) -> None:
-        self._agent_tools = AgentTools(self.hd, self.settings, self.registry)
+        self._agent_tools = AgentTools(self.hd, self.settings, self.registry, self.tasks)
 
     @property
     def agent_tools(self) -> AgentTools:
@@ -232,9 +236,12 @@ class HD4KToolkit(BaseToolkit):
         return self._agent_tools
 
     def get_tools(self) -> list[BaseTool]:
-        """One tool per task of :data:`hd4k_tools.TOOL_ARGS` (the three of today), sharing this toolkit's
-        model, settings and image registry."""
-        return [_NAMED_TOOLS.get(name, HD4KBaseTool)(agent_tools=self._agent_tools, name=name) for name in TOOL_ARGS]
+        """One tool per task of :attr:`tasks` with an ``args`` schema (the three of today by default), sharing
+        this toolkit's model, settings and image registry."""
+        return [
+            _NAMED_TOOLS.get(name, HD4KBaseTool)(agent_tools=self._agent_tools, name=name)
+            for name in self._agent_tools.tool_args
+        ]
 
     def register_image(self, image: bytes | Image.Image | str, name: str | None = None) -> str:
         """Register an image (encoded bytes, a PIL image, or a ``data:`` URL) and return the reference

@@ -19,11 +19,11 @@ from pydantic import ValidationError
 from hd4k_tools import (
     HD4K,
     TOOL_ARGS,
-    TOOL_DESCRIPTIONS,
     AgentTools,
     HD4KError,
     ImageRegistry,
     Runner,
+    TaskRegistry,
     ToolAnswer,
     ToolSettings,
     error_message,
@@ -111,7 +111,7 @@ class HD4KToolSpec(BaseToolSpec):
     the error text to the agent instead.
     """
 
-    # One (sync, async) pair per task of TOOL_ARGS (generated from the task specs): a new task is a new tool.
+    # One (sync, async) pair per tool task (generated from the task specs): a new task is a new tool.
     spec_functions: list[SPEC_FUNCTION_TYPE] = [(name, "a" + name) for name in TOOL_ARGS]  # noqa: RUF012
 
     def __init__(
@@ -119,12 +119,14 @@ class HD4KToolSpec(BaseToolSpec):
         hd: HD4K | Runner,
         settings: ToolSettings | None = None,
         registry: ImageRegistry | None = None,
+        tasks: TaskRegistry | None = None,
     ) -> None:
         """``hd``: the model (an :class:`hd4k_tools.HD4K`, or a :class:`hd4k_tools.Runner` to wrap);
         ``settings``: limits for untrusted arguments (default: no file or URL access);
-        ``registry``: images the agent may name as ``image://...``."""
-        self.agent_tools = AgentTools(as_hd4k(hd), settings, registry)
-        self.spec_functions = [(name, "a" + name) for name in TOOL_ARGS]
+        ``registry``: images the agent may name as ``image://...``; ``tasks``: the tasks offered as tools
+        (default :data:`hd4k_tools.TASKS`)."""
+        self.agent_tools = AgentTools(as_hd4k(hd), settings, registry, tasks)
+        self.spec_functions = [(name, "a" + name) for name in self.agent_tools.tool_args]
 
     @property
     def settings(self) -> ToolSettings:
@@ -135,22 +137,27 @@ class HD4KToolSpec(BaseToolSpec):
         return self.agent_tools.registry
 
     # -- the tools -----------------------------------------------------------------------------------
+    @property
+    def _tool_args(self) -> dict[str, Any]:
+        return self.__dict__["agent_tools"].tool_args if "agent_tools" in self.__dict__ else {}
+
     def __getattr__(self, name: str) -> Any:
-        # spec functions for every task of TOOL_ARGS: "<task>" runs it, "a<task>" is its async twin.
-        if name in TOOL_ARGS:
+        # spec functions for every tool task: "<task>" runs it, "a<task>" is its async twin.
+        tool_args = self._tool_args
+        if name in tool_args:
             return functools.partial(self.call, name)
-        if name.startswith("a") and name[1:] in TOOL_ARGS:
+        if name.startswith("a") and name[1:] in tool_args:
             return functools.partial(self.acall, name[1:])
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def _validated(self, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
         try:
-            return TOOL_ARGS[name].model_validate(arguments).model_dump()
+            return self.agent_tools.spec(name).args.model_validate(arguments).model_dump()  # type: ignore[union-attr]
         except ValidationError as err:
             raise invalid_arguments(name, err) from err
 
     def call(self, name: str, /, **arguments: Any) -> ToolAnswer:
-        """Run tool ``name`` (a key of :data:`hd4k_tools.TOOL_ARGS`) with arguments checked against its schema."""
+        """Run tool ``name`` (a tool task of :attr:`agent_tools`) with arguments checked against its schema."""
         return self.agent_tools.run(name, self._validated(name, arguments))
 
     async def acall(self, name: str, /, **arguments: Any) -> ToolAnswer:
@@ -159,39 +166,52 @@ class HD4KToolSpec(BaseToolSpec):
         args = self._validated(name, arguments)
         return await run_cancellable(lambda cancel: self.agent_tools.run(name, args, cancel=cancel))
 
-    def read_document(self, image: str, pages: str | None = None, hd_num: int | None = None) -> ToolAnswer:
+    def read_document(
+        self, image: str, pages: str | None = None, hd_num: int | None = None, region: list[float] | None = None
+    ) -> ToolAnswer:
         """Transcribe a document image or PDF (pages: '1', '2-4', '1,3'); see ``ReadDocumentArgs``."""
-        return self.call("read_document", image=image, pages=pages, hd_num=hd_num)
+        return self.call("read_document", image=image, pages=pages, hd_num=hd_num, region=region)
 
-    def answer_chart_question(self, image: str, question: str, hd_num: int | None = None) -> ToolAnswer:
+    def answer_chart_question(
+        self, image: str, question: str, hd_num: int | None = None, region: list[float] | None = None
+    ) -> ToolAnswer:
         """Answer a question about a chart; see ``ChartQuestionArgs``."""
-        return self.call("answer_chart_question", image=image, question=question, hd_num=hd_num)
+        return self.call("answer_chart_question", image=image, question=question, hd_num=hd_num, region=region)
 
-    def describe_image(self, image: str, detail: str = "detailed", hd_num: int | None = None) -> ToolAnswer:
+    def describe_image(
+        self, image: str, detail: str = "detailed", hd_num: int | None = None, region: list[float] | None = None
+    ) -> ToolAnswer:
         """Describe an image ('brief' or 'detailed'); see ``DescribeImageArgs``."""
-        return self.call("describe_image", image=image, detail=detail, hd_num=hd_num)
+        return self.call("describe_image", image=image, detail=detail, hd_num=hd_num, region=region)
 
-    async def aread_document(self, image: str, pages: str | None = None, hd_num: int | None = None) -> ToolAnswer:
+    async def aread_document(
+        self, image: str, pages: str | None = None, hd_num: int | None = None, region: list[float] | None = None
+    ) -> ToolAnswer:
         """Async :meth:`read_document` (cancellable)."""
-        return await self.acall("read_document", image=image, pages=pages, hd_num=hd_num)
+        return await self.acall("read_document", image=image, pages=pages, hd_num=hd_num, region=region)
 
-    async def aanswer_chart_question(self, image: str, question: str, hd_num: int | None = None) -> ToolAnswer:
+    async def aanswer_chart_question(
+        self, image: str, question: str, hd_num: int | None = None, region: list[float] | None = None
+    ) -> ToolAnswer:
         """Async :meth:`answer_chart_question` (cancellable)."""
-        return await self.acall("answer_chart_question", image=image, question=question, hd_num=hd_num)
+        return await self.acall("answer_chart_question", image=image, question=question, hd_num=hd_num, region=region)
 
-    async def adescribe_image(self, image: str, detail: str = "detailed", hd_num: int | None = None) -> ToolAnswer:
+    async def adescribe_image(
+        self, image: str, detail: str = "detailed", hd_num: int | None = None, region: list[float] | None = None
+    ) -> ToolAnswer:
         """Async :meth:`describe_image` (cancellable)."""
-        return await self.acall("describe_image", image=image, detail=detail, hd_num=hd_num)
+        return await self.acall("describe_image", image=image, detail=detail, hd_num=hd_num, region=region)
 
     # -- LlamaIndex plumbing -------------------------------------------------------------------------
     def get_metadata_from_fn_name(
         self, fn_name: str, spec_functions: list[SPEC_FUNCTION_TYPE] | None = None
     ) -> ToolMetadata | None:
         """Name, description and argument schema shared with the other integrations."""
-        name = fn_name[1:] if fn_name not in TOOL_ARGS and fn_name[1:] in TOOL_ARGS else fn_name
-        if name not in TOOL_ARGS:
+        tool_args = self._tool_args
+        name = fn_name[1:] if fn_name not in tool_args and fn_name[1:] in tool_args else fn_name
+        if name not in tool_args:
             return None
-        return ToolMetadata(name=name, description=TOOL_DESCRIPTIONS[name], fn_schema=TOOL_ARGS[name])
+        return ToolMetadata(name=name, description=self.agent_tools.tool_descriptions[name], fn_schema=tool_args[name])
 
     def to_tool_list(
         self,
@@ -204,7 +224,7 @@ class HD4KToolSpec(BaseToolSpec):
         tools: list[FunctionTool] = []
         for spec in spec_functions or self.spec_functions:
             if isinstance(spec, str):
-                sync_name = spec[1:] if spec.startswith("a") and spec[1:] in TOOL_ARGS else spec
+                sync_name = spec[1:] if spec.startswith("a") and spec[1:] in self._tool_args else spec
                 async_name = "a" + sync_name
             elif isinstance(spec, tuple) and len(spec) == 2:
                 sync_name, async_name = spec
@@ -212,7 +232,7 @@ class HD4KToolSpec(BaseToolSpec):
                 raise ValueError("spec_functions must be tool names or (sync name, async name) pairs.")
             metadata = mapping.get(sync_name) or self.get_metadata_from_fn_name(sync_name)
             if metadata is None:
-                raise ValueError(f"Unknown hd4k tool {sync_name!r}; tools are {sorted(TOOL_ARGS)}.")
+                raise ValueError(f"Unknown hd4k tool {sync_name!r}; tools are {sorted(self._tool_args)}.")
             tools.append(
                 HD4KFunctionTool(fn=getattr(self, sync_name), async_fn=getattr(self, async_name), metadata=metadata)
             )

@@ -1,0 +1,104 @@
+"""A windowed read on the vLLM engine vs the native one (tiny model, CPU; run by hand in the vLLM environment).
+
+    VLLM_CPU_KVCACHE_SPACE=2 .venv-vllm/bin/python benchmarks/bench_windows_engines.py [--rounds 3] [--append-results]
+
+``read_document(page, windows=N, hd_num=4)`` on a synthetic page: the N windows go to the engine through
+``generate_all`` (vLLM: all at once, continuously batched; native: one after another). Both engines are
+loaded once (the small random configuration of ``bench_engines.py``, float32) and timed in ABAB rounds;
+reported: median wall time per engine, the per-round ratios native / vLLM (their range), and whether the
+merged texts agree (greedy, fp32). Writes its section of RESULTS.md with ``--append-results``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_engines import BENCH_CONFIG
+from results import cpu_name, write_section
+
+from hd4k_tools import HD4K
+from hd4k_tools.models.xcomposer2_4khd.tiny import make_tiny_checkpoint
+
+SECTION = "## Windowed read: vLLM vs native"
+HD_NUM = 4
+
+
+def _page(width: int, height: int) -> Image.Image:
+    page = Image.new("RGB", (width, height), "white")
+    pen = ImageDraw.Draw(page)
+    for i, y in enumerate(range(20, height, 40)):
+        pen.text((20, y), f"line {i}: small print " * 8, fill="black")
+    return page
+
+
+def _read(hd: HD4K, page: Image.Image, windows: int, new_tokens: int) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    doc = hd.read_document(page, windows=windows, hd_num=HD_NUM, max_new_tokens=new_tokens)
+    return time.perf_counter() - t0, doc.text
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--append-results", action="store_true")
+    args = parser.parse_args()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    work = Path(tempfile.mkdtemp(prefix="bench_windows_"))
+    checkpoint = make_tiny_checkpoint(work / "ckpt", seed=0, config_overrides=BENCH_CONFIG, shards=1)
+    page = _page(2400, 3400)
+    native = HD4K.from_pretrained(str(checkpoint), device="cpu", dtype="float32", progress=False)
+    vllm = HD4K.from_pretrained(
+        str(checkpoint), engine="vllm", hd_num=HD_NUM, dtype="float32", enforce_eager=True, max_model_len=4096
+    )
+    for hd in (native, vllm):  # warm-up
+        _read(hd, page, 2, 4)
+    times: dict[str, list[float]] = {"native": [], "vllm": []}
+    texts: dict[str, str] = {}
+    for _ in range(args.rounds):  # ABAB
+        for name, hd in (("native", native), ("vllm", vllm)):
+            seconds, texts[name] = _read(hd, page, args.windows, args.new_tokens)
+            times[name].append(seconds)
+            print(f"{name}: {seconds:.2f} s", flush=True)
+    ratios = [n / v for n, v in zip(times["native"], times["vllm"], strict=True)]
+    load = os.getloadavg()[0]
+    section = "\n".join(
+        [
+            SECTION,
+            "",
+            f"`benchmarks/bench_windows_engines.py --windows {args.windows} --rounds {args.rounds}` — "
+            f"{datetime.date.today().isoformat()}, {cpu_name()}, load average {load:.1f}; tiny random model "
+            f"(bench_engines configuration, float32), a 2400×3400 page read in {args.windows} windows at HD-{HD_NUM}, "
+            f"{args.new_tokens} new tokens per window, ABAB rounds.",
+            "",
+            "| engine | median wall (s) |",
+            "|---|---|",
+            f"| native (windows one after another) | {statistics.median(times['native']):.2f} |",
+            f"| vLLM (windows batched) | {statistics.median(times['vllm']):.2f} |",
+            "",
+            f"native / vLLM: **{statistics.median(ratios):.2f}x** (rounds {min(ratios):.2f}–{max(ratios):.2f}); "
+            f"merged texts equal: {texts['native'] == texts['vllm']}.",
+            "",
+        ]
+    )
+    print(section)
+    if args.append_results:
+        write_section(SECTION, section)
+    native.close()
+    vllm.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

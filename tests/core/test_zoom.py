@@ -1,0 +1,386 @@
+"""Regions, detail loss and windows (issue: look closer): crops pixel-exact, PDF regions re-rendered from the
+vector page, window coverage and overlap merging, region validation on every surface."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from hd4k_tools import HD4K, AgentTools, ToolSettings
+from hd4k_tools.errors import InputError, InvalidRegionError
+from hd4k_tools.inputs.pdf import render_pages
+from hd4k_tools.mcp.server import tool_definitions
+from hd4k_tools.results import PlanSummary
+from hd4k_tools.runtime.runner import GenerationRequest, RunnerResult, TextStream
+from hd4k_tools.tasks import TASKS
+from hd4k_tools.tiling import plan
+from hd4k_tools.zoom import (
+    DETAIL_LOSS_THRESHOLD,
+    MAX_WINDOWS,
+    WINDOW_OVERLAP,
+    check_region,
+    crop_region,
+    detail_loss,
+    detail_note,
+    merge_window_texts,
+    plan_windows,
+    region_box,
+)
+
+
+class ImageRunner:
+    """Keeps each request's image; answers with the image size (so merged texts are predictable)."""
+
+    model_id = "images"
+    context_length = 16384
+
+    def __init__(self) -> None:
+        self.images: list[Image.Image] = []
+
+    def count_text_tokens(self, text: str) -> int:
+        return len(text.split())
+
+    def generate(self, request: GenerationRequest, *, cancel: threading.Event | None = None) -> RunnerResult:
+        image = request.images[0]
+        self.images.append(image)
+        plans = [PlanSummary.from_plan(p) for p in request.plans()]
+        return RunnerResult(text=f"{image.width}x{image.height}", model=self.model_id, plans=plans)
+
+    def stream(self, request: GenerationRequest, *, cancel: threading.Event | None = None) -> TextStream:
+        result = self.generate(request)
+        return TextStream(iter([result.text]), [result], threading.Event())
+
+    def close(self) -> None:
+        pass
+
+
+def _noise(width: int, height: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def _vector_pdf(width_pt: float, height_pt: float) -> bytes:
+    """A one-page PDF of vector content only (filled boxes, thin lines, 4-pt text), written by hand."""
+    ops = ["0.2 0.4 0.8 rg"]
+    for i in range(12):
+        ops.append(f"{30 + i * 45} {40 + i * 30} 20 12 re f")
+    ops.append("0 0 0 RG 0.3 w")
+    for i in range(20):
+        ops.append(f"10 {20 + i * 23.3:.1f} m {width_pt - 10} {30 + i * 21.7:.1f} l S")
+    ops.append("BT /F1 4 Tf 0 0 0 rg")
+    for i in range(30):
+        ops.append(f"1 0 0 1 {15 + (i % 5) * 100} {height_pt - 20 - i * 12} Tm (label {i} small print) Tj")
+    ops.append("ET")
+    stream = "\n".join(ops).encode()
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        (
+            f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 {width_pt} {height_pt}] "
+            "/Resources << /Font << /F1 5 0 R >> >> /Contents 4 0 R >>"
+        ).encode(),
+        b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream",
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+    ]
+    out = io.BytesIO()
+    out.write(b"%PDF-1.4\n")
+    offsets = []
+    for i, body in enumerate(objects, 1):
+        offsets.append(out.tell())
+        out.write(b"%d 0 obj\n" % i + body + b"\nendobj\n")
+    xref = out.tell()
+    out.write(b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1))
+    for off in offsets:
+        out.write(b"%010d 00000 n \n" % off)
+    out.write(b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref))
+    return out.getvalue()
+
+
+# -- regions -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("region", "match"),
+    [
+        ([0.5, 0.5, 0.5, 0.9], "empty or inverted"),
+        ([0.6, 0.1, 0.4, 0.9], "empty or inverted"),
+        ([0.1, 0.9, 0.4, 0.2], "empty or inverted"),
+        ([-0.1, 0, 0.5, 0.5], "outside the page"),
+        ([0, 0, 1.2, 0.5], "outside the page"),
+        ([0, 0, 0.5], "four numbers"),
+        ([0, 0, float("nan"), 1], "numbers between 0 and 1"),
+        ("0,0,half,1", "not four numbers"),
+    ],
+)
+def test_bad_regions_are_typed_errors(region: object, match: str) -> None:
+    with pytest.raises(InvalidRegionError, match=match):
+        check_region(region)
+
+
+def test_region_text_and_box() -> None:
+    assert check_region("0, 0.25, 0.5 1") == (0.0, 0.25, 0.5, 1.0)
+    assert region_box(1000, 800, (0.1, 0.1, 0.2, 0.2)) == (100, 80, 200, 160)
+    assert region_box(10, 10, (0.0, 0.0, 0.01, 0.01)) == (0, 0, 1, 1)  # never empty
+
+
+def test_crop_is_pixel_exact_against_a_manual_crop() -> None:
+    image = _noise(1234, 987)
+    region = (0.21, 0.33, 0.77, 0.9)
+    left, top = int(np.floor(0.21 * 1234)), int(np.floor(0.33 * 987))
+    right, bottom = int(np.ceil(0.77 * 1234)), int(np.ceil(0.9 * 987))
+    manual = np.asarray(image)[top:bottom, left:right]
+    assert np.array_equal(np.asarray(crop_region(image, region)), manual)
+    # The model gets exactly these pixels, planned with the whole hd_num.
+    runner = ImageRunner()
+    result = HD4K(runner).describe_image(image, region=list(region), hd_num=9)
+    assert np.array_equal(np.asarray(runner.images[-1]), manual)
+    assert result.region == region and result.hd_num == 9
+    assert result.plan is not None and result.plan.input_size == (right - left, bottom - top)
+    assert result.detail is not None and result.detail.source_size == (right - left, bottom - top)
+
+
+def test_pdf_region_is_rerendered_and_matches_the_whole_page_at_that_scale() -> None:
+    pytest.importorskip("pypdfium2")
+    data = _vector_pdf(612, 792)
+    region = (0.1, 0.2, 0.45, 0.5)
+    (zoomed,) = render_pages(data, dpi=72, region=region, region_pixels=2_000_000)
+    assert zoomed.dpi > 72 * 2  # rendered sharper than the page, not upscaled
+    (whole,) = render_pages(data, dpi=zoomed.dpi)
+    box = region_box(whole.image.width, whole.image.height, region)
+    expected = np.asarray(whole.image.crop(box), dtype=np.int16)
+    got = np.asarray(zoomed.image, dtype=np.int16)
+    assert got.shape == expected.shape
+    # Within 1 LSB. pdfium anti-aliases in float32 device coordinates, so a clipped render's thin strokes
+    # can differ by 2 LSB on a few pixels from the same strokes on the whole page (docs/decisions.md).
+    diff = np.abs(got - expected).max(axis=2)
+    assert (diff <= 1).mean() >= 0.999 and diff.max() <= 2
+    # Bounded by the pixel limit: a tiny max_pixels caps the scale instead of failing.
+    from hd4k_tools.inputs.policy import ImagePolicy
+
+    (capped,) = render_pages(data, dpi=72, region=region, region_pixels=10**9, policy=ImagePolicy(max_pixels=500_000))
+    assert capped.image.width * capped.image.height <= 500_000
+
+
+def test_pdf_region_through_read_document_reports_render_scale_and_effective_dpi() -> None:
+    pytest.importorskip("pypdfium2")
+    runner = ImageRunner()
+    doc = HD4K(runner).read_document(_vector_pdf(612, 792), region=[0, 0, 0.5, 0.5], hd_num=4, dpi=100)
+    page = doc.pages[0]
+    assert page.region == (0.0, 0.0, 0.5, 0.5)
+    assert page.detail is not None and page.detail.render_scale is not None and page.detail.render_scale > 100 / 72
+    assert page.detail.effective_dpi is not None
+
+
+# -- detail loss -------------------------------------------------------------------------------------
+def test_detail_loss_and_its_one_line() -> None:
+    big = detail_loss(plan(9933, 14043, 65))
+    assert big.lost and big.scale > 4
+    note = detail_note(big, what="page 1")
+    assert note is not None and "\n" not in note and "region=[0, 0, 0.25, 0.25]" in note
+    small = detail_loss(plan(1000, 800, 16))
+    assert not small.lost and detail_note(small) is None
+    assert small.scale <= DETAIL_LOSS_THRESHOLD
+
+
+def test_the_agent_reads_the_detail_line_only_when_detail_was_lost(tmp_path: Path) -> None:
+    Image.new("RGB", (9000, 6000), "white").save(tmp_path / "big.png")
+    Image.new("RGB", (800, 600), "white").save(tmp_path / "small.png")
+    tools = AgentTools(HD4K(ImageRunner()), ToolSettings(allowed_root=tmp_path, max_pixels=10**8))
+    big = tools.invoke("describe_image", {"image": "big.png"}).content
+    lines = big.splitlines()
+    assert lines[0] == "9000x6000" and sum(line.startswith("[detail]") for line in lines) == 1
+    assert "region=" in lines[-1]
+    assert "[detail]" not in tools.invoke("describe_image", {"image": "small.png"}).content
+    zoomed = tools.invoke("describe_image", {"image": "big.png", "region": [0, 0, 0.25, 0.25]})
+    assert zoomed.content.splitlines()[0] == "2250x1500"
+
+
+# -- region on every surface ---------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [[0.5, 0.5, 0.5, 0.6], [0.9, 0, 0.1, 1], [0, 0, 2, 1], [0, 0, 1]])
+def test_tools_and_mcp_refuse_bad_regions(bad: list[float], tmp_path: Path) -> None:
+    Image.new("RGB", (100, 100), "white").save(tmp_path / "a.png")
+    tools = AgentTools(HD4K(ImageRunner()), ToolSettings(allowed_root=tmp_path))
+    for name in ("read_document", "answer_chart_question", "describe_image"):
+        args = {"image": "a.png", "region": bad, **({"question": "q"} if name == "answer_chart_question" else {})}
+        with pytest.raises(InputError, match="region"):
+            tools.invoke(name, args)
+    for tool in tool_definitions(tools):
+        region = tool.input_schema["properties"]["region"]
+        assert region["anyOf"][0]["minItems"] == 4 and region["anyOf"][0]["items"]["maximum"] == 1
+
+
+def test_facade_refuses_bad_regions_before_reading() -> None:
+    hd = HD4K(ImageRunner())
+    with pytest.raises(InvalidRegionError):
+        hd.describe_image("no-such-file.png", region=[0.5, 0.5, 0.2, 0.2])
+    with pytest.raises(InputError, match="windows="):
+        hd.describe_image(Image.new("RGB", (10, 10)), windows=2)  # type: ignore[call-arg]
+
+
+def test_every_tool_schema_has_region() -> None:
+    for spec in TASKS.tools().values():
+        assert spec.args is not None and "region" in spec.args.model_fields
+
+
+# -- windows -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("size", "hd_num"), [((14000, 9900), 55), ((9933, 14043), 65), ((8000, 5600), 55), ((8000, 5600), 25)]
+)
+def test_windows_cover_the_page_and_overlap(size: tuple[int, int], hd_num: int) -> None:
+    width, height = size
+    windows = plan_windows(width, height, hd_num, "auto")
+    assert len(windows) > 1
+    covered = np.zeros((-(-height // 10), -(-width // 10)), dtype=bool)
+    for w in windows:
+        left, top, right, bottom = w.box
+        covered[top // 10 : (bottom + 9) // 10, left // 10 : (right + 9) // 10] = True
+        assert detail_loss(plan(*w.size, hd_num)).scale <= DETAIL_LOSS_THRESHOLD
+    assert covered.all()
+    # Reading order: row by row, left to right; neighbours overlap.
+    assert [(w.row, w.col) for w in windows] == sorted((w.row, w.col) for w in windows)
+    by_place = {(w.row, w.col): w for w in windows}
+    for (r, c), w in by_place.items():
+        if (r + 1, c) in by_place:
+            below = by_place[(r + 1, c)]
+            assert below.box[1] < w.box[3]
+            assert (w.box[3] - below.box[1]) >= 0.9 * WINDOW_OVERLAP * (w.box[3] - w.box[1]) / 2
+        if (r, c + 1) in by_place:
+            assert by_place[(r, c + 1)].box[0] < w.box[2]
+
+
+def test_small_page_is_one_window_and_n_windows_are_n() -> None:
+    assert len(plan_windows(1500, 1000, 55, "auto")) == 1
+    assert len(plan_windows(4000, 3000, 55, 4)) == 4
+    assert len(plan_windows(4000, 3000, 55, "6")) == 6
+    with pytest.raises(InvalidRegionError, match="windows"):
+        plan_windows(4000, 3000, 55, 0)
+    # Beyond MAX_WINDOWS windows' reach (14k px at HD-25): as many windows as allowed.
+    assert len(plan_windows(14000, 9900, 25, "auto")) == MAX_WINDOWS
+
+
+def test_merge_removes_the_overlap_lines() -> None:
+    top = "Title\nline one\nline two\nline three"
+    bottom = "line two\nline three\nline four"
+    assert merge_window_texts([top, bottom]) == "Title\nline one\nline two\nline three\nline four"
+
+
+def test_merge_keeps_a_line_cut_by_the_window_edge_once_whole() -> None:
+    # The top window's last line is cut at its bottom edge; the next window's first line at its top edge.
+    top = "Invoice 2024\nTotal due: 1,234.00 EUR\nPayable within 30 d"
+    bottom = "e: 1,234.00 EUR\nPayable within 30 days of receipt\nThank you"
+    assert merge_window_texts([top, bottom]) == (
+        "Invoice 2024\nTotal due: 1,234.00 EUR\nPayable within 30 days of receipt\nThank you"
+    )
+
+
+def test_merge_joins_a_line_cut_by_a_vertical_edge() -> None:
+    assert merge_window_texts(["The quick brown fo", "brown fox jumps over"]) == "The quick brown fox jumps over"
+
+
+def test_merge_without_overlap_keeps_everything() -> None:
+    assert merge_window_texts(["alpha\nbeta", "gamma\ndelta", ""]) == "alpha\nbeta\ngamma\ndelta"
+
+
+def test_read_document_in_windows_batches_and_keeps_each_window() -> None:
+    image = Image.new("RGB", (8000, 5600), "white")
+    ImageDraw.Draw(image).text((10, 10), "tiny", fill="black")
+    runner = ImageRunner()
+    page = HD4K(runner).read_document(image, windows="auto", hd_num=55).pages[0]
+    assert len(page.windows) == len(runner.images) == len(plan_windows(8000, 5600, 55, "auto")) > 1
+    assert [w.region for w in page.windows] == [w.region for w in plan_windows(8000, 5600, 55, "auto")]
+    assert page.detail is not None and not page.detail.lost
+    assert page.usage.image_tokens == sum(w.usage.image_tokens for w in page.windows)
+    assert len(page.plans) == len(page.windows)
+    # The page's text is the merge of the windows' texts.
+    assert page.text == merge_window_texts([w.text for w in page.windows])
+    # A page that keeps its detail is read whole.
+    small = HD4K(ImageRunner()).read_document(Image.new("RGB", (1200, 900)), windows="auto").pages[0]
+    assert small.windows == []
+
+
+def test_server_takes_region_alongside_hd_num() -> None:
+    from fastapi.testclient import TestClient
+
+    from hd4k_tools.inputs.images import to_data_url
+    from hd4k_tools.serve.app import create_app
+
+    runner = ImageRunner()
+    client = TestClient(create_app(runner, default_hd_num=9), raise_server_exceptions=False)
+    image = _noise(800, 600)
+    content = [{"type": "image_url", "image_url": {"url": to_data_url(image)}}, {"type": "text", "text": "?"}]
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": 8, "hd_num": 4}
+    ok = client.post("/v1/chat/completions", json={**body, "region": [0, 0, 0.5, 0.25]})
+    assert ok.status_code == 200, ok.text
+    assert np.array_equal(np.asarray(runner.images[-1]), np.asarray(image)[:150, :400])
+    for bad in ([0.5, 0, 0.5, 1], [0.9, 0, 0.1, 1], [0, 0, 1.5, 1], [[0, 0, 1, 1], [0, 0, 1, 1]]):
+        refused = client.post("/v1/chat/completions", json={**body, "region": bad})
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["param"] == "region"
+
+
+def test_cli_region_and_windows_are_checked_before_the_model_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from hd4k_tools.cli.main import build_parser, main
+
+    Image.new("RGB", (100, 100), "white").save(tmp_path / "a.png")
+    args = build_parser().parse_args(["read", str(tmp_path / "a.png"), "--region", "0,0,.5,.5", "--windows", "auto"])
+    assert (args.region, args.windows) == ("0,0,.5,.5", "auto")
+    missing = str(tmp_path / "no-model")
+    assert main(["describe", str(tmp_path / "a.png"), "--region", "0.5,0,0.2,1", "--model", missing]) == 2
+    assert "empty or inverted" in capsys.readouterr().err
+    assert main(["read", str(tmp_path / "a.png"), "--windows", "0", "--model", missing]) == 2
+    assert "windows must be" in capsys.readouterr().err
+
+
+def test_tiles_windows_preview(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from hd4k_tools.cli.main import main
+
+    Image.new("RGB", (9000, 6000), "white").save(tmp_path / "big.png")
+    out = tmp_path / "prev.png"
+    assert main(["tiles", str(tmp_path / "big.png"), "--windows", "auto", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    windows = plan_windows(9000, 6000, 55, "auto")
+    assert f"Read in {len(windows)} window(s) at HD-55" in text and out.exists()
+    assert main(["tiles", str(tmp_path / "big.png"), "--windows", "4", "--json", "--no-preview"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert len(payload["windows"]) == 4 and payload["detail"]["scale_x"] > DETAIL_LOSS_THRESHOLD
+    assert {"region", "box", "grid", "num_tokens", "detail"} <= set(payload["windows"][0])
+
+
+def test_both_frameworks_take_and_validate_region(tmp_path: Path) -> None:
+    langchain_hd4k = pytest.importorskip("langchain_hd4k")
+    llama_tools = pytest.importorskip("llama_index.tools.hd4k")
+    Image.new("RGB", (800, 400), "white").save(tmp_path / "a.png")
+    settings = ToolSettings(allowed_root=tmp_path)
+    lc = {t.name: t for t in langchain_hd4k.HD4KToolkit(HD4K(ImageRunner()), settings=settings).get_tools()}
+    assert lc["describe_image"].invoke({"image": "a.png", "region": [0, 0, 0.5, 0.5]}) == "400x200"
+    assert "empty or inverted" in lc["describe_image"].invoke({"image": "a.png", "region": [0.5, 0, 0.5, 1]})
+    li = {t.metadata.name: t for t in llama_tools.HD4KToolSpec(HD4K(ImageRunner()), settings).to_tool_list()}
+    assert li["read_document"].call(image="a.png", region=[0.5, 0.5, 1, 1]).content == "400x200"
+    refused = li["answer_chart_question"].call(image="a.png", question="q", region=[0, 0, 1, 2])
+    assert refused.is_error and "region" in refused.content
+    schema = li["describe_image"].metadata.get_parameters_dict()["properties"]["region"]
+    assert schema["anyOf"][0]["maxItems"] == 4
+
+
+def test_cli_region_and_windows_reach_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from hd4k_tools.cli import model_commands
+    from hd4k_tools.cli.main import main
+
+    _noise(800, 600).save(tmp_path / "a.png")
+    monkeypatch.setattr(model_commands, "_open", lambda args: HD4K(ImageRunner()))
+    monkeypatch.setattr(model_commands, "_check_device", lambda args: None)
+    assert main(["describe", str(tmp_path / "a.png"), "--region", "0,0,0.5,0.5"]) == 0
+    assert capsys.readouterr().out.strip() == "400x300"
+    assert main(["read", str(tmp_path / "a.png"), "--windows", "2", "--json"]) == 0
+    page = json.loads(capsys.readouterr().out)["pages"][0]
+    assert len(page["windows"]) == 2 and page["detail"] is not None

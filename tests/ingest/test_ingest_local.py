@@ -83,7 +83,9 @@ def test_every_page_and_image_becomes_one_record(reference, corpus, tiny_checkpo
             assert record.page_count == expected
             # The key holds the checkpoint's identity (real path + config hash), not the string typed.
             identity = model_identity(str(tiny_checkpoint))
-            assert record.model_id == identity and identity.startswith(str(tiny_checkpoint.resolve()) + "#config-sha256:")
+            assert record.model_id == identity and identity.startswith(
+                str(tiny_checkpoint.resolve()) + "#config-sha256:"
+            )
             assert record.key == record_key(record.content_hash, record.page, 2, identity, ingest_prompt())
 
 

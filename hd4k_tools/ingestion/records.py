@@ -74,6 +74,16 @@ def display_path(path: str) -> tuple[str, str | None]:
     return path, None
 
 
+def printable(text: str) -> str:
+    """``text`` with the bytes of non-UTF-8 file names (lone surrogates) written ``\\xNN``, as
+    :func:`display_path` does: valid in JSON and Arrow."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return text
+
+
 class RecordError(BaseModel):
     """Why a page (or a whole file) has no transcription."""
 
@@ -89,7 +99,7 @@ class RecordError(BaseModel):
         final = isinstance(err, errors.InputError | errors.ContextOverflowError) and not isinstance(
             err, errors.URLFetchError
         )
-        return cls(type=type(err).__name__, message=" ".join(str(err).split()), final=final)
+        return cls(type=type(err).__name__, message=printable(" ".join(str(err).split())), final=final)
 
 
 class RecordTokens(BaseModel):

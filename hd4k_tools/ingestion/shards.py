@@ -160,6 +160,13 @@ def write_shard(
     return name
 
 
+def _write_all(handle: Any, data: bytes) -> None:
+    """Write every byte of ``data`` to an unbuffered file (a raw write may take only part of it)."""
+    view = memoryview(data)
+    while view:
+        view = view[handle.write(view) :]
+
+
 class ShardWriter:
     """Writes records as they finish (local mode): each call to :meth:`add` appends them to the run's
     open JSONL part and flushes; every ``shard_size`` records the part closes and its Parquet file is
@@ -202,7 +209,8 @@ class ShardWriter:
             self._name = new_shard_name(self.run_id, self._number)
             path = self.out / JSONL_DIR / f"{self._name}.jsonl"
             try:
-                self._file = open(path, "xb")  # noqa: SIM115 - held open across calls, closed in _close_part
+                # Unbuffered: what write() returned is in the file (the page cache), whatever kills the process.
+                self._file = open(path, "xb", buffering=0)  # noqa: SIM115 - held open across calls
             except OSError as err:
                 raise _write_error(path, err) from err
         data = _lines(records)
@@ -210,19 +218,22 @@ class ShardWriter:
         try:
             self.faults("append line")
             half = len(data) // 2  # a kill here leaves a torn line: the next run cuts it off
-            self._file.write(data[:half])
-            self._file.flush()
+            _write_all(self._file, data[:half])
             self.faults("append half line")
-            self._file.write(data[half:])
-            self._file.flush()
+            _write_all(self._file, data[half:])
             self.faults("appended")
             if time.monotonic() - self._synced >= SYNC_S:
                 os.fsync(self._file.fileno())
                 self._synced = time.monotonic()
         except OSError as err:
+            # Cut the part back to its whole lines and drop it from this run: nothing half-written stays.
             path = self.out / JSONL_DIR / f"{self._name}.jsonl"
+            handle, self._file = self._file, None
             with contextlib.suppress(OSError):
-                self._file.truncate(start)
+                os.ftruncate(handle.fileno(), start)
+            with contextlib.suppress(OSError):
+                handle.close()
+            self._part = []
             raise _write_error(path, err) from err
         self._part.extend(records)
         self.count(records)

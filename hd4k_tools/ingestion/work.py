@@ -168,7 +168,7 @@ def plan_work(
     for info in files:
         sources_by_hash.setdefault(info.content_hash, []).append(info.source)
         seen.setdefault(info.content_hash, info)
-    duplicates = {h: paths for h, paths in sources_by_hash.items() if len(paths) > 1}
+    duplicates = {h: [display_path(p)[0] for p in paths] for h, paths in sources_by_hash.items() if len(paths) > 1}
     tasks: list[PageTask] = []
     failed: list[PageRecord] = []
     skipped = skipped_failed = total = 0

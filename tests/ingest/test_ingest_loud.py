@@ -229,6 +229,7 @@ def test_a_file_changed_after_planning_gets_no_record_under_its_old_hash(tmp_pat
 
     docs = tmp_path / "docs"
     image = make_images(docs, 1)[0]
+    other_image = make_images(tmp_path / "other", 2)[1].read_bytes()
     pdf = docs / "doc.pdf"
     pdf.write_bytes(pdf_bytes([make_page(1), make_page(2)]))
     real = ingestion.describe_file
@@ -236,11 +237,7 @@ def test_a_file_changed_after_planning_gets_no_record_under_its_old_hash(tmp_pat
     def describe_then_change(source, pages, policy):
         info = real(source, pages, policy)
         # The file is replaced between planning (hashing) and rendering.
-        if source.endswith(".png"):
-            make_images(docs, 2)  # img0000.png rewritten with other pixels? no: same; write another picture
-            Path(source).write_bytes(Path(docs / "img0001.png").read_bytes())
-        else:
-            Path(source).write_bytes(pdf_bytes([make_page(3)]))
+        Path(source).write_bytes(other_image if source.endswith(".png") else pdf_bytes([make_page(3)]))
         return info
 
     monkeypatch.setattr(ingestion, "describe_file", describe_then_change)

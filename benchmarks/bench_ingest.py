@@ -111,7 +111,6 @@ def _pipeline_corpus(root: Path, pages: int) -> list[Path]:
 def _child(inputs: list[str], out: str) -> None:
     """One whole run in this (fresh) process; prints pages, seconds and peak RSS as JSON."""
     import json
-    import resource
 
     from hd4k_tools import HD4K
     from hd4k_tools.ingestion.standin import InstantRunner
@@ -119,8 +118,10 @@ def _child(inputs: list[str], out: str) -> None:
     start = time.perf_counter()
     manifest = ingest(inputs, out, hd=HD4K(InstantRunner()), model="stand-in", hd_num=4, dpi=72, progress=False)
     seconds = time.perf_counter() - start
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"pages": manifest.pages_done, "seconds": seconds, "rss_kb": own}))
+    # VmHWM: the peak RSS of this program. (ru_maxrss would keep the parent's size from before exec.)
+    status = Path("/proc/self/status").read_text()
+    peak = int(status.split("VmHWM:")[1].split()[0]) if "VmHWM:" in status else 0
+    print(json.dumps({"pages": manifest.pages_done, "seconds": seconds, "rss_kb": peak}))
 
 
 def pipeline(args: argparse.Namespace) -> None:

@@ -282,12 +282,12 @@ def ingest(
         render_timeout_s=float(options.render_timeout_s),
         render_memory_mb=options.render_memory_mb,
     )
-    root = prepare_output(out)
-    check_compatible(root, page_settings.fingerprint())
-    history = earlier_runs(root)
     listing = scan_inputs(
         [inputs] if isinstance(inputs, str | Path) else list(inputs), follow_symlinks=options.follow_symlinks
     )
+    root = prepare_output(out)
+    check_compatible(root, page_settings.fingerprint())
+    history = earlier_runs(root)
     faults = FaultPoints()
     with _sigterm_as_interrupt():
         done = {k: not r.ok for k, r in repair_output(root, faults).items() if r.done}

@@ -3,6 +3,8 @@ tiny checkpoint; the records equal local mode's, and a rerun skips what is done.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,11 +20,14 @@ pytest.importorskip("ray.data")
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_session():
-    """One local Ray for the module (starting Ray costs seconds on 2 cores); ingest uses it as it is."""
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    """One local Ray for the module (starting Ray costs seconds on 2 cores); ingest uses it as it is. Its
+    session files go to a private temp dir, removed with the session: the machine's /tmp/ray is left alone."""
+    temp = tempfile.mkdtemp(prefix="hd4k-ray-", dir="/tmp")  # short: Ray's socket paths are limited
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, _temp_dir=temp)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 def _content(records):

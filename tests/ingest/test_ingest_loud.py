@@ -149,6 +149,19 @@ def test_out_problems_are_one_line_errors(tmp_path, capsys) -> None:
     assert (out / JSONL_DIR / ".tmp-x").is_dir()
 
 
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere: no unwritable folder to test with")
+def test_an_unwritable_out_is_a_one_line_error(tmp_path, capsys) -> None:
+    image = make_images(tmp_path / "docs", 1)[0]
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        assert main(["ingest", str(image), "--out", str(locked / "out"), "--model", "m"]) == 2
+        assert "cannot create the --out folder" in _one_line_error(capsys)
+    finally:
+        locked.chmod(0o700)
+
+
 def _tmpfs(path: Path, size: str) -> bool:
     path.mkdir()
     ok = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)

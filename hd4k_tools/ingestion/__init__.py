@@ -192,6 +192,8 @@ def _probe_remote(url: str) -> None:
 
     try:
         httpx.get(url.rstrip("/") + "/models", timeout=5.0)
+    except (httpx.InvalidURL, httpx.UnsupportedProtocol) as err:
+        raise InputError(f"--remote {url!r} is not an http(s) URL ({err}); e.g. --remote http://host:8000/v1") from err
     except httpx.HTTPError as err:
         raise SystemicFailureError(
             f"cannot reach the server at {url} ({type(err).__name__}: {' '.join(str(err).split())[:200]}); every "

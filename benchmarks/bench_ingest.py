@@ -288,6 +288,8 @@ def main() -> None:
     rate = {name: 60 * args.pages / s for name, s in median.items()}
     rows = [f"| {name} | {median[name]:.1f} s | {rate[name]:.1f} |" for name, _, _ in configs]
     one, two = rate["Ray, 1 actor"], rate["Ray, 2 actors"]
+    per_round = [a / b for a, b in zip(times["Ray, 1 actor"], times["Ray, 2 actors"], strict=True)]
+    low, high = min(per_round), max(per_round)
     resume_rows = [
         f"| {name} | {statistics.median(v):.2f} s | {statistics.median(v) / median[name]:.1%} |"
         for name, v in resume.items()
@@ -313,8 +315,9 @@ def main() -> None:
             "|---|---|---|",
             *rows,
             "",
-            f"2 actors / 1 actor: **{two / one:.2f}×** pages/min "
-            f"(local mode / Ray 1 actor: {rate['local mode (1 process)'] / one:.2f}×).",
+            f"2 actors / 1 actor: **{two / one:.2f}×** pages/min (per round {low:.2f}–{high:.2f}×; "
+            f"local mode / Ray 1 actor: {rate['local mode (1 process)'] / one:.2f}×). Since issue 20 each Ray "
+            "rendering task starts one PDF render worker process (time and memory limits), part of these figures.",
             "",
             "| rerun over a finished folder (nothing to transcribe) | time | share of the full run |",
             "|---|---|---|",

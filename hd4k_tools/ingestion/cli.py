@@ -6,6 +6,11 @@
 
 ``--ray`` with no value starts a local Ray; with a value it joins that cluster. Since its value is
 optional, put the inputs before it (or write ``--ray=ADDRESS``).
+
+Exit codes: 0 every page done; 1 stopped early because pages kept failing the same way (or the server
+cannot be reached); 2 bad arguments, an unusable ``--out`` folder or a write error (one line, nothing
+half-written); 3 finished, but some pages failed (``--allow-failures`` makes that 0); 130 Ctrl-C and 143
+SIGTERM (finished pages kept; the same command resumes).
 """
 
 from __future__ import annotations
@@ -18,10 +23,25 @@ from typing import Any
 
 from hd4k_tools.arguments import parse_hd_num
 from hd4k_tools.errors import InputError
-from hd4k_tools.ingestion import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE, ingest
+from hd4k_tools.ingestion import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_SHARD_SIZE,
+    IngestOptions,
+    Manifest,
+    SystemicFailureError,
+    Terminated,
+    ingest,
+)
+from hd4k_tools.ingestion.local import DEFAULT_MAX_CONSECUTIVE_FAILURES
 from hd4k_tools.ingestion.records import ENGINES, TASK
+from hd4k_tools.ingestion.render import DEFAULT_RENDER_MEMORY_MB, DEFAULT_RENDER_TIMEOUT_S
 
 LOCAL_RAY = ""
+EXIT_OK = 0
+EXIT_SYSTEMIC = 1
+EXIT_FAILED_PAGES = 3
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
 
 
 def _ray_argument(value: str | None) -> bool | str | None:
@@ -37,18 +57,33 @@ def _ray_argument(value: str | None) -> bool | str | None:
     return value
 
 
+def _errors(manifest: Manifest) -> str:
+    return ", ".join(f"{kind} {count}" for kind, count in sorted(manifest.errors.items(), key=lambda kv: -kv[1]))
+
+
+def _interrupted(out: str, signal_name: str) -> None:
+    try:
+        manifest = Manifest.load(out)
+        kept = f"{manifest.pages_done + manifest.pages_failed} pages of this run are"
+        where = manifest.out
+    except Exception:  # the manifest may not exist yet: say what is sure
+        kept, where = "the finished pages are", out
+    print(
+        f"hd4k ingest: stopped by {signal_name}; {kept} on disk in {where}. Run the same command again to resume "
+        "(finished pages are skipped).",
+        file=sys.stderr,
+    )
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
-    """Run ``hd4k ingest`` and print a one-line summary (or the manifest with ``--json``)."""
-    if args.engine == "remote" and not args.remote:
-        raise InputError("--engine remote needs the server's base URL: --remote http://host:8000/v1")
+    """Run ``hd4k ingest`` and print a one-line summary (or the manifest with ``--json``); see the module
+    docstring for the exit codes."""
     generation: dict[str, Any] = {}
     if args.max_new_tokens is not None:
         generation["max_new_tokens"] = args.max_new_tokens
-    manifest = ingest(
-        args.inputs,
-        args.out,
+    options = IngestOptions(
         model=args.model,
-        engine="remote" if args.remote else args.engine,
+        engine=args.engine,
         remote=args.remote,
         hd_num=parse_hd_num(args.hd_num) if args.hd_num else None,
         pages=args.pages,
@@ -61,17 +96,46 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         progress=None,
+        follow_symlinks=args.follow_symlinks,
+        max_consecutive_failures=args.max_consecutive_failures,
+        render_timeout_s=args.render_timeout,
+        render_memory_mb=args.render_memory,
     )
+    try:
+        manifest = ingest(args.inputs, args.out, options)
+    except SystemicFailureError as err:
+        print(f"hd4k: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return EXIT_SYSTEMIC
+    except Terminated:
+        _interrupted(args.out, "SIGTERM")
+        return EXIT_SIGTERM
+    except KeyboardInterrupt:
+        _interrupted(args.out, "Ctrl-C")
+        return EXIT_SIGINT
+    failed = manifest.pages_failed + manifest.pages_failed_before
     if args.json:
         print(manifest.model_dump_json(indent=2))
-        return 0
-    print(
-        f"ingested {manifest.pages_done} pages ({manifest.pages_failed} failed, {manifest.pages_skipped} already done"
-        f", {sum(len(v) - 1 for v in manifest.duplicates.values())} duplicate files) into {manifest.out} in "
-        f"{manifest.elapsed_s:.1f} s; records: {os.path.join(manifest.out, 'shards', '*.jsonl')}",
-        file=sys.stdout,
-    )
-    return 0
+    else:
+        print(
+            f"ingested {manifest.pages_done} pages ({manifest.pages_failed} failed, {manifest.pages_skipped} already "
+            f"done, {sum(len(v) - 1 for v in manifest.duplicates.values())} duplicate files) into {manifest.out} in "
+            f"{manifest.elapsed_s:.1f} s; records: {os.path.join(manifest.out, 'parquet')} (Parquet), "
+            f"{os.path.join(manifest.out, 'jsonl')} (JSON lines)",
+            file=sys.stdout,
+        )
+    if failed and not args.allow_failures:
+        before = (
+            f" (+{manifest.pages_failed_before} failed for good in earlier runs)"
+            if manifest.pages_failed_before
+            else ""
+        )
+        print(
+            f"hd4k ingest: {manifest.pages_failed} pages failed{before}: {_errors(manifest) or 'see earlier runs'}; "
+            "their records say why (error.type, error.message). Exit code 3; --allow-failures makes it 0.",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED_PAGES
+    return EXIT_OK
 
 
 def register(commands: Any, *, default_model: str) -> None:
@@ -81,13 +145,14 @@ def register(commands: Any, *, default_model: str) -> None:
         help="transcribe a corpus of PDFs and images into page records (local or on Ray)",
         description=(
             "Transcribe every PDF page and image of INPUT... (files, folders walked recursively, glob patterns) "
-            "into JSONL/Parquet shards and a manifest under --out. A rerun with the same --out skips the pages "
-            "already done."
+            "into Parquet and JSONL records and a manifest under --out. A rerun with the same --out skips the pages "
+            "already done. Exit codes: 0 done; 1 stopped early (pages kept failing the same way); 2 bad arguments or "
+            "--out; 3 some pages failed (see --allow-failures); 130/143 interrupted (rerun to resume)."
         ),
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders or glob patterns")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (shards/ and manifest.json)")
-    p.add_argument("--engine", choices=ENGINES, default="native", help="native (default), vllm or remote")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (parquet/, jsonl/ and manifest.json)")
+    p.add_argument("--engine", choices=ENGINES, default=None, help="native (default), vllm or remote")
     p.add_argument("--remote", default=None, metavar="URL", help="OpenAI-compatible server (implies --engine remote)")
     p.add_argument(
         "--model",
@@ -114,5 +179,35 @@ def register(commands: Any, *, default_model: str) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None, metavar="N", help="cap on each page's transcription")
     p.add_argument("--device", default="auto", help="native engine: cpu, cuda, cuda:N, mps or auto")
     p.add_argument("--dtype", default="auto", help="native engine: float32, bfloat16, float16 or auto")
+    p.add_argument(
+        "--allow-failures",
+        action="store_true",
+        help="exit 0 even when some pages failed (their records hold the error); default: exit 3",
+    )
+    p.add_argument(
+        "--max-consecutive-failures",
+        type=int,
+        default=DEFAULT_MAX_CONSECUTIVE_FAILURES,
+        metavar="N",
+        help="stop (exit 1) after N pages in a row fail the same retryable way "
+        f"(default {DEFAULT_MAX_CONSECUTIVE_FAILURES}; 0: never)",
+    )
+    p.add_argument(
+        "--follow-symlinks", action="store_true", help="follow symlinks that lead out of the folders/patterns given"
+    )
+    p.add_argument(
+        "--render-timeout",
+        type=float,
+        default=DEFAULT_RENDER_TIMEOUT_S,
+        metavar="S",
+        help=f"seconds one PDF page may take to render (default {DEFAULT_RENDER_TIMEOUT_S:g})",
+    )
+    p.add_argument(
+        "--render-memory",
+        type=int,
+        default=DEFAULT_RENDER_MEMORY_MB,
+        metavar="MB",
+        help=f"MiB one PDF page may take to render (default {DEFAULT_RENDER_MEMORY_MB})",
+    )
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.set_defaults(func=cmd_ingest)

@@ -1,9 +1,10 @@
 """Local mode: the ingest pipeline in one process, no Ray.
 
-Pages are rendered ahead of the model by ``workers`` threads (a bounded queue: at most
-``workers + 1`` batches wait), transcribed by one engine (in batches when its runner has
-``generate_batch``, e.g. vLLM; page by page otherwise), and written as shards of ``shard_size``
-records. On Ctrl-C or ``cancel`` the records already finished are written before the error goes on.
+Pages are rendered ahead of the model by ``workers`` threads (a bounded queue: at most ``workers + 1``
+batches wait; PDF pages in worker processes with time and memory limits), transcribed by one engine (in
+batches when its runner has ``generate_batch``, e.g. vLLM; page by page otherwise), and each engine call's
+records are appended to disk at once (:class:`~hd4k_tools.ingestion.shards.ShardWriter`). On Ctrl-C,
+SIGTERM or ``cancel`` the open part is closed before the error goes on.
 """
 
 from __future__ import annotations
@@ -14,40 +15,48 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from hd4k_tools.errors import IngestError
 from hd4k_tools.ingestion.progress import IngestProgress
 from hd4k_tools.ingestion.records import PageRecord
-from hd4k_tools.ingestion.shards import write_shard
+from hd4k_tools.ingestion.render import RenderPool
+from hd4k_tools.ingestion.shards import ShardWriter
 from hd4k_tools.ingestion.work import PageSettings, PageTask, RenderedPage, Transcriber, WorkPlan, render_tasks
 from hd4k_tools.progress import check_cancelled
 from hd4k_tools.runtime.runner import BatchRunner
 
+#: Pages in a row that fail the same retryable way (engine, connection) before a run stops.
+DEFAULT_MAX_CONSECUTIVE_FAILURES = 8
 
-class ShardBuffer:
-    """Collects finished records and writes a shard every ``shard_size`` of them (and on :meth:`flush`)."""
 
-    def __init__(self, out: str, shard_size: int) -> None:
-        self.out = out
-        self.shard_size = shard_size
-        self.pending: list[PageRecord] = []
-        self.written: list[str] = []
-        self.ok = 0
-        self.failed = 0
+class SystemicFailureError(IngestError):
+    """Pages keep failing the same way (the engine or server is down, a setting fails every page): the
+    run stops early instead of recording every page of the corpus as failed."""
 
-    def add(self, records: Sequence[PageRecord]) -> None:
-        self.pending.extend(records)
-        while len(self.pending) >= self.shard_size:
-            self._write(self.pending[: self.shard_size])
-            self.pending = self.pending[self.shard_size :]
 
-    def flush(self) -> None:
-        if self.pending:
-            self._write(self.pending)
-            self.pending = []
+class FailureWatch:
+    """Stops a run when ``limit`` pages in a row fail with the same retryable error type (an engine or
+    connection error, not a bad input file, which is final and says nothing about the next page)."""
 
-    def _write(self, records: list[PageRecord]) -> None:
-        self.written.append(write_shard(self.out, records))
-        self.failed += sum(1 for r in records if r.error is not None)
-        self.ok += sum(1 for r in records if r.error is None)
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.streak = 0
+        self.kind = ""
+
+    def see(self, records: Sequence[PageRecord]) -> None:
+        for record in records:
+            error = record.error
+            if error is None:
+                self.streak, self.kind = 0, ""
+                continue
+            if error.final:
+                continue
+            self.streak = self.streak + 1 if error.type == self.kind else 1
+            self.kind = error.type
+            if self.limit and self.streak >= self.limit:
+                raise SystemicFailureError(
+                    f"{self.streak} pages in a row failed with {error.type}: {error.message[:300]}; stopped early "
+                    "(the pages done so far are kept). Fix the cause and run the same command again to resume."
+                )
 
 
 def _chunks(tasks: Sequence[PageTask], size: int) -> Iterator[Sequence[PageTask]]:
@@ -56,15 +65,15 @@ def _chunks(tasks: Sequence[PageTask], size: int) -> Iterator[Sequence[PageTask]
 
 
 def _rendered_ahead(
-    tasks: Sequence[PageTask], settings: PageSettings, batch_size: int, workers: int
+    tasks: Sequence[PageTask], settings: PageSettings, batch_size: int, workers: int, pool: RenderPool
 ) -> Iterator[list[RenderedPage]]:
     """Rendered batches in order, ``workers`` threads rendering up to ``workers + 1`` batches ahead."""
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hd4k-render") as pool:
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hd4k-render") as executor:
         queued: deque[Future[list[RenderedPage]]] = deque()
         chunks = _chunks(tasks, batch_size)
         try:
             for chunk in chunks:
-                queued.append(pool.submit(render_tasks, chunk, settings))
+                queued.append(executor.submit(render_tasks, chunk, settings, pool))
                 if len(queued) > workers:
                     yield queued.popleft().result()
             while queued:
@@ -79,31 +88,36 @@ def run_local(
     hd: Any,
     settings: PageSettings,
     model: str,
-    buffer: ShardBuffer,
+    writer: ShardWriter,
     *,
     batch_size: int,
     workers: int,
     progress: IngestProgress,
     cancel: threading.Event | None = None,
+    model_id: str = "",
+    max_consecutive_failures: int = DEFAULT_MAX_CONSECUTIVE_FAILURES,
 ) -> None:
-    """Transcribe ``plan`` with ``hd`` into ``buffer``'s shards (it keeps the counts and shard names).
+    """Transcribe ``plan`` with ``hd`` into ``writer`` (it keeps the counts and part names).
 
-    Raises whatever stopped the run (``KeyboardInterrupt``, ``CancelledError``) after writing every
-    finished record.
+    Raises whatever stopped the run (``KeyboardInterrupt``, ``CancelledError``,
+    :class:`SystemicFailureError`) after closing the open part.
     """
+    watch = FailureWatch(max_consecutive_failures)
     try:
-        buffer.add(plan.failed_files)
+        writer.add(plan.failed_files)
         progress.update(len(plan.failed_files))
         if not plan.tasks:
             return
-        transcribe = Transcriber(hd, settings, model)
+        transcribe = Transcriber(hd, settings, model, model_id)
         # Without a batching runner, pages go one at a time: an interruption loses at most one page.
         step = batch_size if isinstance(hd.runner, BatchRunner) else 1
-        for rendered in _rendered_ahead(plan.tasks, settings, batch_size, workers):
-            for start in range(0, len(rendered), step):
-                check_cancelled(cancel, "hd4k ingest")
-                records = transcribe(rendered[start : start + step], cancel=cancel)
-                buffer.add(records)
-                progress.update(len(records))
+        with RenderPool(workers, settings.render_timeout_s, settings.render_memory_mb) as pool:
+            for rendered in _rendered_ahead(plan.tasks, settings, batch_size, workers, pool):
+                for start in range(0, len(rendered), step):
+                    check_cancelled(cancel, "hd4k ingest")
+                    records = transcribe(rendered[start : start + step], cancel=cancel)
+                    writer.add(records)
+                    progress.update(len(records))
+                    watch.see(records)
     finally:
-        buffer.flush()
+        writer.close()

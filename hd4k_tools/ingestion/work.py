@@ -8,6 +8,7 @@ strings and bytes, so no stage depends on Arrow's type inference.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -21,7 +22,7 @@ from PIL import Image
 
 from hd4k_tools.errors import CancelledError, HD4KError, InputError
 from hd4k_tools.hd4k import HD4K
-from hd4k_tools.ingestion.corpus import FileInfo
+from hd4k_tools.ingestion.corpus import FileInfo, content_hash
 from hd4k_tools.ingestion.records import (
     ENGINES,
     Engine,
@@ -29,11 +30,18 @@ from hd4k_tools.ingestion.records import (
     RecordError,
     RecordTimings,
     RecordTokens,
+    display_path,
     ingest_prompt,
     record_key,
 )
+from hd4k_tools.ingestion.render import (
+    DEFAULT_RENDER_MEMORY_MB,
+    DEFAULT_RENDER_TIMEOUT_S,
+    PageFailed,
+    RenderPool,
+    SourceChangedError,
+)
 from hd4k_tools.inputs.images import load_image, read_source_bytes
-from hd4k_tools.inputs.pdf import render_pages
 from hd4k_tools.inputs.policy import ImagePolicy
 from hd4k_tools.runtime.runner import BatchRunner, RunnerResult
 
@@ -43,7 +51,7 @@ class EngineSpec:
     """How to open the model; picklable, so each Ray actor opens its own.
 
     ``model`` is the checkpoint folder or hub id (native, vllm) or the model name on the server
-    (remote); it is also the ``model`` of every record and part of the resume key, as given.
+    (remote); it is the ``model`` of every record, and :meth:`identity` its canonical form in the key.
     """
 
     engine: Engine = "native"
@@ -62,6 +70,10 @@ class EngineSpec:
         if self.engine != "remote" and self.remote_url:
             raise InputError(f"a remote URL was given with engine={self.engine!r}; use engine='remote'.")
 
+    def identity(self) -> str:
+        """The model's canonical identity (see :func:`model_identity`)."""
+        return model_identity(self.model, remote=self.engine == "remote")
+
     def open(self, *, progress: bool | None = False) -> Any:
         """The :class:`hd4k_tools.HD4K` this spec describes."""
         if self.engine == "remote":
@@ -74,6 +86,24 @@ class EngineSpec:
         return HD4K.from_pretrained(self.model, engine=self.engine, **options)
 
 
+def model_identity(model: str, *, remote: bool = False) -> str:
+    """The canonical identity of a model, as the resume key uses it.
+
+    A checkpoint folder is its real path (symlinks resolved, relative paths made absolute) plus the
+    SHA-256 of its ``config.json``, so ``tiny``, ``./tiny`` and ``/abs/tiny`` are one model and a folder
+    whose checkpoint was replaced by another architecture is not. A hub id is itself; a model on a
+    remote server is ``remote:<name>``.
+    """
+    if remote:
+        return f"remote:{model}"
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        return model
+    config = path / "config.json"
+    digest = hashlib.sha256(config.read_bytes()).hexdigest()[:16] if config.is_file() else "no-config"
+    return f"{path.resolve()}#config-sha256:{digest}"
+
+
 @dataclass(frozen=True)
 class PageSettings:
     """What every page is read with. ``hd_num`` (as requested) and the prompt are in the resume key;
@@ -84,6 +114,8 @@ class PageSettings:
     output: str = "markdown"
     generation: Mapping[str, Any] | None = None
     policy: ImagePolicy = field(default_factory=ImagePolicy)
+    render_timeout_s: float = DEFAULT_RENDER_TIMEOUT_S
+    render_memory_mb: int = DEFAULT_RENDER_MEMORY_MB
 
     @property
     def prompt(self) -> str:
@@ -122,47 +154,56 @@ class WorkPlan:
     duplicates: dict[str, list[str]]
     skipped: int
     total: int
+    skipped_failed: int = 0  # of the skipped pages, those an earlier run recorded as failed for good
 
 
-def plan_work(files: Sequence[FileInfo], settings: PageSettings, model: str, done: set[str]) -> WorkPlan:
-    """Deduplicate ``files`` by content (the first path wins; the others are listed as duplicates), and
-    list every selected page whose key is not in ``done``."""
+def plan_work(
+    files: Sequence[FileInfo], settings: PageSettings, model: str, done: Mapping[str, bool], model_id: str = ""
+) -> WorkPlan:
+    """Deduplicate ``files`` by content (the first path given wins; the others are listed as duplicates),
+    and list every selected page whose key is not in ``done`` (key -> whether that record is an error)."""
+    model_id = model_id or model
     seen: dict[str, FileInfo] = {}
     sources_by_hash: dict[str, list[str]] = {}
-    for info in sorted(files, key=lambda f: f.source):
+    for info in files:
         sources_by_hash.setdefault(info.content_hash, []).append(info.source)
         seen.setdefault(info.content_hash, info)
-    duplicates = {h: paths for h, paths in sources_by_hash.items() if len(paths) > 1}
+    duplicates = {h: [display_path(p)[0] for p in paths] for h, paths in sources_by_hash.items() if len(paths) > 1}
     tasks: list[PageTask] = []
     failed: list[PageRecord] = []
-    skipped = total = 0
+    skipped = skipped_failed = total = 0
     for info in seen.values():
         if info.error is not None:
             total += 1
-            key = record_key(info.content_hash, None, settings.hd_num, model, settings.prompt)
+            key = record_key(info.content_hash, None, settings.hd_num, model_id, settings.prompt)
             if key in done:
                 skipped += 1
+                skipped_failed += done[key]
                 continue
+            source, source_bytes = display_path(info.source)
             failed.append(
                 PageRecord(
                     key=key,
-                    source=info.source,
+                    source=source,
+                    source_bytes=source_bytes,
                     content_hash=info.content_hash,
                     page=None,
                     page_count=None,
                     model=model,
+                    model_id=model_id,
                     error=RecordError(**info.error),
                 )
             )
             continue
         for page in info.pages:
             total += 1
-            key = record_key(info.content_hash, page, settings.hd_num, model, settings.prompt)
+            key = record_key(info.content_hash, page, settings.hd_num, model_id, settings.prompt)
             if key in done:
                 skipped += 1
+                skipped_failed += done[key]
                 continue
             tasks.append(PageTask(key, info.source, info.content_hash, info.kind, page, info.page_count or 1))
-    return WorkPlan(tasks, failed, duplicates, skipped, total)
+    return WorkPlan(tasks, failed, duplicates, skipped, total, skipped_failed)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -178,27 +219,29 @@ class RenderedPage:
     error: RecordError | None = None
 
 
-def render_tasks(tasks: Iterable[PageTask], settings: PageSettings) -> list[RenderedPage]:
-    """Render ``tasks`` (each source read once per call); a page that fails carries its typed error."""
+def render_tasks(tasks: Iterable[PageTask], settings: PageSettings, pool: RenderPool) -> list[RenderedPage]:
+    """Render ``tasks``: PDF pages in ``pool``'s worker processes (time and memory limits), images here;
+    both from bytes whose hash matches the plan's. A page that fails carries its typed error."""
     out: list[RenderedPage] = []
-    raw_cache: dict[str, Any] = {}
-    for task in tasks:
-        start = time.perf_counter()
-        try:
-            if task.kind == "pdf":
-                raw = raw_cache.get(task.source)
-                if raw is None:
-                    raw_cache.clear()  # one document's bytes at a time
-                    raw = raw_cache[task.source] = read_source_bytes(Path(task.source), policy=settings.policy)
-                pages = render_pages(
-                    raw, pages=[task.page], dpi=settings.dpi, policy=settings.policy, max_pages=1, progress=False
-                )
-                image = next(iter(pages)).image
-            else:
-                image = load_image(Path(task.source), policy=settings.policy)
-            out.append(RenderedPage(task, image, time.perf_counter() - start))
-        except HD4KError as err:
-            out.append(RenderedPage(task, None, time.perf_counter() - start, RecordError.from_exception(err)))
+    with pool.worker() as worker:
+        for task in tasks:
+            start = time.perf_counter()
+            try:
+                if task.kind == "pdf":
+                    image = worker.render(task.source, task.content_hash, task.page, settings.dpi, settings.policy)
+                else:
+                    raw = read_source_bytes(Path(task.source), policy=settings.policy)
+                    if content_hash(raw.data) != task.content_hash:
+                        raise SourceChangedError(
+                            f"{display_path(task.source)[0]} changed after it was planned (its content hash "
+                            "differs); run again to ingest its current content."
+                        )
+                    image = load_image(raw, policy=settings.policy)
+                out.append(RenderedPage(task, image, time.perf_counter() - start))
+            except PageFailed as failed:
+                out.append(RenderedPage(task, None, time.perf_counter() - start, failed.error))
+            except HD4KError as err:
+                out.append(RenderedPage(task, None, time.perf_counter() - start, RecordError.from_exception(err)))
     return out
 
 
@@ -228,7 +271,8 @@ def row_to_rendered(row: Mapping[str, Any]) -> RenderedPage:
 def render_rows(batch: Mapping[str, Any], settings: PageSettings) -> dict[str, list[Any]]:
     """Ray ``map_batches`` step: a batch of ``{"task": [json...]}`` to rendered rows."""
     tasks = [PageTask.from_json(str(t)) for t in batch["task"]]
-    rows = [rendered_to_row(p) for p in render_tasks(tasks, settings)]
+    with RenderPool(1, settings.render_timeout_s, settings.render_memory_mb) as pool:
+        rows = [rendered_to_row(p) for p in render_tasks(tasks, settings, pool)]
     return {name: [row[name] for row in rows] for name in ("task", "render_s", "error", "pixels", "width", "height")}
 
 
@@ -242,10 +286,11 @@ class Transcriber:
     vLLM), otherwise one by one. A page whose call fails with a typed error becomes an error record.
     """
 
-    def __init__(self, hd: Any, settings: PageSettings, model: str) -> None:
+    def __init__(self, hd: Any, settings: PageSettings, model: str, model_id: str = "") -> None:
         self.hd = hd
         self.settings = settings
         self.model = model
+        self.model_id = model_id or model
 
     def __call__(self, pages: Sequence[RenderedPage], cancel: threading.Event | None = None) -> list[PageRecord]:
         records: dict[int, PageRecord] = {}
@@ -318,13 +363,16 @@ class Transcriber:
                 "text": result.text,
                 "finish_reason": result.finish_reason,
             }
+        source, source_bytes = display_path(task.source)
         return PageRecord(
             key=task.key,
-            source=task.source,
+            source=source,
+            source_bytes=source_bytes,
             content_hash=task.content_hash,
             page=task.page,
             page_count=task.page_count,
             model=self.model,
+            model_id=self.model_id,
             timings=timings,
             error=error,
             **extra,
@@ -342,7 +390,7 @@ class RayTranscriber:
             import torch
 
             torch.set_num_threads(torch_threads)
-        self.transcribe = Transcriber(spec.open(progress=False), settings, spec.model)
+        self.transcribe = Transcriber(spec.open(progress=False), settings, spec.model, spec.identity())
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, list[str]]:
         columns = ("task", "render_s", "error", "pixels", "width", "height")

@@ -103,3 +103,43 @@ def _two_pdfs(first: bytes, second: bytes) -> bytes:
     target.save(buffer)
     target.close()
     return buffer.getvalue()
+
+
+def make_images(root: Path, count: int, *, prefix: str = "img", size: tuple[int, int] = (64, 48)) -> list[Path]:
+    """``count`` small PNGs of distinct content under ``root`` (no PDF: no render worker needed)."""
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = root / f"{prefix}{i:04d}.png"
+        image = Image.new("RGB", size, (i * 37 % 256, i * 91 % 256, i * 53 % 256))
+        ImageDraw.Draw(image).text((2, 2), str(i), fill=(255, 255, 255))
+        image.save(path)
+        paths.append(path)
+    return paths
+
+
+def bomb_pdf(operations: int = 20000) -> bytes:
+    """A one-page PDF of ``operations`` filled triangles (about 6 bytes each, compressed): a few
+    kilobytes that keep pdfium busy for seconds (a "content bomb")."""
+    import zlib
+
+    ops = b"".join(
+        b"%d %d m %d 792 l %d 0 l h f\n" % (i % 600, i % 700, 612 - i % 600, i % 612) for i in range(operations)
+    )
+    stream = zlib.compress(b"0.5 g\n" + ops)
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R >>",
+        b"<< /Length %d /Filter /FlateDecode >>\nstream\n" % len(stream) + stream + b"\nendstream",
+    ]
+    body = bytearray(b"%PDF-1.4\n")
+    offsets = []
+    for number, obj in enumerate(objects, start=1):
+        offsets.append(len(body))
+        body += b"%d 0 obj\n%s\nendobj\n" % (number, obj)
+    xref_at = len(body)
+    body += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    body += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    body += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref_at)
+    return bytes(body)

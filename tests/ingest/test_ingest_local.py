@@ -22,7 +22,8 @@ from hd4k_tools.ingestion import IngestOutputError, Manifest, iter_records, reco
 from hd4k_tools.ingestion.corpus import clip_pages, list_inputs
 from hd4k_tools.ingestion.progress import IngestProgress
 from hd4k_tools.ingestion.records import ingest_prompt
-from hd4k_tools.ingestion.shards import SHARD_DIR, shard_paths
+from hd4k_tools.ingestion.shards import JSONL_DIR, PARQUET_DIR, shard_paths
+from hd4k_tools.ingestion.work import model_identity
 
 EXPECTED_PAGES = {
     ("copy of report.pdf", 1),
@@ -80,7 +81,12 @@ def test_every_page_and_image_becomes_one_record(reference, corpus, tiny_checkpo
             assert record.timings.model_s > 0 and record.timings.render_s > 0
             expected = 3 if "report" in record.source else 2 if Path(record.source).suffix == ".pdf" else 1
             assert record.page_count == expected
-            assert record.key == record_key(record.content_hash, record.page, 2, str(tiny_checkpoint), ingest_prompt())
+            # The key holds the checkpoint's identity (real path + config hash), not the string typed.
+            identity = model_identity(str(tiny_checkpoint))
+            assert record.model_id == identity and identity.startswith(
+                str(tiny_checkpoint.resolve()) + "#config-sha256:"
+            )
+            assert record.key == record_key(record.content_hash, record.page, 2, identity, ingest_prompt())
 
 
 def test_faults_become_typed_error_records(reference) -> None:
@@ -112,13 +118,14 @@ def test_shards_are_jsonl_and_parquet_with_the_same_records(reference) -> None:
     jsonl = shard_paths(manifest.out)
     assert [p.stem for p in jsonl] == manifest.shards
     rows = [json.loads(line) for p in jsonl for line in p.read_text().splitlines()]
-    table_rows = [row for p in jsonl for row in pq.read_table(p.with_suffix(".parquet")).to_pylist()]
+    out = Path(manifest.out)
+    table_rows = [row for p in jsonl for row in pq.read_table(out / PARQUET_DIR / f"{p.stem}.parquet").to_pylist()]
     assert sorted(r["key"] for r in rows) == sorted(r["key"] for r in table_rows) == sorted(r.key for r in records)
     by_key = {r["key"]: r for r in table_rows}
     assert all(by_key[r.key]["text"] == r.text for r in records)
     on_disk = Manifest.load(manifest.out)
     assert on_disk.status == "complete" and on_disk.pages_done == 8
-    assert not list((Path(manifest.out) / SHARD_DIR).glob(".tmp-*"))
+    assert not list((out / JSONL_DIR).glob(".tmp-*")) and not list((out / PARQUET_DIR).glob(".tmp-*"))
 
 
 def test_ingest_is_exported_from_the_package() -> None:
@@ -225,7 +232,7 @@ def test_a_killed_cli_run_restarts_and_ends_with_the_same_records(reference, cor
     command = [
         str(Path(sys.executable).parent / "hd4k"), "ingest", str(corpus["root"]), "--out", str(out),
         "--model", str(tiny_checkpoint), "--device", "cpu", "--dtype", "float32", "--hd-num", "2", "--dpi", "36",
-        "--max-new-tokens", "6", "--shard-size", "1",
+        "--max-new-tokens", "6", "--shard-size", "1", "--allow-failures",
     ]  # fmt: skip
     env = {**os.environ, "HD4K_NO_PROGRESS": "1"}
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

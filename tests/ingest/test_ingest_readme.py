@@ -1,9 +1,11 @@
-"""The README's "Ingest a corpus" commands work as written: the try-it command and the indexing example run
-verbatim; the cluster command runs against a real Ray cluster (``ray start --head``) with this machine's
-paths and worker count put in."""
+"""The README's "Ingest a corpus" commands work as written: the try-it command, the reading example
+(pyarrow, DuckDB) and the indexing example run verbatim; the cluster command runs against a real Ray
+cluster (``ray start --head`` in a private temp dir, stopped cleanly) with this machine's paths and worker
+count put in."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -13,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,14 +58,15 @@ def test_try_it_command_and_index_example_run_as_written(workdir: Path) -> None:
     (record,) = iter_records(workdir / "ingest-out")
     assert record.source.endswith("examples/page.png") and record.hd_num == 9 and record.text
 
-    (index_code,) = _blocks("python")
-    script = workdir / "index_example.py"
-    script.write_text(index_code)
-    run = subprocess.run(
-        [sys.executable, str(script)], cwd=workdir, env=_env(), capture_output=True, text=True, timeout=300
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.splitlines() == [record.source, "1"]
+    read_code, index_code = _blocks("python")
+    for name, code, expected in [("read", read_code, ["1", "1"]), ("index", index_code, [record.source, "1"])]:
+        script = workdir / f"{name}_example.py"
+        script.write_text(code)
+        run = subprocess.run(
+            [sys.executable, str(script)], cwd=workdir, env=_env(), capture_output=True, text=True, timeout=300
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert run.stdout.splitlines() == expected
 
 
 def _free_port() -> int:
@@ -79,9 +83,12 @@ def test_cluster_command_runs_on_a_ray_cluster(workdir: Path, corpus, tiny_check
     # Ray's token authentication: the head and the driver share this test's own token.
     token = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     env = {**_env(), "RAY_ADDRESS": f"127.0.0.1:{port}", **token}
+    # A private temp dir: the cluster's session files and its cluster-address file live there, not in the
+    # machine's /tmp/ray (where a file left behind would send every later `--ray auto` to a dead address).
+    temp = Path(tempfile.mkdtemp(prefix="hd4k-ray-", dir="/tmp"))  # short: Ray's socket paths are limited
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=3", "--include-dashboard=false",
-         "--disable-usage-stats"],
+         "--disable-usage-stats", f"--temp-dir={temp}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
@@ -95,7 +102,8 @@ def test_cluster_command_runs_on_a_ray_cluster(workdir: Path, corpus, tiny_check
             "8": "2",  # --workers: this cluster has 3 CPUs
         }
         argv = [replace.get(a, a) for a in argv]
-        argv += ["--hd-num", "2", "--dpi", "36", "--max-new-tokens", "4", "--batch-size", "2"]
+        # The corpus holds a broken and a locked PDF: failed pages are expected here.
+        argv += ["--hd-num", "2", "--dpi", "36", "--max-new-tokens", "4", "--batch-size", "2", "--allow-failures"]
         deadline = time.monotonic() + 60
         run = None
         while time.monotonic() < deadline:  # the head takes a few seconds to accept drivers
@@ -108,8 +116,35 @@ def test_cluster_command_runs_on_a_ray_cluster(workdir: Path, corpus, tiny_check
         assert manifest.mode == "ray" and manifest.workers == 2
         assert (manifest.pages_total, manifest.pages_done, manifest.pages_failed) == (11, 8, 3)
     finally:
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            head.kill()
+        _stop_head(head, temp)
+
+
+def _stop_head(head: subprocess.Popen, temp: Path) -> None:
+    """Stop this test's cluster and only it (``ray stop`` would stop every Ray of this user on the machine):
+    SIGTERM to ``ray start --block`` shuts down the processes it started; any left (their command lines name
+    the private temp dir) are killed by pid; then the temp dir goes, cluster file and all."""
+    head.send_signal(signal.SIGTERM)
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        head.kill()
+        head.wait()
+    deadline = time.monotonic() + 30
+    while _processes_naming(temp) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in _processes_naming(temp):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def _processes_naming(path: Path) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if str(path).encode() in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids

@@ -13,14 +13,16 @@ from hd4k_tools import PageRecord, iter_ingest_records
 
 
 class HD4KIngestLoader(BaseLoader):
-    """Read the pages ``hd4k ingest`` transcribed (``OUT/shards/*.jsonl``): one ``Document`` per page.
+    """Read the pages ``hd4k ingest`` transcribed (``OUT/jsonl/*.jsonl``): one ``Document`` per page.
 
     Nothing is transcribed here: the model ran during ingestion. ``page_content`` is the page's Markdown;
     the metadata holds the keys of :class:`HD4KDocumentLoader` (``source``, ``page``, ``hd_num``, ``grid``,
     token counts, ``model``, ``finish_reason``) plus ``page_count`` and ``content_hash``, all flat values.
     The document ``id`` is the record's resume key, so re-indexing an output folder replaces documents
     instead of duplicating them. Pages that failed (``record.error``) are skipped unless
-    ``include_errors=True`` (then their content is empty and ``error_type``/``error`` say why).
+    ``include_errors=True`` (then their content is empty and ``error_type``/``error`` say why). Loading a
+    folder that does not exist, a file, or a folder that is not ingest output raises
+    :class:`hd4k_tools.ingestion.IngestOutputError` naming the path (never an empty list).
 
     Example:
         .. code-block:: python
@@ -60,7 +62,11 @@ class HD4KIngestLoader(BaseLoader):
         return Document(id=record.key, page_content=record.text, metadata=metadata)
 
     def lazy_load(self) -> Iterator[Document]:
-        """Yield one ``Document`` per ingested page, ordered by source and page."""
+        """Yield one ``Document`` per ingested page, ordered by source and page.
+
+        Raises:
+            hd4k_tools.ingestion.IngestOutputError: the folder is missing, a file, or not ingest output.
+        """
         for record in iter_ingest_records(self.out):
             if record.error is None or self.include_errors:
                 yield self._document(record)

@@ -204,7 +204,7 @@ class HD4KReader(BaseReader):
 
 
 class HD4KIngestReader(BaseReader):
-    """Read an ``hd4k ingest`` output folder (``OUT/shards/*.jsonl``) into one ``Document`` per page.
+    """Read an ``hd4k ingest`` output folder (``OUT/jsonl/*.jsonl``) into one ``Document`` per page.
 
     Nothing is transcribed here. Documents carry the metadata of :class:`HD4KReader` (``file``, ``page``,
     ``hd_num``, ``grid``, ``image_tokens``, ``tokens``, ``model``, the technical keys hidden from
@@ -245,7 +245,12 @@ class HD4KIngestReader(BaseReader):
         )
 
     def lazy_load_data(self, out: str | os.PathLike[str], **kwargs: Any) -> Iterator[Document]:
-        """Yield one ``Document`` per ingested page of the output folder ``out`` (by source, then page)."""
+        """Yield one ``Document`` per ingested page of the output folder ``out`` (by source, then page).
+
+        Raises:
+            hd4k_tools.ingestion.IngestOutputError: ``out`` does not exist, is a file, or is not the output
+                folder of an ``hd4k ingest`` run (the message names the path).
+        """
         if kwargs:
             raise TypeError(f"unexpected arguments {sorted(kwargs)}; HD4KIngestReader takes the output folder")
         for record in iter_ingest_records(out):

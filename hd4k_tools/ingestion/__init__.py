@@ -23,6 +23,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from hd4k_tools.errors import CancelledError, InputError, InvalidHDNumError, RemoteError
 from hd4k_tools.ingestion.corpus import clip_pages, describe_file, scan_inputs
 from hd4k_tools.ingestion.local import DEFAULT_MAX_CONSECUTIVE_FAILURES, SystemicFailureError, run_local
@@ -188,8 +190,6 @@ def _now() -> str:
 
 def _probe_remote(url: str) -> None:
     """Refuse a server that cannot be reached at all, before any page is sent (one try, 5 s)."""
-    import httpx
-
     try:
         httpx.get(url.rstrip("/") + "/models", timeout=5.0)
     except (httpx.InvalidURL, httpx.UnsupportedProtocol) as err:

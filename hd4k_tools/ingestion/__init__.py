@@ -91,6 +91,7 @@ def ingest(
     policy: ImagePolicy | None = None,
     progress: bool | None = None,
     cancel: threading.Event | None = None,
+    engine_options: Mapping[str, Any] | None = None,
 ) -> Manifest:
     """Transcribe every PDF page and image of ``inputs`` into page records under ``out``.
 
@@ -118,6 +119,8 @@ def ingest(
         policy: input limits (bytes, pixels) for every file and rendered page.
         progress: a bar on a terminal, plain lines otherwise; ``False`` = silent.
         cancel: set it to stop between pages (local mode only); finished records are kept.
+        engine_options: other options for opening the engine (each Ray actor opens its own), e.g.
+            ``{"gpu_memory_utilization": 0.85}`` or ``{"enforce_eager": True}`` for vLLM.
 
     Returns:
         The run's :class:`Manifest` (also in ``out/manifest.json``); ``manifest.records()`` iterates the
@@ -146,7 +149,14 @@ def ingest(
     spec = (
         None
         if hd is not None
-        else EngineSpec(engine=engine, model=model, remote_url=remote, device=device, dtype=dtype)
+        else EngineSpec(
+            engine=engine,
+            model=model,
+            remote_url=remote,
+            device=device,
+            dtype=dtype,
+            options=tuple((engine_options or {}).items()),
+        )
     )  # type: ignore[arg-type]
     settings = PageSettings(hd_num=hd_num, dpi=dpi, generation=dict(generation or {}), policy=policy or ImagePolicy())
     paths = list_inputs([inputs] if isinstance(inputs, str | Path) else list(inputs))

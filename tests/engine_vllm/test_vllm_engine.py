@@ -219,3 +219,44 @@ def test_langchain_chat_model_runs_on_the_engine(engine: HD4K, native: HD4K, lan
     assert ours.content == theirs.content and ours.content
     streamed = "".join(c.content for c in ChatHD4K(hd=engine, hd_num=4, max_new_tokens=24).stream([message]))
     assert streamed == theirs.content
+
+
+def _corpus(root) -> list:
+    """Two 2-page PDFs and one PNG: five pages of three documents."""
+    root.mkdir(parents=True, exist_ok=True)
+    files = []
+    for d in range(2):
+        pages = [_image(420, 560, 40 + 2 * d + p) for p in range(2)]
+        path = root / f"doc{d}.pdf"
+        pages[0].save(path, "PDF", save_all=True, append_images=pages[1:], resolution=72)
+        files.append(path)
+    png = root / "scan.png"
+    _image(500, 380, 50).save(png)
+    return [*files, png]
+
+
+def test_ingest_batches_pages_of_several_documents(engine: HD4K, native: HD4K, tmp_path) -> None:
+    pytest.importorskip("pypdfium2")
+    from hd4k_tools import ingest
+    from hd4k_tools.ingestion import iter_records
+
+    files = _corpus(tmp_path / "docs")
+    options = {"model": "tiny", "hd_num": 2, "dpi": 72, "generation": {"max_new_tokens": 8, "num_beams": 1}}
+    sizes: list[int] = []
+    original = engine.runner.generate_batch
+
+    def spy(requests, *, cancel=None):
+        sizes.append(len(requests))
+        return original(requests, cancel=cancel)
+
+    engine.runner.generate_batch = spy  # type: ignore[method-assign]
+    try:
+        ours = ingest(files, tmp_path / "vllm", hd=engine, batch_size=4, progress=False, **options)
+    finally:
+        del engine.runner.generate_batch
+    theirs = ingest(files, tmp_path / "native", hd=native, batch_size=4, progress=False, **options)
+    assert sum(sizes) == 5 and max(sizes) > 2  # a batch held pages of more than one document
+    assert ours.pages_done == theirs.pages_done == 5 and ours.pages_failed == 0
+    records = sorted((r.content() for r in iter_records(tmp_path / "vllm")), key=lambda r: r["key"])
+    assert records == sorted((r.content() for r in iter_records(tmp_path / "native")), key=lambda r: r["key"])
+    assert all(r["text"] for r in records)

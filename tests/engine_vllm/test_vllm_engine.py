@@ -57,9 +57,9 @@ def engine(checkpoint):
         str(checkpoint),
         engine="vllm",
         hd_num=ENGINE_HD_NUM,
-        dtype="float32",
+        # No dtype, no max_model_len: the defaults must be the checkpoint's (float32, max_length 16384), or
+        # the texts below would not equal the native engine's.
         enforce_eager=True,
-        max_model_len=4096,
         max_num_seqs=8,
         enable_chunked_prefill=True,
         max_num_batched_tokens=2048,
@@ -76,6 +76,18 @@ def landscape() -> Image.Image:
 @pytest.fixture(scope="module")
 def portrait() -> Image.Image:
     return _image(360, 700, 2)
+
+
+def test_defaults_are_the_checkpoints(engine: HD4K, checkpoint) -> None:
+    import json
+
+    import torch
+
+    config = json.loads((checkpoint / "config.json").read_text())
+    assert config["torch_dtype"] == "float32" and config["max_length"] == 16384
+    model_config = engine.runner._engine.model_config  # what vLLM runs with
+    assert model_config.dtype == torch.float32  # vLLM's own "auto" would downcast to bfloat16
+    assert model_config.max_model_len == engine.runner.context_length == 16384  # not 32768
 
 
 def test_three_tasks_equal_native(engine: HD4K, native: HD4K, landscape: Image.Image, portrait: Image.Image) -> None:

@@ -34,7 +34,7 @@ from hd4k_tools import HD4K, LocalRunner
 
 ROOT = Path(__file__).resolve().parents[2]
 GREEDY = {"max_new_tokens": 24, "num_beams": 1}
-START_TIMEOUT_S = 420
+START_TIMEOUT_S = 600
 
 
 def _readme_cpu_commands() -> tuple[list[str], str]:

@@ -291,11 +291,31 @@ def _after_header(header: str, deltas: Any) -> Any:
 
 
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
-    path = DEFAULT_FAMILY.module("tiny").make_tiny_checkpoint(  # torch: the native engine's extra
-        args.directory, seed=args.seed, format=args.format
-    )
+    tiny = DEFAULT_FAMILY.module("tiny")  # torch: the native engine's extra
+    sizes = {
+        "hidden_size": args.hidden_size,
+        "intermediate_size": args.intermediate_size,
+        "num_hidden_layers": args.layers,
+        "num_key_value_heads": args.kv_heads,
+        "vocab_size": args.vocab_size,
+    }
+    overrides = {key: value for key, value in sizes.items() if value is not None}
+    head_dim = args.head_dim if args.head_dim is not None else (tiny.VLLM_HEAD_DIM if args.for_vllm else None)
+    try:
+        path = tiny.make_tiny_checkpoint(
+            args.directory,
+            seed=args.seed,
+            format=args.format,
+            shards=args.shards,
+            config_overrides=overrides or None,
+            head_dim=head_dim,
+        )
+    except ValueError as err:
+        raise InputError(f"make-tiny-checkpoint: {err}") from err
     print(f"wrote a tiny random checkpoint (official layout, gibberish answers) to {path}")
     print(f"try: hd4k describe examples/page.png --model {path} --max-new-tokens 16")
+    if head_dim is not None and head_dim >= tiny.VLLM_HEAD_DIM:
+        print(f"or, with vLLM: VLLM_CPU_KVCACHE_SPACE=1 hd4k serve --engine vllm --model {path} -- --enforce-eager")
     return 0
 
 
@@ -408,4 +428,18 @@ def register(commands: Any, tasks: TaskRegistry | None = None) -> None:
     tiny.add_argument("directory", metavar="DIR")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--format", choices=("bin", "safetensors"), default="bin")
+    tiny.add_argument("--shards", type=int, default=2, help="weight files (default 2, with an index; 1: one file)")
+    tiny.add_argument(
+        "--for-vllm",
+        action="store_true",
+        help="head size 32, the smallest vLLM's CPU attention accepts (the default tiny head size is 16)",
+    )
+    tiny.add_argument("--head-dim", type=int, default=None, metavar="N", help="decoder head size (vLLM: 32..512)")
+    tiny.add_argument("--hidden-size", type=int, default=None, metavar="N", help="decoder width (default 64)")
+    tiny.add_argument("--intermediate-size", type=int, default=None, metavar="N", help="decoder FFN width")
+    tiny.add_argument("--layers", type=int, default=None, metavar="N", help="decoder layers (default 2)")
+    tiny.add_argument("--kv-heads", type=int, default=None, metavar="N", help="key/value heads (default 2)")
+    tiny.add_argument(
+        "--vocab-size", type=int, default=None, metavar="N", help="output rows (>= the ~800 pieces; benchmarks)"
+    )
     tiny.set_defaults(func=_cmd_make_tiny)

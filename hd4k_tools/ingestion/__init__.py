@@ -139,6 +139,7 @@ class IngestOptions:
     max_consecutive_failures: int = DEFAULT_MAX_CONSECUTIVE_FAILURES
     render_timeout_s: float = DEFAULT_RENDER_TIMEOUT_S
     render_memory_mb: int = DEFAULT_RENDER_MEMORY_MB
+    engine_options: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         hd_num = self.hd_num
@@ -242,6 +243,8 @@ def ingest(
             * ``max_consecutive_failures``: stop (``SystemicFailureError``) after this many pages in a row
               fail the same retryable way (0: never).
             * ``render_timeout_s``, ``render_memory_mb``: limits for rendering one PDF page.
+            * ``engine_options``: other options for opening the engine (each Ray actor opens its own),
+              e.g. ``{"gpu_memory_utilization": 0.85}`` or ``{"enforce_eager": True}`` for vLLM.
         hd: a ready :class:`hd4k_tools.HD4K` to use instead of opening one (local mode only).
         cancel: set it to stop between pages (local mode only); finished records are kept.
 
@@ -272,7 +275,12 @@ def ingest(
         None
         if hd is not None
         else EngineSpec(
-            engine=engine, model=model, remote_url=options.remote, device=options.device, dtype=options.dtype
+            engine=engine,
+            model=model,
+            remote_url=options.remote,
+            device=options.device,
+            dtype=options.dtype,
+            options=tuple((options.engine_options or {}).items()),
         )
     )
     identity = spec.identity() if spec is not None else model_identity(model)

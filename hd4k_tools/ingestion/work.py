@@ -59,6 +59,8 @@ class EngineSpec:
     remote_url: str | None = None
     device: str = "auto"
     dtype: str = "auto"
+    # Other options of the engine (e.g. vLLM's enforce_eager, max_model_len), as (name, value) pairs.
+    options: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
@@ -83,7 +85,7 @@ class EngineSpec:
             options: dict[str, Any] = {"device": self.device, "dtype": self.dtype, "progress": progress}
         else:  # other engines pick their own defaults; a device or dtype they do not take is refused
             options = {k: v for k, v in (("device", self.device), ("dtype", self.dtype)) if v != "auto"}
-        return HD4K.from_pretrained(self.model, engine=self.engine, **options)
+        return HD4K.from_pretrained(self.model, engine=self.engine, **options, **dict(self.options))
 
 
 def model_identity(model: str, *, remote: bool = False) -> str:

@@ -23,18 +23,24 @@ different algorithm, run as one engine request per step).
 
 vLLM starts its engine process with ``spawn``: a script that creates this runner needs the usual
 ``if __name__ == "__main__":`` guard.
+
+Shutting down: :meth:`VllmRunner.close` (or ``with VllmRunner(...)``, ``with HD4K.from_pretrained(...)``)
+stops vLLM's engine process and frees its shared memory. A runner still open when the interpreter exits is
+closed by an ``atexit`` hook, while the interpreter is whole: otherwise ``AsyncLLM.__del__`` runs during
+teardown (a traceback on stderr) and the multiprocessing resource tracker reports leaked shared memory.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import gc
 import itertools
-import json
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +62,8 @@ from hd4k_tools.runtime.tokenized import TokenizerOwner
 __all__ = ["VllmEngineError", "VllmRunner"]
 
 T = TypeVar("T")
+#: Seconds vLLM's engine process gets to stop its workers and free its shared memory before it is killed.
+SHUTDOWN_TIMEOUT_S = 60.0
 
 
 class VllmEngineError(ModelError):
@@ -89,8 +97,10 @@ class VllmRunner(TokenizerOwner):
             start-up profiling for it; default: the plugin's ``DEFAULT_ENGINE_HD_NUM``). Requests above it
             raise :class:`InvalidHDNumError`.
         tensor_parallel_size: GPUs to shard the model over (vLLM's own option).
-        dtype: ``"auto"`` (the checkpoint's dtype), ``"bfloat16"``, ``"float16"``, ``"float32"``.
-        max_model_len: context length (default: the checkpoint's ``max_length``).
+        dtype: ``"auto"`` (the checkpoint's dtype, as the native engine: a float32 checkpoint runs in float32
+            where vLLM's own ``"auto"`` would downcast it), ``"bfloat16"``, ``"float16"``, ``"float32"``.
+        max_model_len: context length (default: the checkpoint's ``max_length``, 16,384 for IXC2-4KHD, as
+            the native engine; vLLM's own default would be ``max_position_embeddings``).
         model_id: name reported in results (default: ``model``).
         engine_kwargs: any other ``vllm.AsyncEngineArgs`` field (``gpu_memory_utilization``,
             ``enforce_eager``, ``max_num_seqs``, ``enable_prefix_caching``, ...).
@@ -123,7 +133,9 @@ class VllmRunner(TokenizerOwner):
         self._model_id = model_id or str(model)
         self.hd_num = hd_num
         self._tokenizer = self.family.load_tokenizer(path)
-        self._max_len = int(max_model_len or self._config_max_length())
+        defaults = self.family.module("vllm.defaults")
+        self._max_len = int(max_model_len or defaults.checkpoint_max_length(path))
+        self.dtype = defaults.engine_dtype(path, dtype)
         self._stop_ids = sorted(stop_ids_for(self._tokenizer))
         self._ids = itertools.count()
         self._closed = False
@@ -135,7 +147,7 @@ class VllmRunner(TokenizerOwner):
         engine_args = self._engine_args(
             hd_num=hd_num,
             tensor_parallel_size=tensor_parallel_size,
-            dtype=dtype,
+            dtype=self.dtype,
             max_model_len=self._max_len,
             **engine_kwargs,
         )
@@ -146,6 +158,9 @@ class VllmRunner(TokenizerOwner):
             self._stop_loop()
             raise
         self.load_seconds = time.perf_counter() - t0
+        # Closed at interpreter exit if the caller did not (a weak reference: the hook keeps nothing alive).
+        self._atexit = _close_at_exit(weakref.ref(self))
+        atexit.register(self._atexit)
 
     @classmethod
     def from_pretrained(
@@ -170,10 +185,6 @@ class VllmRunner(TokenizerOwner):
         )
 
     # -- engine plumbing ---------------------------------------------------------------------------
-    def _config_max_length(self) -> int:
-        config = json.loads((self._path / "config.json").read_text(encoding="utf-8"))
-        return int(config.get("max_length") or config.get("max_position_embeddings") or 16384)
-
     def _engine_args(self, *, hd_num: int, **kwargs: Any) -> Any:
         kwargs.setdefault("enable_prefix_caching", True)
         kwargs.setdefault("disable_log_stats", True)
@@ -220,14 +231,18 @@ class VllmRunner(TokenizerOwner):
         """Shut vLLM's engine process down and stop the loop thread (idempotent)."""
         if self._closed:
             return
+        if (hook := getattr(self, "_atexit", None)) is not None:
+            atexit.unregister(hook)
         engine, self._engine = getattr(self, "_engine", None), None
         if engine is not None:
 
             async def shutdown() -> None:
-                engine.shutdown()
+                # vLLM's default grace period (5 s) is the engine process's own wait for its worker: on a
+                # busy machine the engine process is then killed before it frees its shared memory.
+                engine.shutdown(timeout=SHUTDOWN_TIMEOUT_S)
 
             with contextlib.suppress(Exception):
-                asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(timeout=60)
+                asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(timeout=SHUTDOWN_TIMEOUT_S + 30)
             # Collected now, while the interpreter is whole (AsyncLLM.__del__ shuts down again and fails
             # during interpreter teardown).
             del engine
@@ -404,6 +419,15 @@ class _Collected:
     finish: str = "length"
     first_token_at: float | None = None
     cancelled: bool = False
+
+
+def _close_at_exit(ref: weakref.ReferenceType[VllmRunner]) -> Callable[[], None]:
+    def hook() -> None:
+        runner = ref()
+        if runner is not None:
+            runner.close()
+
+    return hook
 
 
 class _Prepared:

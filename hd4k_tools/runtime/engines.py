@@ -8,6 +8,7 @@ as the extra to install rather than an ImportError deep inside a dependency.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -94,8 +95,17 @@ def _find_checkpoint(path_or_hub_id: str, options: dict[str, Any]) -> None:
 
     if Path(path_or_hub_id).expanduser().is_dir():
         return  # the engine reads it (and names any missing file)
+    if not all(_installed(package) for package in ENGINES["native"].needs):
+        return  # a light install: engine_class names the extra to install, the first thing to fix
     names = ("revision", "token", "cache_dir", "local_files_only")
     checkpoint_config(path_or_hub_id, HubOptions(**{k: options[k] for k in names if k in options}))
+
+
+def _installed(package: str) -> bool:
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 __all__ = ["ENGINES", "EngineRow", "check_engine_options", "engine_class", "load_engine"]

@@ -104,7 +104,8 @@ def test_serve_engines_and_default_hd_num_come_from_one_place() -> None:
     assert tuple(engine.choices) == tuple(ENGINES) and engine.default == DEFAULT_ENGINE
     default = registry.DEFAULT_FAMILY.default_engine_hd_num
     assert next(a for a in parser._actions if a.dest == "default_hd_num").default == default
-    pytest.importorskip("fastapi")
-    from hd4k_tools.serve.factory import create_app
+    from hd4k_tools.serve.factory import ServerOptions
+    from hd4k_tools.serve.run import run_server
 
-    assert inspect.signature(create_app).parameters["default_hd_num"].default == default
+    assert ServerOptions().default_hd_num == default
+    assert "default_hd_num" not in inspect.signature(run_server).parameters  # a ServerOptions field

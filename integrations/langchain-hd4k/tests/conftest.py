@@ -5,10 +5,9 @@ reaches a hub."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
-from langchain_helpers import CappedRunner, make_image_root
+from langchain_helpers import hd4k_capped, image_root  # noqa: F401  (shared fixtures)
 
 from hd4k_tools import HD4K
 
@@ -24,15 +23,3 @@ def hd4k_tiny(tmp_path_factory: pytest.TempPathFactory) -> HD4K:
 
     path = make_tiny_checkpoint(tmp_path_factory.mktemp("lc_tiny"), seed=0)
     return HD4K.from_pretrained(path, dtype="float32", device="cpu", progress=False)
-
-
-@pytest.fixture(scope="session")
-def hd4k_capped(hd4k_tiny: HD4K) -> HD4K:
-    """The same model behind :class:`CappedRunner`, for tools (whose generation length is fixed)."""
-    return HD4K(CappedRunner(hd4k_tiny.runner))
-
-
-@pytest.fixture(scope="session")
-def image_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tools' allowed folder: a chart PNG, a document page PNG, a 3-page PDF."""
-    return make_image_root(tmp_path_factory.mktemp("lc_root"))

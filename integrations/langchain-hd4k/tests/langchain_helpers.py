@@ -12,9 +12,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
 from PIL import Image, ImageDraw
 
-from hd4k_tools import GenerationRequest, PlanSummary, Runner, RunnerResult, TextStream, Usage
+from hd4k_tools import HD4K, GenerationRequest, PlanSummary, Runner, RunnerResult, TextStream, Usage
 
 # Tool calls cannot choose generation settings (AgentTools has no such option), and the task defaults
 # (describe: 512 tokens x 3 beams, read: 1024 tokens) make a random tiny model run for many seconds.
@@ -189,3 +190,16 @@ def make_image_root(root: Path) -> Path:
     page_image(1).save(root / "page.png")
     write_pdf(root / "report.pdf", 3)
     return root
+
+
+# Fixtures both LangChain test folders use (imported into each conftest.py; ``hd4k_tiny`` is each folder's own).
+@pytest.fixture(scope="session")
+def hd4k_capped(hd4k_tiny: HD4K) -> HD4K:
+    """The same model behind :class:`CappedRunner`, for tools (whose generation length is fixed)."""
+    return HD4K(CappedRunner(hd4k_tiny.runner))
+
+
+@pytest.fixture(scope="session")
+def image_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tools' allowed folder: a chart PNG, a document page PNG, a 3-page PDF."""
+    return make_image_root(tmp_path_factory.mktemp("lc_root"))

@@ -11,9 +11,11 @@ import importlib
 import importlib.util
 import inspect
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from hd4k_tools.errors import InputError, MissingDependencyError
+from hd4k_tools.models.xcomposer2_4khd.hub import HubOptions, checkpoint_config
 
 
 @dataclass(frozen=True)
@@ -89,10 +91,6 @@ def _find_checkpoint(path_or_hub_id: str, options: dict[str, Any]) -> None:
     """Make sure the checkpoint can be had before the engine's module imports torch (9-11 s): a hub id
     offline and not cached, or a folder that is not there, fails in a second (its ``config.json`` is
     fetched or found now; the weights follow in the engine)."""
-    from pathlib import Path
-
-    from hd4k_tools.models.xcomposer2_4khd.hub import HubOptions, checkpoint_config
-
     if Path(path_or_hub_id).expanduser().is_dir():
         return  # the engine reads it (and names any missing file)
     if not all(_installed(package) for package in ENGINES["native"].needs):

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from hd4k_tools.errors import CLI, PYTHON, CheckpointError, HubAuthError, MissingDependencyError, ModelNotFoundError
 from hd4k_tools.models.registry import FAMILIES
 
@@ -142,8 +144,6 @@ def hub_unreachable(endpoint: str | None = None, timeout_s: float = HUB_CONNECT_
     """``None`` when the Hub answers at all (any HTTP status), else why not, after ONE attempt: a request
     to ``endpoint`` with a ``timeout_s`` connect timeout, no retries, proxies from the environment as
     ``huggingface_hub`` uses them."""
-    import httpx  # a core dependency; imported here to keep the module's import light
-
     url = endpoint or hub_endpoint()
     try:
         with httpx.Client(timeout=httpx.Timeout(10.0, connect=timeout_s), follow_redirects=False) as client:

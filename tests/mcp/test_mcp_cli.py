@@ -33,7 +33,9 @@ def _readme_config() -> dict:
 def test_readme_client_snippet_parses() -> None:
     config = _readme_config()
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts[config["command"]] == "hd4k_tools.cli:main"
+    # The full path of the console script in the README's virtual environment (clients do not see the venv).
+    assert config["command"].endswith("/.venv/bin/hd4k")
+    assert scripts[Path(config["command"]).name] == "hd4k_tools.cli:main"
     args = build_parser().parse_args(config["args"])
     assert args.func is mcp_cli.run_from_args
     assert args.transport == "stdio"
@@ -47,7 +49,7 @@ def test_readme_client_snippet_runs_as_written(tiny_checkpoint: Path, mcp_root: 
     """The snippet's command and arguments, with only the two paths swapped for the tiny checkpoint and a test
     folder, serve the tools over stdio to the SDK's client."""
     config = _readme_config()
-    command = Path(sys.executable).with_name(config["command"])
+    command = Path(sys.executable).with_name(Path(config["command"]).name)
     if not command.exists():
         pytest.skip(f"the console script {command} is not installed next to this interpreter")
     swap = {"/models/internlm-xcomposer2-4khd-7b": str(tiny_checkpoint), "/home/me/Documents": str(mcp_root)}

@@ -230,25 +230,31 @@ async def _answer_stream(request: Request, prep: Prepared, cid: str, created: in
                 if first.attempts == 2:
                     metrics.structured_retry()
                 result: RunnerResult | None = first.result
-                yield responses.chunk(cid, created, model, {"content": first.text}, None)
+                yield responses.chunk(
+                    cid, created, model, {"content": first.text}, None, token_logprobs=first.result.logprobs
+                )
                 stopped = False
                 attempts: int | None = first.attempts
             else:
                 assert stream is not None
                 delta = first
+                sent = 0  # logprob entries already sent (logprobs: true)
                 while delta is not done:
                     out = filt.feed(delta)
                     if out:
-                        yield responses.chunk(cid, created, model, {"content": out}, None)
+                        entries = stream.logprobs[sent:] if prep.logprobs else None
+                        sent += len(entries or ())
+                        yield responses.chunk(cid, created, model, {"content": out}, None, token_logprobs=entries)
                     if filt.stopped:
                         break
                     delta = await anyio.to_thread.run_sync(lambda: next(stream, done))
                 if filt.stopped:
                     cancel.set()
                 tail = filt.finish()
-                if tail:
-                    yield responses.chunk(cid, created, model, {"content": tail}, None)
                 await anyio.to_thread.run_sync(stream.close)
+                rest = stream.logprobs[sent:] if prep.logprobs and not filt.stopped else None
+                if tail or rest:
+                    yield responses.chunk(cid, created, model, {"content": tail}, None, token_logprobs=rest)
                 result = stream.result
                 stopped = filt.stopped
                 attempts = None

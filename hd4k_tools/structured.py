@@ -1,12 +1,15 @@
-"""Structured output by JSON prompting: one framework-neutral implementation for every front end.
+"""Structured output: one framework-neutral implementation for every front end.
 
-IXC2-4KHD has no constrained decoding, so structured output is asked for in words and checked after the
-fact: :func:`json_instruction` turns a JSON schema into an instruction appended to the conversation, the
-answer's first JSON object is extracted (:func:`extract_json_object`: bare, inside a Markdown fence or
-surrounded by prose) and validated (a pydantic model, a ``TypedDict`` or a plain JSON schema, see
-:func:`make_validator`). An answer that does not validate gets **one** retry that shows the model its
-answer and the validation error (:func:`retry_instruction`); a second failure raises
-:class:`~hd4k_tools.errors.OutputParseError`.
+The engines constrain decoding to the schema (:class:`JSONConstraint` on the request: llguidance in the
+native engine, vLLM's structured outputs, a server's ``response_format``), so the answer is JSON of the
+schema by construction. Around that: :func:`json_instruction` turns the schema into an instruction appended
+to the conversation (the model should know what it is writing), the answer's first JSON object is extracted
+(:func:`extract_json_object`; ``NaN``/``Infinity`` are refused, :func:`dumps_json` never writes them) and
+validated with the ``jsonschema`` library (a pydantic model, a ``TypedDict`` or a plain JSON schema, see
+:func:`make_validator`; schemas themselves are checked against the meta-schema by :func:`check_schema`).
+An answer that still does not validate (a keyword the grammar does not enforce, or an engine without
+constraints) gets **one** retry that shows the model its answer and the error (:func:`retry_instruction`); a
+second failure raises :class:`~hd4k_tools.errors.OutputParseError`.
 
 :class:`StructuredOutput` bundles the three steps; :func:`generate_structured` /
 :func:`agenerate_structured` run the loop over any message type, so ``ChatHD4K`` (LangChain messages),
@@ -28,19 +31,19 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from hd4k_tools.errors import InputError, OutputParseError
 
 __all__ = [
+    "JSONConstraint",
     "StructuredAnswer",
     "StructuredOutput",
     "StructuredOutputTruncatedError",
     "agenerate_structured",
-    "JSONConstraint",
     "check_json_schema",
     "check_schema",
     "dumps_json",
     "extract_json_object",
-    "loads_json",
     "generate_structured",
     "json_instruction",
     "json_schema_of",
+    "loads_json",
     "make_validator",
     "retry_instruction",
 ]
@@ -127,7 +130,9 @@ def dumps_json(value: Any) -> str:
     try:
         return json.dumps(value, ensure_ascii=False, allow_nan=False)
     except ValueError as err:
-        raise OutputParseError(f"The structured answer holds a non-finite number, which JSON cannot carry: {err}") from err
+        raise OutputParseError(
+            f"The structured answer holds a non-finite number, which JSON cannot carry: {err}"
+        ) from err
 
 
 def extract_json_object(text: str) -> dict[str, Any]:
@@ -193,7 +198,10 @@ def _check_refs(schema: Mapping[str, Any]) -> None:
         while isinstance(node, Mapping) and set(node) == {"$ref"} and isinstance(node["$ref"], str):
             nxt = node["$ref"]
             if nxt in seen:
-                raise InputError(f"The JSON schema reference {ref!r} refers to itself in a loop (no schema behind it after following up to {_MAX_DEPTH} levels).")
+                raise InputError(
+                    f"The JSON schema reference {ref!r} refers to itself in a loop (no schema behind it after "
+                    f"following up to {_MAX_DEPTH} levels)."
+                )
             if nxt != "#" and not nxt.startswith("#/"):
                 raise InputError(f"Only local JSON-schema references ('#/...') are supported, got {nxt!r}.")
             seen.add(nxt)
@@ -257,7 +265,9 @@ def check_json_schema(data: Any, json_schema: Mapping[str, Any]) -> list[str]:
             where = ".".join(str(p) for p in err.absolute_path) or "(root)"
             out.append(f"{where}: {_shown_error(err.message)}")
     except RecursionError as err:
-        raise InputError(f"The JSON schema nests deeper than {_MAX_DEPTH} levels (or refers to itself in a loop).") from err
+        raise InputError(
+            f"The JSON schema nests deeper than {_MAX_DEPTH} levels (or refers to itself in a loop)."
+        ) from err
     except referencing.exceptions.Unresolvable as err:  # pragma: no cover - _check_refs resolves them first
         raise InputError(f"The JSON schema has a reference that points nowhere: {err}") from err
     return out

@@ -64,6 +64,7 @@ __all__ = [
     "stop_ids_for",
     "stream",
     "stream_text",
+    "token_bytes",
 ]
 
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -120,6 +121,16 @@ def decode_output(tokenizer: _Tokenizer, token_ids: Sequence[int]) -> str:
     """Text of generated ids as the official chat produces it: decode with ``skip_special_tokens`` and
     cut at the first ``[UNUSED_TOKEN_145]`` (docs/model.md §4)."""
     return tokenizer.decode(list(token_ids), skip_special_tokens=True).split(IM_END)[0]
+
+
+def token_bytes(tokenizer: object, token_id: int) -> bytes:
+    """The bytes a sentencepiece piece stands for (what OpenAI's ``logprobs[].bytes`` reports): ``▁`` is a
+    space, a byte-fallback piece ``<0xE4>`` is that one byte, special pieces are their text."""
+    sp = tokenizer._sp  # type: ignore[attr-defined]
+    piece = sp.id_to_piece(token_id)
+    if sp.is_byte(token_id):
+        return bytes([int(piece[3:5], 16)])
+    return piece.replace("\u2581", " ").encode("utf-8")
 
 
 def _stable_prefix(text: str) -> str:

@@ -14,11 +14,11 @@ __all__ = [
     "LOGIT_BIAS_RANGE",
     "MAX_LENGTH_PENALTY",
     "MAX_LOGIT_BIAS_ENTRIES",
-    "MAX_TOP_LOGPROBS",
-    "OPENAI_PENALTY_RANGE",
     "MAX_NEW_TOKENS_LIMIT",
     "MAX_NUM_BEAMS",
     "MAX_SEED",
+    "MAX_TOP_LOGPROBS",
+    "OPENAI_PENALTY_RANGE",
     "PENALTY_RANGE",
     "TEMPERATURE_RANGE",
     "GenerationConfig",
@@ -133,12 +133,16 @@ class GenerationConfig:
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not is_num(value) or not low <= value <= high:
-                raise InputError(f"{name} must be a number in [{low:g}, {high:g}], got {short_repr(value)} (0 disables it)")
+                raise InputError(
+                    f"{name} must be a number in [{low:g}, {high:g}], got {short_repr(value)} (0 disables it)"
+                )
         object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias, is_int, is_num))
         if not isinstance(self.logprobs, bool):
             raise InputError(f"logprobs must be True or False, got {short_repr(self.logprobs)}")
         if not is_int(self.top_logprobs) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
-            raise InputError(f"top_logprobs must be an int in [0, {MAX_TOP_LOGPROBS}], got {short_repr(self.top_logprobs)}")
+            raise InputError(
+                f"top_logprobs must be an int in [0, {MAX_TOP_LOGPROBS}], got {short_repr(self.top_logprobs)}"
+            )
         if self.top_logprobs and not self.logprobs:
             raise InputError("top_logprobs needs logprobs=True (OpenAI's rule).")
         if self.num_beams > 1 and (self.logprobs or self.presence_penalty or self.frequency_penalty or self.logit_bias):

@@ -51,6 +51,7 @@ from hd4k_tools.runtime.generation import (
     iter_tokens,
     stop_ids_for,
     stream_text,
+    token_bytes,
 )
 from hd4k_tools.runtime.generation import TokenLogprob as GenLogprob
 from hd4k_tools.runtime.kv_prefix_cache import PrefixKey, PrefixKVCache, PromptSplit, split_at_last_image, suffix_inputs
@@ -248,7 +249,7 @@ class LocalRunner:
 
     def _token_logprob(self, entry: GenLogprob) -> TokenLogprob:
         def one(token_id: int, logprob: float) -> TokenLogprob:
-            raw = _token_bytes(self._tokenizer, token_id)
+            raw = token_bytes(self._tokenizer, token_id)
             return TokenLogprob(raw.decode("utf-8", errors="replace"), logprob, tuple(raw))
 
         first = one(entry.token_id, entry.logprob)
@@ -509,16 +510,6 @@ class LocalRunner:
             timings=timings,
             logprobs=[self._token_logprob(e) for e in out.logprobs] if out.logprobs is not None else None,
         )
-
-
-def _token_bytes(tokenizer: object, token_id: int) -> bytes:
-    """The bytes a sentencepiece piece stands for: ``▁`` is a space, a byte-fallback piece ``<0xE4>`` that
-    byte; special pieces as their text."""
-    sp = tokenizer._sp  # type: ignore[attr-defined]
-    piece = sp.id_to_piece(token_id)
-    if sp.is_byte(token_id):
-        return bytes([int(piece[3:5], 16)])
-    return piece.replace("\u2581", " ").encode("utf-8")
 
 
 __all__ = ["Encoded", "LocalRunner", "Prepared"]

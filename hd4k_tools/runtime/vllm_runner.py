@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import itertools
 import json
@@ -43,15 +44,16 @@ from vllm import AsyncEngineArgs, SamplingParams
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from hd4k_tools.errors import HD4KError, InputError, InvalidHDNumError, ModelError
+from hd4k_tools.errors import HD4KError, InputError, InvalidHDNumError, ModelError, OutputParseError
 from hd4k_tools.models.xcomposer2_4khd.prompt import check_context, conversation_prompt
 from hd4k_tools.models.xcomposer2_4khd.tokenizer import InternLM2Tokenizer
 from hd4k_tools.models.xcomposer2_4khd.vllm.processor import DEFAULT_ENGINE_HD_NUM
 from hd4k_tools.results import PlanSummary, Timings, Usage
-from hd4k_tools.runtime.generation import TextDeltas, decode_output, stop_ids_for
+from hd4k_tools.runtime.generation import TextDeltas, decode_output, stop_ids_for, token_bytes
 from hd4k_tools.runtime.generation_config import GenerationConfig
-from hd4k_tools.runtime.runner import GenerationRequest, RunnerResult, TextStream, stream_in_thread
+from hd4k_tools.runtime.runner import GenerationRequest, RunnerResult, TextStream, TokenLogprob, stream_in_thread
 from hd4k_tools.runtime.stops import StopFilter
+from hd4k_tools.structured import JSONConstraint, StructuredOutputTruncatedError, loads_json
 
 __all__ = ["VllmEngineError", "VllmRunner"]
 
@@ -62,8 +64,14 @@ class VllmEngineError(ModelError):
     """vLLM's engine failed (did not start, died, or rejected a request for a reason not ours)."""
 
 
-def _sampling_params(g: GenerationConfig, max_tokens: int, stop_ids: Sequence[int]) -> Any:
-    """vLLM ``SamplingParams`` for ``g`` (greedy or sampling; beams are refused by the caller)."""
+def _sampling_params(
+    g: GenerationConfig, max_tokens: int, stop_ids: Sequence[int], constraint: JSONConstraint | None = None
+) -> Any:
+    """vLLM ``SamplingParams`` for ``g`` (greedy or sampling; beams are refused by the caller). OpenAI's
+    penalties, ``logit_bias`` and ``logprobs`` pass through; a JSON constraint becomes vLLM's own structured
+    outputs (``StructuredOutputsParams``: ``json`` schema or ``json_object``)."""
+    from vllm.sampling_params import StructuredOutputsParams
+
     kwargs: dict[str, Any] = {
         "max_tokens": max_tokens,
         "stop_token_ids": list(stop_ids),
@@ -77,7 +85,34 @@ def _sampling_params(g: GenerationConfig, max_tokens: int, stop_ids: Sequence[in
         kwargs.update(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k)
     else:
         kwargs["temperature"] = 0.0
+    kwargs.update(presence_penalty=g.presence_penalty, frequency_penalty=g.frequency_penalty)
+    if g.logit_bias:
+        kwargs["logit_bias"] = dict(g.logit_bias)
+    if g.logprobs:
+        kwargs["logprobs"] = g.top_logprobs
+    if constraint is not None:
+        kwargs["structured_outputs"] = (
+            StructuredOutputsParams(json=constraint.schema)
+            if constraint.schema_json is not None
+            else StructuredOutputsParams(json_object=True)
+        )
     return SamplingParams(**kwargs)
+
+
+def _logprob_entries(tokenizer: Any, token_ids: Sequence[int], logprobs: Sequence[Any], k: int) -> list[TokenLogprob]:
+    """vLLM's per-token ``{token_id: Logprob}`` dicts (the chosen token plus the top ``k``, ranked) in
+    OpenAI's shape."""
+
+    def one(token_id: int, logprob: float) -> TokenLogprob:
+        raw = token_bytes(tokenizer, token_id)
+        return TokenLogprob(raw.decode("utf-8", errors="replace"), float(logprob), tuple(raw))
+
+    out = []
+    for token_id, entries in zip(token_ids, logprobs, strict=False):
+        ranked = sorted((e.rank or 0, t, e.logprob) for t, e in entries.items() if e.rank is not None and e.rank <= k)
+        first = one(int(token_id), entries[token_id].logprob)
+        out.append(dataclasses.replace(first, top_logprobs=tuple(one(int(t), lp) for _, t, lp in ranked)))
+    return out
 
 
 class VllmRunner:
@@ -296,7 +331,7 @@ class VllmRunner:
         if plans:
             engine_input["multi_modal_data"] = {"image": request.images}
             engine_input["mm_processor_kwargs"]["hd_num"] = hd_nums
-        params = _sampling_params(request.generation, max_tokens, self._stop_ids)
+        params = _sampling_params(request.generation, max_tokens, self._stop_ids, request.constraint)
         return _Prepared(request, plans, engine_input, params, needed)
 
     async def _run(self, request: GenerationRequest, *, emit: Callable[[str], None] | None, cancel) -> RunnerResult:
@@ -308,6 +343,8 @@ class VllmRunner:
         t_start = time.perf_counter()
         request_id = f"hd4k-{next(self._ids)}"
         tokens: list[int] = []
+        token_logprobs: list[TokenLogprob] = []
+        g = prep.request.generation
         finish: str = "length"
         prompt_tokens = prep.num_prompt_tokens
         first_token_at: float | None = None
@@ -331,6 +368,13 @@ class VllmRunner:
                         if first_token_at is None:
                             first_token_at = time.perf_counter()
                         new = [int(t) for t in piece.token_ids if int(t) not in self._stop_ids]
+                        if g.logprobs and piece.logprobs:  # the stop token's entry is left out, as natively
+                            entries = _logprob_entries(self._tokenizer, piece.token_ids, piece.logprobs, g.top_logprobs)
+                            token_logprobs.extend(
+                                e
+                                for t, e in zip(piece.token_ids, entries, strict=False)
+                                if int(t) not in self._stop_ids
+                            )
                         tokens.extend(int(t) for t in piece.token_ids)
                         send(deltas.feed(new))
                     if out.finished:
@@ -377,6 +421,14 @@ class VllmRunner:
             image_tokens=sum(p.num_tokens for p in prep.plans),
             completion_tokens=len(tokens),
         )
+        if prep.request.constraint is not None and finish_reason == "length":
+            try:
+                loads_json(text)
+            except OutputParseError as err:
+                raise StructuredOutputTruncatedError(
+                    f"The JSON answer did not fit in max_new_tokens={max(1, len(tokens))} (vLLM's structured "
+                    "outputs stopped before the object was complete); allow more new tokens (max_tokens)."
+                ) from err
         return RunnerResult(
             text=text.strip(),
             model=self.model_id,
@@ -384,6 +436,7 @@ class VllmRunner:
             plans=[PlanSummary.from_plan(p) for p in prep.plans],
             usage=usage,
             timings=timings,
+            logprobs=token_logprobs if g.logprobs else None,
         )
 
     @staticmethod

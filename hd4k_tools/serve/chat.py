@@ -131,7 +131,9 @@ def generation_config(body: ChatCompletionRequest, max_tokens_limit: int) -> Gen
     try:
         return GenerationConfig(**changes)
     except ValueError as err:
-        param = next((n for n in ("logit_bias", "logprobs", "presence_penalty", "frequency_penalty") if n in str(err)), None)
+        param = next(
+            (n for n in ("logit_bias", "logprobs", "presence_penalty", "frequency_penalty") if n in str(err)), None
+        )
         raise APIError(
             400, f"Invalid generation settings: {err}", param=param, code="invalid_generation_settings"
         ) from err

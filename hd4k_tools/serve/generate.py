@@ -1,8 +1,8 @@
 """Running a prepared request on the runner, off the event loop: whole answers (cut at stop sequences) and
 JSON ``response_format`` answers (the structured-output loop of :mod:`hd4k_tools.structured` over requests
 that carry the :class:`~hd4k_tools.structured.JSONConstraint`, so the engine decodes valid JSON; the
-validation and its one retry remain for what a grammar does not enforce). Plain functions of the runner and a cancel event; the routes call them
-in a worker thread."""
+validation and its one retry remain for what a grammar does not enforce). Plain functions of the runner and
+a cancel event; the routes call them in a worker thread."""
 
 from __future__ import annotations
 

@@ -229,19 +229,13 @@ def _messages(body: ChatCompletionRequest, settings: ServeSettings) -> tuple[Mes
 def _refuse_tools(body: ChatCompletionRequest) -> None:
     """``tools``/``functions`` (unless ``tool_choice`` is ``"none"``) are refused. Without any tool,
     ``tool_choice`` (``"none"``, ``"auto"``, ``"required"``) selects among nothing and is a no-op: LlamaIndex's
-    structured predict sends ``"required"`` with no tools (docs/decisions.md); naming a function that was
-    not given is refused, as OpenAI does."""
+    structured predict sends ``"required"`` with no tools (docs/decisions.md); a named function is refused
+    (this model cannot call it)."""
     choice = body.tool_choice
     if (body.tools or body.functions) and choice != "none":
         raise APIError(400, TOOLS_UNSUPPORTED, param="tools", code="tools_not_supported")
     if choice is not None and choice not in ("none", "auto", "required"):
-        raise APIError(
-            400,
-            "tool_choice names a function, but no tools were given (and this model has no tool calling); "
-            "drop tool_choice.",
-            param="tool_choice",
-            code="tools_not_supported",
-        )
+        raise APIError(400, TOOLS_UNSUPPORTED, param="tool_choice", code="tools_not_supported")
 
 
 def _structured(fmt: ResponseFormat | None) -> StructuredOutput | None:

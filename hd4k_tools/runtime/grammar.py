@@ -27,6 +27,7 @@ import json
 from collections.abc import Collection
 from typing import Any
 
+import numpy as np
 import torch
 
 from hd4k_tools.errors import InputError, MissingDependencyError
@@ -140,23 +141,28 @@ class JSONMatcher:
     def __init__(self, vocab: GrammarVocabulary, matcher: Any) -> None:
         self.vocab = vocab
         self._matcher = matcher
-        self._bits = torch.arange(32, dtype=torch.int32)  # [32]
         if matcher.is_error():  # pragma: no cover - grammar() validated it
             raise InputError(f"The constrained-decoding grammar failed to start: {matcher.get_error()}")
 
+    def _disallowed(self) -> torch.Tensor:
+        """Tokens the grammar forbids next, as a bool mask ``[V]``: llguidance's bitmask (bit ``i`` of
+        little-endian 32-bit word ``j`` is token ``32 * j + i``) inverted and unpacked in one numpy call."""
+        words = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8)  # [4 * ceil(V/32)]
+        bits = np.unpackbits(~words, bitorder="little")[: self.vocab.n_vocab]  # [V] uint8, 1 = forbidden
+        return torch.from_numpy(bits).view(torch.bool)
+
     def allowed(self) -> torch.Tensor:
         """Tokens the grammar allows next, as a bool mask ``[V]``."""
-        words = torch.frombuffer(bytearray(self._matcher.compute_bitmask()), dtype=torch.int32)  # [ceil(V/32)]
-        bits = (words[:, None] >> self._bits) & 1  # [W, 32]
-        return bits.reshape(-1)[: self.vocab.n_vocab].bool()  # [W*32] -> [V]
+        return ~self._disallowed()
 
     def mask_(self, scores: torch.Tensor, remaining: int, max_new_tokens: int) -> torch.Tensor:
         """Set disallowed tokens of ``scores [1, V]`` to -inf (in place); near the end of the budget
         (``remaining`` steps left) narrow to the tokens that close the JSON (module docstring)."""
-        allowed = self.allowed()  # [V]
-        if scores.shape[-1] != allowed.shape[0]:  # pragma: no cover - vocab built from the same model
-            raise ValueError(f"scores have {scores.shape[-1]} columns, the grammar vocabulary {allowed.shape[0]}")
+        disallowed = self._disallowed()  # [V]
+        if scores.shape[-1] != disallowed.shape[0]:  # pragma: no cover - vocab built from the same model
+            raise ValueError(f"scores have {scores.shape[-1]} columns, the grammar vocabulary {disallowed.shape[0]}")
         if remaining <= min(WRAP_UP_TOKENS, max_new_tokens // 2):
+            allowed = ~disallowed
             stops = allowed[self.vocab.stop_ids]
             if bool(stops.any()):
                 narrowed = torch.zeros_like(allowed)
@@ -167,7 +173,8 @@ class JSONMatcher:
                     if bool((allowed & cls).any()):
                         allowed = allowed & cls
                         break
-        return scores.masked_fill_(~allowed, float("-inf"))
+            disallowed = ~allowed
+        return scores.masked_fill_(disallowed, float("-inf"))
 
     def advance(self, token: int) -> None:
         """Follow the chosen token (a stop id ends the grammar)."""

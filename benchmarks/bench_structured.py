@@ -128,7 +128,8 @@ def main() -> None:
     model = "4 layers x 512 (vocabulary 800)" if args.small else "tiny checkpoint (test-suite defaults, vocabulary 800)"
     section = f"""{TITLE}
 
-`benchmarks/bench_structured.py --rounds {args.rounds}{" --small" if args.small else ""}` — {datetime.date.today()}, {cpu_name()}, \
+`benchmarks/bench_structured.py --rounds {args.rounds}{" --small" if args.small else ""}` — {datetime.date.today()}, \
+{cpu_name()}, \
 {args.threads} torch thread(s), torch {torch.__version__}, Python {platform.python_version()}, llguidance \
 {_version("llguidance")}; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after (a shared machine).
 Model: {model}, float32, greedy, up to {args.max_new_tokens} new tokens; the constrained answers had \
@@ -139,7 +140,8 @@ alternating order.
 |---|---|
 | unconstrained, ms per token (median of rounds) | {statistics.median(free):.3f} |
 | JSON-schema constrained, ms per token (median of rounds) | {statistics.median(bound):.3f} |
-| constrained / unconstrained (median; per-round range; target <= 1.10) | **{med:.3f}x** ({min(ratios):.3f}–{max(ratios):.3f}) |
+| constrained / unconstrained (median; per-round range; target <= 1.10) | **{med:.3f}x** \
+({min(ratios):.3f}–{max(ratios):.3f}) |
 | grammar vocabulary, built once per runner | {1000 * vocab_s:.1f} ms |
 | schema compile, once per schema (cached) | {1000 * compile_s:.1f} ms |
 | mask step alone, vocabulary 800 | {mask_tiny:.3f} ms |

@@ -91,10 +91,11 @@ def _sampling_params(
     if g.logprobs:
         kwargs["logprobs"] = g.top_logprobs
     if constraint is not None:
+        # Compact JSON as in the native engine: free whitespace would let a model spend its budget on blanks.
         kwargs["structured_outputs"] = (
-            StructuredOutputsParams(json=constraint.schema)
+            StructuredOutputsParams(json=constraint.schema, disable_any_whitespace=True)
             if constraint.schema_json is not None
-            else StructuredOutputsParams(json_object=True)
+            else StructuredOutputsParams(json_object=True, disable_any_whitespace=True)
         )
     return SamplingParams(**kwargs)
 

@@ -212,13 +212,6 @@ class VllmRunner:
     def _engine_args(self, *, hd_num: int, **kwargs: Any) -> Any:
         kwargs.setdefault("enable_prefix_caching", True)
         kwargs.setdefault("disable_log_stats", True)
-        if "structured_outputs_config" not in kwargs:
-            # JSON response formats through the backend that takes this checkpoint's slow tokenizer.
-            from vllm.config import StructuredOutputsConfig
-
-            from hd4k_tools.models.xcomposer2_4khd.vllm.names import STRUCTURED_OUTPUTS_BACKEND
-
-            kwargs["structured_outputs_config"] = StructuredOutputsConfig(backend=STRUCTURED_OUTPUTS_BACKEND)
         try:
             return AsyncEngineArgs(model=str(self._path), mm_processor_kwargs={"hd_num": hd_num}, **kwargs)
         except TypeError as err:

@@ -34,7 +34,6 @@ from pathlib import Path
 from hd4k_tools.errors import CheckpointError, InputError
 from hd4k_tools.models.xcomposer2_4khd.tokenizer import InternLM2Tokenizer
 from hd4k_tools.models.xcomposer2_4khd.vllm import CHAT_TEMPLATE_PATH
-from hd4k_tools.models.xcomposer2_4khd.vllm.names import STRUCTURED_OUTPUTS_BACKEND
 from hd4k_tools.runtime.engines import engine_class
 from hd4k_tools.serve.ports import bind_port
 
@@ -129,9 +128,6 @@ def vllm_server_argv(
         str(gen_dir),
         "--allowed-media-domains",
         BLOCKED_MEDIA_DOMAIN,
-        # response_format json_object / json_schema: the backend that takes this checkpoint's tokenizer.
-        "--structured-outputs-config",
-        json.dumps({"backend": STRUCTURED_OUTPUTS_BACKEND}),
     ]
     if hd_num is not None:  # else the plugin's default engine hd_num
         argv += ["--mm-processor-kwargs", json.dumps({"hd_num": hd_num})]

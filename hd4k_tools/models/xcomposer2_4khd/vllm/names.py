@@ -22,7 +22,3 @@ CHAT_TEMPLATE_PATH = Path(__file__).with_name("chat_template.jinja")
 #: CUDA graphs / torch.compile are on and ``"gather"`` in eager mode; ``"off"`` disables Partial LoRA (a
 #: negative control for tests and benchmarks; never correct for the real model).
 PLORA_MODES = ("auto", "gather", "static", "off")
-#: vLLM's structured-outputs backend for JSON response formats: the checkpoint's tokenizer is a
-#: sentencepiece (slow) tokenizer, which vLLM's xgrammar and guidance backends refuse ("Unsupported tokenizer
-#: type"), and outlines has no ``json_object``; lm-format-enforcer takes any tokenizer.
-STRUCTURED_OUTPUTS_BACKEND = "lm-format-enforcer"

@@ -4,7 +4,7 @@
 
 * ``POST /v1/chat/completions``: OpenAI chat completions (text and ``image_url`` content parts, streaming
   with server-sent events and keep-alive comments during long prefills, ``response_format``
-  ``json_object`` / ``json_schema`` by JSON prompting with validation and one retry, ``tool`` messages),
+  ``json_object`` / ``json_schema`` by constrained decoding and validation, ``tool`` messages),
   plus the extensions ``hd_num`` (an int, ``"auto"``, or one per image), ``top_k``,
   ``repetition_penalty``, ``num_beams`` and ``layout`` (``"chat"`` or ``"eval"``). Responses carry an
   extension field ``hd4k`` with the tile plans, timings and image-token count. ``tools`` are refused with

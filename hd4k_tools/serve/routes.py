@@ -341,7 +341,7 @@ def _usage_for_log(request: Request, result: RunnerResult | None) -> None:
 )
 async def chat_completions(request: Request) -> Response:
     """OpenAI chat completions with image parts (data URLs; http(s) when the server allows them), streaming,
-    ``response_format`` (``json_object`` / ``json_schema``, by JSON prompting with validation and one retry)
+    ``response_format`` (``json_object`` / ``json_schema``, by constrained decoding and validation)
     and the hd4k extensions ``hd_num``, ``top_k``, ``repetition_penalty``, ``num_beams``, ``layout``.
     ``tools`` are refused (400 ``tools_not_supported``): the model has no tool calling."""
     state = _state(request)

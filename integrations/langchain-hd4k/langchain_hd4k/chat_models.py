@@ -217,7 +217,7 @@ class ChatHD4K(BaseChatModel):
             text_outputs=True,
             tool_calling=False,
             tool_choice=False,
-            # JSON prompting with validation and one retry (response_format / with_structured_output).
+            # Constrained decoding with validation (response_format / with_structured_output).
             structured_output=True,
         )
 
@@ -405,7 +405,7 @@ class ChatHD4K(BaseChatModel):
             )
         )
 
-    # -- response_format (JSON prompting through the core's structured-output loop) -------------------
+    # -- response_format (constrained decoding through the core's structured-output loop) ------------
     def _plain_call(self, stop: list[str] | None, kwargs: Mapping[str, Any], spec: StructuredOutput) -> Any:
         options = {k: v for k, v in kwargs.items() if k != "response_format"}
         options[_CONSTRAINT_KWARG] = spec.constraint
@@ -480,14 +480,14 @@ class ChatHD4K(BaseChatModel):
     # -- tools and structured output -----------------------------------------------------------------
     def bind_tools(self, tools: Sequence[Any], *, tool_choice: Any = None, **kwargs: Any) -> Runnable:
         """No native tool calling: only an empty tool list with a ``response_format`` is accepted (what
-        ``create_agent(ChatHD4K(...), tools=[], response_format=Schema)`` binds; answered by JSON prompting).
+        ``create_agent(ChatHD4K(...), tools=[], response_format=Schema)`` binds; answered by constrained decoding).
 
         Raises:
             NotImplementedError: for any tool. Use a tool-calling chat model as the agent's LLM and give it
                 the tools of ``HD4KToolkit(hd).get_tools()`` so it can look at documents and images.
         """
         if not tools and kwargs.get("response_format") is not None and tool_choice in (None, "none", "auto"):
-            # No tool to call, only a response format: answered by JSON prompting (see _generate).
+            # No tool to call, only a response format: answered by constrained decoding (see _generate).
             return self.bind(**kwargs)
         raise NotImplementedError(
             "ChatHD4K cannot call tools: InternLM-XComposer2-4KHD has no native tool calling. Use a "

@@ -91,7 +91,7 @@ def _sampling_params(
     if g.logprobs:
         kwargs["logprobs"] = g.top_logprobs
     if constraint is not None:
-        # Compact JSON as in the native engine: free whitespace would let a model spend its budget on blanks.
+        # Compact JSON as in the native engine (the engine-level flag is what xgrammar reads; see _engine_args).
         kwargs["structured_outputs"] = (
             StructuredOutputsParams(json=constraint.schema, disable_any_whitespace=True)
             if constraint.schema_json is not None
@@ -212,6 +212,12 @@ class VllmRunner:
     def _engine_args(self, *, hd_num: int, **kwargs: Any) -> Any:
         kwargs.setdefault("enable_prefix_caching", True)
         kwargs.setdefault("disable_log_stats", True)
+        if "structured_outputs_config" not in kwargs:
+            # Compact JSON for response formats, as in the native engine: xgrammar reads this engine-level
+            # flag, not the request's (free whitespace lets a model spend its whole budget on blanks).
+            from vllm.config import StructuredOutputsConfig
+
+            kwargs["structured_outputs_config"] = StructuredOutputsConfig(disable_any_whitespace=True)
         try:
             return AsyncEngineArgs(model=str(self._path), mm_processor_kwargs={"hd_num": hd_num}, **kwargs)
         except TypeError as err:

@@ -131,7 +131,7 @@ def vllm_server_argv(
         # response_format: compact JSON, as the native engine writes it (free whitespace lets a model spend
         # its whole budget on blanks).
         "--structured-outputs-config",
-        json.dumps({"disable_any_whitespace": True}),
+        json.dumps({"backend": "xgrammar", "disable_any_whitespace": True}),
     ]
     if hd_num is not None:  # else the plugin's default engine hd_num
         argv += ["--mm-processor-kwargs", json.dumps({"hd_num": hd_num})]

@@ -217,7 +217,8 @@ class VllmRunner:
             # flag, not the request's (free whitespace lets a model spend its whole budget on blanks).
             from vllm.config import StructuredOutputsConfig
 
-            kwargs["structured_outputs_config"] = StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)
+            config = StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)
+            kwargs["structured_outputs_config"] = config
         try:
             return AsyncEngineArgs(model=str(self._path), mm_processor_kwargs={"hd_num": hd_num}, **kwargs)
         except TypeError as err:

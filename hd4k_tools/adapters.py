@@ -12,7 +12,7 @@ document types, then leans on these helpers for the parts that must behave the s
 - :func:`select_document_pages` / :func:`page_metadata`: which pages of a source to read, checked
   against the page limit before anything is transcribed, and the page fields loaders report.
 
-Structured output (JSON prompting, validation, one retry) lives in :mod:`hd4k_tools.structured`.
+Structured output (constrained decoding, validation, one retry) lives in :mod:`hd4k_tools.structured`.
 """
 
 from __future__ import annotations

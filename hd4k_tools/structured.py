@@ -1,12 +1,15 @@
-"""Structured output by JSON prompting: one framework-neutral implementation for every front end.
+"""Structured output: one framework-neutral implementation for every front end.
 
-IXC2-4KHD has no constrained decoding, so structured output is asked for in words and checked after the
-fact: :func:`json_instruction` turns a JSON schema into an instruction appended to the conversation, the
-answer's first JSON object is extracted (:func:`extract_json_object`: bare, inside a Markdown fence or
-surrounded by prose) and validated (a pydantic model, a ``TypedDict`` or a plain JSON schema, see
-:func:`make_validator`). An answer that does not validate gets **one** retry that shows the model its
-answer and the validation error (:func:`retry_instruction`); a second failure raises
-:class:`~hd4k_tools.errors.OutputParseError`.
+The engines constrain decoding to the schema (:class:`JSONConstraint` on the request: llguidance in the
+native engine, vLLM's structured outputs, a server's ``response_format``), so the answer is JSON of the
+schema by construction. Around that: :func:`json_instruction` turns the schema into an instruction appended
+to the conversation (the model should know what it is writing), the answer's first JSON object is extracted
+(:func:`extract_json_object`; ``NaN``/``Infinity`` are refused, :func:`dumps_json` never writes them) and
+validated with the ``jsonschema`` library (a pydantic model, a ``TypedDict`` or a plain JSON schema, see
+:func:`make_validator`; schemas themselves are checked against the meta-schema by :func:`check_schema`).
+An answer that still does not validate (a keyword the grammar does not enforce, or an engine without
+constraints) gets **one** retry that shows the model its answer and the error (:func:`retry_instruction`); a
+second failure raises :class:`~hd4k_tools.errors.OutputParseError`.
 
 :class:`StructuredOutput` bundles the three steps; :func:`generate_structured` /
 :func:`agenerate_structured` run the loop over any message type, so ``ChatHD4K`` (LangChain messages),
@@ -17,24 +20,30 @@ the LlamaIndex LLM (``ChatMessage``) and ``hd4k serve`` (``response_format``, on
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+import jsonschema
+import referencing.exceptions
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from hd4k_tools.errors import InputError, OutputParseError
 
 __all__ = [
+    "JSONConstraint",
     "StructuredAnswer",
     "StructuredOutput",
+    "StructuredOutputTruncatedError",
     "agenerate_structured",
     "check_json_schema",
+    "check_schema",
+    "dumps_json",
     "extract_json_object",
     "generate_structured",
     "json_instruction",
     "json_schema_of",
+    "loads_json",
     "make_validator",
     "retry_instruction",
 ]
@@ -82,17 +91,63 @@ def _shown(text: str) -> str:
     return repr(text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS] + "...")
 
 
+class _NonFiniteNumber(ValueError):
+    """``NaN``, ``Infinity`` or ``-Infinity`` in a text: Python's json reads them, JSON does not have them."""
+
+
+class StructuredOutputTruncatedError(OutputParseError):
+    """Constrained decoding ran out of ``max_new_tokens`` before the JSON answer was complete: the answer
+    would not parse, so none is returned. Allow more new tokens or ask for a smaller object."""
+
+
+def _reject_constant(name: str) -> Any:
+    raise _NonFiniteNumber(name)
+
+
+def loads_json(text: str) -> Any:
+    """``json.loads`` that refuses ``NaN``/``Infinity``/``-Infinity`` (not JSON; most clients reject them).
+
+    Raises:
+        OutputParseError: the text is not JSON, or holds one of those constants.
+    """
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except _NonFiniteNumber as err:
+        raise OutputParseError(f"The JSON holds {err}, which is not JSON: {_shown(text)}") from err
+    except (json.JSONDecodeError, RecursionError, ValueError) as err:
+        raise OutputParseError(f"Not JSON ({err}): {_shown(text)}") from err
+
+
+def dumps_json(value: Any) -> str:
+    """``value`` as JSON text for clients: never ``NaN``/``Infinity`` (``allow_nan=False``); pydantic models
+    as their JSON dump.
+
+    Raises:
+        OutputParseError: the value holds a non-finite float.
+    """
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    try:
+        return json.dumps(value, ensure_ascii=False, allow_nan=False)
+    except ValueError as err:
+        raise OutputParseError(
+            f"The structured answer holds a non-finite number, which JSON cannot carry: {err}"
+        ) from err
+
+
 def extract_json_object(text: str) -> dict[str, Any]:
     """The first JSON object (``{...}``) in ``text``: bare, inside a Markdown code fence, or in prose.
 
     Raises:
         OutputParseError: there is no decodable JSON object in the text.
     """
-    decoder = json.JSONDecoder()
+    decoder = json.JSONDecoder(parse_constant=_reject_constant)
     start = text.find("{")
     while start != -1:
         try:
             value, _ = decoder.raw_decode(text, start)
+        except _NonFiniteNumber as err:
+            raise OutputParseError(f"The answer's JSON holds {err}, which is not JSON: {_shown(text)}") from err
         except (json.JSONDecodeError, RecursionError, ValueError):
             start = text.find("{", start + 1)
             continue
@@ -103,120 +158,119 @@ def extract_json_object(text: str) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# JSON-schema checking (the subset model answers need; no extra dependency)
+# JSON-schema checking (the ``jsonschema`` library)
 # ----------------------------------------------------------------------------------------------------
-_JSON_TYPES: dict[str, Callable[[Any], bool]] = {
-    "string": lambda v: isinstance(v, str),
-    "integer": lambda v: (
-        (isinstance(v, int) and not isinstance(v, bool))
-        or (isinstance(v, float) and math.isfinite(v) and v.is_integer())
-    ),
-    "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
-    "boolean": lambda v: isinstance(v, bool),
-    "array": lambda v: isinstance(v, list),
-    "object": lambda v: isinstance(v, dict),
-    "null": lambda v: v is None,
-}
-
-
-def _resolve(spec: Mapping[str, Any], root: Mapping[str, Any]) -> Mapping[str, Any]:
-    """``spec`` with its local ``$ref`` chain followed."""
-    for _ in range(_MAX_DEPTH):
-        ref = spec.get("$ref")
-        if not isinstance(ref, str):
-            return spec
-        if not ref.startswith("#/") and ref != "#":
-            raise InputError(f"Only local JSON-schema references ('#/...') are supported, got {ref!r}.")
-        node: Any = root
-        for part in ref[2:].split("/") if ref != "#" else []:
-            part = part.replace("~1", "/").replace("~0", "~")
-            if not isinstance(node, Mapping) or part not in node:
-                raise InputError(f"The JSON schema reference {ref!r} points nowhere.")
-            node = node[part]
-        if not isinstance(node, Mapping):
-            raise InputError(f"The JSON schema reference {ref!r} is not a schema.")
-        spec = node
-    raise InputError(f"The JSON schema nests deeper than {_MAX_DEPTH} levels (or refers to itself in a loop).")
-
-
-def _check(value: Any, spec: Any, root: Mapping[str, Any], where: str, out: list[str], depth: int) -> None:
-    if not isinstance(spec, Mapping) or len(out) >= _MAX_PROBLEMS:
-        return
+def _walk_refs(node: Any, depth: int = 0) -> Iterator[str]:
+    """Every ``$ref`` string in a schema (bounded depth: a schema is data from a client)."""
     if depth > _MAX_DEPTH:
-        raise InputError(f"The JSON schema nests deeper than {_MAX_DEPTH} levels (or refers to itself in a loop).")
-    spec = _resolve(spec, root)
-    label = where or "(root)"
-    for key in ("anyOf", "oneOf"):
-        branches = spec.get(key)
-        if (
-            isinstance(branches, list)
-            and branches
-            and not any(not _problems_of(value, b, root, depth + 1) for b in branches)
-        ):
-            out.append(f"{label}: matches none of the allowed schemas")
-            return
-    for sub in spec.get("allOf") or []:
-        _check(value, sub, root, where, out, depth + 1)
-    if "const" in spec and value != spec["const"]:
-        out.append(f"{label}: must be {spec['const']!r}")
-    if isinstance(spec.get("enum"), list) and value not in spec["enum"]:
-        out.append(f"{label}: must be one of {spec['enum']!r}")
-    kind = spec.get("type")
-    if kind is not None:
-        kinds = kind if isinstance(kind, list) else [kind]
-        if not any(_JSON_TYPES.get(k, lambda _: True)(value) for k in kinds):
-            out.append(f"{label}: expected {' or '.join(map(str, kinds))}, got {_json_type(value)}")
-            return
-    if isinstance(value, dict):
-        props = spec.get("properties") if isinstance(spec.get("properties"), Mapping) else {}
-        for name in spec.get("required") or []:
-            if name not in value:
-                out.append(f"{_join(where, name)}: Field required")
-        for name, item in value.items():
-            if name in props:
-                _check(item, props[name], root, _join(where, name), out, depth + 1)
-            elif spec.get("additionalProperties") is False:
-                out.append(f"{_join(where, name)}: unexpected property")
-            elif isinstance(spec.get("additionalProperties"), Mapping):
-                _check(item, spec["additionalProperties"], root, _join(where, name), out, depth + 1)
-    if isinstance(value, list):
-        if isinstance(spec.get("minItems"), int) and len(value) < spec["minItems"]:
-            out.append(f"{label}: needs at least {spec['minItems']} items")
-        if isinstance(spec.get("maxItems"), int) and len(value) > spec["maxItems"]:
-            out.append(f"{label}: allows at most {spec['maxItems']} items")
-        if isinstance(spec.get("items"), Mapping):
-            for i, item in enumerate(value):
-                _check(item, spec["items"], root, _join(where, str(i)), out, depth + 1)
+        raise InputError(f"The JSON schema nests deeper than {_MAX_DEPTH} levels; send a flatter schema.")
+    if isinstance(node, Mapping):
+        ref = node.get("$ref")
+        if isinstance(ref, str):
+            yield ref
+        for value in node.values():
+            yield from _walk_refs(value, depth + 1)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _walk_refs(value, depth + 1)
 
 
-def _problems_of(value: Any, spec: Any, root: Mapping[str, Any], depth: int) -> list[str]:
-    out: list[str] = []
-    _check(value, spec, root, "", out, depth)
-    return out
+def _resolve_local(ref: str, root: Mapping[str, Any]) -> Any:
+    node: Any = root
+    for part in ref[2:].split("/") if ref not in ("#", "#/") else []:
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, Mapping) and part in node:
+            node = node[part]
+        else:
+            raise InputError(f"The JSON schema reference {ref!r} points nowhere.")
+    return node
 
 
-def _join(where: str, name: str) -> str:
-    return f"{where}.{name}" if where else str(name)
+def _check_refs(schema: Mapping[str, Any]) -> None:
+    """Only local references that resolve, and no reference that only ever leads to itself (a loop)."""
+    for ref in _walk_refs(schema):
+        if ref != "#" and not ref.startswith("#/"):
+            raise InputError(f"Only local JSON-schema references ('#/...') are supported, got {ref!r}.")
+        seen = {ref}
+        node = _resolve_local(ref, schema)
+        while isinstance(node, Mapping) and set(node) == {"$ref"} and isinstance(node["$ref"], str):
+            nxt = node["$ref"]
+            if nxt in seen:
+                raise InputError(
+                    f"The JSON schema reference {ref!r} refers to itself in a loop (no schema behind it after "
+                    f"following up to {_MAX_DEPTH} levels)."
+                )
+            if nxt != "#" and not nxt.startswith("#/"):
+                raise InputError(f"Only local JSON-schema references ('#/...') are supported, got {nxt!r}.")
+            seen.add(nxt)
+            node = _resolve_local(nxt, schema)
 
 
-def _json_type(value: Any) -> str:
-    for name in ("null", "boolean", "integer", "number", "string", "array", "object"):
-        if _JSON_TYPES[name](value):
-            return name
-    return type(value).__name__  # pragma: no cover - json.loads yields JSON types only
+def _schema_path(path: Sequence[Any]) -> str:
+    return "/".join(str(p) for p in path) or "(root)"
+
+
+def check_schema(json_schema: Any) -> dict[str, Any]:
+    """``json_schema`` checked against its JSON Schema meta-schema (draft 2020-12 unless ``$schema`` names
+    another) and for local, resolvable ``$ref`` s; returned as a plain dict.
+
+    Raises:
+        InputError: not a JSON object, not valid JSON Schema (the message names the keyword and where it
+            is, e.g. ``{"required": 5}``), a remote or dangling ``$ref``, a reference loop, or a schema that
+            is not plain JSON (NaN, non-string keys).
+    """
+    if not isinstance(json_schema, Mapping):
+        raise InputError(f"A JSON schema must be a JSON object, got {type(json_schema).__name__}.")
+    schema = dict(json_schema)
+    try:
+        json.dumps(schema, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"The JSON schema is not plain JSON: {err}") from err
+    except RecursionError as err:
+        raise InputError(f"The JSON schema nests deeper than {_MAX_DEPTH} levels; send a flatter schema.") from err
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    try:
+        error = jsonschema.exceptions.best_match(cls(cls.META_SCHEMA).iter_errors(schema))
+    except RecursionError as err:
+        raise InputError(f"The JSON schema nests deeper than {_MAX_DEPTH} levels; send a flatter schema.") from err
+    if error is not None:
+        keyword = next((str(p) for p in reversed(error.absolute_path) if isinstance(p, str)), error.validator)
+        raise InputError(
+            f"The JSON schema is not valid JSON Schema: {_shown_error(error.message)} (keyword {keyword!r} at "
+            f"{_schema_path(error.absolute_path)})."
+        )
+    _check_refs(schema)
+    return schema
+
+
+def _shown_error(message: str) -> str:
+    return message if len(message) <= _SHOWN_CHARS else message[:_SHOWN_CHARS] + "..."
 
 
 def check_json_schema(data: Any, json_schema: Mapping[str, Any]) -> list[str]:
-    """Problems of ``data`` against ``json_schema`` (empty: valid).
-
-    Covers what model answers need: ``type``, ``properties``/``required``/``additionalProperties``,
-    ``items``/``minItems``/``maxItems``, ``enum``, ``const``, ``anyOf``/``oneOf``/``allOf`` and local
-    ``$ref`` (``#/$defs/...``). Other keywords (formats, string patterns, numeric bounds) are not checked.
+    """Problems of ``data`` against ``json_schema`` (empty: valid), as ``"where: what"`` lines, checked by
+    the ``jsonschema`` library (every keyword of the schema's draft; ``format`` is not asserted).
 
     Raises:
-        InputError: the schema itself cannot be used (a remote ``$ref``, a dangling reference, a loop).
+        InputError: the schema itself cannot be used (see :func:`check_schema`).
     """
-    return _problems_of(data, json_schema, json_schema, 0)
+    schema = check_schema(json_schema)
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    out: list[str] = []
+    try:
+        errors = sorted(cls(schema).iter_errors(data), key=lambda e: list(map(str, e.absolute_path)))
+        for err in errors[:_MAX_PROBLEMS]:
+            where = ".".join(str(p) for p in err.absolute_path) or "(root)"
+            out.append(f"{where}: {_shown_error(err.message)}")
+    except RecursionError as err:
+        raise InputError(
+            f"The JSON schema nests deeper than {_MAX_DEPTH} levels (or refers to itself in a loop)."
+        ) from err
+    except referencing.exceptions.Unresolvable as err:  # pragma: no cover - _check_refs resolves them first
+        raise InputError(f"The JSON schema has a reference that points nowhere: {err}") from err
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -276,7 +330,7 @@ def make_validator(schema: Mapping[str, Any] | type | None) -> Callable[[str], A
 
         return validate_v1
     if isinstance(schema, Mapping):
-        json_schema = dict(schema)
+        json_schema = check_schema(schema)
 
         def validate_schema(text: str) -> Any:
             data = extract_json_object(text)
@@ -300,6 +354,37 @@ def make_validator(schema: Mapping[str, Any] | type | None) -> Callable[[str], A
 
 
 @dataclass(frozen=True)
+class JSONConstraint:
+    """What constrained decoding must produce: one JSON object (``schema_json`` ``None``: OpenAI's
+    ``json_object``) or an instance of a JSON schema, kept as compact JSON text (hashable, and what grammar
+    engines and servers take). Build it with :meth:`of`, which checks the schema first."""
+
+    schema_json: str | None = None
+
+    @classmethod
+    def of(cls, schema: Mapping[str, Any] | None) -> JSONConstraint:
+        """The constraint for a JSON schema (checked by :func:`check_schema`) or ``None`` (any JSON object).
+
+        Raises:
+            InputError: the schema is not valid JSON Schema.
+        """
+        if schema is None:
+            return cls(None)
+        return cls(json.dumps(check_schema(schema), ensure_ascii=False, separators=(",", ":"), allow_nan=False))
+
+    @property
+    def schema(self) -> dict[str, Any] | None:
+        """The JSON schema (``None``: any JSON object)."""
+        return json.loads(self.schema_json) if self.schema_json is not None else None
+
+    def response_format(self) -> dict[str, Any]:
+        """As an OpenAI ``response_format`` (what a remote server is sent)."""
+        if self.schema_json is None:
+            return {"type": "json_object"}
+        return {"type": "json_schema", "json_schema": {"name": "response", "schema": self.schema, "strict": True}}
+
+
+@dataclass(frozen=True)
 class StructuredOutput:
     """What to ask for and how to check it: the JSON schema shown to the model (``None``: any JSON
     object, OpenAI's ``json_object`` mode) and the validator for the answer."""
@@ -312,7 +397,12 @@ class StructuredOutput:
         """For a pydantic model, a ``TypedDict``, a JSON schema dict, or ``None`` (any JSON object)."""
         if schema is None:
             return cls(None, make_validator(None))
-        return cls(json_schema_of(schema), make_validator(schema))
+        return cls(check_schema(json_schema_of(schema)), make_validator(schema))
+
+    @property
+    def constraint(self) -> JSONConstraint:
+        """What the engine's constrained decoding must produce (the grammar of this schema)."""
+        return JSONConstraint.of(self.json_schema)
 
     @property
     def instruction(self) -> str:

@@ -21,11 +21,15 @@ os.environ.setdefault("HD4K_NO_PROGRESS", "1")
 SLOW_MODULES = frozenset(
     {
         "tests/core/test_notebooks.py",
+        "tests/core/test_openai_clients.py",
+        "tests/core/test_openai_structured_clients.py",
         "tests/core/test_readme.py",
         "tests/hostile/test_hostile_fuzz.py",
         "tests/hostile/test_hostile_server.py",
+        "tests/ingest/test_ingest_durable.py",
         "tests/ingest/test_ingest_ray.py",
         "tests/ingest/test_ingest_readme.py",
+        "tests/mcp/test_mcp_edges.py",
         "tests/mcp/test_mcp_server.py",
     }
 )

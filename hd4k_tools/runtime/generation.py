@@ -10,7 +10,10 @@ the parts the project uses, with HF semantics where it matters:
   ``im_mask`` whenever it is given ``input_ids``). Given a ``prefix`` (the K/V of the prompt's first
   positions from an earlier call, :mod:`hd4k_tools.runtime.kv_prefix_cache`), the cache starts with it and only
   the rest of the prompt is prefilled.
-* **Logits processing** (HF order): repetition penalty, then temperature, top-k, top-p. The repetition
+* **Logits processing** (HF order): repetition penalty, OpenAI's presence/frequency penalties and
+  ``logit_bias``, the constraint's token mask (constrained decoding, :class:`TokenConstraint`), then
+  temperature, top-k, top-p. With ``config.logprobs`` each step records the chosen token's raw
+  log-probability (before any processing) and the top ``config.top_logprobs`` alternatives. The repetition
   penalty only sees *generated* tokens: with ``inputs_embeds`` HF's ``generate`` starts from an empty
   ``input_ids`` for decoder-only models, so prompt tokens were never penalised in the official path.
 * **Beam search** follows HF's (transformers 5 ``_beam_search``, ``early_stopping=False``): scores are
@@ -42,6 +45,7 @@ from typing import Literal, Protocol
 import torch
 import torch.nn.functional as F
 
+from hd4k_tools.errors import InputError
 from hd4k_tools.models.registry import IM_END, KVCache, KVPrefix, PromptInputs
 from hd4k_tools.runtime.generation_config import GenerationConfig
 
@@ -50,12 +54,15 @@ __all__ = [
     "GenerationConfig",
     "GenerationOutput",
     "TextDeltas",
+    "TokenConstraint",
+    "TokenLogprob",
     "decode_output",
     "generate",
     "iter_tokens",
     "stop_ids_for",
     "stream",
     "stream_text",
+    "token_bytes",
 ]
 
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -86,6 +93,8 @@ class GenerationOutput:
     text: str = ""
     stop_token_id: int | None = None
     score: float | None = None
+    #: One entry per generated token (the stop token excluded) when ``config.logprobs``; else ``None``.
+    logprobs: list[TokenLogprob] | None = None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -110,6 +119,16 @@ def decode_output(tokenizer: _Tokenizer, token_ids: Sequence[int]) -> str:
     """Text of generated ids as the official chat produces it: decode with ``skip_special_tokens`` and
     cut at the first ``[UNUSED_TOKEN_145]`` (docs/model.md §4)."""
     return tokenizer.decode(list(token_ids), skip_special_tokens=True).split(IM_END)[0]
+
+
+def token_bytes(tokenizer: object, token_id: int) -> bytes:
+    """The bytes a sentencepiece piece stands for (what OpenAI's ``logprobs[].bytes`` reports): ``▁`` is a
+    space, a byte-fallback piece ``<0xE4>`` is that one byte, special pieces are their text."""
+    sp = tokenizer._sp  # type: ignore[attr-defined]
+    piece = sp.id_to_piece(token_id)
+    if sp.is_byte(token_id):
+        return bytes([int(piece[3:5], 16)])
+    return piece.replace("\u2581", " ").encode("utf-8")
 
 
 def _stable_prefix(text: str) -> str:
@@ -256,6 +275,72 @@ def _filter_logits(logits: torch.Tensor, config: GenerationConfig) -> torch.Tens
     return logits
 
 
+class TokenConstraint(Protocol):
+    """A per-step restriction of the next token (constrained decoding, :mod:`hd4k_tools.runtime.grammar`)."""
+
+    def mask_(self, scores: torch.Tensor, remaining: int, max_new_tokens: int) -> torch.Tensor:
+        """Set the scores ``[1, V]`` of disallowed tokens to -inf, in place (``remaining`` steps left)."""
+        ...
+
+    def advance(self, token: int) -> None:
+        """Follow the chosen (non-stop) token."""
+        ...
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability under the model and the ``top`` most likely alternatives
+    (``(token_id, logprob)``, most likely first)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def _token_logprob(raw: torch.Tensor, token: int, k: int) -> TokenLogprob:
+    """``raw [V]`` log-probabilities -> the chosen token's entry with its top ``k``."""
+    top: tuple[tuple[int, float], ...] = ()
+    if k > 0:
+        values, ids = torch.topk(raw, min(k, raw.shape[-1]))  # [k]
+        top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+    return TokenLogprob(token, float(raw[token]), top)
+
+
+class _Penalties:
+    """OpenAI's presence/frequency penalties and ``logit_bias`` on scores ``[1, V]``:
+    ``score[j] += bias[j] - frequency_penalty * count[j] - presence_penalty * (count[j] > 0)``, counts over
+    the generated tokens (OpenAI's documented formula; vLLM's too)."""
+
+    def __init__(self, config: GenerationConfig, vocab: int, device: torch.device) -> None:
+        self.presence = float(config.presence_penalty)
+        self.frequency = float(config.frequency_penalty)
+        self.counts = (
+            torch.zeros(1, vocab, dtype=torch.float32, device=device) if self.presence or self.frequency else None
+        )  # [1, V]
+        self.bias: torch.Tensor | None = None
+        if config.logit_bias:
+            for token_id, _ in config.logit_bias:
+                if not 0 <= token_id < vocab:
+                    raise InputError(
+                        f"logit_bias names token id {token_id}, outside this model's vocabulary (0..{vocab - 1})."
+                    )
+            self.bias = torch.zeros(1, vocab, dtype=torch.float32, device=device)  # [1, V]
+            ids = torch.tensor([t for t, _ in config.logit_bias], dtype=torch.long, device=device)
+            values = torch.tensor([b for _, b in config.logit_bias], dtype=torch.float32, device=device)
+            self.bias[0, ids] = values
+
+    def apply_(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.counts is not None:
+            scores -= self.frequency * self.counts + self.presence * (self.counts > 0)
+        if self.bias is not None:
+            scores += self.bias
+        return scores
+
+    def count(self, token: int) -> None:
+        if self.counts is not None:
+            self.counts[0, token] += 1
+
+
 @dataclass
 class _RunStats:
     prefill_seconds: float = 0.0
@@ -265,6 +350,7 @@ class _RunStats:
     stop_token_id: int | None = None
     score: float | None = None
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @contextmanager
@@ -309,6 +395,7 @@ def _sample_steps(
     *,
     prefix: KVPrefix | None = None,
     on_prefill: Callable[[KVCache], None] | None = None,
+    constraint: TokenConstraint | None = None,
 ) -> Iterator[int]:
     """Yield generated tokens one by one (num_beams == 1); ``stats`` gets the finish reason and times."""
     if _is_cancelled(cancel):
@@ -319,18 +406,29 @@ def _sample_steps(
         gen = _make_generator(config, decoder.device)
         generated = torch.zeros(1, config.max_new_tokens, dtype=torch.long, device=decoder.device)  # [1, N]
         logits = decoder.prefill()  # [1, V]
+        penalties = _Penalties(config, logits.shape[-1], decoder.device)
     n = 0
     while True:
         with _timed(stats, prefill=n == 0):
+            # Log-probabilities of the model itself, before any processing (vLLM's default raw_logprobs).
+            raw = F.log_softmax(logits, dim=-1) if config.logprobs else None  # [1, V]
             scores = _apply_repetition_penalty(logits, generated[:, :n], config.repetition_penalty)  # [1, V]
+            scores = penalties.apply_(scores)
+            if constraint is not None:
+                constraint.mask_(scores, config.max_new_tokens - n, config.max_new_tokens)
             if config.do_sample:
                 probs = _filter_logits(scores, config).softmax(dim=-1)  # [1, V]
                 token = int(torch.multinomial(probs, 1, generator=gen).item())
             else:
                 token = int(scores.argmax(dim=-1).item())
+            if raw is not None and token not in stop_ids:
+                stats.logprobs.append(_token_logprob(raw[0], token, config.top_logprobs))
         if token in stop_ids:
             stats.finish_reason, stats.stop_token_id = "stop", token
             return
+        if constraint is not None:
+            constraint.advance(token)
+        penalties.count(token)
         stats.tokens.append(token)
         yield token
         n += 1
@@ -461,7 +559,11 @@ def _beam_search(
 # Public entry points
 # ----------------------------------------------------------------------------------------------------
 def _output(
-    stats: _RunStats, inputs: PromptInputs, tokenizer: _Tokenizer | None, prefix: KVPrefix | None
+    stats: _RunStats,
+    inputs: PromptInputs,
+    tokenizer: _Tokenizer | None,
+    prefix: KVPrefix | None,
+    logprobs: bool = False,
 ) -> GenerationOutput:
     return GenerationOutput(
         token_ids=list(stats.tokens),
@@ -474,6 +576,7 @@ def _output(
         text=decode_output(tokenizer, stats.tokens) if tokenizer is not None else "",
         stop_token_id=stats.stop_token_id,
         score=stats.score,
+        logprobs=list(stats.logprobs) if logprobs else None,
     )
 
 
@@ -502,6 +605,8 @@ def iter_tokens(
     tokenizer: _Tokenizer | None = None,
     prefix: KVPrefix | None = None,
     on_prefill: Callable[[KVCache], None] | None = None,
+    constraint: TokenConstraint | None = None,
+    logprobs_out: list[TokenLogprob] | None = None,
 ) -> Iterator[int]:
     """Yield generated token ids (stop token excluded) as they are decided.
 
@@ -517,18 +622,29 @@ def iter_tokens(
     ones). ``on_prefill(cache)`` is called once, right after the prompt prefill, with a one-row
     :class:`KVCache` whose positions ``0..num_prompt_tokens-1`` are filled (prefix included); it may copy
     from it (:meth:`KVCache.snapshot`) but must neither keep nor modify it.
+
+    ``constraint`` restricts every step's choice (constrained decoding; one beam only). With
+    ``config.logprobs``, ``logprobs_out`` (if given) receives each token's :class:`TokenLogprob` before the
+    token is yielded.
     """
     config = config or GenerationConfig()
     stops = _check_inputs(inputs, stop_ids, prefix)
     stats = _RunStats()
+    if logprobs_out is not None:  # the caller watches the entries as they come (streaming)
+        stats.logprobs = logprobs_out
     hooks = {"prefix": prefix, "on_prefill": on_prefill}
     if config.num_beams == 1:
-        yield from _sample_steps(model, inputs, config, stops, cancel, stats, **hooks)
+        yield from _sample_steps(model, inputs, config, stops, cancel, stats, constraint=constraint, **hooks)
     else:
+        if constraint is not None:
+            raise InputError(
+                "Constrained decoding (a JSON response format) runs with one beam: use num_beams=1 (greedy or "
+                "sampling)."
+            )
         _beam_search(model, inputs, config, stops, cancel, stats, **hooks)
         yield from stats.tokens
     if output is not None:
-        output.append(_output(stats, inputs, tokenizer, prefix))
+        output.append(_output(stats, inputs, tokenizer, prefix, config.logprobs))
 
 
 def generate(
@@ -541,6 +657,7 @@ def generate(
     tokenizer: _Tokenizer | None = None,
     prefix: KVPrefix | None = None,
     on_prefill: Callable[[KVCache], None] | None = None,
+    constraint: TokenConstraint | None = None,
 ) -> GenerationOutput:
     """Generate a reply to ``inputs`` (see the module docstring for the semantics).
 
@@ -560,6 +677,7 @@ def generate(
         tokenizer=tokenizer,
         prefix=prefix,
         on_prefill=on_prefill,
+        constraint=constraint,
     ):
         pass
     return box[0]

@@ -12,10 +12,14 @@ from hd4k_tools.errors import ConflictingOptionsError, InputError, short_repr
 
 __all__ = [
     "GENERATION_OPTIONS",
+    "LOGIT_BIAS_RANGE",
     "MAX_LENGTH_PENALTY",
+    "MAX_LOGIT_BIAS_ENTRIES",
     "MAX_NEW_TOKENS_LIMIT",
     "MAX_NUM_BEAMS",
     "MAX_SEED",
+    "MAX_TOP_LOGPROBS",
+    "OPENAI_PENALTY_RANGE",
     "PENALTY_RANGE",
     "TEMPERATURE_RANGE",
     "GenerationConfig",
@@ -37,6 +41,14 @@ PENALTY_RANGE = (1e-2, 100.0)
 MAX_LENGTH_PENALTY = 10.0
 #: Largest seed: torch generators take 64-bit unsigned seeds.
 MAX_SEED = 2**64 - 1
+#: OpenAI's range of presence_penalty and frequency_penalty.
+OPENAI_PENALTY_RANGE = (-2.0, 2.0)
+#: OpenAI's range of a logit_bias value.
+LOGIT_BIAS_RANGE = (-100.0, 100.0)
+#: Most logit_bias entries accepted (OpenAI's limit is 300 tokens).
+MAX_LOGIT_BIAS_ENTRIES = 300
+#: Most alternatives per token for top_logprobs (OpenAI's limit).
+MAX_TOP_LOGPROBS = 20
 #: Largest ``max_new_tokens`` accepted at all (each engine also caps it to its context).
 MAX_NEW_TOKENS_LIMIT = 1 << 20
 
@@ -62,6 +74,16 @@ class GenerationConfig:
     num_beams: int = 1
     seed: int | None = None
     length_penalty: float = 1.0
+    #: OpenAI's penalties in [-2, 2] (0 disables): subtracted from a token's logit once it appeared
+    #: (presence) and per appearance (frequency), counted over the generated tokens.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    #: ``(token_id, bias)`` pairs, bias in [-100, 100] added to that token's logit (OpenAI's ``logit_bias``;
+    #: a mapping is accepted and stored sorted). Token ids are checked against the vocabulary by the engine.
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    #: Record each generated token's log-probability, and the ``top_logprobs`` (0..20) most likely tokens.
+    logprobs: bool = False
+    top_logprobs: int = 0
 
     def __post_init__(self) -> None:
         def is_int(v: object) -> bool:
@@ -110,6 +132,27 @@ class GenerationConfig:
             raise InputError(
                 f"length_penalty must be a number in [-{MAX_LENGTH_PENALTY:g}, {MAX_LENGTH_PENALTY:g}], got "
                 f"{short_repr(self.length_penalty)} (1.0 is the usual value)"
+            )
+        low, high = OPENAI_PENALTY_RANGE
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not is_num(value) or not low <= value <= high:
+                raise InputError(
+                    f"{name} must be a number in [{low:g}, {high:g}], got {short_repr(value)} (0 disables it)"
+                )
+        object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias, is_int, is_num))
+        if not isinstance(self.logprobs, bool):
+            raise InputError(f"logprobs must be True or False, got {short_repr(self.logprobs)}")
+        if not is_int(self.top_logprobs) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise InputError(
+                f"top_logprobs must be an int in [0, {MAX_TOP_LOGPROBS}], got {short_repr(self.top_logprobs)}"
+            )
+        if self.top_logprobs and not self.logprobs:
+            raise InputError("top_logprobs needs logprobs=True (OpenAI's rule).")
+        if self.num_beams > 1 and (self.logprobs or self.presence_penalty or self.frequency_penalty or self.logit_bias):
+            raise InputError(
+                "logprobs, presence_penalty, frequency_penalty and logit_bias work with one beam (greedy or "
+                "sampling): use num_beams=1."
             )
         if self.do_sample and self.num_beams > 1:
             raise InputError(
@@ -199,3 +242,29 @@ def merge_generation(
             f"{', '.join(both)} given both as a keyword and in generation=; pass each option once (either way works)."
         )
     return {**generation, **values}
+
+
+def _logit_bias(value: Any, is_int: Any, is_num: Any) -> tuple[tuple[int, float], ...]:
+    """``logit_bias`` as sorted ``(token_id, bias)`` pairs: from a mapping (JSON object keys are strings of
+    ids, as OpenAI sends them) or pairs."""
+    items = value.items() if isinstance(value, Mapping) else value
+    try:
+        pairs = list(items)
+    except TypeError:
+        raise InputError(f"logit_bias must map token ids to biases, got {short_repr(value)}") from None
+    if len(pairs) > MAX_LOGIT_BIAS_ENTRIES:
+        raise InputError(f"logit_bias may name at most {MAX_LOGIT_BIAS_ENTRIES} tokens, got {len(pairs)}")
+    out: dict[int, float] = {}
+    low, high = LOGIT_BIAS_RANGE
+    for pair in pairs:
+        if not isinstance(pair, tuple | list) or len(pair) != 2:
+            raise InputError(f"logit_bias entries must be (token_id, bias) pairs, got {short_repr(pair)}")
+        key, bias = pair
+        if isinstance(key, str) and key.strip().lstrip("-").isdigit() and len(key) < 20:
+            key = int(key)
+        if not is_int(key) or key < 0:
+            raise InputError(f"logit_bias keys must be token ids (ints >= 0), got {short_repr(key)}")
+        if not is_num(bias) or not low <= bias <= high:
+            raise InputError(f"logit_bias values must be numbers in [{low:g}, {high:g}], got {short_repr(bias)}")
+        out[key] = float(bias)
+    return tuple(sorted(out.items()))

@@ -27,13 +27,14 @@ import dataclasses
 import gc
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 
-from hd4k_tools.errors import DeviceError
+from hd4k_tools.errors import DeviceError, InputError
 from hd4k_tools.inputs.images import image_content_hash
 from hd4k_tools.models.registry import (
     DEFAULT_FAMILY,
@@ -46,17 +47,24 @@ from hd4k_tools.models.registry import (
 from hd4k_tools.results import PlanSummary, Timings, Usage
 from hd4k_tools.runtime.embedding_cache import ImageEmbeddingCache
 from hd4k_tools.runtime.generation import (
+    GenerationConfig,
     GenerationOutput,
     decode_output,
     generate,
     iter_tokens,
     stop_ids_for,
     stream_text,
+    token_bytes,
 )
+from hd4k_tools.runtime.generation import TokenLogprob as GenLogprob
 from hd4k_tools.runtime.kv_prefix_cache import PrefixKey, PrefixKVCache, PromptSplit, split_at_last_image, suffix_inputs
-from hd4k_tools.runtime.runner import GenerationRequest, RunnerResult, TextStream, stream_in_thread
+from hd4k_tools.runtime.runner import GenerationRequest, RunnerResult, TextStream, TokenLogprob, stream_in_thread
 from hd4k_tools.runtime.stops import StopFilter
 from hd4k_tools.runtime.tokenized import TokenizerOwner
+from hd4k_tools.structured import StructuredOutputTruncatedError
+
+if TYPE_CHECKING:
+    from hd4k_tools.runtime.grammar import GrammarVocabulary, JSONMatcher
 
 Emit = Callable[[str], None]
 
@@ -148,6 +156,7 @@ class LocalRunner(TokenizerOwner):
         self.embedding_cache = embedding_cache if embedding_cache is not None else ImageEmbeddingCache(cache_bytes)
         self.prefix_cache = prefix_cache if prefix_cache is not None else PrefixKVCache(prefix_cache_bytes)
         self.load_seconds = float(getattr(loaded, "load_seconds", 0.0))
+        self._grammar_vocab: GrammarVocabulary | None = None
 
     @classmethod
     def from_pretrained(
@@ -214,17 +223,52 @@ class LocalRunner(TokenizerOwner):
         return self._run(request, emit=None, cancel=cancel)
 
     def stream(self, request: GenerationRequest, *, cancel: threading.Event | None = None) -> TextStream:
-        return stream_in_thread(lambda emit, ev: self._run(request, emit=emit, cancel=ev), cancel)
+        live: list[TokenLogprob] = []  # filled token by token when the request asks for logprobs
+        return stream_in_thread(lambda emit, ev: self._run(request, emit=emit, cancel=ev, live=live), cancel, live)
 
     def prompt_text(self, request: GenerationRequest) -> str:
         """The prompt string with one ``<ImageHere>`` per image, in the request's layout."""
         return self.family.conversation_prompt(request.messages, request.layout)
 
     # -- the pipeline ------------------------------------------------------------------------------
-    def _run(self, request: GenerationRequest, *, emit: Emit | None, cancel: threading.Event | None) -> RunnerResult:
-        return self._run_prepared(self.prepare(request), emit=emit, cancel=cancel)
+    def _run(
+        self,
+        request: GenerationRequest,
+        *,
+        emit: Emit | None,
+        cancel: threading.Event | None,
+        live: list[TokenLogprob] | None = None,
+    ) -> RunnerResult:
+        return self._run_prepared(self.prepare(request), emit=emit, cancel=cancel, live=live)
 
-    def _run_prepared(self, prepared: Prepared, *, emit: Emit | None, cancel: threading.Event | None) -> RunnerResult:
+    def grammar_vocabulary(self) -> GrammarVocabulary:
+        """This model's vocabulary for constrained decoding (built on first use; needs llguidance)."""
+        if self._grammar_vocab is None:
+            from hd4k_tools.runtime.grammar import GrammarVocabulary
+
+            self._grammar_vocab = GrammarVocabulary(self._tokenizer, self._vocab_size(), stop_ids_for(self._tokenizer))
+        return self._grammar_vocab
+
+    def _vocab_size(self) -> int:
+        """Rows of the model's output layer (the logits' width; may exceed the tokenizer's vocabulary)."""
+        return int(getattr(self._loaded.config, "vocab_size", 0) or self._tokenizer.vocab_size)
+
+    def _token_logprob(self, entry: GenLogprob) -> TokenLogprob:
+        def one(token_id: int, logprob: float) -> TokenLogprob:
+            raw = token_bytes(self._tokenizer, token_id)
+            return TokenLogprob(raw.decode("utf-8", errors="replace"), logprob, tuple(raw))
+
+        first = one(entry.token_id, entry.logprob)
+        return dataclasses.replace(first, top_logprobs=tuple(one(i, lp) for i, lp in entry.top))
+
+    def _run_prepared(
+        self,
+        prepared: Prepared,
+        *,
+        emit: Emit | None,
+        cancel: threading.Event | None,
+        live: list[TokenLogprob] | None = None,
+    ) -> RunnerResult:
         """``encode`` + ``decode`` under the model lock. If the device runs out of memory before any text
         was streamed, the cached memory is freed and the request retried once at the next smaller
         ``hd_num`` of each image; the result's plans show the hd_num used and ``warnings`` says why."""
@@ -235,7 +279,7 @@ class LocalRunner(TokenizerOwner):
             emit(delta)  # type: ignore[misc]
 
         try:
-            return self._attempt(prepared, emit=tracked if emit is not None else None, cancel=cancel)
+            return self._attempt(prepared, emit=tracked if emit is not None else None, cancel=cancel, live=live)
         except OOM_ERRORS as err:
             free_device_memory()
             smaller = [smaller_plan(p, self.family) for p in prepared.plans]
@@ -250,10 +294,16 @@ class LocalRunner(TokenizerOwner):
             new = ", ".join(str(p.hd_num) for p in plans)
             request = prepared.request
             retry = self.prepare(
-                GenerationRequest.planned(request.messages, plans, generation=request.generation, layout=request.layout)
+                GenerationRequest.planned(
+                    request.messages,
+                    plans,
+                    generation=request.generation,
+                    layout=request.layout,
+                    constraint=request.constraint,
+                )
             )
             try:
-                result = self._attempt(retry, emit=emit, cancel=cancel)
+                result = self._attempt(retry, emit=emit, cancel=cancel, live=live)
             except OOM_ERRORS as again:
                 free_device_memory()
                 raise DeviceError(
@@ -263,15 +313,30 @@ class LocalRunner(TokenizerOwner):
             warning = f"out of device memory at hd_num {old}; answered at hd_num {new} instead"
             return dataclasses.replace(result, warnings=[*result.warnings, warning])
 
-    def _attempt(self, prepared: Prepared, *, emit: Emit | None, cancel: threading.Event | None) -> RunnerResult:
+    def _attempt(
+        self,
+        prepared: Prepared,
+        *,
+        emit: Emit | None,
+        cancel: threading.Event | None,
+        live: list[TokenLogprob] | None = None,
+    ) -> RunnerResult:
         with self._lock, torch.inference_mode():
             encoded = self.encode(prepared)
-            out, text = self.decode(prepared, encoded, emit=emit, cancel=cancel)
+            out, text = self.decode(prepared, encoded, emit=emit, cancel=cancel, live=live)
         return self.result(prepared, encoded, out, text)
 
     def prepare(self, request: GenerationRequest) -> Prepared:
         """Step 1: prompt, plans and the context check; no model work."""
         t_start = time.perf_counter()
+        if request.constraint is not None:
+            self.grammar_vocabulary().grammar(request.constraint)  # an uncompilable schema costs no model work
+        for token_id, _ in request.generation.logit_bias:
+            if token_id >= self._vocab_size():
+                raise InputError(
+                    f"logit_bias names token id {token_id}, outside this model's vocabulary "
+                    f"(0..{self._vocab_size() - 1})."
+                )
         plans = request.plans()
         images = request.images
         prompt = self.prompt_text(request)
@@ -362,26 +427,42 @@ class LocalRunner(TokenizerOwner):
         )
 
     def decode(
-        self, prepared: Prepared, encoded: Encoded, *, emit: Emit | None, cancel: threading.Event | None
+        self,
+        prepared: Prepared,
+        encoded: Encoded,
+        *,
+        emit: Emit | None,
+        cancel: threading.Event | None,
+        live: list[TokenLogprob] | None = None,
     ) -> tuple[GenerationOutput, str]:
-        """Step 3: generate; with ``emit``, stream the stripped answer's deltas. Holds the lock."""
-        config = prepared.request.generation
+        """Step 3: generate; with ``emit``, stream the stripped answer's deltas. Holds the lock.
+
+        With a constraint, the answer is JSON by construction; if ``max_new_tokens`` ends before the JSON
+        is complete, :class:`~hd4k_tools.structured.StructuredOutputTruncatedError` is raised."""
+        request = prepared.request
+        config = request.generation
         max_length = self.context_length
         if prepared.budget > max_length:
             # Leave room in the context for the answer rather than overflowing mid-generation.
             config = config.replace(max_new_tokens=max(1, max_length - encoded.prompt_tokens))
+        matcher = self.grammar_vocabulary().matcher(request.constraint) if request.constraint is not None else None
         args = {
             "stop_ids": stop_ids_for(self._tokenizer),
             "cancel": cancel,
             "prefix": encoded.prefix,
             "on_prefill": encoded.on_prefill,
+            "constraint": matcher,
         }
         if emit is None:
             out = generate(self._model, encoded.inputs, config, **args)
+            self._check_complete(out, matcher, config)
             return out, decode_output(self._tokenizer, out.token_ids).strip()
         out_box: list[GenerationOutput] = []
         pieces: list[str] = []
-        tokens = iter_tokens(self._model, encoded.inputs, config, output=out_box, **args)
+        raw_logprobs: list[GenLogprob] = []
+        tokens = iter_tokens(self._model, encoded.inputs, config, output=out_box, logprobs_out=raw_logprobs, **args)
+        if live is not None and config.logprobs:
+            tokens = self._with_live_logprobs(tokens, raw_logprobs, live)
         # Deltas of the *stripped* answer, so that joined they equal the non-streamed text.
         trim = StopFilter()
         for delta in stream_text(self._tokenizer, tokens):
@@ -391,7 +472,24 @@ class LocalRunner(TokenizerOwner):
         if tail := trim.finish():
             pieces.append(tail)
             emit(tail)
+        self._check_complete(out_box[0], matcher, config)
         return out_box[0], "".join(pieces).strip()
+
+    def _with_live_logprobs(
+        self, tokens: Iterator[int], raw: list[GenLogprob], live: list[TokenLogprob]
+    ) -> Iterator[int]:
+        """``tokens``, copying each one's log-probability entry to ``live`` before it is passed on."""
+        for token in tokens:
+            live.extend(self._token_logprob(e) for e in raw[len(live) :])
+            yield token
+
+    @staticmethod
+    def _check_complete(out: GenerationOutput, matcher: JSONMatcher | None, config: GenerationConfig) -> None:
+        if matcher is not None and out.finish_reason == "length" and not matcher.complete:
+            raise StructuredOutputTruncatedError(
+                f"The JSON answer did not fit in max_new_tokens={config.max_new_tokens} (constrained decoding "
+                "stopped before the object was complete); allow more new tokens (max_tokens) or ask for less."
+            )
 
     def result(self, prepared: Prepared, encoded: Encoded, out: GenerationOutput, text: str) -> RunnerResult:
         """Step 4: the answer with its plans, token usage and timings."""
@@ -418,6 +516,7 @@ class LocalRunner(TokenizerOwner):
             plans=[PlanSummary.from_plan(p) for p in plans],
             usage=usage,
             timings=timings,
+            logprobs=[self._token_logprob(e) for e in out.logprobs] if out.logprobs is not None else None,
         )
 
 

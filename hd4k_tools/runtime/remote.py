@@ -441,6 +441,14 @@ class RemoteRunner:
             payload["seed"] = g.seed
         if g.repetition_penalty != 1.0:
             payload["repetition_penalty"] = g.repetition_penalty
+        # OpenAI's own options: every OpenAI-compatible server (hd4k serve, vLLM) takes them.
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(g, name):
+                payload[name] = getattr(g, name)
+        if g.logit_bias:
+            payload["logit_bias"] = {str(t): b for t, b in g.logit_bias}
+        if request.constraint is not None:
+            payload["response_format"] = request.constraint.response_format()
         if g.num_beams != 1:
             if not self.supports_beam_search:
                 raise InputError(

@@ -22,6 +22,7 @@ from hd4k_tools.errors import InputError
 from hd4k_tools.models.registry import DEFAULT_FAMILY, HDPlan, Layout
 from hd4k_tools.results import PlanSummary, Timings, Usage
 from hd4k_tools.runtime.generation_config import GenerationConfig
+from hd4k_tools.structured import JSONConstraint
 
 Role = Literal["system", "user", "assistant"]
 Part = str | Image.Image
@@ -63,6 +64,10 @@ class GenerationRequest:
     # The plans the facade made (``plan_images``); they travel with the request down to the engine, which
     # never plans. A request built from ``hd_nums`` alone is planned here, once, at construction.
     hd_plans: tuple[HDPlan, ...] = ()
+    #: Constrained decoding: the answer must be one JSON object (matching the schema, if any). Engines
+    #: enforce it token by token (native: llguidance; vLLM: its structured outputs; remote: the server's
+    #: ``response_format``).
+    constraint: JSONConstraint | None = None
 
     def __post_init__(self) -> None:
         if self.hd_plans:
@@ -84,10 +89,11 @@ class GenerationRequest:
         *,
         generation: GenerationConfig,
         layout: Layout = "chat",
+        constraint: JSONConstraint | None = None,
     ) -> GenerationRequest:
         """A request whose images are already planned (one plan per image, in order)."""
         plans = tuple(plans)
-        return cls(messages, tuple(p.hd_num for p in plans), generation, layout, plans)
+        return cls(messages, tuple(p.hd_num for p in plans), generation, layout, plans, constraint)
 
     @property
     def images(self) -> list[Image.Image]:
@@ -105,6 +111,29 @@ class GenerationRequest:
         return list(self.hd_plans)
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token in OpenAI's ``logprobs.content[]`` shape: its text, log-probability, UTF-8
+    bytes (a byte-fallback piece is one byte of a character, so ``token`` may be U+FFFD) and the most likely
+    alternatives (entries without alternatives of their own)."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+    top_logprobs: tuple[TokenLogprob, ...] = ()
+
+    def to_openai(self) -> dict[str, object]:
+        """The JSON object OpenAI's API answers for this token."""
+        return {
+            "token": self.token,
+            "logprob": self.logprob,
+            "bytes": list(self.bytes),
+            "top_logprobs": [
+                {"token": t.token, "logprob": t.logprob, "bytes": list(t.bytes)} for t in self.top_logprobs
+            ],
+        }
+
+
 @dataclass
 class RunnerResult:
     """A runner's answer."""
@@ -118,6 +147,8 @@ class RunnerResult:
     #: Things the caller should know, e.g. that the device ran out of memory and the answer was produced
     #: at a smaller hd_num (the plans show the hd_num actually used).
     warnings: list[str] = field(default_factory=list)
+    #: One entry per generated token when the request asked for ``logprobs``; else ``None``.
+    logprobs: list[TokenLogprob] | None = None
 
 
 class TextStream:
@@ -127,11 +158,20 @@ class TextStream:
     generation between two tokens.
     """
 
-    def __init__(self, deltas: Iterator[str], result_box: list[RunnerResult], cancel: threading.Event) -> None:
+    def __init__(
+        self,
+        deltas: Iterator[str],
+        result_box: list[RunnerResult],
+        cancel: threading.Event,
+        logprobs: list[TokenLogprob] | None = None,
+    ) -> None:
         self._deltas = deltas
         self._box = result_box
         self._cancel = cancel
         self._exhausted = False
+        #: With ``logprobs`` requested: the entries of the tokens generated so far, appended by the engine
+        #: as it goes (a token's entry is there before the delta that holds its text is yielded).
+        self.logprobs: list[TokenLogprob] = logprobs if logprobs is not None else []
 
     def __iter__(self) -> TextStream:
         return self
@@ -203,6 +243,7 @@ def generate_all(
 def stream_in_thread(
     produce: callable,  # type: ignore[valid-type]
     cancel: threading.Event | None,
+    logprobs: list[TokenLogprob] | None = None,
 ) -> TextStream:
     """Run ``produce(emit, cancel) -> RunnerResult`` in a worker thread and expose its deltas.
 
@@ -243,7 +284,7 @@ def stream_in_thread(
                 cancel.set()
             worker.join()
 
-    return TextStream(deltas(), box, cancel)
+    return TextStream(deltas(), box, cancel, logprobs)
 
 
 __all__ = [
@@ -253,6 +294,7 @@ __all__ = [
     "Runner",
     "RunnerResult",
     "TextStream",
+    "TokenLogprob",
     "generate_all",
     "stream_in_thread",
 ]

@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import dataclasses
 import gc
 import itertools
 import os
@@ -50,14 +51,15 @@ from vllm import AsyncEngineArgs, SamplingParams
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from hd4k_tools.errors import HD4KError, InputError, InvalidHDNumError, ModelError
+from hd4k_tools.errors import HD4KError, InputError, InvalidHDNumError, ModelError, OutputParseError
 from hd4k_tools.models.registry import family_for_checkpoint
 from hd4k_tools.results import PlanSummary, Timings, Usage
-from hd4k_tools.runtime.generation import TextDeltas, decode_output, stop_ids_for
+from hd4k_tools.runtime.generation import TextDeltas, decode_output, stop_ids_for, token_bytes
 from hd4k_tools.runtime.generation_config import GenerationConfig
-from hd4k_tools.runtime.runner import GenerationRequest, RunnerResult, TextStream, stream_in_thread
+from hd4k_tools.runtime.runner import GenerationRequest, RunnerResult, TextStream, TokenLogprob, stream_in_thread
 from hd4k_tools.runtime.stops import StopFilter
 from hd4k_tools.runtime.tokenized import TokenizerOwner
+from hd4k_tools.structured import JSONConstraint, StructuredOutputTruncatedError, loads_json
 
 __all__ = ["VllmEngineError", "VllmRunner"]
 
@@ -70,8 +72,14 @@ class VllmEngineError(ModelError):
     """vLLM's engine failed (did not start, died, or rejected a request for a reason not ours)."""
 
 
-def _sampling_params(g: GenerationConfig, max_tokens: int, stop_ids: Sequence[int]) -> Any:
-    """vLLM ``SamplingParams`` for ``g`` (greedy or sampling; beams are refused by the caller)."""
+def _sampling_params(
+    g: GenerationConfig, max_tokens: int, stop_ids: Sequence[int], constraint: JSONConstraint | None = None
+) -> Any:
+    """vLLM ``SamplingParams`` for ``g`` (greedy or sampling; beams are refused by the caller). OpenAI's
+    penalties, ``logit_bias`` and ``logprobs`` pass through; a JSON constraint becomes vLLM's own structured
+    outputs (``StructuredOutputsParams``: ``json`` schema or ``json_object``)."""
+    from vllm.sampling_params import StructuredOutputsParams
+
     kwargs: dict[str, Any] = {
         "max_tokens": max_tokens,
         "stop_token_ids": list(stop_ids),
@@ -85,7 +93,35 @@ def _sampling_params(g: GenerationConfig, max_tokens: int, stop_ids: Sequence[in
         kwargs.update(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k)
     else:
         kwargs["temperature"] = 0.0
+    kwargs.update(presence_penalty=g.presence_penalty, frequency_penalty=g.frequency_penalty)
+    if g.logit_bias:
+        kwargs["logit_bias"] = dict(g.logit_bias)
+    if g.logprobs:
+        kwargs["logprobs"] = g.top_logprobs
+    if constraint is not None:
+        # Compact JSON as in the native engine (the engine-level flag is what xgrammar reads; see _engine_args).
+        kwargs["structured_outputs"] = (
+            StructuredOutputsParams(json=constraint.schema, disable_any_whitespace=True)
+            if constraint.schema_json is not None
+            else StructuredOutputsParams(json_object=True, disable_any_whitespace=True)
+        )
     return SamplingParams(**kwargs)
+
+
+def _logprob_entries(tokenizer: Any, token_ids: Sequence[int], logprobs: Sequence[Any], k: int) -> list[TokenLogprob]:
+    """vLLM's per-token ``{token_id: Logprob}`` dicts (the chosen token plus the top ``k``, ranked) in
+    OpenAI's shape."""
+
+    def one(token_id: int, logprob: float) -> TokenLogprob:
+        raw = token_bytes(tokenizer, token_id)
+        return TokenLogprob(raw.decode("utf-8", errors="replace"), float(logprob), tuple(raw))
+
+    out = []
+    for token_id, entries in zip(token_ids, logprobs, strict=False):
+        ranked = sorted((e.rank or 0, t, e.logprob) for t, e in entries.items() if e.rank is not None and e.rank <= k)
+        first = one(int(token_id), entries[token_id].logprob)
+        out.append(dataclasses.replace(first, top_logprobs=tuple(one(int(t), lp) for _, t, lp in ranked)))
+    return out
 
 
 class VllmRunner(TokenizerOwner):
@@ -188,6 +224,13 @@ class VllmRunner(TokenizerOwner):
     def _engine_args(self, *, hd_num: int, **kwargs: Any) -> Any:
         kwargs.setdefault("enable_prefix_caching", True)
         kwargs.setdefault("disable_log_stats", True)
+        if "structured_outputs_config" not in kwargs:
+            # Compact JSON for response formats, as in the native engine: xgrammar reads this engine-level
+            # flag, not the request's (free whitespace lets a model spend its whole budget on blanks).
+            from vllm.config import StructuredOutputsConfig
+
+            config = StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)
+            kwargs["structured_outputs_config"] = config
         try:
             return AsyncEngineArgs(model=str(self._path), mm_processor_kwargs={"hd_num": hd_num}, **kwargs)
         except TypeError as err:
@@ -307,7 +350,7 @@ class VllmRunner(TokenizerOwner):
             engine_input["mm_processor_kwargs"]["hd_num"] = hd_nums
             # The request's own plans (this process runs vLLM's processor): it tiles them, never re-plans.
             engine_input["mm_processor_kwargs"]["hd_plans"] = tuple(plans)
-        params = _sampling_params(request.generation, max_tokens, self._stop_ids)
+        params = _sampling_params(request.generation, max_tokens, self._stop_ids, request.constraint)
         return _Prepared(request, plans, engine_input, params, needed)
 
     async def _run(self, request: GenerationRequest, *, emit: Callable[[str], None] | None, cancel) -> RunnerResult:
@@ -357,6 +400,12 @@ class VllmRunner(TokenizerOwner):
                 if piece.token_ids:
                     if run.first_token_at is None:
                         run.first_token_at = time.perf_counter()
+                    g = prep.request.generation
+                    if g.logprobs and piece.logprobs:  # the stop token's entry is left out, as natively
+                        entries = _logprob_entries(self._tokenizer, piece.token_ids, piece.logprobs, g.top_logprobs)
+                        run.logprobs.extend(
+                            e for t, e in zip(piece.token_ids, entries, strict=False) if int(t) not in self._stop_ids
+                        )
                     run.tokens.extend(int(t) for t in piece.token_ids)
                     on_tokens([int(t) for t in piece.token_ids if int(t) not in self._stop_ids])
                 if out.finished:
@@ -395,6 +444,14 @@ class VllmRunner(TokenizerOwner):
             prompt_tokens=run.prompt_tokens, image_tokens=sum(p.num_tokens for p in prep.plans), completion_tokens=n
         )
         finish_reason = "cancelled" if run.cancelled else ("stop" if run.finish == "stop" else "length")
+        if prep.request.constraint is not None and finish_reason == "length":
+            try:
+                loads_json(text)
+            except OutputParseError as err:
+                raise StructuredOutputTruncatedError(
+                    f"The JSON answer did not fit in max_new_tokens={max(1, n)} (vLLM's structured "
+                    "outputs stopped before the object was complete); allow more new tokens (max_tokens)."
+                ) from err
         return RunnerResult(
             text=text.strip(),
             model=self.model_id,
@@ -402,6 +459,7 @@ class VllmRunner(TokenizerOwner):
             plans=[PlanSummary.from_plan(p) for p in prep.plans],
             usage=usage,
             timings=timings,
+            logprobs=run.logprobs if prep.request.generation.logprobs else None,
         )
 
     @staticmethod
@@ -419,6 +477,7 @@ class _Collected:
     finish: str = "length"
     first_token_at: float | None = None
     cancelled: bool = False
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # with logprobs=True: one per answer token
 
 
 def _close_at_exit(ref: weakref.ReferenceType[VllmRunner]) -> Callable[[], None]:

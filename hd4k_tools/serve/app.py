@@ -4,7 +4,7 @@
 
 * ``POST /v1/chat/completions``: OpenAI chat completions (text and ``image_url`` content parts, streaming
   with server-sent events and keep-alive comments during long prefills, ``response_format``
-  ``json_object`` / ``json_schema`` by JSON prompting with validation and one retry, ``tool`` messages),
+  ``json_object`` / ``json_schema`` by constrained decoding and validation, ``tool`` messages),
   plus the extensions ``hd_num`` (an int, ``"auto"``, or one per image), ``region`` (``[x0, y0, x1, y1]`` in
   image fractions, one for every image or one per image: only that part is read, with the whole hd_num;
   OpenAI clients send it in ``extra_body``), ``top_k``,

@@ -72,6 +72,8 @@ class Prepared:
     include_usage: bool
     stops: tuple[str, ...]
     structured: StructuredOutput | None = None
+    #: ``logprobs: true``: stream chunks carry their tokens' entries.
+    logprobs: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,14 +163,26 @@ def generation_config(body: ChatCompletionRequest, max_tokens_limit: int) -> Gen
         else:
             changes["do_sample"] = True
             changes["temperature"] = body.temperature
-    for name in ("top_p", "top_k", "repetition_penalty", "num_beams", "seed"):
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true.", param="top_logprobs", code="invalid_logprobs")
+    if body.logprobs:
+        changes["logprobs"] = True
+        changes["top_logprobs"] = body.top_logprobs or 0
+    if body.logit_bias:
+        changes["logit_bias"] = body.logit_bias
+    for name in ("top_p", "top_k", "repetition_penalty", "num_beams", "seed", "presence_penalty", "frequency_penalty"):
         value = getattr(body, name)
         if value is not None:
             changes[name] = value
     try:
         return GenerationConfig(**changes)
     except ValueError as err:
-        raise APIError(400, f"Invalid generation settings: {err}", code="invalid_generation_settings") from err
+        param = next(
+            (n for n in ("logit_bias", "logprobs", "presence_penalty", "frequency_penalty") if n in str(err)), None
+        )
+        raise APIError(
+            400, f"Invalid generation settings: {err}", param=param, code="invalid_generation_settings"
+        ) from err
 
 
 def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
@@ -259,11 +273,14 @@ def _messages(body: ChatCompletionRequest, settings: ServeSettings) -> tuple[Mes
 
 
 def _refuse_tools(body: ChatCompletionRequest) -> None:
-    """``tools``/``functions`` (unless ``tool_choice`` is ``"none"``) and a forced tool choice are refused."""
+    """``tools``/``functions`` (unless ``tool_choice`` is ``"none"``) are refused. Without any tool,
+    ``tool_choice`` (``"none"``, ``"auto"``, ``"required"``) selects among nothing and is a no-op: LlamaIndex's
+    structured predict sends ``"required"`` with no tools (docs/decisions.md); a named function is refused
+    (this model cannot call it)."""
     choice = body.tool_choice
     if (body.tools or body.functions) and choice != "none":
         raise APIError(400, TOOLS_UNSUPPORTED, param="tools", code="tools_not_supported")
-    if choice is not None and choice not in ("none", "auto"):
+    if choice is not None and choice not in ("none", "auto", "required"):
         raise APIError(400, TOOLS_UNSUPPORTED, param="tool_choice", code="tools_not_supported")
 
 
@@ -282,7 +299,11 @@ def _structured(fmt: ResponseFormat | None) -> StructuredOutput | None:
             param="response_format.json_schema.schema",
             code="invalid_response_format",
         )
-    if len(json.dumps(schema)) > _MAX_SCHEMA_CHARS:
+    try:
+        size = len(json.dumps(schema))
+    except (TypeError, ValueError, RecursionError):
+        size = _MAX_SCHEMA_CHARS + 1
+    if size > _MAX_SCHEMA_CHARS:
         raise APIError(
             400,
             f"response_format.json_schema.schema is longer than {_MAX_SCHEMA_CHARS:,} characters of JSON; it is "
@@ -290,7 +311,10 @@ def _structured(fmt: ResponseFormat | None) -> StructuredOutput | None:
             param="response_format.json_schema.schema",
             code="invalid_response_format",
         )
-    return StructuredOutput.from_schema(schema)
+    try:
+        return StructuredOutput.from_schema(schema)
+    except InputError as err:
+        raise APIError(400, str(err), param="response_format.json_schema.schema", code="invalid_json_schema") from err
 
 
 def _family(settings: ServeSettings) -> ModelFamily:
@@ -425,8 +449,19 @@ def prepare(raw: bytes, settings: ServeSettings) -> Prepared:
     except HD4KError as err:
         raise api_error_from(err, param="messages") from err
     messages = _crop_regions(messages, boxes)
-    request = GenerationRequest.planned(messages, plans, generation=gen, layout=layout)
+    request = GenerationRequest.planned(
+        messages,
+        plans,
+        generation=gen,
+        layout=layout,
+        constraint=structured.constraint if structured is not None else None,
+    )
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return Prepared(
-        request=request, stream=body.stream, include_usage=include_usage, stops=stops, structured=structured
+        request=request,
+        stream=body.stream,
+        include_usage=include_usage,
+        stops=stops,
+        structured=structured,
+        logprobs=bool(body.logprobs),
     )

@@ -1,22 +1,22 @@
 """Running a prepared request on the runner, off the event loop: whole answers (cut at stop sequences) and
-JSON ``response_format`` answers (the structured-output loop of :mod:`hd4k_tools.structured`: JSON
-instruction, validation, one retry). Plain functions of the runner and a cancel event; the routes call them
-in a worker thread."""
+JSON ``response_format`` answers (the structured-output loop of :mod:`hd4k_tools.structured` over requests
+that carry the :class:`~hd4k_tools.structured.JSONConstraint`, so the engine decodes valid JSON; the
+validation and its one retry remain for what a grammar does not enforce). Plain functions of the runner and
+a cancel event; the routes call them in a worker thread."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import threading
 from collections.abc import Sequence
 
-from hd4k_tools.errors import CancelledError
+from hd4k_tools.errors import CancelledError, OutputParseError
 from hd4k_tools.results import Usage
 from hd4k_tools.runtime.runner import GenerationRequest, Message, Runner, RunnerResult
 from hd4k_tools.runtime.stops import StopFilter
 from hd4k_tools.serve.chat import Prepared
 from hd4k_tools.serve.errors import APIError
-from hd4k_tools.structured import generate_structured
+from hd4k_tools.structured import StructuredOutputTruncatedError, dumps_json, generate_structured
 
 __all__ = ["Answer", "answer", "structured_answer"]
 
@@ -82,8 +82,13 @@ def structured_answer(runner: Runner, prep: Prepared, cancel: threading.Event) -
     def call(messages: list[Message]) -> RunnerResult:
         if cancel.is_set():
             raise CancelledError("The request was cancelled.")
-        request = GenerationRequest.planned(tuple(messages), plans, generation=base.generation, layout=base.layout)
-        result = runner.generate(request, cancel=cancel)
+        request = GenerationRequest.planned(
+            tuple(messages), plans, generation=base.generation, layout=base.layout, constraint=base.constraint
+        )
+        try:
+            result = runner.generate(request, cancel=cancel)
+        except StructuredOutputTruncatedError as err:
+            raise APIError(400, str(err), param="max_tokens", code="structured_output_truncated") from err
         if result.finish_reason == "cancelled" or cancel.is_set():
             raise CancelledError("The request was cancelled.")
         results.append(result)
@@ -105,5 +110,8 @@ def structured_answer(runner: Runner, prep: Prepared, cancel: threading.Event) -
             code="structured_output_invalid",
             type="invalid_response_error",
         )
-    text = json.dumps(outcome.parsed, ensure_ascii=False)
+    try:
+        text = dumps_json(outcome.parsed)  # never NaN/Infinity (loads_json refused them on the way in)
+    except OutputParseError as err:  # pragma: no cover - a parsed answer holds JSON values only
+        raise APIError(422, str(err), param="response_format", code="structured_output_invalid") from err
     return Answer(text, False, _summed(results), outcome.attempts)

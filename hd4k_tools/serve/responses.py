@@ -4,11 +4,12 @@ the ``hd4k`` extension (tile plans, image tokens, timings)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
-from hd4k_tools.runtime.runner import GenerationRequest, RunnerResult
+from hd4k_tools.runtime.runner import GenerationRequest, RunnerResult, TokenLogprob
 
-__all__ = ["KEEPALIVE", "chunk", "completion_body", "extension", "finish_reason", "sse", "usage"]
+__all__ = ["KEEPALIVE", "chunk", "completion_body", "extension", "finish_reason", "logprobs", "sse", "usage"]
 
 #: An SSE comment line: clients ignore it; it keeps proxies and clients from timing out a long prefill.
 KEEPALIVE = b": keep-alive\n\n"
@@ -47,6 +48,13 @@ def extension(
     return out
 
 
+def logprobs(entries: Sequence[TokenLogprob] | None) -> dict[str, Any] | None:
+    """OpenAI's ``choices[].logprobs`` for these tokens (``None`` when logprobs were not asked for)."""
+    if entries is None:
+        return None
+    return {"content": [e.to_openai() for e in entries], "refusal": None}
+
+
 def completion_body(
     cid: str,
     created: int,
@@ -68,7 +76,7 @@ def completion_body(
                 "index": 0,
                 "message": {"role": "assistant", "content": text},
                 "finish_reason": finish,
-                "logprobs": None,
+                "logprobs": logprobs(result.logprobs),
             }
         ],
         "usage": usage(result),
@@ -76,13 +84,23 @@ def completion_body(
     }
 
 
-def chunk(cid: str, created: int, model: str, delta: dict[str, Any], finish: str | None, **extra: Any) -> bytes:
+def chunk(
+    cid: str,
+    created: int,
+    model: str,
+    delta: dict[str, Any],
+    finish: str | None,
+    *,
+    token_logprobs: Sequence[TokenLogprob] | None = None,
+    **extra: Any,
+) -> bytes:
+    """One SSE chunk; ``token_logprobs``: the entries of the tokens this chunk carries (``logprobs: true``)."""
     body: dict[str, Any] = {
         "id": cid,
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs(token_logprobs)}],
         **extra,
     }
     return sse(body)

@@ -234,25 +234,29 @@ async def _text_chunks(
     cut at the stop strings; records the result, whether a stop string ended it, and the attempts."""
     if isinstance(first, Answer):  # structured output: the whole validated JSON in one delta
         run.result, run.attempts = first.result, first.attempts
-        yield chunk({"content": first.text}, None)
+        yield chunk({"content": first.text}, None, token_logprobs=first.result.logprobs)
         return
     stream = run.stream
     assert stream is not None
     filt = StopFilter(prep.stops)
     delta = first
+    sent = 0  # logprob entries already sent (logprobs: true)
     while delta is not _DONE:
         out = filt.feed(delta)
         if out:
-            yield chunk({"content": out}, None)
+            entries = stream.logprobs[sent:] if prep.logprobs else None
+            sent += len(entries or ())
+            yield chunk({"content": out}, None, token_logprobs=entries)
         if filt.stopped:
             break
         delta = await anyio.to_thread.run_sync(lambda: next(stream, _DONE))
     if filt.stopped:
         run.cancel.set()
     tail = filt.finish()
-    if tail:
-        yield chunk({"content": tail}, None)
     await anyio.to_thread.run_sync(stream.close)
+    rest = stream.logprobs[sent:] if prep.logprobs and not filt.stopped else None
+    if tail or rest:
+        yield chunk({"content": tail}, None, token_logprobs=rest)
     run.result, run.stopped = stream.result, filt.stopped
 
 
@@ -303,8 +307,8 @@ async def _answer_stream(request: Request, prep: Prepared, cid: str, created: in
         run.first_task.result()  # raises: answered with its status code by the caller
     model = settings.model_name
 
-    def chunk(delta: dict[str, Any], finish: str | None) -> bytes:
-        return responses.chunk(cid, created, model, delta, finish)
+    def chunk(delta: dict[str, Any], finish: str | None, **extra: Any) -> bytes:
+        return responses.chunk(cid, created, model, delta, finish, **extra)
 
     async def events() -> AsyncIterator[bytes]:
         finished = False
@@ -379,7 +383,7 @@ def _usage_for_log(request: Request, result: RunnerResult | None) -> None:
 )
 async def chat_completions(request: Request) -> Response:
     """OpenAI chat completions with image parts (data URLs; http(s) when the server allows them), streaming,
-    ``response_format`` (``json_object`` / ``json_schema``, by JSON prompting with validation and one retry)
+    ``response_format`` (``json_object`` / ``json_schema``, by constrained decoding and validation)
     and the hd4k extensions ``hd_num``, ``top_k``, ``repetition_penalty``, ``num_beams``, ``layout``.
     ``tools`` are refused (400 ``tools_not_supported``): the model has no tool calling."""
     state = _state(request)

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
-from hd4k_tools.runtime.generation_config import MAX_NUM_BEAMS
+from hd4k_tools.runtime.generation_config import MAX_NUM_BEAMS, MAX_TOP_LOGPROBS
 
 __all__ = [
     "ChatCompletion",
@@ -76,8 +76,9 @@ class _JSONSchemaFormat(BaseModel):
 
 class ResponseFormat(BaseModel):
     """``{"type": "text"}``, ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema":
-    {"name", "schema", "strict"}}``. JSON formats are produced by JSON prompting, validation and one retry
-    (:mod:`hd4k_tools.structured`), since the model has no constrained decoding."""
+    {"name", "schema", "strict"}}``. JSON formats are produced by constrained decoding (the engine only
+    lets the model pick tokens that keep the answer valid JSON of the schema), then validated with
+    ``jsonschema`` (:mod:`hd4k_tools.structured`)."""
 
     type: Literal["text", "json_object", "json_schema"]
     json_schema: _JSONSchemaFormat | None = None
@@ -118,6 +119,11 @@ class ChatCompletionRequest(BaseModel):
     tool_choice: str | dict[str, Any] | None = None
     functions: list[dict[str, Any]] | None = None
     response_format: ResponseFormat | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
     # hd4k extensions
     hd_num: _HDNumValue | None = None
     region: list[float] | list[list[float] | None] | None = Field(
@@ -174,11 +180,27 @@ class _AnswerMessage(BaseModel):
     content: str
 
 
+class _TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class _TokenLogprob(_TopLogprob):
+    top_logprobs: list[_TopLogprob]
+
+
+class _Logprobs(BaseModel):
+    """``logprobs: true``: one entry per generated token (raw model log-probabilities)."""
+
+    content: list[_TokenLogprob] | None
+
+
 class _Choice(BaseModel):
     index: int
     message: _AnswerMessage
     finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    logprobs: _Logprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -197,7 +219,7 @@ class _ChunkChoice(BaseModel):
     index: int
     delta: dict[str, Any]
     finish_reason: Literal["stop", "length"] | None
-    logprobs: None = None
+    logprobs: _Logprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -136,6 +136,10 @@ def vllm_server_argv(
         str(gen_dir),
         "--allowed-media-domains",
         BLOCKED_MEDIA_DOMAIN,
+        # response_format: compact JSON, as the native engine writes it (free whitespace lets a model spend
+        # its whole budget on blanks).
+        "--structured-outputs-config",
+        json.dumps({"backend": "xgrammar", "disable_any_whitespace": True}),
     ]
     if hd_num is not None:  # else the plugin's default engine hd_num
         argv += ["--mm-processor-kwargs", json.dumps({"hd_num": hd_num})]

@@ -149,7 +149,10 @@ def test_json_schema_retries_once_with_the_error() -> None:
     first, retry = runner.requests
     assert '"currency"' in first.messages[-1].text
     assert retry.messages[-2].role == "assistant" and retry.messages[-2].text == '{"total": "lots"}'
-    assert "total: expected number" in retry.messages[-1].text and "currency: Field required" in retry.messages[-1].text
+    error = retry.messages[-1].text  # the jsonschema library's messages
+    assert "total: 'lots' is not of type 'number'" in error and "'currency' is a required property" in error
+    # Both calls ask the engine for constrained decoding to the schema.
+    assert first.constraint is not None and first.constraint.schema == SCHEMA and retry.constraint == first.constraint
 
 
 def test_json_schema_failing_twice_is_422() -> None:

@@ -65,17 +65,17 @@ def test_check_json_schema_nested_refs_enums_unions() -> None:
     problems = check_json_schema({"tags": ["a", 3], "kind": "z", "child": {}, "maybe": "s", "extra": 1}, SCHEMA)
     joined = "; ".join(problems)
     for fragment in (
-        "name: Field required",
-        "tags.1: expected string",
-        "kind: must be one of",
-        "child.n: Field",
-        "maybe: matches none",
-        "extra: unexpected",
+        "(root): 'name' is a required property",
+        "tags.1: 3 is not of type 'string'",
+        "kind: 'z' is not one of",
+        "child: 'n' is a required property",
+        "maybe: 's' is not valid under any of the given schemas",
+        "('extra' was unexpected)",
     ):
         assert fragment in joined
-    assert check_json_schema({"name": True}, SCHEMA) == ["name: expected string, got boolean"]
+    assert check_json_schema({"name": True}, SCHEMA) == ["name: True is not of type 'string'"]
     assert check_json_schema({"n": True}, {"properties": {"n": {"type": "integer"}}}) == [
-        "n: expected integer, got boolean"
+        "n: True is not of type 'integer'"
     ]
 
 
@@ -169,3 +169,56 @@ def test_async_loop_matches_sync() -> None:
         )
     )
     assert out.value() == Invoice(total=2, currency="Y") and calls == [2, 4]
+
+
+# -- issue 21: a well-kept validator; invalid schemas and non-finite numbers refused --------------------------
+@pytest.mark.parametrize(
+    "schema, keyword",
+    [
+        ({"required": 5}, "required"),
+        ({"type": {}}, "type"),
+        ({"allOf": 5}, "allOf"),
+        ({"required": [["a"]]}, "required"),
+        ({"type": ["object", []]}, "type"),
+        ({"properties": {"a": {"minimum": "3"}}}, "minimum"),
+    ],
+)
+def test_invalid_json_schemas_are_input_errors_naming_the_keyword(schema: dict[str, Any], keyword: str) -> None:
+    from hd4k_tools.structured import JSONConstraint, check_schema
+
+    for build in (check_schema, JSONConstraint.of, StructuredOutput.from_schema, make_validator):
+        with pytest.raises(InputError, match=f"not valid JSON Schema.*keyword '{keyword}'"):
+            build(schema)
+    with pytest.raises(InputError):
+        check_json_schema({}, schema)
+
+
+@pytest.mark.parametrize("text", ['{"a": NaN}', '{"a": -Infinity}', '{"a": [Infinity]}'])
+def test_nan_and_infinity_are_not_json(text: str) -> None:
+    from hd4k_tools.structured import loads_json
+
+    with pytest.raises(OutputParseError, match="not JSON"):
+        extract_json_object(text)
+    with pytest.raises(OutputParseError, match="not JSON"):
+        loads_json(text)
+    with pytest.raises(OutputParseError, match="not JSON"):
+        make_validator({"type": "object"})(text)
+
+
+def test_dumps_json_never_writes_nan() -> None:
+    from hd4k_tools.structured import dumps_json
+
+    assert dumps_json({"a": 1.5, "b": "é"}) == '{"a": 1.5, "b": "é"}'
+    assert dumps_json(Invoice(total=2, currency="EUR")) == '{"total": 2.0, "currency": "EUR"}'
+    with pytest.raises(OutputParseError, match="non-finite"):
+        dumps_json({"a": float("nan")})
+
+
+def test_constraint_keeps_the_schema_as_compact_json() -> None:
+    from hd4k_tools.structured import JSONConstraint
+
+    c = JSONConstraint.of({"type": "object", "properties": {"a": {"type": "integer"}}})
+    assert c.schema_json == '{"type":"object","properties":{"a":{"type":"integer"}}}'
+    assert c.response_format()["json_schema"]["schema"] == c.schema
+    assert JSONConstraint.of(None).response_format() == {"type": "json_object"}
+    assert StructuredOutput.from_schema(Invoice).constraint.schema == Invoice.model_json_schema()

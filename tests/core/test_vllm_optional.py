@@ -72,6 +72,11 @@ def test_vllm_server_argv(tiny_checkpoint: Path, tmp_path: Path) -> None:
     assert chat_template_path().is_file()
     assert argv[argv.index("--chat-template-content-format") + 1] == "openai"
     assert argv[argv.index("--allowed-media-domains") + 1] == BLOCKED_MEDIA_DOMAIN
+    # issue 21: JSON response formats are compact (xgrammar reads the engine-level flag only).
+    assert json.loads(argv[argv.index("--structured-outputs-config") + 1]) == {
+        "backend": "xgrammar",
+        "disable_any_whitespace": True,
+    }
     assert argv[-2:] == ["--max-num-seqs", "4"]  # the user's options last: they win
     tok = InternLM2Tokenizer.from_pretrained(tiny_checkpoint)
     config = json.loads((Path(argv[argv.index("--generation-config") + 1]) / "generation_config.json").read_text())

@@ -290,3 +290,43 @@ def test_ingest_batches_pages_of_several_documents(engine: HD4K, native: HD4K, t
     records = sorted((r.content() for r in iter_records(tmp_path / "vllm")), key=lambda r: r["key"])
     assert records == sorted((r.content() for r in iter_records(tmp_path / "native")), key=lambda r: r["key"])
     assert all(r["text"] for r in records)
+
+
+# -- issue 21: structured outputs and OpenAI's options pass through to vLLM -----------------------------------
+def test_json_schema_constraint_reaches_vllm(engine: HD4K) -> None:
+    import json
+
+    import jsonschema
+
+    from hd4k_tools.structured import JSONConstraint
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "kind": {"enum": ["bar", "line"]},
+            "n": {"type": "integer", "minimum": 0, "maximum": 9},
+            "ok": {"type": "boolean"},
+        },
+        "required": ["kind", "n", "ok"],
+        "additionalProperties": False,
+    }
+    config = GenerationConfig(max_new_tokens=64)
+    request = GenerationRequest((Message.user("JSON?"),), generation=config, constraint=JSONConstraint.of(schema))
+    jsonschema.validate(json.loads(engine.runner.generate(request).text), schema)
+
+
+def test_logprobs_penalties_and_logit_bias_match_native(engine: HD4K, native: HD4K) -> None:
+    for options in (
+        {"logprobs": True, "top_logprobs": 3},
+        {"logprobs": True, "frequency_penalty": 1.5},
+        {"logprobs": True, "logit_bias": {"300": 100}},
+    ):
+        config = GenerationConfig(max_new_tokens=6, **options)
+        request = GenerationRequest((Message.user("hello"),), generation=config)
+        ours, theirs = native.runner.generate(request), engine.runner.generate(request)
+        assert [e.token for e in theirs.logprobs] == [e.token for e in ours.logprobs], options
+        assert [e.logprob for e in theirs.logprobs] == pytest.approx([e.logprob for e in ours.logprobs], abs=1e-3)
+        if options.get("top_logprobs"):
+            assert [[t.token for t in e.top_logprobs] for e in theirs.logprobs] == [
+                [t.token for t in e.top_logprobs] for e in ours.logprobs
+            ]

@@ -271,3 +271,30 @@ def test_image_urls_are_not_fetched(server: str) -> None:
     }
     response = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60)
     assert response.status_code == 400, response.text
+
+
+def test_json_schema_response_format_is_compact_valid_json(server: str) -> None:
+    """issue 21: vLLM's structured outputs work with this checkpoint's tokenizer (xgrammar, compact JSON)."""
+    import json
+
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {"kind": {"enum": ["bar", "line"]}, "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["kind", "n"],
+        "additionalProperties": False,
+    }
+    body = {
+        "model": MODEL_NAME,
+        "messages": [{"role": "user", "content": "JSON?"}],
+        "max_tokens": 48,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+        "logprobs": True,
+        "top_logprobs": 2,
+    }
+    answer = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=120).json()
+    text = answer["choices"][0]["message"]["content"]
+    jsonschema.validate(json.loads(text), schema)
+    assert " " not in text
+    assert len(answer["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 2

@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from typing_extensions import TypedDict
 
 from hd4k_tools import HD4K, HD4KError, ImagePolicy, InputError, OutputParseError, errors, plan, to_data_url
+from hd4k_tools.structured import StructuredOutputTruncatedError
 
 MAX_NEW_TOKENS = 12
 
@@ -413,8 +414,8 @@ def test_schema_validators() -> None:
         with pytest.raises(OutputParseError, match="quarter"):
             validate('{"value": 80}')
     assert check_json_schema({"quarter": "Q2", "value": True}, schema) == [
-        "value: expected integer, got boolean"
-    ]  # JSON type names (core structured module)
+        "value: True is not of type 'integer'"
+    ]  # the jsonschema library's messages (core structured module)
     assert (
         check_json_schema({"quarter": None, "value": 1}, {"properties": {"quarter": {"anyOf": [{"type": "null"}]}}})
         == []
@@ -424,36 +425,37 @@ def test_schema_validators() -> None:
 @pytest.mark.parametrize(
     "schema", [Answer, AnswerDict, Answer.model_json_schema()], ids=["pydantic", "typeddict", "json"]
 )
-def test_structured_output_retries_once_then_raises(chat: ChatHD4K, schema: Any) -> None:
-    # Random weights answer with deterministic garbage: the first answer fails, the retry (which
-    # shows the model its error) fails too, and then OutputParseError is raised.
+def test_structured_output_is_valid_by_construction_on_random_weights(hd4k_tiny: HD4K, schema: Any) -> None:
+    # Random weights answer schema-valid JSON because decoding is constrained to the schema (issue 21):
+    # one model call, no retry; the schema is still shown to the model as an instruction.
     handler = _RecordingHandler()
-    structured = chat.with_structured_output(schema)
-    with pytest.raises(OutputParseError, match="after one retry"):
-        structured.invoke("Which quarter is highest, and its value?", config={"callbacks": [handler]})
-    assert len(handler.calls) == 2
-    first, retry = handler.calls
-    assert "conforms to this JSON schema" in first[-1].text
-    assert '"quarter"' in first[-1].text
-    assert retry[: len(first)] == first
-    assert isinstance(retry[len(first)], AIMessage)
-    assert retry[-1].text.startswith("Your answer was not valid: The answer contains no JSON object")
+    chat = ChatHD4K(hd=hd4k_tiny, max_new_tokens=80, hd_num=1)
+    out = chat.with_structured_output(schema).invoke("Which quarter is highest?", config={"callbacks": [handler]})
+    parsed = out.model_dump() if isinstance(out, Answer) else out
+    assert set(parsed) >= {"quarter", "value"} and isinstance(parsed["value"], int)
+    assert len(handler.calls) == 1
+    assert "conforms to this JSON schema" in handler.calls[0][-1].text and '"quarter"' in handler.calls[0][-1].text
 
 
-async def test_structured_output_async_and_include_raw(chat: ChatHD4K) -> None:
+def test_structured_output_out_of_budget_is_a_typed_error(chat: ChatHD4K) -> None:
+    # 12 new tokens cannot hold the JSON: a typed error, never invalid JSON (and no retry at that budget).
+    with pytest.raises(StructuredOutputTruncatedError, match="max_new_tokens=12"):
+        chat.with_structured_output(Answer).invoke("Which quarter is highest, and its value?")
+
+
+async def test_structured_output_async_and_include_raw(hd4k_tiny: HD4K) -> None:
+    chat = ChatHD4K(hd=hd4k_tiny, max_new_tokens=80, hd_num=1)
     out = await chat.with_structured_output(Answer, include_raw=True).ainvoke("Which quarter is highest?")
-    assert out["parsed"] is None
+    assert isinstance(out["parsed"], Answer) and out["parsing_error"] is None
     assert isinstance(out["raw"], AIMessage)
-    assert isinstance(out["parsing_error"], OutputParseError)
-    with pytest.raises(OutputParseError):
-        await chat.with_structured_output(Answer).ainvoke("Which quarter is highest?")
+    assert isinstance(await chat.with_structured_output(Answer).ainvoke("Which quarter is highest?"), Answer)
 
 
-def test_structured_output_with_image_input(chat: ChatHD4K) -> None:
-    handler = _RecordingHandler()
+def test_structured_output_with_image_input(hd4k_tiny: HD4K) -> None:
+    chat = ChatHD4K(hd=hd4k_tiny, max_new_tokens=80, hd_num=1)
     structured = chat.with_structured_output(Answer, include_raw=True)
-    out = structured.invoke([image_message(IMAGE_BLOCKS["v1-base64"])], config={"callbacks": [handler]})
-    assert out["parsing_error"] is not None
+    out = structured.invoke([image_message(IMAGE_BLOCKS["v1-base64"])])
+    assert isinstance(out["parsed"], Answer)
     assert out["raw"].usage_metadata["input_token_details"]["image"] == plan(240, 120, 1).num_tokens
 
 
@@ -518,7 +520,7 @@ def test_structured_output_json_schema_dict_retry_names_the_bad_field() -> None:
     schema = Answer.model_json_schema()
     chat, runner = scripted_chat(WRONG_TYPE_ANSWER, VALID_ANSWER)
     assert chat.with_structured_output(schema).invoke("Which quarter?") == {"quarter": "Q2", "value": 80}
-    assert "value: expected integer, got str" in runner.prompts[1]
+    assert "value: 'eighty' is not of type 'integer'" in runner.prompts[1]
 
 
 def test_structured_output_include_raw_success_and_after_retry() -> None:

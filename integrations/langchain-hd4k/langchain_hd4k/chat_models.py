@@ -67,6 +67,8 @@ _GENERATION_FIELDS = (
 )
 # Keyword arguments LangChain itself may forward to _generate/_stream; they carry no model option.
 _IGNORED_CALL_KWARGS = frozenset({"stream", "ls_structured_output_format", "structured_output_format", "strict"})
+# The JSONConstraint a structured call hands down to the request (constrained decoding in the engine).
+_CONSTRAINT_KWARG = "hd4k_constraint"
 
 
 def _package_version() -> str:
@@ -216,7 +218,7 @@ class ChatHD4K(BaseChatModel):
             text_outputs=True,
             tool_calling=False,
             tool_choice=False,
-            # JSON prompting with validation and one retry (response_format / with_structured_output).
+            # Constrained decoding with validation (response_format / with_structured_output).
             structured_output=True,
         )
 
@@ -257,7 +259,10 @@ class ChatHD4K(BaseChatModel):
 
     def _build_request(self, messages: Sequence[BaseMessage], kwargs: Mapping[str, Any]) -> GenerationRequest:
         unknown = (
-            set(kwargs) - set(_GENERATION_FIELDS) - {"hd_num", "max_tokens", "response_format"} - _IGNORED_CALL_KWARGS
+            set(kwargs)
+            - set(_GENERATION_FIELDS)
+            - {"hd_num", "max_tokens", "response_format", _CONSTRAINT_KWARG}
+            - _IGNORED_CALL_KWARGS
         )
         if unknown:
             raise InputError(
@@ -266,7 +271,9 @@ class ChatHD4K(BaseChatModel):
             )
         hd_num = kwargs.get("hd_num", self.hd_num)
         converted = convert_messages(messages, self._image_policy(), self.hd)
-        return self.hd.build_request(converted, hd_num=hd_num, generation=self._generation(kwargs))
+        request = self.hd.build_request(converted, hd_num=hd_num, generation=self._generation(kwargs))
+        constraint = kwargs.get(_CONSTRAINT_KWARG)
+        return dataclasses.replace(request, constraint=constraint) if constraint is not None else request
 
     def _stop_sequences(self, stop: list[str] | None) -> list[str]:
         return [s for s in (stop if stop is not None else self.stop) or [] if s]
@@ -392,9 +399,10 @@ class ChatHD4K(BaseChatModel):
             )
         )
 
-    # -- response_format (JSON prompting through the core's structured-output loop) -------------------
-    def _plain_call(self, stop: list[str] | None, kwargs: Mapping[str, Any]) -> Any:
+    # -- response_format (constrained decoding through the core's structured-output loop) ------------
+    def _plain_call(self, stop: list[str] | None, kwargs: Mapping[str, Any], spec: StructuredOutput) -> Any:
         options = {k: v for k, v in kwargs.items() if k != "response_format"}
+        options[_CONSTRAINT_KWARG] = spec.constraint
         return lambda conversation: self._generate(conversation, stop, **options).generations[0].message
 
     def _structured_answer(
@@ -402,7 +410,12 @@ class ChatHD4K(BaseChatModel):
     ) -> StructuredAnswer[Any]:
         spec = _response_format_schema(kwargs["response_format"])
         return generate_structured(
-            spec, list(messages), self._plain_call(stop, kwargs), text_of=_text_of, user=HumanMessage, assistant=_same
+            spec,
+            list(messages),
+            self._plain_call(stop, kwargs, spec),
+            text_of=_text_of,
+            user=HumanMessage,
+            assistant=_same,
         )
 
     async def _astructured_answer(
@@ -410,6 +423,7 @@ class ChatHD4K(BaseChatModel):
     ) -> StructuredAnswer[Any]:
         spec = _response_format_schema(kwargs["response_format"])
         options = {k: v for k, v in kwargs.items() if k != "response_format"}
+        options[_CONSTRAINT_KWARG] = spec.constraint
 
         async def call(conversation: list[BaseMessage]) -> AIMessage:
             return (await self._agenerate(conversation, stop, **options)).generations[0].message  # type: ignore[return-value]
@@ -460,14 +474,14 @@ class ChatHD4K(BaseChatModel):
     # -- tools and structured output -----------------------------------------------------------------
     def bind_tools(self, tools: Sequence[Any], *, tool_choice: Any = None, **kwargs: Any) -> Runnable:
         """No native tool calling: only an empty tool list with a ``response_format`` is accepted (what
-        ``create_agent(ChatHD4K(...), tools=[], response_format=Schema)`` binds; answered by JSON prompting).
+        ``create_agent(ChatHD4K(...), tools=[], response_format=Schema)`` binds; answered by constrained decoding).
 
         Raises:
             NotImplementedError: for any tool. Use a tool-calling chat model as the agent's LLM and give it
                 the tools of ``HD4KToolkit(hd).get_tools()`` so it can look at documents and images.
         """
         if not tools and kwargs.get("response_format") is not None and tool_choice in (None, "none", "auto"):
-            # No tool to call, only a response format: answered by JSON prompting (see _generate).
+            # No tool to call, only a response format: answered by constrained decoding (see _generate).
             return self.bind(**kwargs)
         raise NotImplementedError(
             "ChatHD4K cannot call tools: InternLM-XComposer2-4KHD has no native tool calling. Use a "
@@ -489,17 +503,21 @@ class ChatHD4K(BaseChatModel):
         """A runnable that answers with an instance of ``schema`` (a pydantic model class, a
         TypedDict class or a JSON-schema dict; dicts come back for the latter two).
 
-        The model has no constrained decoding, so every ``method`` works the same way: the JSON
-        schema is appended to the conversation as an instruction, the first JSON object is taken from
-        the answer and validated. On failure the model is asked once more, with the validation error
-        in the prompt; if that fails too, :class:`hd4k_tools.OutputParseError` is raised (or, with
-        ``include_raw=True``, returned as ``parsing_error``). ``strict`` is accepted for API
-        compatibility and has no effect.
+        Every ``method`` works the same way: decoding is constrained to the schema (the engine only
+        lets the model pick tokens that keep the answer valid JSON of it), the schema is also appended to
+        the conversation as an instruction, and the answer is validated with ``jsonschema``/pydantic. If
+        it still fails (a keyword the grammar does not enforce) the model is asked once more, with the
+        error in the prompt; if that fails too, :class:`hd4k_tools.OutputParseError` is raised (or, with
+        ``include_raw=True``, returned as ``parsing_error``). ``strict`` is accepted for API compatibility
+        (answers are always strict).
         """
         if kwargs:
             raise TypeError(f"Unexpected arguments for with_structured_output: {sorted(kwargs)}")
         spec = StructuredOutput.from_schema(schema)
-        llm = self.bind(ls_structured_output_format={"kwargs": {"method": method, "strict": strict}, "schema": schema})
+        llm = self.bind(
+            ls_structured_output_format={"kwargs": {"method": method, "strict": strict}, "schema": schema},
+            **{_CONSTRAINT_KWARG: spec.constraint},
+        )
 
         def shaped(answer: StructuredAnswer[Any]) -> Any:
             if include_raw:

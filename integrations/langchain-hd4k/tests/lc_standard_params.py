@@ -17,12 +17,9 @@ from langchain_hd4k import ChatHD4K, HD4KChartQuestionTool, HD4KDescribeImageToo
 
 from hd4k_tools import HD4K, ToolSettings
 
-# Random tiny weights cannot write a JSON object, so every structured-output call ends, after its one
-# retry, in OutputParseError; the parsing and retry logic is tested in test_langchain_chat_model.py.
-RANDOM_WEIGHTS_NO_JSON = (
-    "the tiny checkpoint has random weights and never produces JSON matching the schema, so "
-    "with_structured_output raises OutputParseError after its retry (by design)"
-)
+# Random tiny weights write valid structured output only because decoding is constrained to the schema;
+# the JSON needs more than the suites' 8 new tokens, so those tests get a larger budget.
+STRUCTURED_BUDGET = 80
 
 
 class ChatParams:
@@ -46,7 +43,7 @@ class ChatParams:
     # -- capabilities the model has -------------------------------------------------------------------
     @property
     def has_structured_output(self) -> bool:
-        # JSON-schema prompting with one retry (with_structured_output); see RANDOM_WEIGHTS_NO_JSON.
+        # Constrained decoding to the schema (with_structured_output); see STRUCTURED_BUDGET.
         return True
 
     @property

@@ -85,6 +85,13 @@ class InternLMXComposer2Tokenizer(PreTrainedTokenizer):
         return self.sp.vocab_size
 
     @property
+    def sp_model(self) -> Any:
+        """The ``sentencepiece.SentencePieceProcessor``: what xgrammar (vLLM's structured outputs) reads to
+        recognise a sentencepiece tokenizer with byte fallback; without it, JSON response formats fail in the
+        engine with "Unsupported tokenizer type" (issue 21)."""
+        return self.sp._sp
+
+    @property
     def image_placeholder_id(self) -> int:
         """Id of ``<ImageHere>`` (first id past the sentencepiece vocabulary; not a model token)."""
         return self._added_tokens_encoder[IMAGE_PLACEHOLDER]

@@ -1,6 +1,7 @@
 """LangChain's standard integration suites (``langchain_tests.integration_tests``) against ChatHD4K and the
-three tools on the tiny random checkpoint, and the suite's structured-output tests on a scripted runner
-that writes valid JSON (random weights never do)."""
+three tools on the tiny random checkpoint. The random weights write schema-valid JSON through constrained
+decoding, so the suite's structured-output and JSON-mode tests run as they are (with a larger token budget);
+they also run on a scripted runner that writes valid JSON."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from langchain_hd4k import ChatHD4K
 from langchain_helpers import ScriptedRunner, chart_image, png_bytes
 from langchain_tests.integration_tests import ChatModelIntegrationTests, ToolsIntegrationTests
 from langchain_tests.integration_tests import chat_models as standard_chat_models
-from lc_standard_params import RANDOM_WEIGHTS_NO_JSON, ChartQuestion, ChatParams, DescribeImage, ReadDocument
+from lc_standard_params import STRUCTURED_BUDGET, ChartQuestion, ChatParams, DescribeImage, ReadDocument
 
-from hd4k_tools import HD4K, OutputParseError
+from hd4k_tools import HD4K
 
 
 class _LocalImageHttpx:
@@ -40,27 +41,14 @@ class TestChatHD4KStandardIntegration(ChatParams, ChatModelIntegrationTests):
         monkeypatch.setattr(standard_chat_models, "httpx", _LocalImageHttpx(png_bytes(chart_image())))
         yield
 
-    @pytest.mark.xfail(reason=RANDOM_WEIGHTS_NO_JSON, raises=OutputParseError, strict=True)
-    @pytest.mark.parametrize("schema_type", ["pydantic", "typeddict", "json_schema"])
-    def test_structured_output(self, model: Any, schema_type: Any) -> None:
-        super().test_structured_output(model, schema_type)
-
-    @pytest.mark.xfail(reason=RANDOM_WEIGHTS_NO_JSON, raises=OutputParseError, strict=True)
-    @pytest.mark.parametrize("schema_type", ["pydantic", "typeddict", "json_schema"])
-    async def test_structured_output_async(self, model: Any, schema_type: Any) -> None:
-        await super().test_structured_output_async(model, schema_type)
-
-    @pytest.mark.xfail(reason=RANDOM_WEIGHTS_NO_JSON, raises=OutputParseError, strict=True)
-    def test_structured_output_pydantic_2_v1(self, model: Any) -> None:
-        super().test_structured_output_pydantic_2_v1(model)
-
-    @pytest.mark.xfail(reason=RANDOM_WEIGHTS_NO_JSON, raises=OutputParseError, strict=True)
-    def test_structured_output_optional_param(self, model: Any) -> None:
-        super().test_structured_output_optional_param(model)
-
-    @pytest.mark.xfail(reason=RANDOM_WEIGHTS_NO_JSON, raises=OutputParseError, strict=True)
-    def test_json_mode(self, model: Any) -> None:
-        super().test_json_mode(model)
+    @pytest.fixture
+    def model(self, request: Any) -> ChatHD4K:
+        """The suite's model; its structured-output and JSON-mode tests get room for a whole JSON answer
+        (random weights answer valid JSON only through constrained decoding)."""
+        extra = getattr(request, "param", None) or {}
+        name = request.node.name
+        budget = {"max_new_tokens": STRUCTURED_BUDGET} if "structured_output" in name or "json_mode" in name else {}
+        return self.chat_model_class(**{**self.standard_chat_model_params, **self.chat_model_params, **budget, **extra})
 
 
 class TestReadDocumentToolIntegration(ReadDocument, ToolsIntegrationTests):

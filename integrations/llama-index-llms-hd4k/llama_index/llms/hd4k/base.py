@@ -302,9 +302,12 @@ class HD4KMultiModalLLM(LLM):
         generation = {name: kwargs.get(name, getattr(self, name)) for name in _GENERATION_FIELDS}
         hd_num = kwargs.get("hd_num", self.hd_num)
         image_documents = image_documents if image_documents is not None else kwargs.get("image_documents")
-        return self._hd.build_request(
+        request = self._hd.build_request(
             self._to_messages(messages, image_documents), hd_num=hd_num, generation=generation
         )
+        # structured_predict's constrained decoding (a JSONConstraint), handed down through chat's kwargs.
+        constraint = kwargs.get("hd4k_constraint")
+        return dataclasses.replace(request, constraint=constraint) if constraint is not None else request
 
     @staticmethod
     def _completion_messages(prompt: str) -> list[ChatMessage]:
@@ -505,8 +508,9 @@ class HD4KMultiModalLLM(LLM):
         """Fill ``output_cls`` from the model's answer to ``prompt``.
 
         The prompt (a ``PromptTemplate``, or a ``ChatPromptTemplate`` whose messages may hold images)
-        gets a JSON-schema instruction; the answer's JSON is extracted and validated. On failure the
-        model is asked once more, shown the error; a second failure raises
+        gets a JSON-schema instruction and decoding is constrained to the schema (the answer is valid
+        JSON of it by construction); the answer's JSON is extracted and validated. On a failure the grammar
+        did not prevent, the model is asked once more, shown the error; a second failure raises
         :class:`hd4k_tools.OutputParseError`. ``llm_kwargs`` go to :meth:`chat` (e.g. ``hd_num``,
         ``max_new_tokens``, ``image_documents``).
         """
@@ -514,10 +518,12 @@ class HD4KMultiModalLLM(LLM):
             LLMStructuredPredictStartEvent(output_cls=output_cls, template=prompt, template_args=prompt_args)
         )
         messages = self._structured_messages(prompt, prompt_args)
+        spec = StructuredOutput.from_schema(output_cls)
+        options = {**(llm_kwargs or {}), "hd4k_constraint": spec.constraint}
         answer: StructuredAnswer[ChatResponse] = generate_structured(
-            StructuredOutput.from_schema(output_cls),
+            spec,
             messages,
-            lambda conversation: self.chat(conversation, **(llm_kwargs or {})),
+            lambda conversation: self.chat(conversation, **options),
             text_of=self._text,
             user=self._user,
             assistant=self._assistant,
@@ -539,12 +545,14 @@ class HD4KMultiModalLLM(LLM):
             LLMStructuredPredictStartEvent(output_cls=output_cls, template=prompt, template_args=prompt_args)
         )
         messages = self._structured_messages(prompt, prompt_args)
+        spec = StructuredOutput.from_schema(output_cls)
+        options = {**(llm_kwargs or {}), "hd4k_constraint": spec.constraint}
 
         async def call(conversation: list[ChatMessage]) -> ChatResponse:
-            return await self.achat(conversation, **(llm_kwargs or {}))
+            return await self.achat(conversation, **options)
 
         answer: StructuredAnswer[ChatResponse] = await agenerate_structured(
-            StructuredOutput.from_schema(output_cls),
+            spec,
             messages,
             call,
             text_of=self._text,

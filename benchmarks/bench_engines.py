@@ -4,7 +4,7 @@ environment, ``.venv-vllm``, see ``.ci/run`` stage 2 / the README's vLLM section
     VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/python benchmarks/bench_engines.py \\
         [--counts 1 4 16 64] [--rounds 2] [--server-rounds 2] [--new-tokens 8] [--hd-num 0] [--append-results]
 
-Method (issue 19):
+Method:
 
 * **Model.** A random checkpoint in the official layout, large enough that a decode step reads its weights
   rather than paying per-step overhead: decoder 19 layers x 1024 (16 heads of 64, 8 KV heads, FFN 2816),

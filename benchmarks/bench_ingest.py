@@ -316,7 +316,7 @@ def main() -> None:
             *rows,
             "",
             f"2 actors / 1 actor: **{two / one:.2f}×** pages/min (per round {low:.2f}–{high:.2f}×; "
-            f"local mode / Ray 1 actor: {rate['local mode (1 process)'] / one:.2f}×). Since issue 20 each Ray "
+            f"local mode / Ray 1 actor: {rate['local mode (1 process)'] / one:.2f}×). Each Ray "
             "rendering task starts one PDF render worker process (time and memory limits), part of these figures.",
             "",
             "| rerun over a finished folder (nothing to transcribe) | time | share of the full run |",

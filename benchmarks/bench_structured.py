@@ -1,4 +1,4 @@
-"""Cost of constrained decoding (issue 21): time per generated token with a JSON-schema constraint vs
+"""Cost of constrained decoding: time per generated token with a JSON-schema constraint vs
 unconstrained decoding, native engine, CPU.
 
 Model: the tiny random checkpoint of the test suite (``make_tiny_checkpoint`` defaults: vocabulary 800) and,
@@ -40,7 +40,7 @@ from hd4k_tools.runtime.local import LocalRunner  # noqa: E402
 from hd4k_tools.runtime.runner import GenerationRequest, Message  # noqa: E402
 from hd4k_tools.structured import JSONConstraint  # noqa: E402
 
-TITLE = "## Constrained decoding (issue 21)"
+TITLE = "## Constrained decoding"
 SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {

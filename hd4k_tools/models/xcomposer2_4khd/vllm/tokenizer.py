@@ -88,7 +88,7 @@ class InternLMXComposer2Tokenizer(PreTrainedTokenizer):
     def sp_model(self) -> Any:
         """The ``sentencepiece.SentencePieceProcessor``: what xgrammar (vLLM's structured outputs) reads to
         recognise a sentencepiece tokenizer with byte fallback; without it, JSON response formats fail in the
-        engine with "Unsupported tokenizer type" (issue 21)."""
+        engine with "Unsupported tokenizer type"."""
         return self.sp._sp
 
     @property

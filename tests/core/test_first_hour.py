@@ -239,7 +239,7 @@ class _StreamingPages:
     def __exit__(self, *exc: object) -> None:
         pass
 
-    def stream_read_document(self, source: object, *, pages: list[int], **kwargs: object) -> Iterator[str]:
+    def stream_task(self, spec: object, source: object, *, pages: list[int], **kwargs: object) -> Iterator[str]:
         if pages[0] == self.interrupt_at:
             raise KeyboardInterrupt
         yield f"text of page {pages[0]}"

@@ -319,6 +319,8 @@ def test_hd4k_serve_engine_vllm_answers_to_the_same_names(tmp_path: Any, monkeyp
     monkeypatch.setattr(run, "run_vllm_server", lambda model, **kw: seen.update(kw))
     model_dir = tmp_path / "ixc-4khd"
     model_dir.mkdir()
+    # vllm_server_argv reads the checkpoint's dtype and context from its config.json.
+    (model_dir / "config.json").write_text('{"model_type": "internlmxcomposer2", "torch_dtype": "float32"}')
     run.serve_from_args(run.build_parser().parse_args(["--engine", "vllm", "--model", str(model_dir)]))
     assert seen["served_model_name"] == ["ixc-4khd", str(model_dir)]
     argv = vllm_server_argv(model_dir, served_model_name=seen["served_model_name"], generation_config_dir=tmp_path)

@@ -123,6 +123,7 @@ def test_the_fourth_task_is_a_cli_command(
     capsys.readouterr()
     monkeypatch.setattr(model_commands, "_open", lambda args: HD4K(EchoRunner()))
     monkeypatch.setattr(model_commands, "_check_device", lambda args: None)
+    monkeypatch.setattr(model_commands, "check_before_load", lambda *a, **k: None)  # a scripted facade
     assert main(["count", str(image_file), "--what", "cats"], tasks=TASKS4) == 0
     assert capsys.readouterr().out.strip() == "How many cats are there?"
 

@@ -14,6 +14,7 @@ import pytest
 from hd4k_tools import HD4K
 from hd4k_tools.cli import main
 from hd4k_tools.errors import InputError, MissingDependencyError
+from hd4k_tools.tasks import TASKS
 
 
 @pytest.fixture
@@ -107,7 +108,7 @@ def test_remote_runner_for_vllm_sends_mm_processor_kwargs() -> None:
         assert native_server._payload(request, stream=False)["hd_num"] == [1, 4]
     hd = HD4K.remote("http://127.0.0.1:9", "m", server="vllm")
     # Task defaults decode greedily on a runner without beam search (describe_image defaults to 3 beams).
-    assert hd._describe_request(images[0], "detailed", 4, None, None).generation.num_beams == 1
+    assert hd._generation(TASKS["describe_image"], None).num_beams == 1
     hd.close()
 
 

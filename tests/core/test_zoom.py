@@ -379,6 +379,7 @@ def test_cli_region_and_windows_reach_the_model(
     _noise(800, 600).save(tmp_path / "a.png")
     monkeypatch.setattr(model_commands, "_open", lambda args: HD4K(ImageRunner()))
     monkeypatch.setattr(model_commands, "_check_device", lambda args: None)
+    monkeypatch.setattr(model_commands, "check_before_load", lambda *a, **k: None)  # a scripted facade
     assert main(["describe", str(tmp_path / "a.png"), "--region", "0,0,0.5,0.5"]) == 0
     assert capsys.readouterr().out.strip() == "400x300"
     assert main(["read", str(tmp_path / "a.png"), "--windows", "2", "--json"]) == 0

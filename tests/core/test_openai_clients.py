@@ -220,7 +220,9 @@ def _readme_block(after: str) -> str:
 
 
 def _run_snippet(code: str, server: dict[str, str], folder: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    code = code.replace("http://gpu-box:8000/v1", server["base"]).replace('"DIR"', repr(server["dir"]))
+    # The README names the served model as a user would see it (the folder's name, or DIR as given).
+    code = code.replace("http://gpu-box:8000/v1", server["base"])
+    code = code.replace('"DIR"', repr(server["dir"])).replace('"internlm-xcomposer2-4khd-7b"', repr(server["dir"]))
     monkeypatch.chdir(folder)
     Image.new("RGB", (640, 480), (240, 240, 240)).save(folder / "chart.png")
     Image.new("RGB", (600, 800), "white").save(folder / "scan.png")

@@ -18,6 +18,7 @@ OPTIONAL = {
     "fastapi",
     "huggingface_hub",
     "IPython",
+    "llguidance",
     "mcp",
     "pyarrow",
     "safetensors",

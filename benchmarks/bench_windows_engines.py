@@ -65,8 +65,8 @@ def main() -> int:
     vllm = HD4K.from_pretrained(
         str(checkpoint), engine="vllm", hd_num=HD_NUM, dtype="float32", enforce_eager=True, max_model_len=4096
     )
-    for hd in (native, vllm):  # warm-up
-        _read(hd, page, 2, 4)
+    for hd in (native, vllm):  # warm-up, with the timed batch size (vLLM's first batch of a size costs more)
+        _read(hd, page, args.windows, 4)
     times: dict[str, list[float]] = {"native": [], "vllm": []}
     texts: dict[str, str] = {}
     for _ in range(args.rounds):  # ABAB

@@ -24,12 +24,13 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_engines import BENCH_CONFIG
-from results import cpu_name, write_section
+from bench_zoom import SECTION as LOOK_CLOSER
+from bench_zoom import WINDOWS_SUBSECTION as SECTION
+from results import cpu_name, write_subsection
 
 from hd4k_tools import HD4K
 from hd4k_tools.models.xcomposer2_4khd.tiny import make_tiny_checkpoint
 
-SECTION = "## Windowed read: vLLM vs native"
 HD_NUM = 4
 
 
@@ -53,8 +54,10 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--append-results", action="store_true")
+    parser.add_argument("--machine-note", default="", help="what else loads the machine, stated in the results")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    load_start = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="bench_windows_"))
     checkpoint = make_tiny_checkpoint(work / "ckpt", seed=0, config_overrides=BENCH_CONFIG, shards=1)
     page = _page(2400, 3400)
@@ -62,8 +65,8 @@ def main() -> int:
     vllm = HD4K.from_pretrained(
         str(checkpoint), engine="vllm", hd_num=HD_NUM, dtype="float32", enforce_eager=True, max_model_len=4096
     )
-    for hd in (native, vllm):  # warm-up
-        _read(hd, page, 2, 4)
+    for hd in (native, vllm):  # warm-up, with the timed batch size (vLLM's first batch of a size costs more)
+        _read(hd, page, args.windows, 4)
     times: dict[str, list[float]] = {"native": [], "vllm": []}
     texts: dict[str, str] = {}
     for _ in range(args.rounds):  # ABAB
@@ -72,13 +75,15 @@ def main() -> int:
             times[name].append(seconds)
             print(f"{name}: {seconds:.2f} s", flush=True)
     ratios = [n / v for n, v in zip(times["native"], times["vllm"], strict=True)]
-    load = os.getloadavg()[0]
+    load_end = os.getloadavg()[0]
+    note = f" {args.machine_note.rstrip('.')}." if args.machine_note else ""
     section = "\n".join(
         [
             SECTION,
             "",
             f"`benchmarks/bench_windows_engines.py --windows {args.windows} --rounds {args.rounds}` — "
-            f"{datetime.date.today().isoformat()}, {cpu_name()}, load average {load:.1f}; tiny random model "
+            f"{datetime.date.today().isoformat()}, {cpu_name()} ({os.cpu_count()} cores), 1-min load average "
+            f"{load_start:.1f} at the start and {load_end:.1f} at the end.{note} Tiny random model "
             f"(bench_engines configuration, float32), a 2400×3400 page read in {args.windows} windows at HD-{HD_NUM}, "
             f"{args.new_tokens} new tokens per window, ABAB rounds.",
             "",
@@ -94,7 +99,7 @@ def main() -> int:
     )
     print(section)
     if args.append_results:
-        write_section(SECTION, section)
+        write_subsection(LOOK_CLOSER, SECTION, section)
     native.close()
     vllm.close()
     return 0

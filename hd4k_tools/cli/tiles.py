@@ -16,7 +16,7 @@ from hd4k_tools.cli.args import EXIT_OK, CommandError, parse_hd_num
 from hd4k_tools.errors import InvalidHDNumError
 from hd4k_tools.inputs.images import load_image
 from hd4k_tools.tasks import TASKS
-from hd4k_tools.tiling import HD_COMPARISON, draw_plan, plan, resolve_hd_num
+from hd4k_tools.tiling import HD_COMPARISON, HDPlan, draw_plan, plan, resolve_hd_num
 from hd4k_tools.zoom import Window, check_windows, detail_loss, draw_windows, plan_windows
 
 # The preview plans a page as read_document would (its default hd_num, one fact in tasks.py).
@@ -52,28 +52,7 @@ def _cmd_tiles(args: argparse.Namespace) -> int:
             raise CommandError(f"cannot write the preview to {out}: {reason}") from err
 
     if args.json:
-        payload: dict[str, Any] = {
-            "image": str(args.image),
-            "hd_num_requested": hd_num,
-            "max_tokens": max_tokens if hd_num == "auto" else args.max_tokens,
-            "plan": chosen.to_dict(),
-            "summary": chosen.summary(),
-            "comparison": [
-                {
-                    "hd_num": p.hd_num,
-                    "rows": p.rows,
-                    "cols": p.cols,
-                    "num_tiles": p.num_tiles,
-                    "num_tokens": p.num_tokens,
-                    "padded_size": list(p.padded_size),
-                }
-                for p in comparison
-            ],
-            "preview": str(out) if out else None,
-            "detail": detail_loss(chosen).model_dump(),
-        }
-        if windows is not None:
-            payload["windows"] = [_window_dict(w, n) for w in windows]
+        payload = _tiles_payload(args, hd_num, max_tokens, chosen, comparison, out, windows, n)
         print(json.dumps(payload, ensure_ascii=False))
         return EXIT_OK
 
@@ -87,6 +66,42 @@ def _cmd_tiles(args: argparse.Namespace) -> int:
         print()
         print(f"Preview written to {out}")
     return EXIT_OK
+
+
+def _tiles_payload(
+    args: argparse.Namespace,
+    hd_num: int | str | None,
+    max_tokens: int,
+    chosen: HDPlan,
+    comparison: list[HDPlan],
+    out: Path | None,
+    windows: list[Window] | None,
+    n: int,
+) -> dict[str, Any]:
+    """The ``--json`` output of ``hd4k tiles``."""
+    payload: dict[str, Any] = {
+        "image": str(args.image),
+        "hd_num_requested": hd_num,
+        "max_tokens": max_tokens if hd_num == "auto" else args.max_tokens,
+        "plan": chosen.to_dict(),
+        "summary": chosen.summary(),
+        "comparison": [
+            {
+                "hd_num": p.hd_num,
+                "rows": p.rows,
+                "cols": p.cols,
+                "num_tiles": p.num_tiles,
+                "num_tokens": p.num_tokens,
+                "padded_size": list(p.padded_size),
+            }
+            for p in comparison
+        ],
+        "preview": str(out) if out else None,
+        "detail": detail_loss(chosen).model_dump(),
+    }
+    if windows is not None:
+        payload["windows"] = [_window_dict(w, n) for w in windows]
+    return payload
 
 
 def _window_dict(w: Window, n: int) -> dict[str, Any]:

@@ -46,6 +46,7 @@ from hd4k_tools.ingestion.shards import (
     FaultPoints,
     IngestOutputError,
     Manifest,
+    RunSummary,
     ShardWriter,
     check_compatible,
     earlier_runs,
@@ -116,8 +117,32 @@ def _positive(name: str, value: Any, kind: type = int) -> None:
 class IngestOptions:
     """Every setting of an ingest run, checked when built (so a bad one is refused before any model loads).
 
-    ``ingest(inputs, out, IngestOptions(model=...))`` and ``ingest(inputs, out, model=...)`` are the same;
-    see :func:`ingest` for what each field means.
+    ``ingest(inputs, out, IngestOptions(model=...))`` and ``ingest(inputs, out, model=...)`` are the same.
+    The fields:
+
+    * ``model``: checkpoint folder or hub id (native, vllm) or the model name on the server
+      (remote); required unless ``ingest(hd=...)`` is given. The resume key uses its canonical identity
+      (a folder: real path + config hash).
+    * ``engine``: ``"native"`` (default), ``"vllm"`` or ``"remote"``; ``remote``: the server's base
+      URL (implies ``engine="remote"``; another engine with it is refused).
+    * ``hd_num``: tiles per page (default 55, the document task's; ``"auto"`` fits the context).
+    * ``pages``: 1-based page selection applied to every PDF (``"1-3"``: the first three pages of
+      each); an image is page 1. ``dpi``: PDF render resolution.
+    * ``workers``: Ray mode: transcription actors (one engine each). Local mode: rendering threads.
+    * ``ray``: ``None``/``False`` = local mode; ``True`` = start a local Ray; a string = join that
+      Ray cluster address (``"auto"``, ``"ray://head:10001"``); a head that does not answer is
+      refused in seconds.
+    * ``batch_size``: pages per rendering task and engine batch (in Ray mode also per shard).
+    * ``shard_size``: records per JSONL/Parquet part in local mode.
+    * ``generation``: decoding options (e.g. ``{"max_new_tokens": 2048}``), checked up front.
+    * ``device``, ``dtype``: for the native engine. ``policy``: input limits (bytes, pixels).
+    * ``progress``: a bar on a terminal, plain lines otherwise; ``False`` = silent.
+    * ``follow_symlinks``: follow symlinks that lead out of the folders and patterns given.
+    * ``max_consecutive_failures``: stop (``SystemicFailureError``) after this many pages in a row
+      fail the same retryable way (0: never).
+    * ``render_timeout_s``, ``render_memory_mb``: limits for rendering one PDF page.
+    * ``engine_options``: other options for opening the engine (each Ray actor opens its own),
+      e.g. ``{"gpu_memory_utilization": 0.85}`` or ``{"enforce_eager": True}`` for vLLM.
     """
 
     model: str | None = None
@@ -202,65 +227,8 @@ def _probe_remote(url: str) -> None:
         ) from err
 
 
-def ingest(
-    inputs: str | Path | Sequence[str | Path],
-    out: str | Path,
-    options: IngestOptions | None = None,
-    *,
-    hd: Any = None,
-    cancel: threading.Event | None = None,
-    **settings: Any,
-) -> Manifest:
-    """Transcribe every PDF page and image of ``inputs`` into page records under ``out``.
-
-    Args:
-        inputs: files, folders (walked recursively for PDFs and images) and glob patterns. A file named
-            in several inputs, or the same content under several paths, is read once: the first path
-            given keeps the records, the others are listed in ``manifest.duplicates``.
-        out: the output folder; a rerun over the same folder skips every page already done (keyed by
-            content hash, page, hd_num, model identity and prompt) and ends with the same records.
-        options: an :class:`IngestOptions`; or its fields as keywords (``settings``), or both (keywords
-            replace fields):
-
-            * ``model``: checkpoint folder or hub id (native, vllm) or the model name on the server
-              (remote); required unless ``hd`` is given. The resume key uses its canonical identity
-              (a folder: real path + config hash).
-            * ``engine``: ``"native"`` (default), ``"vllm"`` or ``"remote"``; ``remote``: the server's base
-              URL (implies ``engine="remote"``; another engine with it is refused).
-            * ``hd_num``: tiles per page (default 55, the document task's; ``"auto"`` fits the context).
-            * ``pages``: 1-based page selection applied to every PDF (``"1-3"``: the first three pages of
-              each); an image is page 1. ``dpi``: PDF render resolution.
-            * ``workers``: Ray mode: transcription actors (one engine each). Local mode: rendering threads.
-            * ``ray``: ``None``/``False`` = local mode; ``True`` = start a local Ray; a string = join that
-              Ray cluster address (``"auto"``, ``"ray://head:10001"``); a head that does not answer is
-              refused in seconds.
-            * ``batch_size``: pages per rendering task and engine batch (in Ray mode also per shard).
-            * ``shard_size``: records per JSONL/Parquet part in local mode.
-            * ``generation``: decoding options (e.g. ``{"max_new_tokens": 2048}``), checked up front.
-            * ``device``, ``dtype``: for the native engine. ``policy``: input limits (bytes, pixels).
-            * ``progress``: a bar on a terminal, plain lines otherwise; ``False`` = silent.
-            * ``follow_symlinks``: follow symlinks that lead out of the folders and patterns given.
-            * ``max_consecutive_failures``: stop (``SystemicFailureError``) after this many pages in a row
-              fail the same retryable way (0: never).
-            * ``render_timeout_s``, ``render_memory_mb``: limits for rendering one PDF page.
-            * ``engine_options``: other options for opening the engine (each Ray actor opens its own),
-              e.g. ``{"gpu_memory_utilization": 0.85}`` or ``{"enforce_eager": True}`` for vLLM.
-        hd: a ready :class:`hd4k_tools.HD4K` to use instead of opening one (local mode only).
-        cancel: set it to stop between pages (local mode only); finished records are kept.
-
-    Returns:
-        The run's :class:`Manifest` (also in ``out/manifest.json``); ``manifest.records()`` iterates the
-        records of the whole folder. ``manifest.pages_failed`` and ``manifest.errors`` say what failed.
-
-    Raises:
-        InputError: bad arguments or inputs that name nothing usable (bad files inside the corpus
-            become error records instead).
-        IngestOutputError: ``out`` cannot be used or written, or holds records made with other settings.
-        SystemicFailureError: pages kept failing the same way (engine or server down): stopped early.
-        CancelledError, KeyboardInterrupt (:class:`Terminated` for SIGTERM): the run was stopped; every
-            finished page is on disk.
-    """
-    options = dataclasses.replace(options, **settings) if options is not None else IngestOptions(**settings)
+def _engine_spec(options: IngestOptions, hd: Any, cancel: threading.Event | None) -> tuple[str, str, EngineSpec | None]:
+    """``(model, engine, spec)`` of a run; ``spec`` is ``None`` when a ready ``hd`` object is used."""
     if cancel is not None and options.use_ray:
         raise InputError("cancel= works in local mode only; stop a Ray run with Ctrl-C (finished shards are kept).")
     if hd is not None and options.use_ray:
@@ -283,6 +251,120 @@ def ingest(
             options=tuple((options.engine_options or {}).items()),
         )
     )
+    return model, engine, spec
+
+
+def _new_manifest(
+    root: Path,
+    options: IngestOptions,
+    engine: str,
+    model: str,
+    identity: str,
+    page_settings: PageSettings,
+    listing: Any,
+    history: list[RunSummary],
+) -> Manifest:
+    """The manifest of a run that starts now (not yet written)."""
+    return Manifest(
+        out=str(root),
+        engine=engine,
+        model=model,
+        model_id=identity,
+        hd_num=requested_hd_num(options.hd_num),
+        prompt=page_settings.prompt,
+        settings=page_settings.fingerprint(),
+        mode="ray" if options.use_ray else "local",
+        workers=options.workers,
+        inputs=[display_path(p)[0] for p in listing.paths],
+        files=len(listing.paths),
+        skipped_links=[display_path(p)[0] for p in listing.skipped_links],
+        started_at=_now(),
+        runs=history,
+    )
+
+
+def _run_and_record(
+    manifest: Manifest,
+    paths: Sequence[Path],
+    options: IngestOptions,
+    page_settings: PageSettings,
+    spec: EngineSpec | None,
+    hd: Any,
+    done: dict[Any, bool],
+    root: Path,
+    history: list[RunSummary],
+    faults: FaultPoints,
+    cancel: threading.Event | None,
+) -> None:
+    """Run the pages (locally or on Ray), then record how the run ended in ``manifest`` and write it."""
+    writer = ShardWriter(root, options.shard_size, faults=faults)
+    start = time.monotonic()
+    try:
+        if options.use_ray:
+            _run_ray(manifest, paths, options, page_settings, spec, done, writer, faults)  # type: ignore[arg-type]
+        else:
+            _run_local(manifest, paths, options, page_settings, spec, hd, done, writer, faults, cancel)
+    except (KeyboardInterrupt, CancelledError):
+        manifest.status = "interrupted"
+        raise
+    except Exception:
+        manifest.status = "failed"
+        raise
+    else:
+        manifest.status = "complete"
+    finally:
+        _close_manifest(manifest, writer, root, history, start, faults)
+
+
+def _close_manifest(
+    manifest: Manifest, writer: ShardWriter, root: Path, history: list[RunSummary], start: float, faults: FaultPoints
+) -> None:
+    """Record a run's counts, errors, time and shards in ``manifest`` and write it."""
+    manifest.pages_done, manifest.pages_failed = writer.ok, writer.failed
+    manifest.errors = dict(sorted(writer.errors.items()))
+    manifest.elapsed_s = round(time.monotonic() - start, 3)
+    manifest.finished_at = _now()
+    manifest.shards = [p.stem for p in shard_paths(root)]
+    manifest.runs = [*history, manifest.summary()]
+    manifest.write(faults)
+
+
+def ingest(
+    inputs: str | Path | Sequence[str | Path],
+    out: str | Path,
+    options: IngestOptions | None = None,
+    *,
+    hd: Any = None,
+    cancel: threading.Event | None = None,
+    **settings: Any,
+) -> Manifest:
+    """Transcribe every PDF page and image of ``inputs`` into page records under ``out``.
+
+    Args:
+        inputs: files, folders (walked recursively for PDFs and images) and glob patterns. A file named
+            in several inputs, or the same content under several paths, is read once: the first path
+            given keeps the records, the others are listed in ``manifest.duplicates``.
+        out: the output folder; a rerun over the same folder skips every page already done (keyed by
+            content hash, page, hd_num, model identity and prompt) and ends with the same records.
+        options: an :class:`IngestOptions` (each field is described there); or its fields as keywords
+            (``settings``), or both (keywords replace fields).
+        hd: a ready :class:`hd4k_tools.HD4K` to use instead of opening one (local mode only).
+        cancel: set it to stop between pages (local mode only); finished records are kept.
+
+    Returns:
+        The run's :class:`Manifest` (also in ``out/manifest.json``); ``manifest.records()`` iterates the
+        records of the whole folder. ``manifest.pages_failed`` and ``manifest.errors`` say what failed.
+
+    Raises:
+        InputError: bad arguments or inputs that name nothing usable (bad files inside the corpus
+            become error records instead).
+        IngestOutputError: ``out`` cannot be used or written, or holds records made with other settings.
+        SystemicFailureError: pages kept failing the same way (engine or server down): stopped early.
+        CancelledError, KeyboardInterrupt (:class:`Terminated` for SIGTERM): the run was stopped; every
+            finished page is on disk.
+    """
+    options = dataclasses.replace(options, **settings) if options is not None else IngestOptions(**settings)
+    model, engine, spec = _engine_spec(options, hd, cancel)
     identity = spec.identity() if spec is not None else model_identity(model)
     page_settings = PageSettings(
         hd_num=options.hd_num,
@@ -301,46 +383,11 @@ def ingest(
     faults = FaultPoints()
     with _sigterm_as_interrupt():
         done = {k: not r.ok for k, r in repair_output(root, faults).items() if r.done}
-        manifest = Manifest(
-            out=str(root),
-            engine=engine if hd is None else "object",
-            model=model,
-            model_id=identity,
-            hd_num=requested_hd_num(options.hd_num),
-            prompt=page_settings.prompt,
-            settings=page_settings.fingerprint(),
-            mode="ray" if options.use_ray else "local",
-            workers=options.workers,
-            inputs=[display_path(p)[0] for p in listing.paths],
-            files=len(listing.paths),
-            skipped_links=[display_path(p)[0] for p in listing.skipped_links],
-            started_at=_now(),
-            runs=history,
+        manifest = _new_manifest(
+            root, options, engine if hd is None else "object", model, identity, page_settings, listing, history
         )
         manifest.write(faults)
-        writer = ShardWriter(root, options.shard_size, faults=faults)
-        start = time.monotonic()
-        try:
-            if options.use_ray:
-                _run_ray(manifest, listing.paths, options, page_settings, spec, done, writer, faults)  # type: ignore[arg-type]
-            else:
-                _run_local(manifest, listing.paths, options, page_settings, spec, hd, done, writer, faults, cancel)
-        except (KeyboardInterrupt, CancelledError):
-            manifest.status = "interrupted"
-            raise
-        except Exception:
-            manifest.status = "failed"
-            raise
-        else:
-            manifest.status = "complete"
-        finally:
-            manifest.pages_done, manifest.pages_failed = writer.ok, writer.failed
-            manifest.errors = dict(sorted(writer.errors.items()))
-            manifest.elapsed_s = round(time.monotonic() - start, 3)
-            manifest.finished_at = _now()
-            manifest.shards = [p.stem for p in shard_paths(root)]
-            manifest.runs = [*history, manifest.summary()]
-            manifest.write(faults)
+        _run_and_record(manifest, listing.paths, options, page_settings, spec, hd, done, root, history, faults, cancel)
     return manifest
 
 

@@ -78,10 +78,27 @@ def _interrupted(out: str, signal_name: str) -> None:
 def cmd_ingest(args: argparse.Namespace) -> int:
     """Run ``hd4k ingest`` and print a one-line summary (or the manifest with ``--json``); see the module
     docstring for the exit codes."""
+    options = _options_from_args(args)
+    try:
+        manifest = ingest(args.inputs, args.out, options)
+    except SystemicFailureError as err:
+        print(f"hd4k: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return EXIT_SYSTEMIC
+    except Terminated:
+        _interrupted(args.out, "SIGTERM")
+        return EXIT_SIGTERM
+    except KeyboardInterrupt:
+        _interrupted(args.out, "Ctrl-C")
+        return EXIT_SIGINT
+    return _report(manifest, args)
+
+
+def _options_from_args(args: argparse.Namespace) -> IngestOptions:
+    """The :class:`IngestOptions` that ``hd4k ingest``'s flags ask for."""
     generation: dict[str, Any] = {}
     if args.max_new_tokens is not None:
         generation["max_new_tokens"] = args.max_new_tokens
-    options = IngestOptions(
+    return IngestOptions(
         model=args.model,
         engine=args.engine,
         remote=args.remote,
@@ -101,17 +118,10 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         render_timeout_s=args.render_timeout,
         render_memory_mb=args.render_memory,
     )
-    try:
-        manifest = ingest(args.inputs, args.out, options)
-    except SystemicFailureError as err:
-        print(f"hd4k: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return EXIT_SYSTEMIC
-    except Terminated:
-        _interrupted(args.out, "SIGTERM")
-        return EXIT_SIGTERM
-    except KeyboardInterrupt:
-        _interrupted(args.out, "Ctrl-C")
-        return EXIT_SIGINT
+
+
+def _report(manifest: Manifest, args: argparse.Namespace) -> int:
+    """Print the summary (or the manifest with ``--json``) and any failed pages; return the exit code."""
     failed = manifest.pages_failed + manifest.pages_failed_before
     if args.json:
         print(manifest.model_dump_json(indent=2))
@@ -174,6 +184,13 @@ def register(commands: Any, *, default_model: str) -> None:
         metavar="ADDRESS",
         help="run on Ray: alone starts a local Ray; with ADDRESS (auto, ray://head:10001) joins a cluster",
     )
+    _add_run_arguments(p)
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    p.set_defaults(func=cmd_ingest)
+
+
+def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The batching, engine, failure and rendering flags of ``hd4k ingest``."""
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="N", help="pages per engine batch")
     p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, metavar="N", help="records per shard")
     p.add_argument("--max-new-tokens", type=int, default=None, metavar="N", help="cap on each page's transcription")
@@ -209,5 +226,3 @@ def register(commands: Any, *, default_model: str) -> None:
         metavar="MB",
         help=f"MiB one PDF page may take to render (default {DEFAULT_RENDER_MEMORY_MB})",
     )
-    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
-    p.set_defaults(func=cmd_ingest)

@@ -455,6 +455,93 @@ class _Hypothesis:
     stop_id: int | None = field(compare=False)
 
 
+class _Finished:
+    """The best ``nb`` finished hypotheses, a min-heap (``heap[0]`` is the worst kept)."""
+
+    def __init__(self, nb: int) -> None:
+        self.nb = nb
+        self.heap: list[_Hypothesis] = []
+        self._counter = 0
+
+    def add(self, score: float, tokens: list[int], stop_id: int | None) -> None:
+        """Keep a hypothesis if there is room or it beats the worst kept."""
+        self._counter -= 1  # later insertions lose ties (max() picks the highest order)
+        hyp = _Hypothesis(score, self._counter, tokens, stop_id)
+        if len(self.heap) < self.nb:
+            heapq.heappush(self.heap, hyp)
+        elif hyp.score > self.heap[0].score:
+            heapq.heapreplace(self.heap, hyp)
+
+
+def _beam_prefill(
+    model: torch.nn.Module,
+    inputs: PromptInputs,
+    config: GenerationConfig,
+    nb: int,
+    prefix: KVPrefix | None,
+    on_prefill: Callable[[KVCache], None] | None,
+) -> tuple[_Decoder, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prefill for ``nb`` beams: ``(decoder, logits [nb, V], beam_scores [nb], seqs [nb, N])``."""
+    # The cache holds nb rows from the start; the prefill fills row 0 and copies it to the others.
+    decoder = _Decoder(model, inputs, config.max_new_tokens, batch=nb, prefix=prefix, on_prefill=on_prefill)
+    device = decoder.device
+    logits = decoder.prefill()  # [1, V]
+    vocab = logits.shape[-1]
+    # Every beam holds the prompt; only beam 0 is live at the first step.
+    logits = logits.expand(nb, vocab)  # [nb, V]
+    beam_scores = torch.full((nb,), -math.inf, dtype=torch.float32, device=device)  # [nb]
+    beam_scores[0] = 0.0
+    seqs = torch.zeros(nb, config.max_new_tokens, dtype=torch.long, device=device)  # [nb, N]
+    return decoder, logits, beam_scores, seqs
+
+
+def _select_running(
+    candidates: Iterable[tuple[float, int, int]],
+    stop_ids: frozenset[int],
+    nb: int,
+    prev: torch.Tensor,
+    len_norm: float,
+    finished: _Finished,
+) -> list[tuple[float, int, int]]:
+    """The next step's ``nb`` running beams ``(sum log-prob, source beam, new token)`` from the ranked
+    candidates; a top-``nb`` candidate ending in a stop token becomes a finished hypothesis instead.
+    ``prev`` ``[nb, cur_len - 1]`` holds each beam's tokens so far."""
+    running: list[tuple[float, int, int]] = []
+    for rank, (score, beam, token) in enumerate(candidates):
+        if score == -math.inf:
+            break
+        if token in stop_ids:
+            if rank < nb:  # HF: only a top-nb candidate may become a finished hypothesis
+                finished.add(score / len_norm, prev[beam].tolist(), token)
+            continue
+        running.append((score, beam, token))
+        if len(running) == nb:
+            break
+    return running
+
+
+def _advance_beams(
+    decoder: _Decoder,
+    running: list[tuple[float, int, int]],
+    seqs: torch.Tensor,
+    beam_scores: torch.Tensor,
+    cur_len: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Reorder the beams to their sources, append the new tokens and decode one step: logits ``[nb, V]``."""
+    nb = len(running)
+    sources = [b for _, b, _ in running]
+    new_tokens = torch.tensor([t for _, _, t in running], dtype=torch.long, device=device)  # [nb]
+    if sources != list(range(nb)):
+        # In place, copying only the rows whose source changed (KVCache.reorder).
+        order = torch.tensor(sources, dtype=torch.long, device=device)  # [nb]
+        seqs.copy_(seqs.index_select(0, order))
+        decoder.cache.reorder(order)
+    seqs[:, cur_len - 1] = new_tokens
+    beam_scores.copy_(torch.tensor([s for s, _, _ in running], dtype=torch.float32, device=device))
+    return decoder.step(new_tokens)  # [nb, V]
+
+
 def _beam_search(
     model: torch.nn.Module,
     inputs: PromptInputs,
@@ -476,29 +563,11 @@ def _beam_search(
         stats.finish_reason = "cancelled"
         return
     with _timed(stats, prefill=True):
-        # The cache holds nb rows from the start; the prefill fills row 0 and copies it to the others.
-        decoder = _Decoder(model, inputs, config.max_new_tokens, batch=nb, prefix=prefix, on_prefill=on_prefill)
-        device = decoder.device
-        logits = decoder.prefill()  # [1, V]
-        vocab = logits.shape[-1]
-        # Every beam holds the prompt; only beam 0 is live at the first step.
-        logits = logits.expand(nb, vocab)  # [nb, V]
-        beam_scores = torch.full((nb,), -math.inf, dtype=torch.float32, device=device)  # [nb]
-        beam_scores[0] = 0.0
-        seqs = torch.zeros(nb, config.max_new_tokens, dtype=torch.long, device=device)  # [nb, N]
-    finished: list[_Hypothesis] = []  # min-heap, at most nb
-    counter = 0
+        decoder, logits, beam_scores, seqs = _beam_prefill(model, inputs, config, nb, prefix, on_prefill)
+        device, vocab = decoder.device, logits.shape[-1]
+    finished = _Finished(nb)
     num_candidates = min((len(stop_ids) + 1) * nb, nb * vocab)
     reason: FinishReason = "length"
-
-    def add_finished(score: float, tokens: list[int], stop_id: int | None) -> None:
-        nonlocal counter
-        counter -= 1  # later insertions lose ties (max() picks the highest order)
-        hyp = _Hypothesis(score, counter, tokens, stop_id)
-        if len(finished) < nb:
-            heapq.heappush(finished, hyp)
-        elif hyp.score > finished[0].score:
-            heapq.heapreplace(finished, hyp)
 
     cur_len = 0  # tokens per running beam after this step's selection
     while True:
@@ -510,44 +579,30 @@ def _beam_search(
             candidates = zip(top_scores.tolist(), (top_idx // vocab).tolist(), (top_idx % vocab).tolist(), strict=True)
         cur_len += 1
         len_norm = cur_len**lp  # HF: generated length incl. the new token (cur_len + 1 - prompt_len)
-        running: list[tuple[float, int, int]] = []  # (sum log-prob, source beam, new token)
-        for rank, (score, beam, token) in enumerate(candidates):
-            if score == -math.inf:
-                break
-            if token in stop_ids:
-                if rank < nb:  # HF: only a top-nb candidate may become a finished hypothesis
-                    add_finished(score / len_norm, seqs[beam, : cur_len - 1].tolist(), token)
-                continue
-            running.append((score, beam, token))
-            if len(running) == nb:
-                break
+        running = _select_running(candidates, stop_ids, nb, seqs[:, : cur_len - 1], len_norm, finished)
         cancelled = _is_cancelled(cancel)
         if cur_len >= config.max_new_tokens or not running or cancelled:
             # Out of budget (or cancelled): the running beams become hypotheses as they are.
             for score, beam, token in running:
-                add_finished(score / len_norm, [*seqs[beam, : cur_len - 1].tolist(), token], None)
+                finished.add(score / len_norm, [*seqs[beam, : cur_len - 1].tolist(), token], None)
             reason = "cancelled" if cancelled else "length"
             break
         # HF early_stopping=False: done once nb hypotheses are finished and the best running beam,
         # normalised at its current length, does not beat the worst of them.
-        if len(finished) == nb and running[0][0] / len_norm <= finished[0].score:
+        if len(finished.heap) == nb and running[0][0] / len_norm <= finished.heap[0].score:
             break
         while len(running) < nb:  # tiny vocabularies only: pad with dead copies of the best beam
             running.append((-math.inf, running[0][1], running[0][2]))
         with _timed(stats, prefill=False):
-            sources = [b for _, b, _ in running]
-            new_tokens = torch.tensor([t for _, _, t in running], dtype=torch.long, device=device)  # [nb]
-            if sources != list(range(nb)):
-                # In place, copying only the rows whose source changed (KVCache.reorder).
-                order = torch.tensor(sources, dtype=torch.long, device=device)  # [nb]
-                seqs.copy_(seqs.index_select(0, order))
-                decoder.cache.reorder(order)
-            seqs[:, cur_len - 1] = new_tokens
-            beam_scores.copy_(torch.tensor([s for s, _, _ in running], dtype=torch.float32, device=device))
-            logits = decoder.step(new_tokens)  # [nb, V]
+            logits = _advance_beams(decoder, running, seqs, beam_scores, cur_len, device)
         stats.decode_steps += 1
 
-    best = max(finished)
+    _beam_result(stats, finished, reason)
+
+
+def _beam_result(stats: _RunStats, finished: _Finished, reason: FinishReason) -> None:
+    """Fill ``stats`` with the best finished hypothesis."""
+    best = max(finished.heap)
     stats.score, stats.tokens, stats.stop_token_id = best.score, list(best.tokens), best.stop_id
     if reason == "cancelled":
         stats.finish_reason = "cancelled"

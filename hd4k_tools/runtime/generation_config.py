@@ -53,6 +53,21 @@ MAX_TOP_LOGPROBS = 20
 MAX_NEW_TOKENS_LIMIT = 1 << 20
 
 
+def _is_int(v: object) -> bool:
+    """An int that is not a bool."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: object) -> bool:
+    """A finite int or float that is not a bool."""
+    if not isinstance(v, int | float) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
     """Decoding settings. Defaults are greedy decoding with one beam.
@@ -86,17 +101,12 @@ class GenerationConfig:
     top_logprobs: int = 0
 
     def __post_init__(self) -> None:
-        def is_int(v: object) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
+        self._check_decoding()
+        self._check_extras()
 
-        def is_num(v: object) -> bool:
-            if not isinstance(v, int | float) or isinstance(v, bool):
-                return False
-            try:
-                return math.isfinite(v)
-            except OverflowError:  # an int too large for a float
-                return False
-
+    def _check_decoding(self) -> None:
+        """Validate the length, sampling and beam options."""
+        is_int, is_num = _is_int, _is_num
         if not is_int(self.max_new_tokens) or not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
             raise InputError(
                 f"max_new_tokens must be an int in [1, {MAX_NEW_TOKENS_LIMIT}], got {short_repr(self.max_new_tokens)}"
@@ -133,6 +143,10 @@ class GenerationConfig:
                 f"length_penalty must be a number in [-{MAX_LENGTH_PENALTY:g}, {MAX_LENGTH_PENALTY:g}], got "
                 f"{short_repr(self.length_penalty)} (1.0 is the usual value)"
             )
+
+    def _check_extras(self) -> None:
+        """Validate the OpenAI penalties, logit_bias and logprobs, and the combinations refused."""
+        is_int, is_num = _is_int, _is_num
         low, high = OPENAI_PENALTY_RANGE
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)

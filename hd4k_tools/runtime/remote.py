@@ -56,6 +56,7 @@ from hd4k_tools.inputs.images import to_data_url
 from hd4k_tools.models.registry import DEFAULT_FAMILY, HDPlan
 from hd4k_tools.results import PlanSummary, Timings, Usage
 from hd4k_tools.runtime.deadline_http import DeadlineTransport, call_deadline, time_left
+from hd4k_tools.runtime.generation_config import GenerationConfig
 from hd4k_tools.runtime.runner import GenerationRequest, RunnerResult, TextStream, stream_in_thread
 from hd4k_tools.runtime.stops import StopFilter
 
@@ -402,12 +403,8 @@ class RemoteRunner:
             return list(pool.map(lambda r: self.generate(r, cancel=cancel), requests))
 
     # -- requests ----------------------------------------------------------------------------------
-    def _payload(self, request: GenerationRequest, *, stream: bool) -> dict[str, Any]:
-        plans = iter(request.plans())
-        if len(request.images) != len(request.hd_nums):
-            raise InputError(
-                f"{len(request.images)} images but {len(request.hd_nums)} hd_num values; give one per image."
-            )
+    def _messages(self, request: GenerationRequest, plans: Iterator[HDPlan]) -> list[dict[str, Any]]:
+        """The request's messages in OpenAI's shape, each image (presized to its plan) as a data URL."""
         messages: list[dict[str, Any]] = []
         for m in request.messages:
             if all(isinstance(p, str) for p in m.content):
@@ -422,6 +419,15 @@ class RemoteRunner:
                     url = _data_url(image, self.image_format)
                     parts.append({"type": "image_url", "image_url": {"url": url}})
             messages.append({"role": m.role, "content": parts})
+        return messages
+
+    def _payload(self, request: GenerationRequest, *, stream: bool) -> dict[str, Any]:
+        plans = iter(request.plans())
+        if len(request.images) != len(request.hd_nums):
+            raise InputError(
+                f"{len(request.images)} images but {len(request.hd_nums)} hd_num values; give one per image."
+            )
+        messages = self._messages(request, plans)
         g = request.generation
         payload: dict[str, Any] = {
             "model": self._model,
@@ -429,24 +435,7 @@ class RemoteRunner:
             "max_tokens": g.max_new_tokens,
             "stream": stream,
         }
-        if g.do_sample:
-            payload["temperature"] = g.temperature
-            if g.top_p != 1.0:
-                payload["top_p"] = g.top_p
-            if g.top_k:
-                payload["top_k"] = g.top_k
-        else:
-            payload["temperature"] = 0.0
-        if g.seed is not None:
-            payload["seed"] = g.seed
-        if g.repetition_penalty != 1.0:
-            payload["repetition_penalty"] = g.repetition_penalty
-        # OpenAI's own options: every OpenAI-compatible server (hd4k serve, vLLM) takes them.
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(g, name):
-                payload[name] = getattr(g, name)
-        if g.logit_bias:
-            payload["logit_bias"] = {str(t): b for t, b in g.logit_bias}
+        payload.update(_sampling_options(g))
         if request.constraint is not None:
             payload["response_format"] = request.constraint.response_format()
         if g.num_beams != 1:
@@ -607,7 +596,6 @@ class RemoteRunner:
             response = self._send(payload, stream=True, cancel=cancel)
             if response is None:
                 return self._result("", "cancelled", plans, None, None, started)
-            done = False
             if response.headers.get("content-type", "").startswith("application/json"):
                 # A server that ignores stream=true and answers whole: one delta.
                 try:
@@ -620,43 +608,9 @@ class RemoteRunner:
                 if tail := trim.finish():
                     emit_raw(tail)
                 return self._result(text, finish, plans, data.get("usage"), data.get("hd4k"), started)
-            try:
-                for line in sse_lines(response.iter_bytes(), self.max_sse_line_bytes, self.base_url):
-                    if cancel.is_set():
-                        return self._result("".join(pieces), "cancelled", plans, usage, extension, started)
-                    if not line.startswith("data:"):
-                        continue  # blank separators, comments, "event:" lines
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        done = True
-                        break
-                    event = self._event(data)
-                    if "error" in event:
-                        err = event["error"]
-                        message = err.get("message") if isinstance(err, dict) else str(err)
-                        raise RemoteResponseError(
-                            f"The model server at {self.base_url} failed mid-answer: {message}", status_code=None
-                        )
-                    usage = event.get("usage") or usage
-                    extension = event.get("hd4k") or extension
-                    for delta, choice_finish in self._deltas(event):
-                        if delta:
-                            pieces.append(delta)
-                            emit(delta)
-                        finish = choice_finish or finish
-            except httpx.TimeoutException as err:
-                raise RemoteConnectionError(
-                    f"The model server at {self.base_url} stopped sending mid-answer for longer than "
-                    f"timeout={self.timeout} s; raise RemoteRunner(timeout=...)."
-                ) from err
-            except httpx.HTTPError as err:
-                raise RemoteConnectionError(
-                    f"The connection to {self.base_url} dropped in the middle of the answer "
-                    f"({type(err).__name__}: {err}); the server may have crashed or restarted. Retry the "
-                    "request."
-                ) from err
-            finally:
-                response.close()
+            done, finish, usage, extension, cancelled = self._read_sse(response, cancel, emit, pieces)
+            if cancelled:
+                return self._result("".join(pieces), "cancelled", plans, usage, extension, started)
         if not done and finish is None:
             raise RemoteConnectionError(
                 f"The connection to {self.base_url} ended before the answer was complete (no finish_reason "
@@ -665,6 +619,54 @@ class RemoteRunner:
         if tail := trim.finish():
             emit_raw(tail)
         return self._result("".join(pieces), finish or "stop", plans, usage, extension, started)
+
+    def _read_sse(
+        self, response: httpx.Response, cancel: threading.Event, emit: Any, pieces: list[str]
+    ) -> tuple[bool, str | None, dict[str, Any] | None, dict[str, Any] | None, bool]:
+        """Read a streamed answer's events (closing ``response``), each delta appended to ``pieces`` and
+        passed to ``emit``; return ``(done, finish, usage, extension, cancelled)``, ``done`` once ``[DONE]``
+        came."""
+        finish: str | None = None
+        usage: dict[str, Any] | None = None
+        extension: dict[str, Any] | None = None
+        done = False
+        try:
+            for line in sse_lines(response.iter_bytes(), self.max_sse_line_bytes, self.base_url):
+                if cancel.is_set():
+                    return done, finish, usage, extension, True
+                if not line.startswith("data:"):
+                    continue  # blank separators, comments, "event:" lines
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    return True, finish, usage, extension, False
+                event = self._event(data)
+                if "error" in event:
+                    err = event["error"]
+                    message = err.get("message") if isinstance(err, dict) else str(err)
+                    raise RemoteResponseError(
+                        f"The model server at {self.base_url} failed mid-answer: {message}", status_code=None
+                    )
+                usage = event.get("usage") or usage
+                extension = event.get("hd4k") or extension
+                for delta, choice_finish in self._deltas(event):
+                    if delta:
+                        pieces.append(delta)
+                        emit(delta)
+                    finish = choice_finish or finish
+        except httpx.TimeoutException as err:
+            raise RemoteConnectionError(
+                f"The model server at {self.base_url} stopped sending mid-answer for longer than "
+                f"timeout={self.timeout} s; raise RemoteRunner(timeout=...)."
+            ) from err
+        except httpx.HTTPError as err:
+            raise RemoteConnectionError(
+                f"The connection to {self.base_url} dropped in the middle of the answer "
+                f"({type(err).__name__}: {err}); the server may have crashed or restarted. Retry the "
+                "request."
+            ) from err
+        finally:
+            response.close()
+        return False, finish, usage, extension, False
 
     def _deltas(self, event: dict[str, Any]) -> list[tuple[str | None, str | None]]:
         """(content delta, finish_reason) of each choice of a stream event, every value checked before
@@ -754,3 +756,27 @@ class RemoteRunner:
             usage=result_usage,
             timings=timings,
         )
+
+
+def _sampling_options(g: GenerationConfig) -> dict[str, Any]:
+    """The sampling, penalty and bias options of a chat-completions body (only those not at their default)."""
+    options: dict[str, Any] = {}
+    if g.do_sample:
+        options["temperature"] = g.temperature
+        if g.top_p != 1.0:
+            options["top_p"] = g.top_p
+        if g.top_k:
+            options["top_k"] = g.top_k
+    else:
+        options["temperature"] = 0.0
+    if g.seed is not None:
+        options["seed"] = g.seed
+    if g.repetition_penalty != 1.0:
+        options["repetition_penalty"] = g.repetition_penalty
+    # OpenAI's own options: every OpenAI-compatible server (hd4k serve, vLLM) takes them.
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(g, name):
+            options[name] = getattr(g, name)
+    if g.logit_bias:
+        options["logit_bias"] = {str(t): b for t, b in g.logit_bias}
+    return options

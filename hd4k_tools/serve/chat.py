@@ -400,13 +400,8 @@ def _crop_regions(messages: tuple[Message, ...], boxes: list[Region | None] | No
     )
 
 
-def prepare(raw: bytes, settings: ServeSettings) -> Prepared:
-    """Parse, validate and load a request body (runs in a worker thread: JSON and image decoding are
-    CPU work).
-
-    Raises:
-        APIError: anything the client must change (400/413), in OpenAI's shape.
-    """
+def _parse_body(raw: bytes) -> ChatCompletionRequest:
+    """The request body as a validated :class:`ChatCompletionRequest`, or a 400 naming what is wrong."""
     try:
         data = json.loads(raw)
     except (UnicodeDecodeError, ValueError, RecursionError) as err:  # ValueError: also 4,300+ digit ints
@@ -415,10 +410,20 @@ def prepare(raw: bytes, settings: ServeSettings) -> Prepared:
     if not isinstance(data, dict):
         raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
     try:
-        body = ChatCompletionRequest.model_validate(data)
+        return ChatCompletionRequest.model_validate(data)
     except ValidationError as err:
         message, param = validation_message(err)
         raise APIError(400, message, param=param) from err
+
+
+def prepare(raw: bytes, settings: ServeSettings) -> Prepared:
+    """Parse, validate and load a request body (runs in a worker thread: JSON and image decoding are
+    CPU work).
+
+    Raises:
+        APIError: anything the client must change (400/413), in OpenAI's shape.
+    """
+    body = _parse_body(raw)
     check_model(body.model, settings)
     body = _with_mm_processor_kwargs(body)
     if body.n not in (None, 1):

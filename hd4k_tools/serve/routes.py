@@ -290,6 +290,16 @@ def _error_chunks(err: Exception, cid: str) -> list[bytes]:
     return [responses.sse(api_err.body()), b"data: [DONE]\n\n"]
 
 
+async def _raise_early_error(run: _StreamRun, metrics: ServerMetrics) -> None:
+    """Re-raise an error the generation ended with before the status line, after releasing its slot."""
+    if run.first_task.done() and run.first_task.exception() is not None:
+        metrics.dequeued()
+        metrics.end_generation()
+        if run.stream is not None:
+            await anyio.to_thread.run_sync(run.stream.close)
+        run.first_task.result()  # raises: answered with its status code by the caller
+
+
 async def _answer_stream(request: Request, prep: Prepared, cid: str, created: int) -> Response:
     """A streamed answer. The first delta (or, for structured output, the whole answer) is awaited before
     the status line for up to ``sse_keepalive_s``, so that early errors (context overflow) keep their status
@@ -299,12 +309,7 @@ async def _answer_stream(request: Request, prep: Prepared, cid: str, created: in
     start = time.perf_counter()
     run = await _start_stream(request, prep, settings, metrics)
     await asyncio.wait({run.first_task}, timeout=settings.sse_keepalive_s)
-    if run.first_task.done() and run.first_task.exception() is not None:
-        metrics.dequeued()
-        metrics.end_generation()
-        if run.stream is not None:
-            await anyio.to_thread.run_sync(run.stream.close)
-        run.first_task.result()  # raises: answered with its status code by the caller
+    await _raise_early_error(run, metrics)
     model = settings.model_name
 
     def chunk(delta: dict[str, Any], finish: str | None, **extra: Any) -> bytes:

@@ -174,6 +174,19 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         prog="python -m hd4k_tools.serve.app",
         description="Serve InternLM-XComposer2-4KHD over an OpenAI-compatible HTTP API.",
     )
+    _add_model_arguments(p)
+    _add_server_arguments(p)
+    p.add_argument(
+        "vllm_args",
+        nargs=argparse.REMAINDER,
+        metavar="-- VLLM_OPTION ...",
+        help="--engine vllm: options passed on to vLLM's server as they are, after '--'",
+    )
+    return p
+
+
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The checkpoint and engine options of the server."""
     add_model_argument(p)
     p.add_argument(
         "--engine",
@@ -206,6 +219,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         action="store_true",
         help="never download: use a local folder or the HF cache ($HF_HUB_OFFLINE=1 does the same)",
     )
+
+
+def _add_server_arguments(p: argparse.ArgumentParser) -> None:
+    """The HTTP, device and request-limit options of the server."""
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="auto")
@@ -253,13 +270,6 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         ),
     )
     p.add_argument("--log-level", default="info", help="uvicorn's log level; info shows the JSON access lines")
-    p.add_argument(
-        "vllm_args",
-        nargs=argparse.REMAINDER,
-        metavar="-- VLLM_OPTION ...",
-        help="--engine vllm: options passed on to vLLM's server as they are, after '--'",
-    )
-    return p
 
 
 # Options of the native server that vLLM's server has no equivalent for: refused with --engine vllm

@@ -195,3 +195,25 @@ def test_cli_helpers_live_outside_the_family_and_no_arrow_runs_back_up() -> None
     from hd4k_tools.arguments import add_model_argument, parse_hd_num
 
     assert callable(add_model_argument) and parse_hd_num("auto") == "auto"
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def test_no_function_over_60_lines() -> None:
+    """Issue 18 item 5: every function (docstring included) reads in one screen; split longer ones into
+    well-named helpers in the same file."""
+    root = PACKAGE.parent
+    files = [*PACKAGE.rglob("*.py")]
+    for dist in sorted((root / "integrations").glob("*")):
+        if dist.is_dir():
+            files += [f for f in dist.rglob("*.py") if "tests" not in f.parts and not f.name.startswith("test_")]
+    assert len(files) > 50, "the walk found too few files: the paths above are wrong"
+    too_long = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = (node.end_lineno or node.lineno) - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    too_long.append(f"{path.relative_to(root)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not too_long, f"functions over {MAX_FUNCTION_LINES} lines: " + "; ".join(too_long)

@@ -434,6 +434,48 @@ def quantize_decoder(model: XComposer2ForCausalLM, quantization: str, device: to
 # ----------------------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------------------
+def _meta_model(
+    config: XComposer2Config, files: list[Path], weight_map: dict[str, str] | None, folder: Path
+) -> tuple[XComposer2ForCausalLM, dict[str, torch.Size]]:
+    """The model on the meta device and its expected ``{key: shape}``, once the weight files' keys match."""
+    with torch.device("meta"):
+        model = XComposer2ForCausalLM(config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("output.weight", None)
+    # With an index the key check happens before any tensor data is read.
+    keys = list(weight_map) if weight_map is not None else [k for f in files for k in _shard_keys(f)]
+    if config.tie_word_embeddings:
+        keys = [k for k in keys if k != "output.weight"]  # tied to the embeddings below
+    _check_keys(keys, expected, folder)
+    return model, expected
+
+
+def _finish_model(
+    model: XComposer2ForCausalLM,
+    folder: Path,
+    *,
+    load_device: torch.device,
+    quantization: str | None,
+    target_device: torch.device,
+) -> None:
+    """Tie the embeddings, refuse parameters the files left out, quantise, and set eval mode."""
+    if model.config.tie_word_embeddings:
+        model.output.weight = model.model.tok_embeddings.weight
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_meta:
+        raise CheckpointError(
+            f"{folder}: {len(still_meta)} parameter(s) were not in the weight files: {_listing(still_meta)}."
+        )
+    model.reset_buffers(load_device)
+    model.requires_grad_(False)
+    if quantization:
+        quantize_decoder(model, quantization, target_device)
+        model.to(target_device)
+        model.reset_buffers(target_device)
+    model.eval()
+
+
 def load_pretrained(
     path_or_hub_id: str | Path = DEFAULT_MODEL_ID,
     *,
@@ -473,16 +515,7 @@ def load_pretrained(
     tokenizer = InternLM2Tokenizer.from_pretrained(folder)
     files, weight_map = find_weight_files(folder)
 
-    with torch.device("meta"):
-        model = XComposer2ForCausalLM(config)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    if config.tie_word_embeddings:
-        expected.pop("output.weight", None)
-    # With an index the key check happens before any tensor data is read.
-    keys = list(weight_map) if weight_map is not None else [k for f in files for k in _shard_keys(f)]
-    if config.tie_word_embeddings:
-        keys = [k for k in keys if k != "output.weight"]  # tied to the embeddings below
-    _check_keys(keys, expected, folder)
+    model, expected = _meta_model(config, files, weight_map, folder)
 
     tolerated = frozenset({"output.weight"}) if config.tie_word_embeddings else frozenset()
     # Quantised loads stage the weights on the CPU: bitsandbytes quantises on the way to the GPU.
@@ -491,20 +524,7 @@ def load_pretrained(
         # One shard at a time; _load_shard's locals (and the shard) are gone before the next is read.
         _load_shard(model, shard, expected, dtype=target_dtype, device=load_device, folder=folder, tolerated=tolerated)
 
-    if config.tie_word_embeddings:
-        model.output.weight = model.model.tok_embeddings.weight
-    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
-    if still_meta:
-        raise CheckpointError(
-            f"{folder}: {len(still_meta)} parameter(s) were not in the weight files: {_listing(still_meta)}."
-        )
-    model.reset_buffers(load_device)
-    model.requires_grad_(False)
-    if quantization:
-        quantize_decoder(model, quantization, target_device)
-        model.to(target_device)
-        model.reset_buffers(target_device)
-    model.eval()
+    _finish_model(model, folder, load_device=load_device, quantization=quantization, target_device=target_device)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,

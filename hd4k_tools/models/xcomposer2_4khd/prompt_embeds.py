@@ -56,6 +56,37 @@ def _embedding_device(model: object) -> torch.device:
     return torch.device("cpu")
 
 
+def _interleave(
+    part_ids: Sequence[Sequence[int]],
+    ids_tensor: torch.Tensor,
+    text_embeds: torch.Tensor,
+    image_embeds: Sequence[torch.Tensor],
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(inputs_embeds [1, T, D], im_mask [1, T], input_ids [1, T])``: the text parts and the images in
+    turn, image positions marked in the mask and given id -1."""
+    dtype = text_embeds.dtype
+    chunks: list[torch.Tensor] = []
+    mask_chunks: list[torch.Tensor] = []
+    id_chunks: list[torch.Tensor] = []
+    offset = 0
+    for idx, ids in enumerate(part_ids):
+        if ids:
+            chunks.append(text_embeds[offset : offset + len(ids)])  # [n_i, D]
+            mask_chunks.append(torch.zeros(len(ids), dtype=torch.bool, device=device))
+            id_chunks.append(ids_tensor[offset : offset + len(ids)])
+            offset += len(ids)
+        if idx < len(image_embeds):
+            emb = image_embeds[idx].to(device=device, dtype=dtype)  # [L_i, D]
+            chunks.append(emb)
+            mask_chunks.append(torch.ones(emb.shape[0], dtype=torch.bool, device=device))
+            id_chunks.append(torch.full((emb.shape[0],), -1, dtype=torch.long, device=device))
+    inputs_embeds = torch.cat(chunks, dim=0).unsqueeze(0)  # [1, T, D]
+    im_mask = torch.cat(mask_chunks).unsqueeze(0)  # [1, T]
+    input_ids = torch.cat(id_chunks).unsqueeze(0)  # [1, T]
+    return inputs_embeds, im_mask, input_ids
+
+
 def assemble_inputs(
     model: _Embedder,
     tokenizer: PromptTokenizer,
@@ -98,29 +129,12 @@ def assemble_inputs(
         device = _embedding_device(model)
         ids_tensor = torch.tensor([t for ids in part_ids for t in ids], dtype=torch.long, device=device)
         text_embeds = model.embed_tokens(ids_tensor)  # [T_text, D]
-        dim, dtype = text_embeds.shape[-1], text_embeds.dtype
+        dim = text_embeds.shape[-1]
         for i, emb in enumerate(image_embeds):
             if emb.shape[-1] != dim:
                 raise ValueError(f"image_embeds[{i}] has width {emb.shape[-1]} but the text embeddings have {dim}")
 
-        chunks: list[torch.Tensor] = []
-        mask_chunks: list[torch.Tensor] = []
-        id_chunks: list[torch.Tensor] = []
-        offset = 0
-        for idx, ids in enumerate(part_ids):
-            if ids:
-                chunks.append(text_embeds[offset : offset + len(ids)])  # [n_i, D]
-                mask_chunks.append(torch.zeros(len(ids), dtype=torch.bool, device=device))
-                id_chunks.append(ids_tensor[offset : offset + len(ids)])
-                offset += len(ids)
-            if idx < len(image_embeds):
-                emb = image_embeds[idx].to(device=device, dtype=dtype)  # [L_i, D]
-                chunks.append(emb)
-                mask_chunks.append(torch.ones(emb.shape[0], dtype=torch.bool, device=device))
-                id_chunks.append(torch.full((emb.shape[0],), -1, dtype=torch.long, device=device))
-        inputs_embeds = torch.cat(chunks, dim=0).unsqueeze(0)  # [1, T, D]
-        im_mask = torch.cat(mask_chunks).unsqueeze(0)  # [1, T]
-        input_ids = torch.cat(id_chunks).unsqueeze(0)  # [1, T]
+        inputs_embeds, im_mask, input_ids = _interleave(part_ids, ids_tensor, text_embeds, image_embeds, device)
     return PromptInputs(
         inputs_embeds=inputs_embeds,
         im_mask=im_mask,

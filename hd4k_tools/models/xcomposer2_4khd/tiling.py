@@ -194,6 +194,18 @@ def _scale(ratio: float, hd_num: int) -> int:
     return lo
 
 
+def _working_size(w: int, h: int, hd_num: int) -> tuple[int, int, int, bool]:
+    """``(scale, new_w, new_h, clamped)`` in the working frame (``w >= h``), as :func:`plan` documents."""
+    ratio = w / h
+    scale = _scale(ratio, hd_num)
+    new_w = int(scale * TILE)
+    new_h = int(new_w / ratio)
+    clamped = new_h < 1
+    if clamped:
+        new_h = 1
+    return scale, new_w, new_h, clamped
+
+
 def plan(width: int, height: int, hd_num: int) -> HDPlan:
     """Compute the HD-N partition of a ``width×height`` image, exactly as the reference does.
 
@@ -224,13 +236,7 @@ def plan(width: int, height: int, hd_num: int) -> HDPlan:
 
     transposed = width < height  # square images are not transposed (docs/model.md §1.1)
     w, h = (height, width) if transposed else (width, height)
-    ratio = w / h
-    scale = _scale(ratio, hd_num)
-    new_w = int(scale * TILE)
-    new_h = int(new_w / ratio)
-    clamped = new_h < 1
-    if clamped:
-        new_h = 1
+    scale, new_w, new_h, clamped = _working_size(w, h, hd_num)
     tar = int(math.ceil(new_h / TILE) * TILE)
     top = int((tar - new_h) / 2)
     bottom = tar - new_h - top
@@ -543,26 +549,11 @@ def _resize_in_bands(
     else:
         vertical_first = _vertical_pass_first((w, h), (ow, oh))
 
-    def horizontal(src: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
-        """Pillow's horizontal pass (to width ``ow``) over the rows ``box`` selects."""
-        band = src if box == (0, 0, *src.size) else src.crop(box)
-        return band if band.width == ow else band.resize((ow, band.height), Image.Resampling.BILINEAR)
-
-    def vertical(src: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
-        """Pillow's vertical pass (to height ``oh``) over the columns ``box`` selects."""
-        band = src if box == (0, 0, *src.size) else src.crop(box)
-        return band if band.height == oh else band.resize((band.width, oh), Image.Resampling.BILINEAR)
-
     img.load()  # a lazily decoded image must not be loaded by several threads at once
     if tasks.workers < 2 or ow * max(h, oh) < min_pixels:
 
         def whole() -> None:
-            if not transposed:
-                emit(img.resize(size, Image.Resampling.BILINEAR), 0, 0)
-            elif vertical_first:
-                emit(horizontal(vertical(img, (0, 0, w, h)), (0, 0, w, oh)), 0, 0)
-            else:
-                emit(vertical(horizontal(img, (0, 0, w, h)), (0, 0, ow, h)), 0, 0)
+            emit(_resize_whole(img, size, transposed=transposed, vertical_first=vertical_first), 0, 0)
 
         tasks.run([*side_calls, (whole, ())])
         return
@@ -570,46 +561,91 @@ def _resize_in_bands(
     # First pass on several bands per thread (a core taken by another process delays only a small
     # one), second pass on one-tile-wide bands, each assembled from the first pass's bands by pasting
     # them at a negative offset (one copy, no intermediate full-size image).
-    n = 4 * tasks.workers
-    if vertical_first:
-        n = min(n, w)
-        x_edges = [w * i // n for i in range(n + 1)]
-        firsts: list[Image.Image | None] = [None] * n
-
-        def first(i: int) -> None:
-            firsts[i] = vertical(img, (x_edges[i], 0, x_edges[i + 1], h))
-
-        def second(y0: int, y1: int) -> None:
-            if oh == h:  # no vertical pass
-                band = img.crop((0, y0, w, y1))
-            else:
-                band = Image.new(img.mode, (w, y1 - y0), None)
-                for x0, part in zip(x_edges, firsts, strict=False):
-                    band.paste(part, (x0, -y0))
-            emit(horizontal(band, (0, 0, w, y1 - y0)), 0, y0)
-
-        seconds = [(second, (y0, min(y0 + TILE, oh))) for y0 in range(0, oh, TILE)]
-    else:
-        n = min(n, h)
-        y_edges = [h * i // n for i in range(n + 1)]
-        firsts = [None] * n
-
-        def first(i: int) -> None:
-            firsts[i] = horizontal(img, (0, y_edges[i], w, y_edges[i + 1]))
-
-        def second(x0: int, x1: int) -> None:
-            if ow == w:  # no horizontal pass
-                band = img.crop((x0, 0, x1, h))
-            else:
-                band = Image.new(img.mode, (x1 - x0, h), None)
-                for y0, part in zip(y_edges, firsts, strict=False):
-                    band.paste(part, (-x0, y0))
-            emit(vertical(band, (0, 0, x1 - x0, h)), x0, 0)
-
-        seconds = [(second, (x0, min(x0 + TILE, ow))) for x0 in range(0, ow, TILE)]
+    bands = _vertical_first_bands if vertical_first else _horizontal_first_bands
+    firsts, seconds = bands(img, size, 4 * tasks.workers, emit)
     no_first_pass = (oh == h) if vertical_first else (ow == w)
-    tasks.run([*side_calls, *([] if no_first_pass else [(first, (i,)) for i in range(n)])])
+    tasks.run([*side_calls, *([] if no_first_pass else firsts)])
     tasks.run(seconds)
+
+
+_Call = tuple[Callable[..., None], tuple[Any, ...]]
+
+
+def _horizontal_pass(src: Image.Image, box: tuple[int, int, int, int], ow: int) -> Image.Image:
+    """Pillow's horizontal pass (to width ``ow``) over the rows ``box`` selects."""
+    band = src if box == (0, 0, *src.size) else src.crop(box)
+    return band if band.width == ow else band.resize((ow, band.height), Image.Resampling.BILINEAR)
+
+
+def _vertical_pass(src: Image.Image, box: tuple[int, int, int, int], oh: int) -> Image.Image:
+    """Pillow's vertical pass (to height ``oh``) over the columns ``box`` selects."""
+    band = src if box == (0, 0, *src.size) else src.crop(box)
+    return band if band.height == oh else band.resize((band.width, oh), Image.Resampling.BILINEAR)
+
+
+def _resize_whole(img: Image.Image, size: tuple[int, int], *, transposed: bool, vertical_first: bool) -> Image.Image:
+    """:func:`_resize_in_bands`'s result in one piece (one worker or a small image)."""
+    w, h = img.size
+    ow, oh = size
+    if not transposed:
+        return img.resize(size, Image.Resampling.BILINEAR)
+    if vertical_first:
+        return _horizontal_pass(_vertical_pass(img, (0, 0, w, h), oh), (0, 0, w, oh), ow)
+    return _vertical_pass(_horizontal_pass(img, (0, 0, w, h), ow), (0, 0, ow, h), oh)
+
+
+def _vertical_first_bands(
+    img: Image.Image, size: tuple[int, int], n: int, emit: Callable[[Image.Image, int, int], object]
+) -> tuple[list[_Call], list[_Call]]:
+    """The calls of the vertical pass on ``n`` column bands, then of the horizontal pass on one-tile-high
+    row bands (which go to ``emit``)."""
+    w, h = img.size
+    ow, oh = size
+    n = min(n, w)
+    x_edges = [w * i // n for i in range(n + 1)]
+    firsts: list[Image.Image | None] = [None] * n
+
+    def first(i: int) -> None:
+        firsts[i] = _vertical_pass(img, (x_edges[i], 0, x_edges[i + 1], h), oh)
+
+    def second(y0: int, y1: int) -> None:
+        if oh == h:  # no vertical pass
+            band = img.crop((0, y0, w, y1))
+        else:
+            band = Image.new(img.mode, (w, y1 - y0), None)
+            for x0, part in zip(x_edges, firsts, strict=False):
+                band.paste(part, (x0, -y0))
+        emit(_horizontal_pass(band, (0, 0, w, y1 - y0), ow), 0, y0)
+
+    seconds: list[_Call] = [(second, (y0, min(y0 + TILE, oh))) for y0 in range(0, oh, TILE)]
+    return [(first, (i,)) for i in range(n)], seconds
+
+
+def _horizontal_first_bands(
+    img: Image.Image, size: tuple[int, int], n: int, emit: Callable[[Image.Image, int, int], object]
+) -> tuple[list[_Call], list[_Call]]:
+    """The calls of the horizontal pass on ``n`` row bands, then of the vertical pass on one-tile-wide
+    column bands (which go to ``emit``)."""
+    w, h = img.size
+    ow, oh = size
+    n = min(n, h)
+    y_edges = [h * i // n for i in range(n + 1)]
+    firsts: list[Image.Image | None] = [None] * n
+
+    def first(i: int) -> None:
+        firsts[i] = _horizontal_pass(img, (0, y_edges[i], w, y_edges[i + 1]), ow)
+
+    def second(x0: int, x1: int) -> None:
+        if ow == w:  # no horizontal pass
+            band = img.crop((x0, 0, x1, h))
+        else:
+            band = Image.new(img.mode, (x1 - x0, h), None)
+            for y0, part in zip(y_edges, firsts, strict=False):
+                band.paste(part, (-x0, y0))
+        emit(_vertical_pass(band, (0, 0, x1 - x0, h), oh), x0, 0)
+
+    seconds: list[_Call] = [(second, (x0, min(x0 + TILE, ow))) for x0 in range(0, ow, TILE)]
+    return [(first, (i,)) for i in range(n)], seconds
 
 
 def as_rgb(image: Image.Image) -> Image.Image:

@@ -267,6 +267,36 @@ def _with_head_dim(head_dim: int, overrides: dict[str, Any]) -> dict[str, Any]:
     return {**width, **overrides}
 
 
+def _write_side_files(folder: Path, config_dict: dict[str, Any]) -> None:
+    """Write ``generation_config.json``, ``tokenizer_config.json`` and ``special_tokens_map.json``."""
+    _write_json(
+        folder / "generation_config.json",
+        {
+            "_from_model_config": True,
+            "bos_token_id": config_dict["bos_token_id"],
+            "eos_token_id": config_dict["eos_token_id"],
+            "pad_token_id": config_dict["pad_token_id"],
+            "max_length": 4480,
+            "transformers_version": "4.33.2",
+        },
+    )
+    specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>"}
+    _write_json(
+        folder / "tokenizer_config.json",
+        {
+            "auto_map": _TOKENIZER_AUTO_MAP,
+            **specials,
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+            "decode_with_prefix_space": False,
+            "model_max_length": 1000000000000000019884624838656,
+            "tokenizer_class": "InternLMXComposer2Tokenizer",
+        },
+    )
+    _write_json(folder / "special_tokens_map.json", specials)
+
+
 def make_tiny_checkpoint(
     path: str | Path,
     *,
@@ -301,32 +331,7 @@ def make_tiny_checkpoint(
 
     config_dict = tiny_config_dict(sp.get_piece_size(), config_overrides)
     _write_json(folder / "config.json", config_dict)
-    _write_json(
-        folder / "generation_config.json",
-        {
-            "_from_model_config": True,
-            "bos_token_id": config_dict["bos_token_id"],
-            "eos_token_id": config_dict["eos_token_id"],
-            "pad_token_id": config_dict["pad_token_id"],
-            "max_length": 4480,
-            "transformers_version": "4.33.2",
-        },
-    )
-    specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>"}
-    _write_json(
-        folder / "tokenizer_config.json",
-        {
-            "auto_map": _TOKENIZER_AUTO_MAP,
-            **specials,
-            "add_bos_token": True,
-            "add_eos_token": False,
-            "clean_up_tokenization_spaces": False,
-            "decode_with_prefix_space": False,
-            "model_max_length": 1000000000000000019884624838656,
-            "tokenizer_class": "InternLMXComposer2Tokenizer",
-        },
-    )
-    _write_json(folder / "special_tokens_map.json", specials)
+    _write_side_files(folder, config_dict)
 
     model = random_model(XComposer2Config.from_dict(config_dict), seed)
     # Random weights tend to lock onto one token; were it a control or byte piece the decoded answer would

@@ -14,7 +14,7 @@ os.environ.setdefault("HD4K_NO_PROGRESS", "1")
 
 
 # ----------------------------------------------------------------------------------------------------
-# The quick subset: `pytest -m "not slow"` (README, "Set up")
+# The quick subset: `pytest -m "not slow" -n 2` (README, "Set up")
 # ----------------------------------------------------------------------------------------------------
 # Whole modules whose tests start processes (servers, MCP over stdio/HTTP, Ray, kernels) or fuzz; single
 # tests elsewhere carry @pytest.mark.slow or are listed in SLOW_TESTS. CI runs everything.

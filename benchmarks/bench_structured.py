@@ -131,7 +131,7 @@ def main() -> None:
 `benchmarks/bench_structured.py --rounds {args.rounds}{" --small" if args.small else ""}` — {datetime.date.today()}, \
 {cpu_name()}, \
 {args.threads} torch thread(s), torch {torch.__version__}, Python {platform.python_version()}, llguidance \
-{_version("llguidance")}; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after (a shared machine).
+{_version("llguidance")}; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after (the load of the machine).
 Model: {model}, float32, greedy, up to {args.max_new_tokens} new tokens; the constrained answers had \
 {min(tokens)}–{max(tokens)} tokens. Per-token cost = decode seconds / decode steps of one call; rounds in \
 alternating order.
@@ -149,7 +149,7 @@ alternating order.
 | mask step alone, vocabulary 92544 (the real model's; synthetic mask) | {mask_real:.3f} ms |
 
 Notes:
-- A shared 2-core machine (other jobs running, see the load average): per-round ratios are noisy; the
+- Per-round ratios move with the load of the machine (recorded above); the
   mask step measured alone (below the ratios) is the cost the constraint adds per token.
 - The constraint costs the grammar's mask computation (llguidance, Rust) plus unpacking the bitmask and one
   `masked_fill` over the logits per step. The real 7B model spends hundreds of ms per token on CPU, so the

@@ -33,6 +33,7 @@ the parts the project uses, with HF semantics where it matters:
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 import threading
@@ -47,6 +48,7 @@ import torch.nn.functional as F
 
 from hd4k_tools.errors import InputError
 from hd4k_tools.models.registry import IM_END, KVCache, KVPrefix, PromptInputs
+from hd4k_tools.runtime import runner
 from hd4k_tools.runtime.generation_config import GenerationConfig
 
 __all__ = [
@@ -63,6 +65,7 @@ __all__ = [
     "stream",
     "stream_text",
     "token_bytes",
+    "token_logprob",
 ]
 
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -129,6 +132,20 @@ def token_bytes(tokenizer: object, token_id: int) -> bytes:
     if sp.is_byte(token_id):
         return bytes([int(piece[3:5], 16)])
     return piece.replace("\u2581", " ").encode("utf-8")
+
+
+def token_logprob(
+    tokenizer: object, token_id: int, logprob: float, top: Iterable[tuple[int, float]] = ()
+) -> runner.TokenLogprob:
+    """One answer token in OpenAI's ``logprobs.content[]`` shape (text, log-probability, bytes), with its
+    ``top`` alternatives as ``(token_id, logprob)`` pairs, ranked; every engine builds them here."""
+
+    def one(tid: int, lp: float) -> runner.TokenLogprob:
+        raw = token_bytes(tokenizer, tid)
+        return runner.TokenLogprob(raw.decode("utf-8", errors="replace"), float(lp), tuple(raw))
+
+    first = one(token_id, logprob)
+    return dataclasses.replace(first, top_logprobs=tuple(one(t, lp) for t, lp in top))
 
 
 def _stable_prefix(text: str) -> str:

@@ -54,7 +54,7 @@ from hd4k_tools.runtime.generation import (
     iter_tokens,
     stop_ids_for,
     stream_text,
-    token_bytes,
+    token_logprob,
 )
 from hd4k_tools.runtime.generation import TokenLogprob as GenLogprob
 from hd4k_tools.runtime.kv_prefix_cache import PrefixKey, PrefixKVCache, PromptSplit, split_at_last_image, suffix_inputs
@@ -254,12 +254,7 @@ class LocalRunner(TokenizerOwner):
         return int(getattr(self._loaded.config, "vocab_size", 0) or self._tokenizer.vocab_size)
 
     def _token_logprob(self, entry: GenLogprob) -> TokenLogprob:
-        def one(token_id: int, logprob: float) -> TokenLogprob:
-            raw = token_bytes(self._tokenizer, token_id)
-            return TokenLogprob(raw.decode("utf-8", errors="replace"), logprob, tuple(raw))
-
-        first = one(entry.token_id, entry.logprob)
-        return dataclasses.replace(first, top_logprobs=tuple(one(i, lp) for i, lp in entry.top))
+        return token_logprob(self._tokenizer, entry.token_id, entry.logprob, entry.top)
 
     def _run_prepared(
         self,

@@ -35,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import dataclasses
 import gc
 import itertools
 import os
@@ -54,7 +53,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from hd4k_tools.errors import HD4KError, InputError, InvalidHDNumError, ModelError, OutputParseError
 from hd4k_tools.models.registry import family_for_checkpoint
 from hd4k_tools.results import PlanSummary, Timings, Usage
-from hd4k_tools.runtime.generation import TextDeltas, decode_output, stop_ids_for, token_bytes
+from hd4k_tools.runtime.generation import TextDeltas, decode_output, stop_ids_for, token_logprob
 from hd4k_tools.runtime.generation_config import GenerationConfig
 from hd4k_tools.runtime.runner import GenerationRequest, RunnerResult, TextStream, TokenLogprob, stream_in_thread
 from hd4k_tools.runtime.stops import StopFilter
@@ -111,16 +110,11 @@ def _sampling_params(
 def _logprob_entries(tokenizer: Any, token_ids: Sequence[int], logprobs: Sequence[Any], k: int) -> list[TokenLogprob]:
     """vLLM's per-token ``{token_id: Logprob}`` dicts (the chosen token plus the top ``k``, ranked) in
     OpenAI's shape."""
-
-    def one(token_id: int, logprob: float) -> TokenLogprob:
-        raw = token_bytes(tokenizer, token_id)
-        return TokenLogprob(raw.decode("utf-8", errors="replace"), float(logprob), tuple(raw))
-
     out = []
     for token_id, entries in zip(token_ids, logprobs, strict=False):
         ranked = sorted((e.rank or 0, t, e.logprob) for t, e in entries.items() if e.rank is not None and e.rank <= k)
-        first = one(int(token_id), entries[token_id].logprob)
-        out.append(dataclasses.replace(first, top_logprobs=tuple(one(int(t), lp) for _, t, lp in ranked)))
+        top = [(int(t), lp) for _, t, lp in ranked]
+        out.append(token_logprob(tokenizer, int(token_id), entries[token_id].logprob, top))
     return out
 
 

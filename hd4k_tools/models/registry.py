@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,19 +212,28 @@ def family_for_config(config: dict[str, Any], *, where: str = "the checkpoint") 
     )
 
 
-def family_for_checkpoint(path_or_hub_id: str | Path) -> ModelFamily:
-    """The family of a local checkpoint folder (read from its config.json). A hub id, not yet downloaded,
-    gets the default family; its loader checks the config once it is there."""
-    config_file = Path(path_or_hub_id) / "config.json"
-    if not config_file.is_file():
-        return DEFAULT_FAMILY
+def read_folder_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """A checkpoint folder's ``config.json`` as a dict (no torch, no hub).
+
+    Raises:
+        CheckpointError: it is missing, not JSON, or not a JSON object.
+    """
+    config_file = Path(folder) / "config.json"
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{config_file} could not be read as JSON ({err}); re-download the checkpoint.") from err
     if not isinstance(config, dict):
         raise CheckpointError(f"{config_file} is not a JSON object; re-download the checkpoint.")
-    return family_for_config(config, where=str(path_or_hub_id))
+    return config
+
+
+def family_for_checkpoint(path_or_hub_id: str | Path) -> ModelFamily:
+    """The family of a local checkpoint folder (read from its config.json). A hub id, not yet downloaded,
+    gets the default family; its loader checks the config once it is there."""
+    if not (Path(path_or_hub_id) / "config.json").is_file():
+        return DEFAULT_FAMILY
+    return family_for_config(read_folder_config(path_or_hub_id), where=str(path_or_hub_id))
 
 
 __all__ = [
@@ -240,6 +250,7 @@ __all__ = [
     "PromptTokenizer",
     "family_for_checkpoint",
     "family_for_config",
+    "read_folder_config",
     "register_family",
     "unregister_family",
 ]

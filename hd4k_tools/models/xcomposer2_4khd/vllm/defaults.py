@@ -15,11 +15,9 @@ Left to its own rules, vLLM changes two things the native engine keeps:
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
-from hd4k_tools.errors import CheckpointError
+from hd4k_tools.models.registry import read_folder_config
 
 __all__ = ["checkpoint_max_length", "engine_dtype"]
 
@@ -27,21 +25,10 @@ __all__ = ["checkpoint_max_length", "engine_dtype"]
 FALLBACK_MAX_LENGTH = 16384
 
 
-def _config(folder: str | os.PathLike[str]) -> dict:
-    path = Path(folder) / "config.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path} is not readable JSON ({err}); pass a checkpoint folder.") from err
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object; re-download the checkpoint.")
-    return data
-
-
 def checkpoint_max_length(folder: str | os.PathLike[str]) -> int:
     """The model's context: ``max_length`` of ``config.json`` (as the native engine), else
     ``max_position_embeddings``, else 16,384."""
-    config = _config(folder)
+    config = read_folder_config(folder)
     return int(config.get("max_length") or config.get("max_position_embeddings") or FALLBACK_MAX_LENGTH)
 
 
@@ -51,6 +38,6 @@ def engine_dtype(folder: str | os.PathLike[str], dtype: str = "auto") -> str:
     ``config.json``) and stays ``"auto"`` otherwise (vLLM then keeps a bfloat16/float16 checkpoint's dtype)."""
     if str(dtype).lower() != "auto":
         return str(dtype)
-    config = _config(folder)
+    config = read_folder_config(folder)
     stored = str(config.get("dtype") or config.get("torch_dtype") or "").lower().removeprefix("torch.")
     return "float32" if stored in ("float32", "float", "fp32") else "auto"

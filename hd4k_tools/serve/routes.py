@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import anyio
 from fastapi import APIRouter
+from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -77,6 +78,28 @@ def _state(request: Request) -> ServerState:
 
 def _error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorBody, "description": "An error in OpenAI's shape."} for code in codes}
+
+
+def _completion_route(
+    summary: str, whole: type[BaseModel], chunk: str, request_schema: str, errors: tuple[int, ...]
+) -> dict[str, Any]:
+    """The OpenAPI description of a completion route: a JSON ``whole`` answer, or with ``stream: true`` a
+    text/event-stream of ``chunk`` events, a required ``request_schema`` body and ``errors`` in OpenAI's shape
+    (the route reads its body itself, so FastAPI cannot infer these)."""
+    stream = {"text/event-stream": {"schema": {"$ref": f"#/components/schemas/{chunk}"}}}
+    body = {"application/json": {"schema": {"$ref": f"#/components/schemas/{request_schema}"}}}
+    return {
+        "summary": summary,
+        "response_model": whole,
+        "responses": {
+            200: {
+                "description": f"The answer; with ``stream: true`` a text/event-stream of {chunk} events.",
+                "content": stream,
+            },
+            **_error_responses(*errors),
+        },
+        "openapi_extra": {"requestBody": {"required": True, "content": body}},
+    }
 
 
 router = APIRouter()
@@ -370,21 +393,13 @@ def _usage_for_log(request: Request, result: RunnerResult | None) -> None:
 
 @router.post(
     "/v1/chat/completions",
-    summary="Chat completion (OpenAI-compatible, with images)",
-    response_model=ChatCompletion,
-    responses={
-        200: {
-            "description": "The answer; with ``stream: true`` a text/event-stream of ChatCompletionChunk events.",
-            "content": {"text/event-stream": {"schema": {"$ref": "#/components/schemas/ChatCompletionChunk"}}},
-        },
-        **_error_responses(400, 401, 413, 422, 500),
-    },
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}},
-        }
-    },
+    **_completion_route(
+        "Chat completion (OpenAI-compatible, with images)",
+        ChatCompletion,
+        "ChatCompletionChunk",
+        "ChatCompletionRequest",
+        (400, 401, 413, 422, 500),
+    ),
 )
 async def chat_completions(request: Request) -> Response:
     """OpenAI chat completions with image parts (data URLs; http(s) when the server allows them), streaming,
@@ -423,21 +438,13 @@ def _api_error(err: Exception, where: str) -> APIError:
 
 @router.post(
     "/v1/completions",
-    summary="Text completion (OpenAI-compatible; the prompt is answered as one user turn)",
-    response_model=Completion,
-    responses={
-        200: {
-            "description": "The answer; with ``stream: true`` a text/event-stream of Completion chunks.",
-            "content": {"text/event-stream": {"schema": {"$ref": "#/components/schemas/Completion"}}},
-        },
-        **_error_responses(400, 401, 404, 413, 500),
-    },
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/CompletionRequest"}}},
-        }
-    },
+    **_completion_route(
+        "Text completion (OpenAI-compatible; the prompt is answered as one user turn)",
+        Completion,
+        "Completion",
+        "CompletionRequest",
+        (400, 401, 404, 413, 500),
+    ),
 )
 async def completions(request: Request) -> Response:
     """OpenAI text completions (what LlamaIndex ``OpenAILike`` calls by default): one text ``prompt``,

@@ -272,6 +272,8 @@ def _add_server_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info", help="uvicorn's log level; info shows the JSON access lines")
 
 
+# The options both servers take, under the same keyword (``run_server`` / ``run_vllm_server``).
+_SHARED = ("host", "port", "dtype", "api_key", "log_level")
 # Options of the native server that vLLM's server has no equivalent for: refused with --engine vllm
 # rather than silently ignored.
 _NATIVE_ONLY = (
@@ -288,6 +290,8 @@ _NATIVE_ONLY = (
     "cache_dir",
     "local_files_only",
 )
+# The run_server keyword of a parser dest, where the two differ.
+_KEYWORDS = {"sse_keepalive": "sse_keepalive_s"}
 
 
 def _serve_vllm(args: argparse.Namespace) -> int:
@@ -304,16 +308,12 @@ def _serve_vllm(args: argparse.Namespace) -> int:
         extra = extra[1:]
     run_vllm_server(
         args.model,
-        host=args.host,
-        port=args.port,
         hd_num=args.hd_num,
         tensor_parallel_size=args.tensor_parallel_size,
         # Like the native server: the folder's name, and the --model argument as given (vLLM's own default).
         served_model_name=args.served_model_name or list(dict.fromkeys([served_name(args.model), str(args.model)])),
-        dtype=args.dtype,
-        api_key=args.api_key,
-        log_level=args.log_level,
         extra_args=extra,
+        **{name: getattr(args, name) for name in _SHARED},
     )
     return 0
 
@@ -340,23 +340,8 @@ def serve_from_args(args: argparse.Namespace) -> int:
         )
     run_server(
         args.model,
-        host=args.host,
-        port=args.port,
-        device=args.device,
-        dtype=args.dtype,
-        quantization=args.quantization,
         served_model_name=args.served_model_name,
-        allow_image_urls=args.allow_image_urls,
-        max_request_bytes=args.max_request_bytes,
-        max_pixels=args.max_pixels,
-        max_image_bytes=args.max_image_bytes,
-        default_hd_num=args.default_hd_num,
-        api_key=args.api_key,
-        log_level=args.log_level,
-        max_tokens_limit=args.max_tokens_limit,
-        sse_keepalive_s=args.sse_keepalive,
-        revision=args.revision,
-        cache_dir=args.cache_dir,
-        local_files_only=args.local_files_only,
+        **{name: getattr(args, name) for name in _SHARED},
+        **{_KEYWORDS.get(dest, dest): getattr(args, dest) for dest in _NATIVE_ONLY},
     )
     return 0

@@ -34,6 +34,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 from hd4k_tools.errors import CheckpointError, InputError
 from hd4k_tools.models.registry import DEFAULT_FAMILY, family_for_checkpoint
@@ -43,6 +44,7 @@ from hd4k_tools.serve.ports import bind_port
 __all__ = [
     "BLOCKED_MEDIA_DOMAIN",
     "VLLM_SERVER_MODULE",
+    "VLLMServerOptions",
     "run_vllm_server",
     "stop_generation_config",
     "vllm_server_argv",
@@ -146,37 +148,40 @@ def vllm_server_argv(
     return [*argv, *extra_args]
 
 
+class VLLMServerOptions(TypedDict, total=False):
+    """The keywords :func:`run_vllm_server` passes on to :func:`vllm_server_argv` (whose signature holds
+    their defaults and meaning)."""
+
+    host: str
+    port: int
+    hd_num: int | None
+    tensor_parallel_size: int
+    served_model_name: str | Sequence[str] | None
+    dtype: str
+
+
 def run_vllm_server(
     model: str,
     *,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    hd_num: int | None = None,
-    tensor_parallel_size: int = 1,
-    served_model_name: str | Sequence[str] | None = None,
-    dtype: str = "auto",
     api_key: str | None = None,
     log_level: str = "info",
     extra_args: Sequence[str] = (),
+    **options: Unpack[VLLMServerOptions],
 ) -> None:
     """Check that vLLM is installed, the model is a folder and ``host:port`` is free, then ``exec`` vLLM's
-    OpenAI server (this function does not return when the server starts)."""
+    OpenAI server (this function does not return when the server starts).
+
+    ``options`` are :func:`vllm_server_argv`'s (``host``, ``port``, ``hd_num``, ``tensor_parallel_size``,
+    ``served_model_name``, ``dtype``), with its defaults; ``log_level`` is uvicorn's."""
     engine_class("vllm")  # vLLM installed? (else the error names what to install)
     if not Path(model).is_dir():
         raise InputError(
             f"--engine vllm needs a checkpoint folder, got {model!r}: download the weights first "
             "(`huggingface-cli download internlm/internlm-xcomposer2-4khd-7b --local-dir DIR`) and pass DIR."
         )
-    argv = vllm_server_argv(
-        model,
-        host=host,
-        port=port,
-        hd_num=hd_num,
-        tensor_parallel_size=tensor_parallel_size,
-        served_model_name=served_model_name,
-        dtype=dtype,
-        extra_args=["--uvicorn-log-level", log_level.lower(), *extra_args],
-    )
+    argv = vllm_server_argv(model, extra_args=["--uvicorn-log-level", log_level.lower(), *extra_args], **options)
+    # The address vLLM will bind, as the argv names it (the options' defaults live in vllm_server_argv alone).
+    host, port = argv[argv.index("--host") + 1], int(argv[argv.index("--port") + 1])
     bind_port(host, port).close()  # a port in use is one line now, not a traceback after the engine loaded
     env = dict(os.environ)
     if api_key:

@@ -10,75 +10,30 @@ replaced)."""
 
 from __future__ import annotations
 
-import os
 import re
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from PIL import Image
+from servers import hd4k_serve
 
 from hd4k_tools.inputs.images import to_data_url
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
-HOST = "127.0.0.1"
 README = Path(__file__).resolve().parents[2] / "README.md"
-STARTUP_TIMEOUT_S = 90.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-def _hd4k_command() -> list[str]:
-    script = Path(sys.executable).with_name("hd4k")
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "hd4k_tools.cli"]
 
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """``hd4k serve --model DIR`` on a free loopback port: ``{"base": .../v1, "name": served, "dir": DIR}``."""
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("clients-log") / "server.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HD4K_NO_PROGRESS": "1"}
-    env.pop("HD4K_API_KEY", None)
     model_dir = str(tiny_checkpoint)
-    cmd = [*_hd4k_command(), "serve", "--model", model_dir, "--host", HOST, "--port", str(port)]
-    cmd += ["--log-level", "warning"]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    root = f"http://{HOST}:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"hd4k serve exited with {proc.returncode}:\n{log_path.read_text(errors='replace')}")
-            try:
-                if httpx.get(f"{root}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"hd4k serve did not start:\n{log_path.read_text(errors='replace')}")
-            time.sleep(0.2)
-        yield {"base": f"{root}/v1", "name": Path(model_dir).name, "dir": model_dir}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:  # pragma: no cover
-            proc.kill()
-            proc.wait(5)
+    log_path = tmp_path_factory.mktemp("clients-log") / "server.log"
+    with hd4k_serve("--model", model_dir, "--log-level", "warning", log_path=log_path, start_timeout_s=90) as live:
+        yield {"base": f"{live.base}/v1", "name": Path(model_dir).name, "dir": model_dir}
 
 
 @pytest.fixture(scope="module")

@@ -7,19 +7,14 @@ validates only because decoding is constrained."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
-import httpx
 import jsonschema
 import pytest
 from pydantic import BaseModel, Field
+from servers import hd4k_serve
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
@@ -37,44 +32,12 @@ class Invoice(BaseModel):
     lines: list[str] = Field(max_length=2)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``hd4k serve`` on 127.0.0.1 with the tiny checkpoint, as a real process; yields its /v1 base URL."""
-    port = _free_port()
-    script = Path(sys.executable).with_name("hd4k")
-    command = [str(script)] if script.is_file() else [sys.executable, "-m", "hd4k_tools.cli"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HD4K_NO_PROGRESS": "1"}
-    env.pop("HD4K_API_KEY", None)
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    args = ["serve", "--model", str(tiny_checkpoint), "--served-model-name", MODEL, "--port", str(port)]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([*command, *args], stdout=log, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, log_path.read_text(errors="replace")
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, log_path.read_text(errors="replace")
-            time.sleep(0.2)
-        yield f"{base}/v1"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with hd4k_serve("--model", str(tiny_checkpoint), "--served-model-name", MODEL, log_path=log_path) as live:
+        yield f"{live.base}/v1"
 
 
 @pytest.fixture(scope="module")

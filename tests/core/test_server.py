@@ -4,15 +4,13 @@ tiny random checkpoint, plus fast in-process tests of ``create_app`` error paths
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
-import os
 import socket
 import struct
-import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from servers import HOST, hd4k_serve, uvicorn_thread
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -40,18 +39,10 @@ from hd4k_tools.runtime.runner import GenerationRequest, Message, RunnerResult, 
 from hd4k_tools.runtime.stops import StopFilter
 from hd4k_tools.serve.app import DEFAULT_MAX_TOKENS_LIMIT, create_app
 
-HOST = "127.0.0.1"
 SERVER_MAX_PIXELS = 4_000_000
 SERVER_MAX_BODY = 3_000_000
 SERVER_MAX_TOKENS = 1024
-STARTUP_TIMEOUT_S = 60.0
 QUESTION = "What is shown in the picture?"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def _noise(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -102,67 +93,15 @@ def server_checkpoint(tiny_checkpoint: Path) -> Path:
     return Path(tiny_checkpoint)
 
 
-def _hd4k_command() -> list[str]:
-    """The ``hd4k`` console script ([project.scripts]) next to this interpreter, so the tests run what a user
-    runs; ``python -m hd4k_tools.cli`` (the same ``main``) where the project is not installed as a script."""
-    for name in ("hd4k", "hd4k.exe"):
-        script = Path(sys.executable).with_name(name)
-        if script.is_file():
-            return [str(script)]
-    return [sys.executable, "-m", "hd4k_tools.cli"]
-
-
 @pytest.fixture(scope="session")
 def live_server(server_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``hd4k serve`` on a free loopback port; yields its base URL."""
-    port = _free_port()
+    limits = ["--max-pixels", str(SERVER_MAX_PIXELS), "--max-request-bytes", str(SERVER_MAX_BODY)]
+    limits += ["--max-tokens-limit", str(SERVER_MAX_TOKENS)]
+    args = ["--model", str(server_checkpoint), "--served-model-name", "tiny", *limits, "--log-level", "warning"]
     log_path = tmp_path_factory.mktemp("server-log") / "server.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HD4K_NO_PROGRESS": "1"}
-    env.pop("HD4K_API_KEY", None)  # this server is open; a key in the caller's environment would lock it
-    cmd = [
-        *_hd4k_command(),
-        "serve",
-        "--model",
-        str(server_checkpoint),
-        "--host",
-        HOST,
-        "--port",
-        str(port),
-        "--served-model-name",
-        "tiny",
-        "--max-pixels",
-        str(SERVER_MAX_PIXELS),
-        "--max-request-bytes",
-        str(SERVER_MAX_BODY),
-        "--max-tokens-limit",
-        str(SERVER_MAX_TOKENS),
-        "--log-level",
-        "warning",
-    ]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    base = f"http://{HOST}:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text(errors='replace')}")
-            try:
-                if httpx.get(f"{base}/health", timeout=2.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not healthy after {STARTUP_TIMEOUT_S} s:\n{log_path.read_text(errors='replace')}")
-            time.sleep(0.2)
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with hd4k_serve(*args, log_path=log_path, start_timeout_s=60) as live:
+        yield live.base
 
 
 @pytest.fixture(scope="module")
@@ -876,30 +815,13 @@ def test_missing_fastapi_gives_install_hint(monkeypatch: pytest.MonkeyPatch) -> 
 # ----------------------------------------------------------------------------------------------------
 @pytest.fixture()
 def threaded_server() -> Iterator[Any]:
-    import uvicorn
+    """``start(runner)``: the app over ``runner`` on a real uvicorn in a thread; its base URL."""
+    with contextlib.ExitStack() as servers:
 
-    servers: list[uvicorn.Server] = []
-    threads: list[threading.Thread] = []
+        def start(runner: FakeRunner) -> str:
+            return servers.enter_context(uvicorn_thread(create_app(runner, model_aliases=["m"]), start_timeout_s=30))
 
-    def start(runner: FakeRunner) -> str:
-        port = _free_port()
-        config = uvicorn.Config(create_app(runner, model_aliases=["m"]), host=HOST, port=port, log_level="warning")
-        server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        servers.append(server)
-        threads.append(thread)
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.02)
-        return f"http://{HOST}:{port}"
-
-    yield start
-    for server in servers:
-        server.should_exit = True
-    for thread in threads:
-        thread.join(timeout=10)
+        yield start
 
 
 def test_client_disconnect_cancels_stream(threaded_server: Any) -> None:

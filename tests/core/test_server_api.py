@@ -6,19 +6,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import socket
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from PIL import Image
+from servers import hd4k_serve, server_env
 
 pytest.importorskip("fastapi")
 
@@ -333,35 +329,12 @@ def test_serve_model_defaults_to_hd4k_model(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 # -- the real process: `hd4k serve` with $HD4K_MODEL, default served name, metrics and access lines ---------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_real_server_defaults_metrics_and_access_log(tiny_checkpoint: Path, tmp_path: Path) -> None:
     """``hd4k serve`` with only ``$HD4K_MODEL`` set: the model id is the checkpoint folder's name, tools are
     refused, /metrics and /health?verbose show the LocalRunner's caches, stderr has JSON access lines."""
-    port = _free_port()
-    script = Path(sys.executable).with_name("hd4k")
-    command = [str(script)] if script.is_file() else [sys.executable, "-m", "hd4k_tools.cli"]
-    env = {**os.environ, "HD4K_MODEL": str(tiny_checkpoint), "HF_HUB_OFFLINE": "1", "HD4K_NO_PROGRESS": "1"}
-    env.pop("HD4K_API_KEY", None)
     log_path = tmp_path / "serve.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([*command, "serve", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, log_path.read_text(errors="replace")
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, log_path.read_text(errors="replace")
-            time.sleep(0.2)
+    with hd4k_serve(log_path=log_path, env=server_env(HD4K_MODEL=str(tiny_checkpoint))) as live:
+        base = live.base
         assert httpx.get(f"{base}/v1/models").json()["data"][0]["id"] == Path(tiny_checkpoint).name
         image = Image.new("RGB", (336, 336), "white")
         question = [{"type": "image_url", "image_url": {"url": to_data_url(image)}}, {"type": "text", "text": "?"}]
@@ -377,13 +350,6 @@ def test_real_server_defaults_metrics_and_access_log(tiny_checkpoint: Path, tmp_
         verbose = httpx.get(f"{base}/health", params={"verbose": "true"}).json()
         assert set(verbose["caches"]) == {"vision_embeddings", "prefix_kv"} and verbose["state"] == "idle"
         assert httpx.get(f"{base}/openapi.json").json()["info"]["title"] == "hd4k-tools"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
     access = []
     for line in log_path.read_text(errors="replace").splitlines():
         if line.startswith('{"event": "request"'):

@@ -16,10 +16,8 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +27,7 @@ pytest.importorskip("vllm.entrypoints.llm")
 
 import httpx
 from PIL import Image, ImageDraw
+from servers import free_port, server_process
 
 from hd4k_tools import HD4K, LocalRunner
 
@@ -68,12 +67,6 @@ def _as_here(command: str, port: int) -> tuple[dict[str, str], list[str]]:
     return env, argv
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _picture() -> Image.Image:
     img = Image.new("RGB", (640, 400), "white")
     draw = ImageDraw.Draw(img)
@@ -109,34 +102,14 @@ def server_log(workdir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def server(checkpoint: Path, workdir: Path, server_log: Path) -> Iterator[str]:
-    port = _free_port()
+    port = free_port()
     env, argv = _as_here(SETUP[1], port)
     assert argv[1:4] == ["serve", "--engine", "vllm"] and "VLLM_CPU_KVCACHE_SPACE" in env, SETUP[1]
     full_env = {**os.environ, **env, "XDG_CACHE_HOME": str(workdir / "cache")}
-    with server_log.open("wb") as out:
-        proc = subprocess.Popen(argv, cwd=workdir, stdout=out, stderr=subprocess.STDOUT, env=full_env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the vLLM server exited with {proc.returncode}:\n{server_log.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the vLLM server did not start in {START_TIMEOUT_S} s:\n{server_log.read_text()[-4000:]}")
-            time.sleep(1)
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with server_process(
+        argv, port, server_log, env=full_env, cwd=workdir, start_timeout_s=START_TIMEOUT_S, poll_s=1, stop_timeout_s=60
+    ) as live:
+        yield live.base
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,7 @@ headers before any decode (peak RSS bounded); body reads under a deadline with c
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +14,8 @@ from typing import Any
 import httpx
 import pytest
 from hostile_support import gray_png_header_only, ico_with_png, png_bytes
-from server_support import HOST, assert_openai_error, chat_body, data_url, free_port, uvicorn_thread
+from server_support import assert_openai_error, chat_body, data_url
+from servers import hd4k_serve, uvicorn_thread
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -172,25 +170,10 @@ def _vm_hwm_mb(pid: int) -> float:
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc (Linux)")
 def test_six_8000px_images_do_not_raise_server_peak_memory(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HD4K_NO_PROGRESS": "1"}
-    env.pop("HD4K_API_KEY", None)
-    cmd = [sys.executable, "-m", "hd4k_tools.cli", "serve", "--model", str(tiny_checkpoint), "--host", HOST]
-    cmd += ["--port", str(port), "--log-level", "warning", "--served-model-name", "tiny"]  # chat_body sends "tiny"
-    log = (tmp_path / "serve.log").open("wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    base = f"http://{HOST}:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.2)
+    # chat_body asks for the model "tiny".
+    args = ["--model", str(tiny_checkpoint), "--log-level", "warning", "--served-model-name", "tiny"]
+    with hd4k_serve(*args, log_path=tmp_path / "serve.log", start_timeout_s=90) as live:
+        base, proc = live.base, live.proc
         # A normal request first, so the baseline includes a decoded image and the model's warm-up.
         assert httpx.post(f"{base}/v1/chat/completions", json=chat_body(GOOD, hd_num=1), timeout=60).status_code == 200
         before = _vm_hwm_mb(proc.pid)
@@ -203,14 +186,6 @@ def test_six_8000px_images_do_not_raise_server_peak_memory(tiny_checkpoint: Path
         # Decoding them cost +1.6 GB before the budget check; read from headers it costs a few MB.
         assert grown < 150, f"peak RSS grew by {grown:.0f} MB"
         assert httpx.post(f"{base}/v1/chat/completions", json=chat_body(GOOD, hd_num=1), timeout=60).status_code == 200
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -239,7 +214,7 @@ def _status_line(sock: socket.socket) -> str:
 
 def test_half_sent_body_gets_408_within_the_deadline(runner: LocalRunner) -> None:
     app = create_app(runner, body_timeout=1.0, max_tokens_limit=4)
-    with uvicorn_thread(app) as base:
+    with uvicorn_thread(app, lifespan="off") as base:
         sock = _half_sent(base)
         started = time.monotonic()
         try:
@@ -252,7 +227,7 @@ def test_half_sent_body_gets_408_within_the_deadline(runner: LocalRunner) -> Non
 
 def test_concurrent_uploads_are_capped(runner: LocalRunner) -> None:
     app = create_app(runner, body_timeout=3.0, max_concurrent_uploads=2, max_tokens_limit=4)
-    with uvicorn_thread(app) as base:
+    with uvicorn_thread(app, lifespan="off") as base:
         slow = [_half_sent(base) for _ in range(2)]
         try:
             time.sleep(0.3)

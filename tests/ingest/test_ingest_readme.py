@@ -12,7 +12,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from servers import free_port
 
 from hd4k_tools.ingestion import Manifest, iter_records
 
@@ -69,17 +69,11 @@ def test_try_it_command_and_index_example_run_as_written(workdir: Path) -> None:
         assert run.stdout.splitlines() == expected
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_cluster_command_runs_on_a_ray_cluster(workdir: Path, corpus, tiny_checkpoint) -> None:
     pytest.importorskip("ray")
     cluster = next(b for b in _blocks("bash") if "--ray auto" in b)
-    port = _free_port()
+    port = free_port()
     # Ray's token authentication: the head and the driver share this test's own token.
     token = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     env = {**_env(), "RAY_ADDRESS": f"127.0.0.1:{port}", **token}

@@ -309,19 +309,16 @@ class HD4KMultiModalLLM(LLM):
         constraint = kwargs.get("hd4k_constraint")
         return dataclasses.replace(request, constraint=constraint) if constraint is not None else request
 
-    @staticmethod
-    def _completion_messages(prompt: str) -> list[ChatMessage]:
-        return [ChatMessage(role=MessageRole.USER, content=prompt)]
-
-    def _prompt(self, prompt: str, formatted: bool) -> str:
-        return prompt if formatted else self.completion_to_prompt(prompt)
-
-    @staticmethod
-    def _legacy(formatted: Any, image_documents: Sequence[ImageNode] | None) -> tuple[bool, Any]:
-        # MultiModalLLM.complete(prompt, image_documents) passed the documents positionally.
+    def _completion_input(
+        self, prompt: str, formatted: Any, image_documents: Sequence[ImageNode] | None
+    ) -> tuple[list[ChatMessage], Any]:
+        """The one user turn a completion call asks (``completion_to_prompt`` unless ``formatted``) and its
+        image documents."""
         if not isinstance(formatted, bool):
-            return False, formatted if image_documents is None else image_documents
-        return formatted, image_documents
+            # MultiModalLLM.complete(prompt, image_documents) passed the documents positionally.
+            formatted, image_documents = False, formatted if image_documents is None else image_documents
+        text = prompt if formatted else self.completion_to_prompt(prompt)
+        return [ChatMessage(role=MessageRole.USER, content=text)], image_documents
 
     # -- chat ----------------------------------------------------------------------------------------
     @llm_chat_callback()
@@ -421,8 +418,7 @@ class HD4KMultiModalLLM(LLM):
 
         ``complete(prompt, image_documents)`` (positional, as in the legacy ``MultiModalLLM``) also works.
         """
-        formatted, image_documents = self._legacy(formatted, image_documents)
-        messages = self._completion_messages(self._prompt(prompt, formatted))
+        messages, image_documents = self._completion_input(prompt, formatted, image_documents)
         result = self._hd.run(self._request(messages, kwargs, image_documents))
         return CompletionResponse(text=result.text, raw=_raw(result), additional_kwargs=_usage(result))
 
@@ -435,8 +431,7 @@ class HD4KMultiModalLLM(LLM):
         **kwargs: Any,
     ) -> CompletionResponse:
         """Async :meth:`complete`."""
-        formatted, image_documents = self._legacy(formatted, image_documents)
-        messages = self._completion_messages(self._prompt(prompt, formatted))
+        messages, image_documents = self._completion_input(prompt, formatted, image_documents)
         request = await asyncio.to_thread(self._request, messages, kwargs, image_documents)
         result = await self._hd.arun(request)
         return CompletionResponse(text=result.text, raw=_raw(result), additional_kwargs=_usage(result))
@@ -450,8 +445,7 @@ class HD4KMultiModalLLM(LLM):
         **kwargs: Any,
     ) -> CompletionResponseGen:
         """Streaming :meth:`complete` (``CompletionResponse(text=<so far>, delta=<new>)``)."""
-        formatted, image_documents = self._legacy(formatted, image_documents)
-        messages = self._completion_messages(self._prompt(prompt, formatted))
+        messages, image_documents = self._completion_input(prompt, formatted, image_documents)
         chunks = self._stream(self._request(messages, kwargs, image_documents))
 
         def gen() -> CompletionResponseGen:
@@ -469,8 +463,7 @@ class HD4KMultiModalLLM(LLM):
         **kwargs: Any,
     ) -> CompletionResponseAsyncGen:
         """Async :meth:`stream_complete`."""
-        formatted, image_documents = self._legacy(formatted, image_documents)
-        messages = self._completion_messages(self._prompt(prompt, formatted))
+        messages, image_documents = self._completion_input(prompt, formatted, image_documents)
         request = await asyncio.to_thread(self._request, messages, kwargs, image_documents)
         chunks = self._astream(request)
 

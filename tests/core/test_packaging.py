@@ -41,6 +41,20 @@ def test_each_distribution_ships_the_license_and_full_metadata(folder: Path) -> 
     assert typed, "py.typed must be package data"
 
 
+def test_every_distribution_names_the_same_true_addresses() -> None:
+    """docs/decisions.md, "Project URLs": the project has no public repository yet, so no distribution names
+    a Source, Homepage or Issues address (a guessed one would send users nowhere); all six name the same
+    real pages, the paper and the model card, and whoever adds Source adds it to all six."""
+    projects = {folder.name: _project(folder)["project"] for folder in DISTRIBUTIONS}
+    root = _project(ROOT)["project"]["urls"]
+    assert all(project["urls"] == root for project in projects.values()), {k: p["urls"] for k, p in projects.items()}
+    assert {"Paper", "Model"} <= set(root)
+    assert all(url.startswith("https://") for url in root.values()), root
+    # PEP 753's names for the project's own pages: only with the repository's real address.
+    assert not {label.lower() for label in root} & {"source", "homepage", "repository", "issues", "documentation"}
+    assert all(project["authors"] == _project(ROOT)["project"]["authors"] for project in projects.values())
+
+
 def test_the_core_is_typed() -> None:
     assert (ROOT / "hd4k_tools" / "py.typed").is_file()
 

@@ -12,62 +12,31 @@ tiling, vision, prompt assembly, generation settings — is the real pipeline.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import struct
-import threading
 import zlib
 from pathlib import Path
 from typing import Any
 
+# The capped, recording runner of langchain-hd4k's tests (on the test pythonpath; it imports no LangChain).
+from langchain_helpers import CappedRunner
 from llama_index.core.base.llms.types import CompletionResponse, CompletionResponseGen, LLMMetadata
 from llama_index.core.llms import CustomLLM
 from llama_index.core.llms.callbacks import llm_completion_callback
 from PIL import Image, ImageDraw
 from pydantic import Field
 
-from hd4k_tools import GenerationRequest, Runner, RunnerResult, TextStream, image_content_hash, load_image
+from hd4k_tools import Runner, image_content_hash, load_image
 
 MAX_NEW_TOKENS = 12
 
 
-class RecordingRunner:
-    """A :class:`hd4k_tools.Runner` that delegates to ``inner`` and records the requests."""
+class RecordingRunner(CappedRunner):
+    """A :class:`hd4k_tools.Runner` that delegates to ``inner`` and records the requests and results
+    (langchain-hd4k's test ``CappedRunner``, framework-free), capped at :data:`MAX_NEW_TOKENS`."""
 
     def __init__(self, inner: Runner, max_new_tokens: int = MAX_NEW_TOKENS) -> None:
-        self.inner = inner
-        self.max_new_tokens = max_new_tokens
-        self.requests: list[GenerationRequest] = []
-        self.results: list[RunnerResult] = []
-
-    @property
-    def model_id(self) -> str:
-        return self.inner.model_id
-
-    @property
-    def context_length(self) -> int:
-        return self.inner.context_length
-
-    def count_text_tokens(self, text: str) -> int:
-        return self.inner.count_text_tokens(text)
-
-    def _capped(self, request: GenerationRequest) -> GenerationRequest:
-        self.requests.append(request)
-        gen = request.generation
-        if gen.max_new_tokens <= self.max_new_tokens:
-            return request
-        return dataclasses.replace(request, generation=gen.replace(max_new_tokens=self.max_new_tokens))
-
-    def generate(self, request: GenerationRequest, *, cancel: threading.Event | None = None) -> RunnerResult:
-        result = self.inner.generate(self._capped(request), cancel=cancel)
-        self.results.append(result)
-        return result
-
-    def stream(self, request: GenerationRequest, *, cancel: threading.Event | None = None) -> TextStream:
-        return self.inner.stream(self._capped(request), cancel=cancel)
-
-    def close(self) -> None:
-        """The inner runner is shared between tests and stays open."""
+        super().__init__(inner, max_new_tokens)
 
     def image_hashes(self) -> list[str]:
         """Content hashes of every image the model was asked about, in order."""

@@ -23,10 +23,12 @@ TOOL_MAX_NEW_TOKENS = 6
 
 
 class CappedRunner:
-    """The real runner with ``max_new_tokens`` capped (and an optional hook before each call).
+    """The real runner with ``max_new_tokens`` capped (and an optional hook before each call); ``requests``
+    are the requests as sent on (capped), ``results`` the whole answers.
 
     Everything else — images, tiling, vision tower, prompt, decoding — is the wrapped runner's own
-    work; this only keeps the tool tests fast and lets a test observe or hold model calls.
+    work; this only keeps the tool tests fast and lets a test observe or hold model calls. Framework-free:
+    the repository's LlamaIndex tests use it too (``llamaindex_support.RecordingRunner``).
     """
 
     def __init__(
@@ -39,6 +41,7 @@ class CappedRunner:
         self.max_new_tokens = max_new_tokens
         self.before_call = before_call
         self.requests: list[GenerationRequest] = []
+        self.results: list[RunnerResult] = []
         self._lock = threading.Lock()
 
     @property
@@ -64,7 +67,10 @@ class CappedRunner:
         return capped
 
     def generate(self, request: GenerationRequest, *, cancel: threading.Event | None = None) -> RunnerResult:
-        return self.inner.generate(self._capped(request), cancel=cancel)
+        result = self.inner.generate(self._capped(request), cancel=cancel)
+        with self._lock:
+            self.results.append(result)
+        return result
 
     def stream(self, request: GenerationRequest, *, cancel: threading.Event | None = None) -> TextStream:
         return self.inner.stream(self._capped(request), cancel=cancel)

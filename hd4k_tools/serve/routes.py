@@ -406,11 +406,8 @@ async def chat_completions(request: Request) -> Response:
     ``response_format`` (``json_object`` / ``json_schema``, by constrained decoding and validation)
     and the hd4k extensions ``hd_num``, ``top_k``, ``repetition_penalty``, ``num_beams``, ``layout``.
     ``tools`` are refused (400 ``tools_not_supported``): the model has no tool calling."""
-    state = _state(request)
     try:
-        check_auth(request)
-        raw = await read_body(request)
-        prep = await anyio.to_thread.run_sync(lambda: prepare(raw, state.settings))
+        prep = await _prepared(request)
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         if prep.stream:
@@ -418,6 +415,15 @@ async def chat_completions(request: Request) -> Response:
         return await _answer_whole(request, prep, cid, created)
     except Exception as err:
         return error_response(_api_error(err, "/v1/chat/completions"))
+
+
+async def _prepared(request: Request, convert: Callable[[bytes], bytes] | None = None) -> Prepared:
+    """A completion route's request checked (API key), read and validated off the event loop; ``convert``
+    first turns the body into a chat request (``/v1/completions``)."""
+    settings = _state(request).settings
+    check_auth(request)
+    raw = await read_body(request)
+    return await anyio.to_thread.run_sync(lambda: prepare(convert(raw) if convert else raw, settings))
 
 
 def _api_error(err: Exception, where: str) -> APIError:
@@ -452,11 +458,8 @@ async def completions(request: Request) -> Response:
     field (``max_tokens``, ``temperature``, ``stop``, ``stream``, the hd4k extensions) means the same as on
     ``/v1/chat/completions``; images go there, as ``image_url`` parts. ``echo``, ``suffix``, ``best_of``
     > 1 and ``logprobs`` are refused with a 400."""
-    state = _state(request)
     try:
-        check_auth(request)
-        raw = await read_body(request)
-        prep = await anyio.to_thread.run_sync(lambda: prepare(completion_as_chat(raw), state.settings))
+        prep = await _prepared(request, completion_as_chat)
         cid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         if prep.stream:

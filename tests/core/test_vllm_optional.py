@@ -85,6 +85,44 @@ def test_vllm_server_argv(tiny_checkpoint: Path, tmp_path: Path) -> None:
     assert stop_generation_config(tiny_checkpoint, cache_dir=tmp_path) == gen_dir  # written once
 
 
+def test_run_vllm_server_passes_its_options_to_the_argv_and_checks_that_port(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``run_vllm_server`` takes ``vllm_server_argv``'s options (one list of them): what it execs is that
+    argv, and the port it checks first is the one the argv names."""
+    import socket
+
+    from hd4k_tools.serve import vllm
+    from hd4k_tools.serve.ports import ServeError
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(vllm, "engine_class", lambda name: None)  # as if vLLM were installed
+    execs: list[tuple[str, list[str], dict[str, str]]] = []
+    monkeypatch.setattr(vllm.os, "execve", lambda path, argv, env: execs.append((path, argv, env)))
+    options = {
+        "host": "127.0.0.1",
+        "hd_num": 4,
+        "tensor_parallel_size": 2,
+        "served_model_name": "t",
+        "dtype": "float32",
+    }
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ServeError):
+            vllm.run_vllm_server(str(tiny_checkpoint), port=port, **options)
+    assert execs == []
+    vllm.run_vllm_server(
+        str(tiny_checkpoint), port=port, api_key="k", log_level="WARNING", extra_args=["--x"], **options
+    )
+    ((path, argv, env),) = execs
+    expected = vllm.vllm_server_argv(
+        str(tiny_checkpoint), port=port, extra_args=["--uvicorn-log-level", "warning", "--x"], **options
+    )
+    assert path == argv[0] and argv == expected and env["VLLM_API_KEY"] == "k"
+
+
 def test_remote_runner_for_vllm_sends_mm_processor_kwargs() -> None:
     from PIL import Image
 

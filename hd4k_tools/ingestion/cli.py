@@ -93,28 +93,34 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return _report(manifest, args)
 
 
+# IngestOptions fields that take the flag of the same name as it is.
+_AS_GIVEN = (
+    "model",
+    "engine",
+    "remote",
+    "pages",
+    "dpi",
+    "workers",
+    "batch_size",
+    "shard_size",
+    "device",
+    "dtype",
+    "follow_symlinks",
+    "max_consecutive_failures",
+)
+
+
 def _options_from_args(args: argparse.Namespace) -> IngestOptions:
     """The :class:`IngestOptions` that ``hd4k ingest``'s flags ask for."""
     generation: dict[str, Any] = {}
     if args.max_new_tokens is not None:
         generation["max_new_tokens"] = args.max_new_tokens
     return IngestOptions(
-        model=args.model,
-        engine=args.engine,
-        remote=args.remote,
+        **{name: getattr(args, name) for name in _AS_GIVEN},
         hd_num=parse_hd_num(args.hd_num) if args.hd_num else None,
-        pages=args.pages,
-        dpi=args.dpi,
-        workers=args.workers,
         ray=_ray_argument(args.ray),
-        batch_size=args.batch_size,
-        shard_size=args.shard_size,
         generation=generation or None,
-        device=args.device,
-        dtype=args.dtype,
         progress=None,
-        follow_symlinks=args.follow_symlinks,
-        max_consecutive_failures=args.max_consecutive_failures,
         render_timeout_s=args.render_timeout,
         render_memory_mb=args.render_memory,
     )

@@ -33,12 +33,6 @@ SAMPLED = {"do_sample": True, "seed": 0}
 
 
 @pytest.fixture
-def runner(hd4k_tiny: HD4K) -> RecordingRunner:
-    """The session's tiny-model runner, recorded (see llamaindex_support)."""
-    return RecordingRunner(hd4k_tiny.runner)
-
-
-@pytest.fixture
 def llm(runner: RecordingRunner) -> HD4KMultiModalLLM:
     return HD4KMultiModalLLM(hd=HD4K(runner), hd_num=1, max_new_tokens=MAX_NEW_TOKENS)
 

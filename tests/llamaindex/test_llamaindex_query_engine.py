@@ -56,12 +56,6 @@ class MeanColourEmbedding(MultiModalEmbedding):
 
 
 @pytest.fixture
-def runner(hd4k_tiny: HD4K) -> RecordingRunner:
-    """The session's tiny-model runner, recorded (see llamaindex_support)."""
-    return RecordingRunner(hd4k_tiny.runner)
-
-
-@pytest.fixture
 def images(tmp_path: Path) -> dict[str, Path]:
     return {
         "red": write_image(tmp_path / "red.png", (220, 30, 30)),

@@ -41,12 +41,6 @@ class CharTrigramEmbedding(BaseEmbedding):
 
 
 @pytest.fixture
-def runner(hd4k_tiny: HD4K) -> RecordingRunner:
-    """The session's tiny-model runner, recorded (see llamaindex_support)."""
-    return RecordingRunner(hd4k_tiny.runner)
-
-
-@pytest.fixture
 def reader(runner: RecordingRunner) -> HD4KReader:
     return HD4KReader(HD4K(runner), hd_num=1, generation=GENERATION)
 

@@ -31,12 +31,6 @@ from hd4k_tools.agent_tools import tool_text
 
 
 @pytest.fixture
-def runner(hd4k_tiny: HD4K) -> RecordingRunner:
-    """The session's tiny-model runner, recorded (see llamaindex_support)."""
-    return RecordingRunner(hd4k_tiny.runner)
-
-
-@pytest.fixture
 def root(tmp_path: Path) -> Path:
     folder = tmp_path / "allowed"
     write_image(folder / "photo.png", (200, 60, 60), label="cat")

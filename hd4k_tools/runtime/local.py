@@ -38,6 +38,7 @@ from hd4k_tools.errors import DeviceError, InputError
 from hd4k_tools.inputs.images import image_content_hash
 from hd4k_tools.models.registry import (
     DEFAULT_FAMILY,
+    FamilyRegistry,
     HDPlan,
     LoadedModel,
     ModelFamily,
@@ -174,14 +175,17 @@ class LocalRunner(TokenizerOwner):
         token: str | bool | None = None,
         cache_dir: str | None = None,
         local_files_only: bool = False,
+        families: FamilyRegistry | None = None,
     ) -> LocalRunner:
         """Load a checkpoint folder or hub id with its model family's loader (``models/registry.py``).
 
         ``dtype="auto"`` is the checkpoint's dtype (bfloat16 for the official one: about 2 bytes per
         parameter in CPU memory). ``revision``, ``token``, ``cache_dir`` and ``local_files_only`` (or
-        ``$HF_HUB_OFFLINE=1``) reach the Hugging Face Hub client for a hub id.
+        ``$HF_HUB_OFFLINE=1``) reach the Hugging Face Hub client for a hub id. ``families`` is the
+        :class:`~hd4k_tools.models.registry.FamilyRegistry` the checkpoint's family is looked up in (default
+        ``FAMILIES``; ``FAMILIES.with_family(family)`` adds one of your own).
         """
-        family = family_for_checkpoint(path_or_hub_id)
+        family = family_for_checkpoint(path_or_hub_id, families)
         loaded = family.load_pretrained(
             path_or_hub_id,
             dtype=dtype,

@@ -144,8 +144,9 @@ class HD4K:
         ``prefix_cache_bytes`` (decoder K/V kept for follow-up questions; 0 turns it off), and for a hub id
         ``revision``, ``token``, ``cache_dir``, ``local_files_only`` (``$HF_HUB_OFFLINE=1`` works too), as
         in ``transformers``; ``families`` (both engines) is the model-family registry the checkpoint is
-        looked up in (``FAMILIES.with_family(family)`` for one of your own, ``models/registry.py``). ``dtype="auto"`` is the checkpoint's dtype (bfloat16 for the official one:
-        about 2 bytes per parameter in memory, also on a CPU). ``engine="vllm"`` runs it on vLLM (see the
+        looked up in (``FAMILIES.with_family(family)`` for one of your own, ``models/registry.py``).
+        ``dtype="auto"`` is the checkpoint's dtype (bfloat16 for the official one: about 2 bytes per
+        parameter in memory, also on a CPU). ``engine="vllm"`` runs it on vLLM (see the
         README, "Serve at scale"). An option the engine does
         not take is refused, never ignored.
         """

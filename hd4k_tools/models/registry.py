@@ -19,13 +19,14 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from hd4k_tools.errors import CheckpointError, InputError
+from hd4k_tools.frozen_table import FrozenTable
 
 # The torch-free types every family shares (a family folder defines them under the same names).
 from hd4k_tools.models.xcomposer2_4khd.prompt import ConversationTurn, Layout, PromptTokenizer
@@ -153,7 +154,7 @@ class ModelFamily:
         return self.module("vllm.names").DEFAULT_ENGINE_HD_NUM
 
 
-class FamilyRegistry(Mapping[str, ModelFamily]):
+class FamilyRegistry(FrozenTable[ModelFamily]):
     """The model families by ``model_type``; the first one is the default (a hub id not yet downloaded).
 
     Immutable, like :class:`~hd4k_tools.tasks.TaskRegistry`: :meth:`with_family` returns a new registry, so a
@@ -162,54 +163,42 @@ class FamilyRegistry(Mapping[str, ModelFamily]):
     """
 
     def __init__(self, families: Iterable[ModelFamily]) -> None:
-        self._families: dict[str, ModelFamily] = {}
+        self._rows: dict[str, ModelFamily] = {}
         for family in families:
             if not isinstance(family, ModelFamily):
                 raise InputError(f"A family registry holds ModelFamily rows, got {type(family).__name__}.")
-            known = self._families.get(family.model_type)
+            known = self._rows.get(family.model_type)
             if known is not None and known != family:
                 raise InputError(f"model_type {family.model_type!r} is already registered to {known}.")
-            self._families[family.model_type] = family
-        if not self._families:
+            self._rows[family.model_type] = family
+        if not self._rows:
             raise InputError("A family registry needs at least one ModelFamily (the default).")
-
-    def __getitem__(self, model_type: str) -> ModelFamily:
-        return self._families[model_type]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._families)
-
-    def __len__(self) -> int:
-        return len(self._families)
-
-    def __repr__(self) -> str:
-        return f"FamilyRegistry({list(self._families)})"
 
     @property
     def default(self) -> ModelFamily:
         """The family of a checkpoint whose config.json is not at hand yet (the first row)."""
-        return next(iter(self._families.values()))
+        return next(iter(self._rows.values()))
 
     def with_family(self, family: ModelFamily) -> FamilyRegistry:
         """A new registry with ``family`` added (its folder importable as ``family.package``): checkpoints whose
         config.json names its ``model_type`` (or one of its architectures) then load through it."""
-        return FamilyRegistry((*self._families.values(), family))
+        return FamilyRegistry((*self._rows.values(), family))
 
     def without_family(self, model_type: str) -> FamilyRegistry:
         """A new registry without the family of ``model_type`` (the default family stays)."""
-        keep = (f for f in self._families.values() if f.model_type != model_type or f == self.default)
+        keep = (f for f in self._rows.values() if f.model_type != model_type or f == self.default)
         return FamilyRegistry(keep)
 
     def for_config(self, config: dict[str, Any], *, where: str = "the checkpoint") -> ModelFamily:
         """The family of a checkpoint's config.json: by ``model_type``, else by ``architectures``."""
         model_type = config.get("model_type")
-        if isinstance(model_type, str) and model_type in self._families:
-            return self._families[model_type]
+        if isinstance(model_type, str) and model_type in self._rows:
+            return self._rows[model_type]
         names = config.get("architectures") or []
-        for family in self._families.values():
+        for family in self._rows.values():
             if any(name in family.architectures for name in names if isinstance(name, str)):
                 return family
-        supported = ", ".join(f"{f.model_type} ({', '.join(f.architectures)})" for f in self._families.values())
+        supported = ", ".join(f"{f.model_type} ({', '.join(f.architectures)})" for f in self._rows.values())
         raise CheckpointError(
             f"{where} is model_type={model_type!r}, architectures={names!r}, which hd4k-tools does not run; "
             f"supported: {supported} (a family of your own: pass families=FAMILIES.with_family(...) to the engine)."

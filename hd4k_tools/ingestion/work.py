@@ -175,36 +175,30 @@ def plan_work(
     failed: list[PageRecord] = []
     skipped = skipped_failed = total = 0
     for info in seen.values():
-        if info.error is not None:
-            total += 1
-            key = record_key(info.content_hash, None, settings.hd_num, model_id, settings.prompt)
-            if key in done:
-                skipped += 1
-                skipped_failed += done[key]
-                continue
-            source, source_bytes = display_path(info.source)
-            failed.append(
-                PageRecord(
-                    key=key,
-                    source=source,
-                    source_bytes=source_bytes,
-                    content_hash=info.content_hash,
-                    page=None,
-                    page_count=None,
-                    model=model,
-                    model_id=model_id,
-                    error=RecordError(**info.error),
-                )
-            )
-            continue
-        for page in info.pages:
+        # A file that could not be read is one record (page None), whatever pages were asked for.
+        for page in (None,) if info.error is not None else info.pages:
             total += 1
             key = record_key(info.content_hash, page, settings.hd_num, model_id, settings.prompt)
             if key in done:
                 skipped += 1
                 skipped_failed += done[key]
-                continue
-            tasks.append(PageTask(key, info.source, info.content_hash, info.kind, page, info.page_count or 1))
+            elif info.error is not None:
+                source, source_bytes = display_path(info.source)
+                failed.append(
+                    PageRecord(
+                        key=key,
+                        source=source,
+                        source_bytes=source_bytes,
+                        content_hash=info.content_hash,
+                        page=None,
+                        page_count=None,
+                        model=model,
+                        model_id=model_id,
+                        error=RecordError(**info.error),
+                    )
+                )
+            else:
+                tasks.append(PageTask(key, info.source, info.content_hash, info.kind, page, info.page_count or 1))
     return WorkPlan(tasks, failed, duplicates, skipped, total, skipped_failed)
 
 

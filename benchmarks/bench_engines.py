@@ -58,7 +58,7 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from results import cpu_name, write_section  # noqa: E402
+from results import cpu_name, kept_subsection, write_section  # noqa: E402
 
 from hd4k_tools.models.xcomposer2_4khd.tiny import make_tiny_checkpoint  # noqa: E402
 from hd4k_tools.runtime.generation_config import GenerationConfig  # noqa: E402
@@ -79,6 +79,8 @@ BENCH_CONFIG: dict[str, Any] = {
     "vision_config": {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 4},
 }
 SECTION = "## Engines: native vs vLLM"
+#: The hand-written reading of the figures: kept when the script rewrites its section.
+READING = "### Reading the figures"
 HOST = "127.0.0.1"
 MODEL_NAME = "bench-ixc2"
 MAX_MODEL_LEN = 2048
@@ -280,6 +282,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, default=None, help="reuse a checkpoint written earlier")
     parser.add_argument("--json", type=Path, default=None, help="also write every measurement here")
     parser.add_argument("--append-results", action="store_true", help="write the section into RESULTS.md")
+    parser.add_argument("--machine-note", default="", help="what else ran on the machine (e.g. 'otherwise idle')")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(args.core)
@@ -350,7 +353,8 @@ def main() -> None:
         "",
         f"`benchmarks/bench_engines.py --counts {' '.join(map(str, counts))} --rounds {args.rounds} "
         f"--server-rounds {args.server_rounds} --new-tokens {args.new_tokens} --hd-num {args.hd_num}`, {today}, "
-        f"{cpu_name()} ({os.cpu_count()} cores, shared with 7 other agents' work: load average {load} at the start), "
+        f"{cpu_name()} ({os.cpu_count()} cores{', ' + args.machine_note if args.machine_note else ''}: load average "
+        f"{load} at the start), "
         f"Python {platform.python_version()}, torch {torch.__version__}, vllm-cpu {vllm.__version__}. "
         f"Random checkpoint in the official layout, {params / 1e6:.0f} M parameters (decoder 19 x 1024, head_dim 64, "
         f"8 KV heads, FFN 2816, vocabulary 32,000), float32 on both engines (vLLM's dtype: {dtype}). Each request: "
@@ -365,6 +369,8 @@ def main() -> None:
         f"{server_start or 0:.0f} s. Whole run {total / 60:.0f} min.",
         "",
         *_table(store, counts),
+        "",
+        kept_subsection(READING),  # ends with one newline: the blank line before the next section follows
         "",
     ]
     section = "\n".join(lines)

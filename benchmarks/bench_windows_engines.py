@@ -4,9 +4,12 @@
 
 ``read_document(page, windows=N, hd_num=4)`` on a synthetic page: the N windows go to the engine through
 ``generate_all`` (vLLM: all at once, continuously batched; native: one after another). Both engines are
-loaded once (the small random configuration of ``bench_engines.py``, float32) and timed in ABAB rounds;
-reported: median wall time per engine, the per-round ratios native / vLLM (their range), and whether the
-merged texts agree (greedy, fp32). Writes its section of RESULTS.md with ``--append-results``.
+loaded once (the small random configuration of ``bench_engines.py``, float32) and timed in ABAB rounds.
+Equal threads, as in ``bench_engines.py``: vLLM's CPU worker computes on one OpenMP thread bound to
+``--core`` (``VLLM_CPU_OMP_THREADS_BIND``); the native engine reads with ``torch.set_num_threads(1)`` in a
+thread pinned to the same core. Reported: median wall time per engine, the per-round ratios native / vLLM
+(their range), and whether the merged texts agree (greedy, fp32). Writes its section of RESULTS.md with
+``--append-results``.
 """
 
 from __future__ import annotations
@@ -18,12 +21,13 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_engines import BENCH_CONFIG
+from bench_engines import BENCH_CONFIG, _pinned
 from bench_zoom import SECTION as LOOK_CLOSER
 from bench_zoom import WINDOWS_SUBSECTION as SECTION
 from results import cpu_name, write_subsection
@@ -48,6 +52,15 @@ def _read(hd: HD4K, page: Image.Image, windows: int, new_tokens: int) -> tuple[f
     return time.perf_counter() - t0, doc.text
 
 
+def _timed(
+    pool: ThreadPoolExecutor | None, hd: HD4K, page: Image.Image, windows: int, new_tokens: int
+) -> tuple[float, str]:
+    """``_read`` on the pool's pinned thread (the native engine), or here (vLLM computes in its own process)."""
+    if pool is None:
+        return _read(hd, page, windows, new_tokens)
+    return pool.submit(_read, hd, page, windows, new_tokens).result()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--windows", type=int, default=8)
@@ -55,8 +68,14 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--append-results", action="store_true")
     parser.add_argument("--machine-note", default="", help="what else loads the machine, stated in the results")
+    parser.add_argument("--core", type=int, default=(os.cpu_count() or 1) - 1, help="the core both engines compute on")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(args.core)
+    import torch
+
+    torch.set_num_threads(1)
+    pinned = ThreadPoolExecutor(max_workers=1, initializer=_pinned(args.core))  # the native engine's one thread
     load_start = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="bench_windows_"))
     checkpoint = make_tiny_checkpoint(work / "ckpt", seed=0, config_overrides=BENCH_CONFIG, shards=1)
@@ -65,13 +84,14 @@ def main() -> int:
     vllm = HD4K.from_pretrained(
         str(checkpoint), engine="vllm", hd_num=HD_NUM, dtype="float32", enforce_eager=True, max_model_len=4096
     )
-    for hd in (native, vllm):  # warm-up, with the timed batch size (vLLM's first batch of a size costs more)
-        _read(hd, page, args.windows, 4)
+    engines = {"native": (native, pinned), "vllm": (vllm, None)}
+    for hd, pool in engines.values():  # warm-up, with the timed batch size (vLLM's first batch of a size costs more)
+        _timed(pool, hd, page, args.windows, 4)
     times: dict[str, list[float]] = {"native": [], "vllm": []}
     texts: dict[str, str] = {}
     for _ in range(args.rounds):  # ABAB
-        for name, hd in (("native", native), ("vllm", vllm)):
-            seconds, texts[name] = _read(hd, page, args.windows, args.new_tokens)
+        for name, (hd, pool) in engines.items():
+            seconds, texts[name] = _timed(pool, hd, page, args.windows, args.new_tokens)
             times[name].append(seconds)
             print(f"{name}: {seconds:.2f} s", flush=True)
     ratios = [n / v for n, v in zip(times["native"], times["vllm"], strict=True)]
@@ -85,7 +105,8 @@ def main() -> int:
             f"{datetime.date.today().isoformat()}, {cpu_name()} ({os.cpu_count()} cores), 1-min load average "
             f"{load_start:.1f} at the start and {load_end:.1f} at the end.{note} Tiny random model "
             f"(bench_engines configuration, float32), a 2400×3400 page read in {args.windows} windows at HD-{HD_NUM}, "
-            f"{args.new_tokens} new tokens per window, ABAB rounds.",
+            f"{args.new_tokens} new tokens per window, ABAB rounds. Threads: both engines compute on one thread "
+            f"bound to core {args.core} (vLLM: `VLLM_CPU_OMP_THREADS_BIND`; native: one torch thread, pinned).",
             "",
             "| engine | median wall (s) |",
             "|---|---|",
@@ -100,6 +121,7 @@ def main() -> int:
     print(section)
     if args.append_results:
         write_subsection(LOOK_CLOSER, SECTION, section)
+    pinned.shutdown()
     native.close()
     vllm.close()
     return 0

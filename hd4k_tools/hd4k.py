@@ -70,6 +70,23 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+@dataclasses.dataclass(frozen=True)
+class _TaskJob:
+    """One task call's fixed parts, the same for every image, page or window it reads."""
+
+    spec: TaskSpec
+    call: TaskCall
+    hd_num: HDNum | None
+    generation: GenerationArg
+
+
+def _forwarded(arguments: dict[str, Any]) -> dict[str, Any]:
+    """A named task method's own arguments (its ``locals()`` on entry) as keywords of ``run_task`` /
+    ``stream_task``: ``self`` left out and the generation keywords spread, so a wrapper cannot drop one."""
+    keywords = {k: v for k, v in arguments.items() if k not in ("self", "generation_options")}
+    return {**keywords, **arguments.get("generation_options", {})}
+
+
 def _check_chat_args(prompt: object, images: object, history: object, system: object) -> None:
     """Typed errors for wrong Python types in a chat call (they would otherwise be read as images)."""
     if not isinstance(prompt, str):
@@ -126,8 +143,10 @@ class HD4K:
         ``dtype``, ``quantization``, ``progress``, ``cache_bytes`` (image-embedding cache) and
         ``prefix_cache_bytes`` (decoder K/V kept for follow-up questions; 0 turns it off), and for a hub id
         ``revision``, ``token``, ``cache_dir``, ``local_files_only`` (``$HF_HUB_OFFLINE=1`` works too), as
-        in ``transformers``. ``dtype="auto"`` is the checkpoint's dtype (bfloat16 for the official one:
-        about 2 bytes per parameter in memory, also on a CPU). ``engine="vllm"`` runs it on vLLM (see the
+        in ``transformers``; ``families`` (both engines) is the model-family registry the checkpoint is
+        looked up in (``FAMILIES.with_family(family)`` for one of your own, ``models/registry.py``).
+        ``dtype="auto"`` is the checkpoint's dtype (bfloat16 for the official one: about 2 bytes per
+        parameter in memory, also on a CPU). ``engine="vllm"`` runs it on vLLM (see the
         README, "Serve at scale"). An option the engine does
         not take is refused, never ignored.
         """
@@ -260,18 +279,26 @@ class HD4K:
         )
 
     # -- tasks: one generic path -------------------------------------------------------------------
-    def _task_request(
-        self, spec: TaskSpec, image: Image.Image, call: TaskCall, hd_num: HDNum | None, generation: GenerationArg
-    ) -> GenerationRequest:
-        if call.generation and not isinstance(generation, GenerationConfig):
+    def _task_job(
+        self, task: str | TaskSpec, hd_num: HDNum | None, generation: GenerationArg, options: Mapping[str, Any]
+    ) -> _TaskJob:
+        """The one request preamble of :meth:`run_task` and :meth:`stream_task`: the spec, the call its options
+        make (prompt, parse, fields) and the generation options split out of the keywords."""
+        spec = TASKS.get_spec(task)
+        generation, options = _split_generation(generation, options)
+        return _TaskJob(spec, spec.call(options), hd_num, generation)
+
+    def _task_request(self, job: _TaskJob, image: Image.Image) -> GenerationRequest:
+        """The request of one image (or page, or window) of a task call: the one request builder."""
+        generation = job.generation
+        if job.call.generation and not isinstance(generation, GenerationConfig):
             # The call's defaults (e.g. room for a table) under the caller's options.
-            generation = {**call.generation, **(generation or {})}
-        return self._image_request(spec, image, call.prompt, hd_num, generation)
+            generation = {**job.call.generation, **(generation or {})}
+        return self._image_request(job.spec, image, job.call.prompt, job.hd_num, generation)
 
     def _task_result(
         self,
-        spec: TaskSpec,
-        call: TaskCall,
+        job: _TaskJob,
         out: RunnerResult,
         request: GenerationRequest,
         *,
@@ -279,6 +306,7 @@ class HD4K:
         render_dpi: float | None = None,
         **extra: Any,
     ) -> TaskResult:
+        spec, call = job.spec, job.call
         fields = {**call.fields, **extra}
         if call.parse is not None:
             fields.update(call.parse(out.text))
@@ -368,28 +396,21 @@ class HD4K:
         their texts (:func:`hd4k_tools.zoom.merge_window_texts`); each window's result is in ``windows``.
         Every result reports ``region`` and ``detail`` (:class:`hd4k_tools.zoom.DetailLoss`).
         """
-        spec = TASKS.get_spec(task)
-        generation, options = _split_generation(generation, options)
-        call = spec.call(options)
+        job = self._task_job(task, hd_num, generation, options)
         region = None if region is None else check_region(region)
         windows = None if windows is None else check_windows(windows)
         document_options = {"pages": pages, "dpi": dpi, "progress": progress, "max_pages": max_pages}
-        if spec.documents:
-            return self._run_document(
-                spec, call, source, hd_num, generation, policy, cancel, on_page, document_options, region, windows
-            )
-        self._refuse_document_options(spec, {**document_options, "on_page": on_page, "windows": windows})
+        if job.spec.documents:
+            return self._run_document(job, source, policy, cancel, on_page, document_options, region, windows)
+        self._refuse_document_options(job.spec, {**document_options, "on_page": on_page, "windows": windows})
         image = crop_region(self.load(source, policy), region)
-        request = self._task_request(spec, image, call, hd_num, generation)
-        return self._task_result(spec, call, self.runner.generate(request, cancel=cancel), request, region=region)
+        request = self._task_request(job, image)
+        return self._task_result(job, self.runner.generate(request, cancel=cancel), request, region=region)
 
     def _run_document(
         self,
-        spec: TaskSpec,
-        call: TaskCall,
+        job: _TaskJob,
         source: ImageSource,
-        hd_num: HDNum | None,
-        generation: GenerationArg,
         policy: ImagePolicy | None,
         cancel: threading.Event | None,
         on_page: Callable[[int, int], None] | None,
@@ -402,7 +423,7 @@ class HD4K:
             policy=policy,
             cancel=cancel,
             region=region,
-            region_pixels=self._region_pixels(spec, hd_num),
+            region_pixels=self._region_pixels(job.spec, job.hd_num),
             **document_options,
         )
         if on_page is not None:
@@ -411,21 +432,20 @@ class HD4K:
         # A batching engine gets the pages (and their windows) together (PAGE_BATCH pages at a time, so
         # rendered pages stay bounded); any other runner one by one, each page rendered just before it is read.
         chunk = PAGE_BATCH if isinstance(self.runner, BatchRunner) else 1
-        planned_hd = spec.default_hd_num if hd_num is None else hd_num
+        planned_hd = job.spec.default_hd_num if job.hd_num is None else job.hd_num
         while batch := list(itertools.islice(page_iter, chunk)):
-            jobs = []
+            pending = []
             for number, image, render_dpi in batch:
                 wins = plan_windows(image.width, image.height, planned_hd, windows) if windows is not None else []
                 crops = [image.crop(w.box) for w in wins] if len(wins) > 1 else [image]
-                requests = [self._task_request(spec, crop, call, hd_num, generation) for crop in crops]
-                jobs.append((number, image, render_dpi, wins if len(wins) > 1 else [], requests))
-            outs = iter(generate_all(self.runner, [r for job in jobs for r in job[4]], cancel=cancel))
-            for number, image, render_dpi, wins, requests in jobs:
+                requests = [self._task_request(job, crop) for crop in crops]
+                pending.append((number, image, render_dpi, wins if len(wins) > 1 else [], requests))
+            outs = iter(generate_all(self.runner, [r for entry in pending for r in entry[4]], cancel=cancel))
+            for number, image, render_dpi, wins, requests in pending:
                 page = dict(page=number, source=name)
                 read = [
                     self._task_result(
-                        spec,
-                        call,
+                        job,
                         next(outs),
                         request,
                         region=compose_region(region, w.region) if wins else region,
@@ -434,7 +454,7 @@ class HD4K:
                     )
                     for request, w in zip(requests, wins or [None] * len(requests), strict=True)
                 ]
-                results.append(self._merged_page(spec, read, image, region, **page) if wins else read[0])
+                results.append(self._merged_page(job.spec, read, image, region, **page) if wins else read[0])
                 if on_page is not None:
                     on_page(len(results), total)
         return DocumentResult(source=name, pages=results)
@@ -458,10 +478,9 @@ class HD4K:
     ) -> Iterator[str]:
         """Text deltas of :meth:`run_task` (a document's pages separated by a blank line). A call whose result
         is parsed from the whole answer (e.g. ``extract_table=True``) cannot stream: :class:`InputError`."""
-        spec = TASKS.get_spec(task)
-        generation, options = _split_generation(generation, options)
-        call = spec.call(options)
-        if call.parse is not None:
+        job = self._task_job(task, hd_num, generation, options)
+        spec = job.spec
+        if job.call.parse is not None:
             raise InputError(
                 f"This {spec.name} call's result is parsed from the whole answer, so it cannot be streamed; use "
                 f"run_task / {spec.name} instead."
@@ -473,21 +492,18 @@ class HD4K:
         if not spec.documents:
             self._refuse_document_options(spec, document_options)
             image = crop_region(self.load(source, policy), region)
-            return self.runner.stream(self._task_request(spec, image, call, hd_num, generation), cancel=cancel)
+            return self.runner.stream(self._task_request(job, image), cancel=cancel)
         document_options = {
             **document_options,
             "region": region,
-            "region_pixels": self._region_pixels(spec, hd_num),
+            "region_pixels": self._region_pixels(spec, job.hd_num),
         }
-        return self._stream_document(spec, call, source, hd_num, generation, policy, cancel, document_options)
+        return self._stream_document(job, source, policy, cancel, document_options)
 
     def _stream_document(
         self,
-        spec: TaskSpec,
-        call: TaskCall,
+        job: _TaskJob,
         source: ImageSource,
-        hd_num: HDNum | None,
-        generation: GenerationArg,
         policy: ImagePolicy | None,
         cancel: threading.Event | None,
         document_options: Mapping[str, Any],
@@ -496,7 +512,7 @@ class HD4K:
         for i, (_, image, _) in enumerate(page_iter):
             if i:
                 yield "\n\n"
-            stream = self.runner.stream(self._task_request(spec, image, call, hd_num, generation), cancel=cancel)
+            stream = self.runner.stream(self._task_request(job, image), cancel=cancel)
             try:
                 yield from stream
             finally:
@@ -526,17 +542,7 @@ class HD4K:
         """Describe an image (``detail="detailed"`` or ``"brief"``); default hd_num 16. ``region=[x0, y0, x1,
         y1]`` (page fractions) looks at that part only, with the whole budget; generation options as keywords
         (``max_new_tokens=64``) or ``generation={...}``. ``run_task("describe_image", ...)``."""
-        return self.run_task(  # type: ignore[return-value]
-            "describe_image",
-            source,
-            detail=detail,
-            hd_num=hd_num,
-            generation=generation,
-            policy=policy,
-            cancel=cancel,
-            region=region,
-            **generation_options,
-        )
+        return self.run_task("describe_image", **_forwarded(locals()))  # type: ignore[return-value]
 
     def stream_describe_image(
         self,
@@ -551,17 +557,7 @@ class HD4K:
         **generation_options: Unpack[GenerationOptions],
     ) -> TextStream:
         """Text deltas of :meth:`describe_image`."""
-        return self.stream_task(  # type: ignore[return-value]
-            "describe_image",
-            source,
-            detail=detail,
-            hd_num=hd_num,
-            generation=generation,
-            policy=policy,
-            cancel=cancel,
-            region=region,
-            **generation_options,
-        )
+        return self.stream_task("describe_image", **_forwarded(locals()))  # type: ignore[return-value]
 
     # -- answer_chart_question ---------------------------------------------------------------------
     def answer_chart_question(
@@ -583,18 +579,7 @@ class HD4K:
         into :attr:`ChartResult.table` (``TableParseError`` if the answer is not a table); the question
         may then be empty. ``run_task("answer_chart_question", ...)``.
         """
-        return self.run_task(  # type: ignore[return-value]
-            "answer_chart_question",
-            source,
-            question=question,
-            extract_table=extract_table,
-            hd_num=hd_num,
-            generation=generation,
-            policy=policy,
-            cancel=cancel,
-            region=region,
-            **generation_options,
-        )
+        return self.run_task("answer_chart_question", **_forwarded(locals()))  # type: ignore[return-value]
 
     def stream_answer_chart_question(
         self,
@@ -609,17 +594,7 @@ class HD4K:
         **generation_options: Unpack[GenerationOptions],
     ) -> TextStream:
         """Text deltas of :meth:`answer_chart_question`."""
-        return self.stream_task(  # type: ignore[return-value]
-            "answer_chart_question",
-            source,
-            question=question,
-            hd_num=hd_num,
-            generation=generation,
-            policy=policy,
-            cancel=cancel,
-            region=region,
-            **generation_options,
-        )
+        return self.stream_task("answer_chart_question", **_forwarded(locals()))  # type: ignore[return-value]
 
     # -- read_document -----------------------------------------------------------------------------
     def _document_pages(
@@ -672,7 +647,7 @@ class HD4K:
         """The request :meth:`read_document` sends for one page ``image`` (hd_num planned, task prompt and
         generation settings), for pipelines that batch pages themselves (``hd4k_tools.ingest``)."""
         spec = TASKS["read_document"]
-        return self._task_request(spec, image, spec.call({"output": output}), hd_num, generation)
+        return self._task_request(_TaskJob(spec, spec.call({"output": output}), hd_num, generation), image)
 
     def read_document(
         self,
@@ -702,23 +677,7 @@ class HD4K:
         lost in overlapping windows and merges their texts (``pages[i].windows`` holds each window's result).
         ``run_task("read_document", ...)``.
         """
-        return self.run_task(  # type: ignore[return-value]
-            "read_document",
-            source,
-            output=output,
-            pages=pages,
-            hd_num=hd_num,
-            dpi=dpi,
-            progress=progress,
-            generation=generation,
-            policy=policy,
-            max_pages=max_pages,
-            cancel=cancel,
-            on_page=on_page,
-            region=region,
-            windows=windows,
-            **generation_options,
-        )
+        return self.run_task("read_document", **_forwarded(locals()))  # type: ignore[return-value]
 
     def stream_read_document(
         self,
@@ -737,21 +696,7 @@ class HD4K:
         **generation_options: Unpack[GenerationOptions],
     ) -> Iterator[str]:
         """Text deltas of :meth:`read_document`, pages separated by a blank line."""
-        return self.stream_task(
-            "read_document",
-            source,
-            output=output,
-            pages=pages,
-            hd_num=hd_num,
-            dpi=dpi,
-            progress=progress,
-            generation=generation,
-            policy=policy,
-            max_pages=max_pages,
-            cancel=cancel,
-            region=region,
-            **generation_options,
-        )
+        return self.stream_task("read_document", **_forwarded(locals()))
 
     # -- chat --------------------------------------------------------------------------------------
     def _chat_request(
@@ -763,7 +708,9 @@ class HD4K:
         system: str | None,
         generation: GenerationArg,
         policy: ImagePolicy | None = None,
+        generation_options: Mapping[str, Any] | None = None,
     ) -> GenerationRequest:
+        generation = merge_generation(generation, dict(generation_options or {}))
         _check_chat_args(prompt, images, history, system)
         loaded = [self.load(s, policy) for s in images]
         messages: list[Message] = []
@@ -805,8 +752,7 @@ class HD4K:
     ) -> TaskResult:
         """A free prompt with any number of images (placed before the prompt), in the official chat
         format. ``system=None`` uses the model's default meta instruction; ``system=""`` none."""
-        generation = merge_generation(generation, generation_options)
-        request = self._chat_request(prompt, images, hd_num, history, system, generation, policy)
+        request = self._chat_request(prompt, images, hd_num, history, system, generation, policy, generation_options)
         return self._result(TaskResult, "chat", self.runner.generate(request, cancel=cancel), request)
 
     def stream_chat(
@@ -823,8 +769,7 @@ class HD4K:
         **generation_options: Unpack[GenerationOptions],
     ) -> TextStream:
         """Text deltas of :meth:`chat`."""
-        generation = merge_generation(generation, generation_options)
-        request = self._chat_request(prompt, images, hd_num, history, system, generation, policy)
+        request = self._chat_request(prompt, images, hd_num, history, system, generation, policy, generation_options)
         return self.runner.stream(request, cancel=cancel)
 
     def run(self, request: GenerationRequest, *, cancel: threading.Event | None = None) -> RunnerResult:

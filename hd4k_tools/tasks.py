@@ -26,6 +26,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from hd4k_tools.errors import InputError
+from hd4k_tools.frozen_table import FrozenTable
 from hd4k_tools.models.registry import Layout
 from hd4k_tools.results import ChartResult, TaskResult, parse_table
 from hd4k_tools.runtime.generation_config import GENERATION_OPTIONS
@@ -304,7 +305,7 @@ class ChartCliOptions(BaseModel):
     )
 
 
-class TaskRegistry(Mapping[str, TaskSpec]):
+class TaskRegistry(FrozenTable[TaskSpec]):
     """The tasks by name; every surface generated from task specs takes one (default :data:`TASKS`).
 
     Immutable: :meth:`with_tasks` returns a new registry, so adding a task for one toolkit, MCP server or
@@ -312,43 +313,31 @@ class TaskRegistry(Mapping[str, TaskSpec]):
     """
 
     def __init__(self, specs: Iterator[TaskSpec] | tuple[TaskSpec, ...] | list[TaskSpec] = ()) -> None:
-        self._specs: dict[str, TaskSpec] = {}
+        self._rows: dict[str, TaskSpec] = {}
         for spec in specs:
-            if spec.name in self._specs:
+            if spec.name in self._rows:
                 raise ValueError(f"Two tasks are named {spec.name!r}.")
             clash = sorted(set(spec.option_names()) & set(GENERATION_OPTIONS))
             if clash:
                 raise ValueError(f"Task {spec.name!r}: options {clash} are generation options; rename them.")
-            self._specs[spec.name] = spec
-
-    def __getitem__(self, name: str) -> TaskSpec:
-        return self._specs[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._specs)
-
-    def __len__(self) -> int:
-        return len(self._specs)
-
-    def __repr__(self) -> str:
-        return f"TaskRegistry({list(self._specs)})"
+            self._rows[spec.name] = spec
 
     def with_tasks(self, *specs: TaskSpec) -> TaskRegistry:
         """A new registry with ``specs`` added (or replacing the task of the same name)."""
-        merged = {**self._specs, **{s.name: s for s in specs}}
+        merged = {**self._rows, **{s.name: s for s in specs}}
         return TaskRegistry(tuple(merged.values()))
 
     def tools(self) -> dict[str, TaskSpec]:
         """The tasks offered to agents as tools (those with an ``args`` schema), by tool name."""
-        return {name: spec for name, spec in self._specs.items() if spec.args is not None}
+        return {name: spec for name, spec in self._rows.items() if spec.args is not None}
 
     def get_spec(self, task: str | TaskSpec) -> TaskSpec:
         """``task`` itself, or the task of that name (:class:`InputError` naming the known ones)."""
         if isinstance(task, TaskSpec):
             return task
-        spec = self._specs.get(task)
+        spec = self._rows.get(task)
         if spec is None:
-            raise InputError(f"Unknown task {task!r}; tasks are {sorted(self._specs)}.")
+            raise InputError(f"Unknown task {task!r}; tasks are {sorted(self._rows)}.")
         return spec
 
 

@@ -175,8 +175,8 @@ def plan_work(
     failed: list[PageRecord] = []
     skipped = skipped_failed = total = 0
     for info in seen.values():
-        # A file that could not be opened is one record (page None): its error.
-        for page in [None] if info.error is not None else info.pages:
+        # A file that could not be read is one record (page None), whatever pages were asked for.
+        for page in (None,) if info.error is not None else info.pages:
             total += 1
             key = record_key(info.content_hash, page, settings.hd_num, model_id, settings.prompt)
             if key in done:

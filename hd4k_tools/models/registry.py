@@ -3,10 +3,11 @@
 
 A family is a sibling folder under ``hd4k_tools/models/`` that owns everything that changes with the
 model (config, vision tower, decoder, checkpoint loader, tokenizer, prompt layout, tiling, tiny
-checkpoint, vLLM plugin parts). Adding a second family is that folder plus one row here (or a
-:func:`register_family` call); every engine finds the family through :func:`family_for_checkpoint` and
-then uses its :class:`ModelFamily` object (prompt building, planning and tensors, checkpoint and tokenizer
-loading, prefix-cache keys, the vLLM registration), so nothing outside ``models/`` imports a family folder.
+checkpoint, vLLM plugin parts). Adding a second family is that folder plus one row in :data:`FAMILIES`
+(or, at run time, a registry of your own, ``FAMILIES.with_family(family)``, passed to the engine as
+``families=``); every engine finds the family through :func:`family_for_checkpoint` and then uses its
+:class:`ModelFamily` object (prompt building, planning and tensors, checkpoint and tokenizer loading,
+prefix-cache keys, the vLLM registration), so nothing outside ``models/`` imports a family folder.
 
 The names engines share with every family (the plan and prompt types, the decoder's inputs and KV cache)
 are importable from here: a family folder provides them with the same names, and this module re-exports
@@ -18,13 +19,14 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from hd4k_tools.errors import CheckpointError, InputError
+from hd4k_tools.frozen_table import FrozenTable
 
 # The torch-free types every family shares (a family folder defines them under the same names).
 from hd4k_tools.models.xcomposer2_4khd.prompt import ConversationTurn, Layout, PromptTokenizer
@@ -152,32 +154,87 @@ class ModelFamily:
         return self.module("vllm.names").DEFAULT_ENGINE_HD_NUM
 
 
-FAMILIES: dict[str, ModelFamily] = {
-    "internlmxcomposer2": ModelFamily(
-        package="hd4k_tools.models.xcomposer2_4khd",
-        model_type="internlmxcomposer2",
-        architectures=("InternLMXComposer2ForCausalLM",),
-        default_checkpoint="internlm/internlm-xcomposer2-4khd-7b",
-    ),
-}
-DEFAULT_FAMILY = FAMILIES["internlmxcomposer2"]
+class FamilyRegistry(FrozenTable[ModelFamily]):
+    """The model families by ``model_type``; the first one is the default (a hub id not yet downloaded).
+
+    Immutable, like :class:`~hd4k_tools.tasks.TaskRegistry`: :meth:`with_family` returns a new registry, so a
+    family added for one engine changes nothing anywhere else (no global state). The engines take one as
+    ``families=`` (default :data:`FAMILIES`).
+    """
+
+    def __init__(self, families: Iterable[ModelFamily]) -> None:
+        self._rows: dict[str, ModelFamily] = {}
+        for family in families:
+            if not isinstance(family, ModelFamily):
+                raise InputError(f"A family registry holds ModelFamily rows, got {type(family).__name__}.")
+            known = self._rows.get(family.model_type)
+            if known is not None and known != family:
+                raise InputError(f"model_type {family.model_type!r} is already registered to {known}.")
+            self._rows[family.model_type] = family
+        if not self._rows:
+            raise InputError("A family registry needs at least one ModelFamily (the default).")
+
+    @property
+    def default(self) -> ModelFamily:
+        """The family of a checkpoint whose config.json is not at hand yet (the first row)."""
+        return next(iter(self._rows.values()))
+
+    def with_family(self, family: ModelFamily) -> FamilyRegistry:
+        """A new registry with ``family`` added (its folder importable as ``family.package``): checkpoints whose
+        config.json names its ``model_type`` (or one of its architectures) then load through it."""
+        return FamilyRegistry((*self._rows.values(), family))
+
+    def without_family(self, model_type: str) -> FamilyRegistry:
+        """A new registry without the family of ``model_type`` (the default family stays)."""
+        keep = (f for f in self._rows.values() if f.model_type != model_type or f == self.default)
+        return FamilyRegistry(keep)
+
+    def for_config(self, config: dict[str, Any], *, where: str = "the checkpoint") -> ModelFamily:
+        """The family of a checkpoint's config.json: by ``model_type``, else by ``architectures``."""
+        model_type = config.get("model_type")
+        if isinstance(model_type, str) and model_type in self._rows:
+            return self._rows[model_type]
+        names = config.get("architectures") or []
+        for family in self._rows.values():
+            if any(name in family.architectures for name in names if isinstance(name, str)):
+                return family
+        supported = ", ".join(f"{f.model_type} ({', '.join(f.architectures)})" for f in self._rows.values())
+        raise CheckpointError(
+            f"{where} is model_type={model_type!r}, architectures={names!r}, which hd4k-tools does not run; "
+            f"supported: {supported} (a family of your own: pass families=FAMILIES.with_family(...) to the engine)."
+        )
+
+    def for_checkpoint(self, path_or_hub_id: str | Path) -> ModelFamily:
+        """The family of a local checkpoint folder (read from its config.json). A hub id, not yet downloaded,
+        gets the default family; its loader checks the config once it is there."""
+        if not (Path(path_or_hub_id) / "config.json").is_file():
+            return self.default
+        return self.for_config(read_folder_config(path_or_hub_id), where=str(path_or_hub_id))
 
 
-def register_family(family: ModelFamily) -> ModelFamily:
-    """Add a family at run time (its folder importable as ``family.package``); checkpoints whose config.json
-    names its ``model_type`` (or an architecture of it) then load through it in every engine."""
-    if not isinstance(family, ModelFamily):
-        raise InputError(f"register_family takes a ModelFamily, got {type(family).__name__}.")
-    if family.model_type in FAMILIES and FAMILIES[family.model_type] != family:
-        raise InputError(f"model_type {family.model_type!r} is already registered to {FAMILIES[family.model_type]}.")
-    FAMILIES[family.model_type] = family
-    return family
+#: The families this package ships: one row each (adding a family is its folder plus a row here).
+FAMILIES = FamilyRegistry(
+    [
+        ModelFamily(
+            package="hd4k_tools.models.xcomposer2_4khd",
+            model_type="internlmxcomposer2",
+            architectures=("InternLMXComposer2ForCausalLM",),
+            default_checkpoint="internlm/internlm-xcomposer2-4khd-7b",
+        ),
+    ]
+)
+DEFAULT_FAMILY = FAMILIES.default
 
 
-def unregister_family(model_type: str) -> None:
-    """Remove a family added with :func:`register_family` (the default family stays)."""
-    if model_type != DEFAULT_FAMILY.model_type:
-        FAMILIES.pop(model_type, None)
+def register_family(family: ModelFamily, families: FamilyRegistry = FAMILIES) -> FamilyRegistry:
+    """``families.with_family(family)``: a new registry with ``family`` added, for an engine's ``families=``
+    (nothing global changes; the registry passed in stays as it was)."""
+    return families.with_family(family)
+
+
+def unregister_family(model_type: str, families: FamilyRegistry = FAMILIES) -> FamilyRegistry:
+    """``families.without_family(model_type)``: a new registry without that family (the default stays)."""
+    return families.without_family(model_type)
 
 
 # The torch types every family shares, re-exported lazily (``from hd4k_tools.models.registry import KVCache``).
@@ -196,20 +253,12 @@ def __getattr__(name: str) -> Any:
     return getattr(DEFAULT_FAMILY.module(module), name)
 
 
-def family_for_config(config: dict[str, Any], *, where: str = "the checkpoint") -> ModelFamily:
-    """The family of a checkpoint's config.json: by ``model_type``, else by ``architectures``."""
-    model_type = config.get("model_type")
-    if isinstance(model_type, str) and model_type in FAMILIES:
-        return FAMILIES[model_type]
-    names = config.get("architectures") or []
-    for family in FAMILIES.values():
-        if any(name in family.architectures for name in names if isinstance(name, str)):
-            return family
-    supported = ", ".join(f"{f.model_type} ({', '.join(f.architectures)})" for f in FAMILIES.values())
-    raise CheckpointError(
-        f"{where} is model_type={model_type!r}, architectures={names!r}, which hd4k-tools does not run; "
-        f"supported: {supported}."
-    )
+def family_for_config(
+    config: dict[str, Any], *, where: str = "the checkpoint", families: FamilyRegistry | None = None
+) -> ModelFamily:
+    """The family of a checkpoint's config.json in ``families`` (default :data:`FAMILIES`): by ``model_type``,
+    else by ``architectures``."""
+    return (FAMILIES if families is None else families).for_config(config, where=where)
 
 
 def read_folder_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
@@ -228,12 +277,11 @@ def read_folder_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
     return config
 
 
-def family_for_checkpoint(path_or_hub_id: str | Path) -> ModelFamily:
-    """The family of a local checkpoint folder (read from its config.json). A hub id, not yet downloaded,
-    gets the default family; its loader checks the config once it is there."""
-    if not (Path(path_or_hub_id) / "config.json").is_file():
-        return DEFAULT_FAMILY
-    return family_for_config(read_folder_config(path_or_hub_id), where=str(path_or_hub_id))
+def family_for_checkpoint(path_or_hub_id: str | Path, families: FamilyRegistry | None = None) -> ModelFamily:
+    """The family of a local checkpoint folder in ``families`` (default :data:`FAMILIES`), read from its
+    config.json. A hub id, not yet downloaded, gets the default family; its loader checks the config once it
+    is there."""
+    return (FAMILIES if families is None else families).for_checkpoint(path_or_hub_id)
 
 
 __all__ = [
@@ -243,6 +291,7 @@ __all__ = [
     "IM_END",
     "IM_START",
     "ConversationTurn",
+    "FamilyRegistry",
     "HDNum",
     "HDPlan",
     "Layout",

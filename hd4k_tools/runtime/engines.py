@@ -126,7 +126,7 @@ def _find_checkpoint(path_or_hub_id: str, options: dict[str, Any]) -> None:
     fetched or found now; the weights follow in the engine)."""
     if Path(path_or_hub_id).expanduser().is_dir():
         return  # the engine reads it (and names any missing file)
-    hub = family_for_checkpoint(path_or_hub_id).module("hub")
+    hub = family_for_checkpoint(path_or_hub_id, options.get("families")).module("hub")
     names = ("revision", "token", "cache_dir", "local_files_only")
     hub.checkpoint_config(path_or_hub_id, hub.HubOptions(**{k: options[k] for k in names if k in options}))
 

@@ -38,6 +38,7 @@ from hd4k_tools.errors import DeviceError, InputError
 from hd4k_tools.inputs.images import image_content_hash
 from hd4k_tools.models.registry import (
     DEFAULT_FAMILY,
+    FamilyRegistry,
     HDPlan,
     LoadedModel,
     ModelFamily,
@@ -174,14 +175,17 @@ class LocalRunner(TokenizerOwner):
         token: str | bool | None = None,
         cache_dir: str | None = None,
         local_files_only: bool = False,
+        families: FamilyRegistry | None = None,
     ) -> LocalRunner:
         """Load a checkpoint folder or hub id with its model family's loader (``models/registry.py``).
 
         ``dtype="auto"`` is the checkpoint's dtype (bfloat16 for the official one: about 2 bytes per
         parameter in CPU memory). ``revision``, ``token``, ``cache_dir`` and ``local_files_only`` (or
-        ``$HF_HUB_OFFLINE=1``) reach the Hugging Face Hub client for a hub id.
+        ``$HF_HUB_OFFLINE=1``) reach the Hugging Face Hub client for a hub id. ``families`` is the
+        :class:`~hd4k_tools.models.registry.FamilyRegistry` the checkpoint's family is looked up in (default
+        ``FAMILIES``; ``FAMILIES.with_family(family)`` adds one of your own).
         """
-        family = family_for_checkpoint(path_or_hub_id)
+        family = family_for_checkpoint(path_or_hub_id, families)
         loaded = family.load_pretrained(
             path_or_hub_id,
             dtype=dtype,
@@ -220,27 +224,19 @@ class LocalRunner(TokenizerOwner):
         self.prefix_cache.clear()  # K/V entries may hold GBs (of GPU memory)
 
     def generate(self, request: GenerationRequest, *, cancel: threading.Event | None = None) -> RunnerResult:
-        return self._run(request, emit=None, cancel=cancel)
+        return self._run_prepared(self.prepare(request), emit=None, cancel=cancel)
 
     def stream(self, request: GenerationRequest, *, cancel: threading.Event | None = None) -> TextStream:
         live: list[TokenLogprob] = []  # filled token by token when the request asks for logprobs
-        return stream_in_thread(lambda emit, ev: self._run(request, emit=emit, cancel=ev, live=live), cancel, live)
+        return stream_in_thread(
+            lambda emit, ev: self._run_prepared(self.prepare(request), emit=emit, cancel=ev, live=live), cancel, live
+        )
 
     def prompt_text(self, request: GenerationRequest) -> str:
         """The prompt string with one ``<ImageHere>`` per image, in the request's layout."""
         return self.family.conversation_prompt(request.messages, request.layout)
 
     # -- the pipeline ------------------------------------------------------------------------------
-    def _run(
-        self,
-        request: GenerationRequest,
-        *,
-        emit: Emit | None,
-        cancel: threading.Event | None,
-        live: list[TokenLogprob] | None = None,
-    ) -> RunnerResult:
-        return self._run_prepared(self.prepare(request), emit=emit, cancel=cancel, live=live)
-
     def grammar_vocabulary(self) -> GrammarVocabulary:
         """This model's vocabulary for constrained decoding (built on first use; needs llguidance)."""
         if self._grammar_vocab is None:
@@ -309,13 +305,9 @@ class LocalRunner(TokenizerOwner):
             return dataclasses.replace(result, warnings=[*result.warnings, warning])
 
     def _attempt(
-        self,
-        prepared: Prepared,
-        *,
-        emit: Emit | None,
-        cancel: threading.Event | None,
-        live: list[TokenLogprob] | None = None,
+        self, prepared: Prepared, *, emit: Emit | None, cancel: threading.Event | None, live: list[TokenLogprob] | None
     ) -> RunnerResult:
+        """One try of ``prepared`` under the model lock (:meth:`_run_prepared` retries it smaller on OOM)."""
         with self._lock, torch.inference_mode():
             encoded = self.encode(prepared)
             out, text = self.decode(prepared, encoded, emit=emit, cancel=cancel, live=live)

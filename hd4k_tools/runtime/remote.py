@@ -373,10 +373,7 @@ class RemoteRunner:
         if cancel is not None and cancel.is_set():
             return self._result("", "cancelled", plans, None, None, started)
         payload = self._payload(request, stream=False)
-        with self._slot(cancel) as acquired, call_deadline(self.timeout):
-            if not acquired:
-                return self._result("", "cancelled", plans, None, None, started)
-            response = self._send(payload, stream=False, cancel=cancel)
+        with self._exchange(payload, stream=False, cancel=cancel) as response:
             if response is None:
                 return self._result("", "cancelled", plans, None, None, started)
         data = self._json(response)
@@ -469,6 +466,15 @@ class RemoteRunner:
             yield True
         finally:
             self._semaphore.release()
+
+    @contextlib.contextmanager
+    def _exchange(
+        self, payload: dict[str, Any], *, stream: bool, cancel: threading.Event | None
+    ) -> Iterator[httpx.Response | None]:
+        """The server's response to ``payload`` (:meth:`_send`), sent holding a concurrency slot under the
+        call's deadline, both kept until the block ends; ``None`` when ``cancel`` came first."""
+        with self._slot(cancel) as acquired, call_deadline(self.timeout):
+            yield self._send(payload, stream=stream, cancel=cancel) if acquired else None
 
     def _wait(self, seconds: float, cancel: threading.Event | None) -> bool:
         """Sleep ``seconds``; False if ``cancel`` was set meanwhile."""
@@ -590,10 +596,7 @@ class RemoteRunner:
         finish: str | None = None
         usage: dict[str, Any] | None = None
         extension: dict[str, Any] | None = None
-        with self._slot(cancel) as acquired, call_deadline(self.timeout):
-            if not acquired:
-                return self._result("", "cancelled", plans, None, None, started)
-            response = self._send(payload, stream=True, cancel=cancel)
+        with self._exchange(payload, stream=True, cancel=cancel) as response:
             if response is None:
                 return self._result("", "cancelled", plans, None, None, started)
             if response.headers.get("content-type", "").startswith("application/json"):

@@ -51,7 +51,7 @@ from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from hd4k_tools.errors import HD4KError, InputError, InvalidHDNumError, ModelError, OutputParseError
-from hd4k_tools.models.registry import family_for_checkpoint
+from hd4k_tools.models.registry import FamilyRegistry, family_for_checkpoint
 from hd4k_tools.results import PlanSummary, Timings, Usage
 from hd4k_tools.runtime.generation import TextDeltas, decode_output, stop_ids_for, token_logprob
 from hd4k_tools.runtime.generation_config import GenerationConfig
@@ -132,6 +132,8 @@ class VllmRunner(TokenizerOwner):
         max_model_len: context length (default: the checkpoint's ``max_length``, 16,384 for IXC2-4KHD, as
             the native engine; vLLM's own default would be ``max_position_embeddings``).
         model_id: name reported in results (default: ``model``).
+        families: the :class:`~hd4k_tools.models.registry.FamilyRegistry` the checkpoint's family is looked
+            up in (default ``FAMILIES``).
         engine_kwargs: any other ``vllm.AsyncEngineArgs`` field (``gpu_memory_utilization``,
             ``enforce_eager``, ``max_num_seqs``, ``enable_prefix_caching``, ...).
     """
@@ -147,9 +149,10 @@ class VllmRunner(TokenizerOwner):
         dtype: str = "auto",
         max_model_len: int | None = None,
         model_id: str | None = None,
+        families: FamilyRegistry | None = None,
         **engine_kwargs: Any,
     ) -> None:
-        self.family = family_for_checkpoint(model)
+        self.family = family_for_checkpoint(model, families)
         hd_num = self.family.default_engine_hd_num if hd_num is None else hd_num
         if not isinstance(hd_num, int) or isinstance(hd_num, bool) or hd_num < 1:
             raise InvalidHDNumError(f"hd_num for the vLLM engine must be a positive integer, got {hd_num!r}.")

@@ -1,12 +1,12 @@
-"""A second model family through the registry alone (issue 18 item 2): the same model registered under
-another ``model_type``, a checkpoint that names it, and every engine path going through its
-:class:`ModelFamily` object (prompt building, planning, tensors, checkpoint loading)."""
+"""A second model family through the registry alone (issue 18 item 2): the same model added under another
+``model_type`` to a registry of its own (``FAMILIES.with_family``, passed as ``families=``), a checkpoint
+that names it, and every engine path going through its :class:`ModelFamily` object (prompt building,
+planning, tensors, checkpoint loading). The registry is immutable: adding a family changes no global table."""
 
 from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,14 @@ from PIL import Image
 from hd4k_tools import HD4K
 from hd4k_tools.errors import CheckpointError, InputError
 from hd4k_tools.models import registry
-from hd4k_tools.models.registry import FAMILIES, ModelFamily, family_for_checkpoint, register_family
+from hd4k_tools.models.registry import (
+    FAMILIES,
+    FamilyRegistry,
+    ModelFamily,
+    family_for_checkpoint,
+    register_family,
+    unregister_family,
+)
 
 
 @dataclass(frozen=True)
@@ -44,18 +51,18 @@ class CountingFamily(ModelFamily):
 
 
 @pytest.fixture
-def toy_family() -> Iterator[CountingFamily]:
-    family = CountingFamily(
+def toy_family() -> CountingFamily:
+    return CountingFamily(
         package=registry.DEFAULT_FAMILY.package,
         model_type="toy-xcomposer",
         architectures=("ToyXComposerForCausalLM",),
         default_checkpoint="example/toy-xcomposer",
     )
-    register_family(family)
-    try:
-        yield family
-    finally:
-        registry.unregister_family(family.model_type)
+
+
+@pytest.fixture
+def toy_families(toy_family: CountingFamily) -> FamilyRegistry:
+    return FAMILIES.with_family(toy_family)
 
 
 def _as_toy(checkpoint: Path, folder: Path) -> Path:
@@ -70,25 +77,38 @@ def _as_toy(checkpoint: Path, folder: Path) -> Path:
 
 
 def test_a_second_family_runs_through_the_registry_alone(
-    toy_family: CountingFamily, tiny_checkpoint: Path, tmp_path: Path
+    toy_family: CountingFamily, toy_families: FamilyRegistry, tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
     toy = _as_toy(tiny_checkpoint, tmp_path / "toy")
-    assert family_for_checkpoint(toy) is toy_family
-    hd = HD4K.from_pretrained(str(toy), dtype="float32", device="cpu", progress=False)
+    assert family_for_checkpoint(toy, toy_families) is toy_family
+    with pytest.raises(CheckpointError, match="families="):
+        family_for_checkpoint(toy)  # the default registry never learnt of it
+    hd = HD4K.from_pretrained(str(toy), families=toy_families, dtype="float32", device="cpu", progress=False)
     assert hd.runner.family is toy_family and hd.family is toy_family
     result = hd.describe_image(Image.new("RGB", (200, 150), (20, 90, 160)), hd_num=2, generation={"max_new_tokens": 3})
     assert result.hd_num == 2
     assert toy_family.calls == Counter(load_pretrained=1, plan_images=1, conversation_prompt=1, to_model_inputs=1)
 
 
-def test_registering_is_checked(toy_family: CountingFamily) -> None:
-    assert FAMILIES["toy-xcomposer"] is toy_family
+def test_registering_is_checked(toy_family: CountingFamily, toy_families: FamilyRegistry) -> None:
+    assert toy_families["toy-xcomposer"] is toy_family and toy_families.default is registry.DEFAULT_FAMILY
     with pytest.raises(InputError, match="already registered"):
-        register_family(ModelFamily("x.y", "toy-xcomposer", ("Other",), "example/other"))
+        toy_families.with_family(ModelFamily("x.y", "toy-xcomposer", ("Other",), "example/other"))
     with pytest.raises(InputError):
-        register_family("not a family")  # type: ignore[arg-type]
+        toy_families.with_family("not a family")  # type: ignore[arg-type]
     with pytest.raises(CheckpointError, match="toy-xcomposer"):
-        registry.family_for_config({"model_type": "unknown", "architectures": ["Nope"]})
+        registry.family_for_config({"model_type": "unknown", "architectures": ["Nope"]}, families=toy_families)
+
+
+def test_the_family_registry_is_immutable(toy_family: CountingFamily, toy_families: FamilyRegistry) -> None:
+    """No global state: adding a family makes a new registry and leaves ``FAMILIES`` as it was; the
+    function forms ``register_family`` / ``unregister_family`` do the same."""
+    assert "toy-xcomposer" not in FAMILIES and list(FAMILIES) == [registry.DEFAULT_FAMILY.model_type]
+    assert register_family(toy_family) == toy_families and "toy-xcomposer" not in FAMILIES
+    assert list(unregister_family("toy-xcomposer", toy_families)) == list(FAMILIES)
+    assert list(toy_families.without_family(registry.DEFAULT_FAMILY.model_type)) == list(toy_families)
+    with pytest.raises(TypeError):
+        FAMILIES["toy-xcomposer"] = toy_family  # type: ignore[index]
 
 
 def test_serve_engines_and_default_hd_num_come_from_one_place() -> None:

@@ -106,6 +106,30 @@ def test_run_task_runs_a_spec_and_the_wrappers_are_the_same_path() -> None:
         hd.run_task("nope", image)
 
 
+@pytest.mark.parametrize(
+    ("method", "generic", "task"),
+    [
+        ("describe_image", "run_task", "describe_image"),
+        ("stream_describe_image", "stream_task", "describe_image"),
+        ("answer_chart_question", "run_task", "answer_chart_question"),
+        ("stream_answer_chart_question", "stream_task", "answer_chart_question"),
+        ("read_document", "run_task", "read_document"),
+        ("stream_read_document", "stream_task", "read_document"),
+    ],
+)
+def test_every_named_wrapper_forwards_each_of_its_arguments(method: str, generic: str, task: str) -> None:
+    """The named task methods are one call of the generic path carrying every argument they take."""
+    import inspect
+
+    hd = HD4K(EchoRunner())
+    calls: list[tuple[Any, dict[str, Any]]] = []
+    setattr(hd, generic, lambda spec, **kw: calls.append((spec, kw)))
+    params = [p for p in inspect.signature(getattr(hd, method)).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    values = {p.name: object() for p in params}
+    getattr(hd, method)(**values, max_new_tokens=5)
+    assert calls == [(task, {**values, "max_new_tokens": 5})]
+
+
 async def test_async_forms() -> None:
     hd = HD4K(EchoRunner())
     image = Image.new("RGB", (400, 300), "white")

@@ -174,6 +174,23 @@ def test_vllm_server_argv_keeps_the_checkpoint_dtype_and_context(tiny_checkpoint
     assert engine_dtype(bf16) == "auto"  # vLLM's auto keeps bfloat16 (float16 where a GPU lacks it)
 
 
+def test_vllm_context_follows_the_native_rule_when_max_length_is_unset(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    # A config without max_length: the native engine uses 16384 (the family's default); vLLM must not
+    # fall back to max_position_embeddings (32768 here), or "auto" would plan against another budget.
+    from hd4k_tools.models.registry import DEFAULT_FAMILY
+    from hd4k_tools.models.xcomposer2_4khd.vllm.defaults import checkpoint_max_length
+
+    config = json.loads((tiny_checkpoint / "config.json").read_text())
+    config.pop("max_length")
+    config["max_position_embeddings"] = 32768
+    folder = tmp_path / "no_max_length"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    assert checkpoint_max_length(folder) == DEFAULT_FAMILY.context_length(config) == 16384
+    (folder / "config.json").write_text(json.dumps({**config, "max_length": 8192}))
+    assert checkpoint_max_length(folder) == 8192
+
+
 def test_make_tiny_checkpoint_sizes_for_vllm(tmp_path: Path, capsys) -> None:
     assert main(["make-tiny-checkpoint", str(tmp_path / "v"), "--for-vllm", "--shards", "1"]) == 0
     config = json.loads((tmp_path / "v" / "config.json").read_text())

@@ -44,3 +44,28 @@ def test_served_text_starts_as_the_native_answer(vllm_checkpoint, answer: str) -
     assert _stream(tokenizer, prompt_ids, answer_ids) == expected
     # A whole conversation decoded at once gives the same answer after the assistant header.
     assert tokenizer.decode(prompt_ids + answer_ids, skip_special_tokens=True).endswith("assistant\n" + expected)
+
+
+@pytest.mark.parametrize(
+    "answer", ["The total is 7.\n", "row 1 \n\n row 2  ", "a  b\tc\n", " \n ", "x\n\ny", "end. \n"]
+)
+def test_served_text_ends_as_the_native_answer_at_every_cut(vllm_checkpoint, answer: str) -> None:
+    # Wherever the answer stops (its end token, max_tokens, a stop string), the served text is the native
+    # engine's stripped answer: whitespace at the end is held back, and sent once a later piece follows.
+    tokenizer = InternLMXComposer2Tokenizer(vocab_file=str(vllm_checkpoint / "tokenizer.model"))
+    native = InternLM2Tokenizer.from_pretrained(vllm_checkpoint)
+    prompt_ids = tokenizer.encode(conversation_prompt((Message.user("Read the table."),), "chat"))
+    answer_ids = native.encode(answer, add_bos=False)
+    for cut in range(1, len(answer_ids) + 1):
+        expected = decode_output(native, answer_ids[:cut]).strip()
+        assert _stream(tokenizer, prompt_ids, answer_ids[:cut]) == expected, (answer, cut)
+
+
+def test_one_id_decodes_to_its_piece_whitespace_included(vllm_checkpoint) -> None:
+    # A log-prob's token text is the piece itself: a newline or space token is not emptied.
+    tokenizer = InternLMXComposer2Tokenizer(vocab_file=str(vllm_checkpoint / "tokenizer.model"))
+    native = InternLM2Tokenizer.from_pretrained(vllm_checkpoint)
+    for text in ("\n", "\t"):
+        for token_id in native.encode(text, add_bos=False):
+            assert tokenizer.decode([token_id]) == decode_output(native, [token_id]) != ""
+    assert tokenizer.decode([tokenizer.eos_token_id], skip_special_tokens=True) == ""

@@ -32,7 +32,9 @@ LORA_FIELDS = ("wqkv_lora_r", "wqkv_lora_alpha", "lora_r", "lora_alpha")
 
 @dataclass
 class VisionConfig:
-    """CLIP vision tower. Defaults are ViT-L/14-336 (``openai/clip-vit-large-patch14-336``, docs/model.md §2)."""
+    """CLIP vision tower. Defaults are ViT-L/14-336 (``openai/clip-vit-large-patch14-336``, docs/model.md §2).
+
+    The fields are ``transformers.CLIPVisionConfig``'s own names: the vision tower passes them on as they are."""
 
     hidden_size: int = 1024
     intermediate_size: int = 4096

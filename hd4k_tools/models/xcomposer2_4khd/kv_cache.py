@@ -15,8 +15,22 @@ if TYPE_CHECKING:
     from hd4k_tools.models.xcomposer2_4khd.configuration import XComposer2Config
 
 
+class _KVTensors:
+    """``dtype`` and ``device`` of a holder of ``k, v`` tensors (of one dtype, on one device)."""
+
+    k: Tensor
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+
 @dataclass(frozen=True)
-class KVPrefix:
+class KVPrefix(_KVTensors):
     """Keys and values of the first ``P`` positions of one sequence: ``k, v [n_layers, 1, n_kv_heads, P,
     head_dim]`` (contiguous, owned: not views of a live cache). Read-only by convention — it is copied
     into a fresh :class:`KVCache` with :meth:`KVCache.load_prefix`, never written to."""
@@ -36,20 +50,12 @@ class KVPrefix:
         """``P``, the number of positions held."""
         return int(self.k.shape[3])
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.k.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.k.device
-
     def nbytes(self) -> int:
         """Bytes of both tensors."""
         return 2 * self.k.numel() * self.k.element_size()
 
 
-class KVCache:
+class KVCache(_KVTensors):
     """Keys and values of every layer: ``k, v [n_layers, batch, n_kv_heads, max_seq_len, head_dim]``.
 
     Positions are absolute: :meth:`update` writes the new keys/values at ``input_pos`` and returns the
@@ -77,14 +83,6 @@ class KVCache:
         self.length = 0
         # One layer's worth of rows, reused by every in-place reorder (allocated on first use).
         self._scratch: Tensor | None = None
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.k.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.k.device
 
     def update(
         self, layer: int, input_pos: Tensor, k: Tensor, v: Tensor, end: int | None = None

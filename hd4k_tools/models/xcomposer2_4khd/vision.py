@@ -37,18 +37,8 @@ class CLIPVisionTower(nn.Module):
 
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
-        clip_config = CLIPVisionConfig(
-            hidden_size=config.hidden_size,
-            intermediate_size=config.intermediate_size,
-            num_hidden_layers=config.num_hidden_layers,
-            num_attention_heads=config.num_attention_heads,
-            image_size=config.image_size,
-            patch_size=config.patch_size,
-            num_channels=config.num_channels,
-            hidden_act=config.hidden_act,
-            layer_norm_eps=config.layer_norm_eps,
-            projection_dim=config.projection_dim,
-        )
+        # VisionConfig's fields are CLIPVisionConfig's own names (one list: configuration.VisionConfig).
+        clip_config = CLIPVisionConfig(**config.to_dict())
         self.vision_model = CLIPVisionModel(clip_config)
         self.vision_model.post_layernorm = nn.Identity()
 

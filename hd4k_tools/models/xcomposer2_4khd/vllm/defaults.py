@@ -10,7 +10,8 @@ Left to its own rules, vLLM changes two things the native engine keeps:
   without bfloat16, as the native engine does).
 * **context.** vLLM sizes ``max_model_len`` from ``max_position_embeddings`` (32,768 for IXC2-4KHD); the
   model and the native engine use ``max_length`` (16,384), which is also the budget ``hd_num="auto"``
-  plans against.
+  plans against. Both engines read it through one rule, :func:`..configuration.context_length` (16,384
+  when a config leaves ``max_length`` out, never ``max_position_embeddings``).
 """
 
 from __future__ import annotations
@@ -18,18 +19,16 @@ from __future__ import annotations
 import os
 
 from hd4k_tools.models.registry import read_folder_config
+from hd4k_tools.models.xcomposer2_4khd.configuration import context_length
 
 __all__ = ["checkpoint_max_length", "engine_dtype"]
 
-#: Context length when a config names neither ``max_length`` nor ``max_position_embeddings``.
-FALLBACK_MAX_LENGTH = 16384
-
 
 def checkpoint_max_length(folder: str | os.PathLike[str]) -> int:
-    """The model's context: ``max_length`` of ``config.json`` (as the native engine), else
-    ``max_position_embeddings``, else 16,384."""
-    config = read_folder_config(folder)
-    return int(config.get("max_length") or config.get("max_position_embeddings") or FALLBACK_MAX_LENGTH)
+    """The model's context as the native engine reads it: ``max_length`` of ``config.json`` (16,384 when
+    unset; ``max_position_embeddings`` is the rotary table's reach, not the context the model was trained
+    to use)."""
+    return context_length(read_folder_config(folder))
 
 
 def engine_dtype(folder: str | os.PathLike[str], dtype: str = "auto") -> str:

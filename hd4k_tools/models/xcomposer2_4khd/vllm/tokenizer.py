@@ -16,6 +16,13 @@ the window and in a whole decoded conversation alike - the one place where it is
 vLLM's first window holds only the prompt's last 5 tokens, which may cut ``[UNUSED_TOKEN_146]`` off (the tiny
 checkpoints spell ``assistant`` in 4 pieces, the real tokenizer in one), so a window that *starts* with
 ``assistant\n`` counts as the header too.
+
+Answers also end without whitespace, as the native engine's do, however they end (the end token, ``max_tokens``
+or a stop string): :meth:`convert_tokens_to_string` drops trailing whitespace too. vLLM's incremental decoder
+emits only the text that a window *adds* past its prefix window's text, so whitespace at the end is held back
+until a later piece follows it (it is then sent with that piece, as the native engine's stream does) and is
+never sent when nothing follows. :meth:`decode` of a single id keeps the piece as it is: that is the token
+text vLLM's log-probs show.
 """
 
 from __future__ import annotations
@@ -112,7 +119,29 @@ class InternLMXComposer2Tokenizer(PreTrainedTokenizer):
     def _convert_id_to_token(self, index: int) -> str:
         return self.sp.convert_ids_to_tokens([index])[0]
 
+    def decode(self, token_ids: Any, skip_special_tokens: bool = False, **kwargs: Any) -> str:
+        """Ids to text; one id gives its piece as it is, whitespace included (a log-prob's token text)."""
+        ids = token_ids.tolist() if hasattr(token_ids, "tolist") else token_ids
+        one = ids if isinstance(ids, int) else (ids[0] if len(ids) == 1 else None)
+        if one is None or one >= self.vocab_size:
+            return super().decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs)
+        token = self._convert_id_to_token(one)
+        if token in self.all_special_tokens:
+            return "" if skip_special_tokens else token
+        return self._pieces_text([token])
+
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        """Pieces to text as an answer reads (see the module docstring): no whitespace right after the
+        assistant turn's header, none at the end."""
+        text = self._pieces_text(tokens)
+        head, header, answer = text.rpartition(ANSWER_HEADER)
+        if header:
+            return head + header + answer.strip()
+        if text.startswith(ANSWER_ROLE):  # the header's end: vLLM's first window holds 5 prompt tokens only
+            return ANSWER_ROLE + text[len(ANSWER_ROLE) :].strip()
+        return text.rstrip()
+
+    def _pieces_text(self, tokens: list[str]) -> str:
         """Pieces to text: runs of ordinary pieces are decoded by sentencepiece (byte pieces joined into
         UTF-8), special tokens are kept as their text."""
         special = set(self.all_special_tokens)
@@ -128,14 +157,7 @@ class InternLMXComposer2Tokenizer(PreTrainedTokenizer):
                 run.append(self._convert_token_to_id(token))
         if run:
             out.append(self.sp.decode(run, skip_special_tokens=False))
-        text = "".join(out)
-        # The answer's leading whitespace (see the module docstring): stripped, as the native engine does.
-        head, header, answer = text.rpartition(ANSWER_HEADER)
-        if header:
-            return head + header + answer.lstrip()
-        if text.startswith(ANSWER_ROLE):  # the header's end: vLLM's first window holds 5 prompt tokens only
-            return ANSWER_ROLE + text[len(ANSWER_ROLE) :].lstrip()
-        return text
+        return "".join(out)
 
     def build_inputs_with_special_tokens(
         self, token_ids_0: list[int], token_ids_1: list[int] | None = None

@@ -337,7 +337,7 @@ def test_the_detail_line_suggests_a_cell_of_the_box_read(tmp_path: Path) -> None
     answer = tools.invoke("describe_image", {"image": "big.png", "region": [0.1001, 0.2002, 0.9, 0.9]})
     result = answer.result
     assert isinstance(result, TaskResult) and result.detail is not None
-    assert result.region is not None and result.region[:2] == (900 / 9001, 1202 / 6007)
+    assert result.region is not None and result.region[:2] == (901 / 9001, 1202 / 6007)  # 901.0001, 1202.6
     # The one line the agent reads is computed from the box read (its top-left cell), not the one asked.
     assert result.detail.region == result.region
     assert answer.content.splitlines()[-1] == detail_note(result.detail, what="the region")
@@ -483,7 +483,10 @@ def test_read_document_in_windows_batches_and_keeps_each_window() -> None:
     runner = ImageRunner()
     page = HD4K(runner).read_document(image, windows="auto", hd_num=55).pages[0]
     assert len(page.windows) == len(runner.images) == len(plan_windows(8000, 5600, 55, "auto")) > 1
-    assert [w.region for w in page.windows] == [w.region for w in plan_windows(8000, 5600, 55, "auto")]
+    planned = plan_windows(8000, 5600, 55, "auto")
+    # Each window reports the window as planned, and the box it read: exactly its pixels on the page.
+    assert [w.requested_region for w in page.windows] == [w.region for w in planned]
+    assert [region_box(8000, 5600, w.region) for w in page.windows] == [w.box for w in planned]  # type: ignore[arg-type]
     assert page.detail is not None and not page.detail.lost
     assert page.usage.image_tokens == sum(w.usage.image_tokens for w in page.windows)
     assert len(page.plans) == len(page.windows)

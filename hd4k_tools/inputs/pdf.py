@@ -262,8 +262,10 @@ def render_pages(
 
     With ``region`` (page fractions ``(x0, y0, x1, y1)``) only that part of each page is rendered, from the
     vector page, at a scale high enough for it to have about ``region_pixels`` pixels (never below ``dpi``,
-    and bounded by ``policy.max_pixels``): zooming in gains real detail, not upscaled pixels. The clip is
-    the pixel box :func:`hd4k_tools.zoom.region_box` gives on the whole page rendered at that scale.
+    and bounded by ``policy.max_pixels``): zooming in gains real detail, not upscaled pixels. The region is
+    the pixel box :func:`hd4k_tools.zoom.region_box` gives on the whole page rendered at that scale, and its
+    pixels are exactly those of the whole page rendered at that scale (see ``_render_box``);
+    :attr:`RenderedPage.region` is that box in page fractions.
 
     The document is read and the selection validated when this is called (errors surface here, not
     at the first ``next()``); pages are rendered as the iterator is consumed, so only one page is held
@@ -435,7 +437,8 @@ def _render_box(
     matrix every time, and only the clip differs. (A bitmap of the region's size would make pdfium's
     rasteriser clip every path at the region's edges, in 1/256-pixel fixed point, which tilts a cut stroke
     by a few LSB.) For a region the whole-page bitmap is address space only (:func:`_lazy_buffer`): pdfium
-    writes inside the clip and nowhere else, so only the region's rows and columns are ever backed by memory.
+    writes inside the clip and nowhere else, so only the clip's rows and columns are ever backed by memory.
+    The clip is wider than the region only for interpolated images (:func:`_image_margin`).
     """
     raw = _pdfium().raw
     points = page.get_size()

@@ -519,6 +519,15 @@ def test_server_takes_region_alongside_hd_num() -> None:
     ok = client.post("/v1/chat/completions", json={**body, "region": [0, 0, 0.5, 0.25]})
     assert ok.status_code == 200, ok.text
     assert np.array_equal(np.asarray(runner.images[-1]), np.asarray(image)[:150, :400])
+    assert ok.json()["hd4k"]["regions"] == [[0.0, 0.0, 0.5, 0.25]]
+    # The response states the box read, snapped outward to whole pixels (here 80.08 -> 80, 149.94 -> 150).
+    snapped = client.post("/v1/chat/completions", json={**body, "region": [0.1001, 0, 0.5, 0.2499]})
+    assert snapped.json()["hd4k"]["regions"] == [[0.1, 0.0, 0.5, 0.25]]
+    assert np.array_equal(np.asarray(runner.images[-1]), np.asarray(image)[:150, 80:400])
+    assert "regions" not in client.post("/v1/chat/completions", json=body).json()["hd4k"]
+    streamed = client.post("/v1/chat/completions", json={**body, "region": [0.1001, 0, 0.5, 0.2499], "stream": True})
+    chunks = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
+    assert [c["hd4k"]["regions"] for c in chunks if "hd4k" in c] == [[[0.1, 0.0, 0.5, 0.25]]]
     for bad in ([0.5, 0, 0.5, 1], [0.9, 0, 0.1, 1], [0, 0, 1.5, 1], [[0, 0, 1, 1], [0, 0, 1, 1]]):
         refused = client.post("/v1/chat/completions", json={**body, "region": bad})
         assert refused.status_code == 400, refused.text

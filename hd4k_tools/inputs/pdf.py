@@ -60,6 +60,8 @@ _PDFIUM_LOCK = threading.RLock()
 _MAX_DPI = 1200
 # pdfium refuses a bitmap of 4 GiB or more (its size is a uint32): 3-byte BGR pages up to ~1.4 G pixels.
 _PDFIUM_MAX_BITMAP_BYTES = 2**32 - 1
+# Form XObjects nested deeper than this are not searched for images (pypdfium2's own default depth).
+_MAX_FORM_DEPTH = 15
 _POINTS_PER_INCH = 72.0
 # Page numbers have at most 9 digits: longer ones cannot be pages, and int() refuses 4,300+ digits.
 _RANGE_PART = re.compile(r"^\s*(\d{0,9})\s*(-?)\s*(\d{0,9})\s*$")
@@ -393,20 +395,37 @@ def _image_margin(page: Any, scale: float) -> int:
     """How far (page pixels at ``scale``) a region's clip must reach past the region for pdfium to draw the
     images in it as on the whole page: an interpolated image upscaled by pdfium blends each pixel with its
     source neighbours, but only with those inside the clip. The most pixels one source pixel of any image on
-    the page covers, plus 2 (0 without images)."""
+    the page (in Form XObjects too) covers, plus 2; 0 without images."""
     raw = _pdfium().raw
     margin = 0
-    for obj in page.get_objects(filter=[raw.FPDF_PAGEOBJ_IMAGE]):
+    count = raw.FPDFPage_CountObjects(page.raw)
+    todo = [(raw.FPDFPage_GetObject(page.raw, i), (1.0, 0.0, 0.0, 1.0), 0) for i in range(count)]
+    while todo:
+        obj, outer, depth = todo.pop()
+        kind, matrix = raw.FPDFPageObj_GetType(obj), raw.FS_MATRIX()
+        if kind not in (raw.FPDF_PAGEOBJ_IMAGE, raw.FPDF_PAGEOBJ_FORM) or not raw.FPDFPageObj_GetMatrix(obj, matrix):
+            continue
+        # The object's linear part in page space: its own matrix, then its forms' (PDF's row-vector order).
+        a, b, c, d = _linear_product((matrix.a, matrix.b, matrix.c, matrix.d), outer)
+        if kind == raw.FPDF_PAGEOBJ_FORM:
+            if depth < _MAX_FORM_DEPTH:
+                inner = raw.FPDFFormObj_CountObjects(obj)
+                todo += [(raw.FPDFFormObj_GetObject(obj, i), (a, b, c, d), depth + 1) for i in range(inner)]
+            continue
         width, height = ctypes.c_uint(), ctypes.c_uint()
-        bounds = [ctypes.c_float() for _ in range(4)]
-        if not raw.FPDFImageObj_GetImagePixelSize(obj.raw, ctypes.byref(width), ctypes.byref(height)):
-            continue
-        if not raw.FPDFPageObj_GetBounds(obj.raw, *(ctypes.byref(v) for v in bounds)):
-            continue
-        left, bottom, right, top = (v.value for v in bounds)
-        extent = max(right - left, top - bottom) * scale  # the bounding box: rotated images over-estimate
-        margin = max(margin, math.ceil(extent / max(1, min(width.value, height.value))) + 2)
+        if raw.FPDFImageObj_GetImagePixelSize(obj, ctypes.byref(width), ctypes.byref(height)):
+            per_pixel = max(math.hypot(a, b) / max(width.value, 1), math.hypot(c, d) / max(height.value, 1))
+            margin = max(margin, math.ceil(per_pixel * scale) + 2)
     return margin
+
+
+def _linear_product(
+    inner: tuple[float, float, float, float], outer: tuple[float, float, float, float]
+) -> tuple[float, float, float, float]:
+    """``inner`` then ``outer`` (2x2 linear parts ``(a, b, c, d)`` of PDF matrices, row vectors)."""
+    a, b, c, d = inner
+    oa, ob, oc, od = outer
+    return (a * oa + b * oc, a * ob + b * od, c * oa + d * oc, c * ob + d * od)
 
 
 def _widened(

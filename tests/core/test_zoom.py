@@ -143,6 +143,8 @@ def _stress_pdf(rotate: int = 0, cropbox: tuple[float, float, float, float] | No
         x, y = 10 + i * 40, 30 + i * 50
         ops.append(f"{x} {y} m {x + 250} {y + 400} {x + 350} {y - 200} {x + 520} {y + 130} c S")
     ops.append(f"q 150.7 0 0 120.3 {width * 0.35:.2f} {height * 0.4:.2f} cm /Im1 Do Q")
+    # A 4x4 image through a scaled Form XObject, 300 pt wide: far more upscaled than the one above.
+    ops.append(f"q 3.75 0 0 3.75 {width * 0.45:.2f} {height * 0.05:.2f} cm /Fm1 Do Q")
     ops.append(f"q {width * 0.05:.2f} {height * 0.7:.2f} 260.5 90.25 re W n /Sh1 sh Q")
     ops.append("q /GS1 gs 0 0.6 0.3 rg 100 300 210.5 160.25 re f 0.9 0.9 0 rg 180 360 210 80 re f Q")
     ops.append("BT /F1 4 Tf 0 0 0 rg")
@@ -157,11 +159,15 @@ def _stress_pdf(rotate: int = 0, cropbox: tuple[float, float, float, float] | No
         f"<< /ShadingType 2 /ColorSpace /DeviceRGB /Coords [{width * 0.05:.2f} 0 {width * 0.05 + 260.5:.2f} 0] "
         "/Function << /FunctionType 2 /Domain [0 1] /C0 [1 0 0] /C1 [0 0 1] /N 1 >> /Extend [true true] >>".encode(),
         b"<< /Type /ExtGState /ca 0.5 /CA 0.5 >>",
+        b"<< /Type /XObject /Subtype /Form /BBox [0 0 100 100] /Matrix [2 0 0 2 0 0] /Resources "
+        b"<< /XObject << /Im2 10 0 R >> >> /Length 28 >>\nstream\nq 40 0 0 30 0 0 cm /Im2 Do Q\nendstream",
+        b"<< /Type /XObject /Subtype /Image /Width 4 /Height 4 /ColorSpace /DeviceRGB /BitsPerComponent 8 "
+        b"/Interpolate true /Length 48 >>\nstream\n" + pixels[:48] + b"\nendstream",
     ]
     boxes = f"/MediaBox [0 0 {width} {height}]"
     boxes += f" /CropBox [{' '.join(map(str, cropbox))}]" if cropbox else ""
     boxes += f" /Rotate {rotate}" if rotate else ""
-    resources = "/XObject << /Im1 6 0 R >> /Shading << /Sh1 7 0 R >> /ExtGState << /GS1 8 0 R >>"
+    resources = "/XObject << /Im1 6 0 R /Fm1 9 0 R >> /Shading << /Sh1 7 0 R >> /ExtGState << /GS1 8 0 R >>"
     return _pdf_bytes(boxes, "\n".join(ops), resources, objects)
 
 
@@ -247,6 +253,7 @@ _STRICT_REGIONS = [
     (0.5, 0.5, 1.0, 1.0),
     (0.0, 0.0, 0.2718, 0.3141),
     (0.6, 0.0, 0.6037, 1.0),
+    (0.65, 0.7, 0.7, 0.8),  # cuts the image drawn through a scaled Form XObject
 ]
 _PAGES = {
     "plain": {},

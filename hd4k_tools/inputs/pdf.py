@@ -414,7 +414,9 @@ def _image_margin(page: Any, scale: float) -> int:
             continue
         width, height = ctypes.c_uint(), ctypes.c_uint()
         if raw.FPDFImageObj_GetImagePixelSize(obj, ctypes.byref(width), ctypes.byref(height)):
-            per_pixel = max(math.hypot(a, b) / max(width.value, 1), math.hypot(c, d) / max(height.value, 1))
+            # An axis of one source pixel has no neighbour to blend with (a 1x1 background image): no margin.
+            per_x = math.hypot(a, b) / width.value if width.value > 1 else 0.0
+            per_pixel = max(per_x, math.hypot(c, d) / height.value if height.value > 1 else 0.0)
             margin = max(margin, math.ceil(per_pixel * scale) + 2)
     return margin
 

@@ -30,6 +30,7 @@ from hd4k_tools.zoom import DETAIL_LOSS_THRESHOLD, MAX_WINDOWS, detail_loss, pla
 
 SECTION = "## Look closer: whole page, windows and regions"
 WINDOWS_SUBSECTION = "### Windowed read: vLLM vs native"
+REGION_SUBSECTION = "### PDF region render: exact vs clipped vs whole page"
 LONG_SIDES = (2000, 4000, 8000, 14000)
 HD_NUMS = (25, 55, 65)
 QUARTER = (0.0, 0.0, 0.5, 0.5)
@@ -82,9 +83,11 @@ def main() -> int:
         "subsection below (`bench_windows_engines.py`, run in the vLLM environment).",
         "",
     ]
-    # The vLLM timing is measured by another script in another environment: keep it.
-    if kept := kept_subsection(WINDOWS_SUBSECTION):
-        lines += [kept, ""]
+    # The vLLM timing and the PDF render cost are measured by other scripts (bench_windows_engines.py in the
+    # vLLM environment, bench_pdf_region.py): keep them.
+    for title in (WINDOWS_SUBSECTION, REGION_SUBSECTION):
+        if kept := kept_subsection(title):
+            lines += [kept, ""]
     section = "\n".join(lines)
     print(section)
     if not args.no_write:

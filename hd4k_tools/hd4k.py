@@ -46,6 +46,7 @@ from hd4k_tools.runtime.runner import (
 from hd4k_tools.tasks import TASKS, TaskCall, TaskSpec
 from hd4k_tools.zoom import (
     Region,
+    Window,
     check_region,
     check_windows,
     compose_region,
@@ -53,6 +54,8 @@ from hd4k_tools.zoom import (
     detail_loss,
     merge_window_texts,
     plan_windows,
+    snap_region,
+    sub_region,
 )
 
 T = TypeVar("T")
@@ -325,7 +328,8 @@ class HD4K:
         self, spec: TaskSpec, windows: list[TaskResult], image: Image.Image, region: Region | None, **extra: Any
     ) -> TaskResult:
         """A page read in windows: the windows' texts merged in reading order, their plans, usage and time
-        together, the most detail any window lost, and every window's own result."""
+        together, the most detail any window lost, and every window's own result. ``region``: the box read
+        (snapped to whole pixels); the requested one comes in ``extra`` (``requested_region``)."""
         first = windows[0]
         worst = max((w.detail for w in windows if w.detail is not None), key=lambda d: d.scale, default=None)
         finish = next((w.finish_reason for w in windows if w.finish_reason != "stop"), first.finish_reason)
@@ -403,9 +407,12 @@ class HD4K:
         if job.spec.documents:
             return self._run_document(job, source, policy, cancel, on_page, document_options, region, windows)
         self._refuse_document_options(job.spec, {**document_options, "on_page": on_page, "windows": windows})
-        image = crop_region(self.load(source, policy), region)
+        loaded = self.load(source, policy)
+        image = crop_region(loaded, region)
+        read = None if region is None else snap_region(loaded.width, loaded.height, region)
         request = self._task_request(job, image)
-        return self._task_result(job, self.runner.generate(request, cancel=cancel), request, region=region)
+        out = self.runner.generate(request, cancel=cancel)
+        return self._task_result(job, out, request, region=read, requested_region=region)
 
     def _run_document(
         self,
@@ -435,29 +442,45 @@ class HD4K:
         planned_hd = job.spec.default_hd_num if job.hd_num is None else job.hd_num
         while batch := list(itertools.islice(page_iter, chunk)):
             pending = []
-            for number, image, render_dpi in batch:
+            for number, image, render_dpi, box in batch:
                 wins = plan_windows(image.width, image.height, planned_hd, windows) if windows is not None else []
                 crops = [image.crop(w.box) for w in wins] if len(wins) > 1 else [image]
                 requests = [self._task_request(job, crop) for crop in crops]
-                pending.append((number, image, render_dpi, wins if len(wins) > 1 else [], requests))
-            outs = iter(generate_all(self.runner, [r for entry in pending for r in entry[4]], cancel=cancel))
-            for number, image, render_dpi, wins, requests in pending:
-                page = dict(page=number, source=name)
-                read = [
-                    self._task_result(
-                        job,
-                        next(outs),
-                        request,
-                        region=compose_region(region, w.region) if wins else region,
-                        render_dpi=render_dpi,
-                        **page,
-                    )
-                    for request, w in zip(requests, wins or [None] * len(requests), strict=True)
-                ]
-                results.append(self._merged_page(job.spec, read, image, region, **page) if wins else read[0])
+                pending.append((number, image, render_dpi, box, wins if len(wins) > 1 else [], requests))
+            outs = iter(generate_all(self.runner, [r for entry in pending for r in entry[5]], cancel=cancel))
+            for number, image, render_dpi, box, wins, requests in pending:
+                page = dict(page=number, source=name, render_dpi=render_dpi)
+                results.append(
+                    self._page_result(job, [next(outs) for _ in requests], requests, image, box, region, wins, page)
+                )
                 if on_page is not None:
                     on_page(len(results), total)
         return DocumentResult(source=name, pages=results)
+
+    def _page_result(
+        self,
+        job: _TaskJob,
+        outs: list[RunnerResult],
+        requests: list[GenerationRequest],
+        image: Image.Image,
+        box: Region | None,
+        region: Region | None,
+        wins: list[Window],
+        page: dict[str, Any],
+    ) -> TaskResult:
+        """One page's result: read whole (``wins`` empty), or the merge of its windows, each of which reports
+        the box it read (its pixels on the page, in page fractions) and the one planned for it. ``box``: the
+        region read (snapped), ``region``: the one asked; ``page``: page number, source and render dpi."""
+        boxes = [(sub_region(box, image.size, w.box), compose_region(region, w.region)) for w in wins]
+        read = [
+            self._task_result(job, out, request, region=b[0], requested_region=b[1], **page)
+            for out, request, b in zip(outs, requests, boxes or [(box, region)], strict=True)
+        ]
+        if not wins:
+            return read[0]
+        return self._merged_page(
+            job.spec, read, image, box, requested_region=region, page=page["page"], source=page["source"]
+        )
 
     def stream_task(
         self,
@@ -509,7 +532,7 @@ class HD4K:
         document_options: Mapping[str, Any],
     ) -> Iterator[str]:
         _, _, page_iter = self._document_pages(source, policy=policy, cancel=cancel, **document_options)
-        for i, (_, image, _) in enumerate(page_iter):
+        for i, (_, image, _, _) in enumerate(page_iter):
             if i:
                 yield "\n\n"
             stream = self.runner.stream(self._task_request(job, image), cancel=cancel)
@@ -608,9 +631,10 @@ class HD4K:
         max_pages: int | None = None,
         region: Region | None = None,
         region_pixels: int | None = None,
-    ) -> tuple[str, int, Iterator[tuple[int | None, Image.Image, float | None]]]:
-        """(source name, number of pages, iterator of (page number or None, image, PDF render dpi or None))
-        for an image or a PDF; with ``region`` only that part (a PDF's re-rendered, an image's cropped)."""
+    ) -> tuple[str, int, Iterator[tuple[int | None, Image.Image, float | None, Region | None]]]:
+        """(source name, number of pages, iterator of (page number or None, image, PDF render dpi or None, the
+        box read or None)) for an image or a PDF; with ``region`` only that part (a PDF's re-rendered, an
+        image's cropped), and the box read is ``region`` snapped to whole pixels of the page."""
         policy = policy or self.policy
         if not isinstance(source, Image.Image):
             raw = read_source_bytes(source, policy=policy)
@@ -628,13 +652,15 @@ class HD4K:
                     region=region,
                     region_pixels=region_pixels,
                 )
-                return raw.name, total, ((p.number, p.image, p.dpi) for p in rendered)
+                return raw.name, total, ((p.number, p.image, p.dpi, p.region) for p in rendered)
             name, source = raw.name, raw
         else:
             name = "<image>"
         if pages not in (None, 1, "1", [1], (1,)):
             raise InputError(f"pages={pages!r} was given but {name} is a single image, not a PDF.")
-        return name, 1, iter([(None, crop_region(self.load(source, policy), region), None)])
+        image = self.load(source, policy)
+        box = None if region is None else snap_region(image.width, image.height, region)
+        return name, 1, iter([(None, crop_region(image, region), None, box)])
 
     def document_request(
         self,

@@ -94,7 +94,11 @@ class TaskResult(BaseModel):
     warnings: list[str] = Field(default_factory=list)
     """E.g. that the device ran out of memory and ``hd_num`` was lowered (``plans`` show the one used)."""
     region: tuple[float, float, float, float] | None = None
-    """The part of the page read (``[x0, y0, x1, y1]`` page fractions); ``None``: all of it."""
+    """The part of the page read (``[x0, y0, x1, y1]`` page fractions); ``None``: all of it. This is the box
+    actually read: the requested region snapped outward to whole pixels of the page as rendered, so it may
+    be a hair larger than the one asked for (``requested_region``)."""
+    requested_region: tuple[float, float, float, float] | None = None
+    """The region asked for (for a window of a page read in windows: the window as planned); ``None``: none."""
     detail: DetailLoss | None = None
     """How much the source was shrunk to fit the plan (source pixels per model pixel; for PDFs the render
     scale and the effective dpi); for a page read in windows, the window that lost the most."""

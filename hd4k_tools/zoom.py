@@ -41,9 +41,13 @@ __all__ = [
     "parse_region",
     "plan_windows",
     "region_box",
+    "snap_region",
 ]
 
 Region = tuple[float, float, float, float]
+
+# Pixels: a box edge this close to a whole pixel is on it (float noise of fraction * size).
+_EDGE_EPS = 1e-6
 
 #: Source pixels per model pixel (along the worse axis) above which an answer says that detail was lost.
 #: At 1.5 a 9-px glyph becomes 6 model px, about the smallest the model reads reliably at 336-px tiles.
@@ -104,9 +108,27 @@ def region_box(width: int, height: int, region: Region) -> tuple[int, int, int, 
     """The pixel box ``(left, top, right, bottom)`` of ``region`` on a ``width x height`` image: the
     fractions scaled outward to whole pixels (never empty). The one rounding rule for crops and PDF clips."""
     x0, y0, x1, y1 = region
-    left, top = min(math.floor(x0 * width), width - 1), min(math.floor(y0 * height), height - 1)
-    right, bottom = max(math.ceil(x1 * width), left + 1), max(math.ceil(y1 * height), top + 1)
+    # A fraction within float noise of a pixel edge is on it, so a box read back (snap_region) is the same box.
+    left = min(math.floor(x0 * width + _EDGE_EPS), width - 1)
+    top = min(math.floor(y0 * height + _EDGE_EPS), height - 1)
+    right = max(math.ceil(x1 * width - _EDGE_EPS), left + 1)
+    bottom = max(math.ceil(y1 * height - _EDGE_EPS), top + 1)
     return left, top, min(right, width), min(bottom, height)
+
+
+def snap_region(width: int, height: int, region: Region) -> Region:
+    """``region`` snapped outward to whole pixels of a ``width x height`` image, in page fractions: the box
+    actually read (what results report as ``region``); :func:`region_box` of it gives the same pixels."""
+    left, top, right, bottom = region_box(width, height, region)
+    return (left / width, top / height, right / width, bottom / height)
+
+
+def sub_region(outer: Region | None, size: tuple[int, int], box: tuple[int, int, int, int]) -> Region:
+    """The pixel ``box`` of an image of ``size`` that shows ``outer`` (page fractions; ``None``: the page),
+    as page fractions, unrounded (e.g. a window of a region, as read)."""
+    x0, y0, x1, y1 = outer or (0.0, 0.0, 1.0, 1.0)
+    fx, fy = (x1 - x0) / size[0], (y1 - y0) / size[1]
+    return (x0 + box[0] * fx, y0 + box[1] * fy, x0 + box[2] * fx, y0 + box[3] * fy)
 
 
 def compose_region(outer: Region | None, inner: Region) -> Region:

@@ -8,7 +8,10 @@ checked against ``max_pixels`` from its size in points before any pixel is alloc
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import math
+import mmap
 import re
 import threading
 from collections.abc import Iterator, Sequence
@@ -16,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from PIL import Image
 
 from hd4k_tools.errors import (
@@ -29,7 +33,7 @@ from hd4k_tools.errors import (
 from hd4k_tools.inputs.images import ImageSource, SourceBytes, read_source_bytes, sniff_kind
 from hd4k_tools.inputs.policy import ImagePolicy
 from hd4k_tools.progress import track
-from hd4k_tools.zoom import region_box
+from hd4k_tools.zoom import region_box, snap_region
 
 if TYPE_CHECKING:
     import pypdfium2
@@ -54,6 +58,10 @@ PageSpec = int | str | Sequence[int] | None
 _PDFIUM_LOCK = threading.RLock()
 
 _MAX_DPI = 1200
+# pdfium refuses a bitmap of 4 GiB or more (its size is a uint32): 3-byte BGR pages up to ~1.4 G pixels.
+_PDFIUM_MAX_BITMAP_BYTES = 2**32 - 1
+# Form XObjects nested deeper than this are not searched for images (pypdfium2's own default depth).
+_MAX_FORM_DEPTH = 15
 _POINTS_PER_INCH = 72.0
 # Page numbers have at most 9 digits: longer ones cannot be pages, and int() refuses 4,300+ digits.
 _RANGE_PART = re.compile(r"^\s*(\d{0,9})\s*(-?)\s*(\d{0,9})\s*$")
@@ -69,6 +77,8 @@ class RenderedPage:
         image: the page as an RGB PIL image.
         dpi: the resolution it was rendered at.
         region: the part of the page rendered (page fractions ``(x0, y0, x1, y1)``), or ``None``: all of it.
+            This is the box actually rendered: the requested region snapped outward to whole pixels of the
+            whole page at ``dpi`` (so ``region_box`` of it on that page gives exactly these pixels).
     """
 
     index: int
@@ -254,8 +264,10 @@ def render_pages(
 
     With ``region`` (page fractions ``(x0, y0, x1, y1)``) only that part of each page is rendered, from the
     vector page, at a scale high enough for it to have about ``region_pixels`` pixels (never below ``dpi``,
-    and bounded by ``policy.max_pixels``): zooming in gains real detail, not upscaled pixels. The clip is
-    the pixel box :func:`hd4k_tools.zoom.region_box` gives on the whole page rendered at that scale.
+    and bounded by ``policy.max_pixels``): zooming in gains real detail, not upscaled pixels. The region is
+    the pixel box :func:`hd4k_tools.zoom.region_box` gives on the whole page rendered at that scale, and its
+    pixels are exactly those of the whole page rendered at that scale (see ``_render_box``);
+    :attr:`RenderedPage.region` is that box in page fractions.
 
     The document is read and the selection validated when this is called (errors surface here, not
     at the first ``next()``); pages are rendered as the iterator is consumed, so only one page is held
@@ -300,10 +312,10 @@ def _render_lazily(
         steps = track(indices, total=len(indices), desc="PDF pages", unit="page", progress=progress, cancel=cancel)
         for index in steps:
             if region is None:
-                image, page_dpi = _render_page(document, index, dpi, policy, raw.name), dpi
+                image, page_dpi, read = _render_page(document, index, dpi, policy, raw.name), dpi, None
             else:
-                image, page_dpi = _render_region(document, index, dpi, policy, raw.name, region, region_pixels)
-            yield RenderedPage(index=index, number=index + 1, image=image, dpi=page_dpi, region=region)
+                image, page_dpi, read = _render_region(document, index, dpi, policy, raw.name, region, region_pixels)
+            yield RenderedPage(index=index, number=index + 1, image=image, dpi=page_dpi, region=read)
 
 
 def _render_page(document: Any, index: int, dpi: float, policy: ImagePolicy, name: str) -> Image.Image:
@@ -315,16 +327,11 @@ def _render_page(document: Any, index: int, dpi: float, policy: ImagePolicy, nam
             raise PDFError(f"page {index + 1} of {name} could not be loaded ({err}); the PDF may be damaged.") from err
         try:
             width_pt, height_pt = page.get_size()
-            # pdfium sizes its bitmap as ceil(points * scale); check exactly that before rendering.
+            # The bitmap is ceil(points * scale) pixels, as pdfium sizes a page; check exactly that first.
             width, height = math.ceil(width_pt * scale), math.ceil(height_pt * scale)
             if width * height > policy.max_pixels:
                 raise _page_too_large(name, index, (width, height), (width_pt, height_pt), dpi, policy)
-            bitmap = page.render(scale=scale)
-            try:
-                # convert() copies, so the image owns its pixels after the bitmap is closed.
-                return bitmap.to_pil().convert("RGB")
-            finally:
-                bitmap.close()
+            return _render_box(page, scale, (0, 0, width, height))
         except (ImageTooLargeError, PDFError):
             raise
         except Exception as err:
@@ -363,30 +370,156 @@ def _render_region(
     name: str,
     region: tuple[float, float, float, float],
     region_pixels: int | None,
-) -> tuple[Image.Image, float]:
-    """``region`` of page ``index`` rendered alone (pdfium clips while rendering), and its dpi."""
+) -> tuple[Image.Image, float, tuple[float, float, float, float]]:
+    """``region`` of page ``index`` rendered alone, its dpi, and the box read (``region`` snapped outward to
+    whole pixels of the whole page at that dpi, in page fractions)."""
     with _PDFIUM_LOCK:
         page = document[index]
         try:
             width_pt, height_pt = page.get_size()
             scale = region_scale((width_pt, height_pt), region, dpi, region_pixels, policy.max_pixels)
             full_w, full_h = math.ceil(width_pt * scale), math.ceil(height_pt * scale)
-            left, top, right, bottom = region_box(full_w, full_h, region)
-            if (right - left) * (bottom - top) > policy.max_pixels:
-                raise _page_too_large(name, index, (right - left, bottom - top), (width_pt, height_pt), dpi, policy)
-            # pdfium takes the crop in points and rounds each side up (ceil(c * scale)); half a pixel less
-            # than the wanted pixel count rounds up to exactly it.
-            crop = tuple(
-                max(0.0, (px - 0.5) / scale) if px else 0.0 for px in (left, full_h - bottom, full_w - right, top)
-            )
-            bitmap = page.render(scale=scale, crop=crop)
-            try:
-                image = bitmap.to_pil().convert("RGB")
-            finally:
-                bitmap.close()
+            box = region_box(full_w, full_h, region)
+            if (box[2] - box[0]) * (box[3] - box[1]) > policy.max_pixels:
+                raise _page_too_large(
+                    name, index, (box[2] - box[0], box[3] - box[1]), (width_pt, height_pt), dpi, policy
+                )
+            clip = _widened(box, _image_margin(page, scale), (full_w, full_h), policy.max_pixels)
+            image = _render_box(page, scale, box, clip)
         finally:
             page.close()
-    return image, scale * _POINTS_PER_INCH
+    return image, scale * _POINTS_PER_INCH, snap_region(full_w, full_h, region)
+
+
+def _image_margin(page: Any, scale: float) -> int:
+    """How far (page pixels at ``scale``) a region's clip must reach past the region for pdfium to draw the
+    images in it as on the whole page: an interpolated image upscaled by pdfium blends each pixel with its
+    source neighbours, but only with those inside the clip. The most pixels one source pixel of any image on
+    the page (in Form XObjects too) covers, plus 2; 0 without images."""
+    raw = _pdfium().raw
+    margin = 0
+    count = raw.FPDFPage_CountObjects(page.raw)
+    todo = [(raw.FPDFPage_GetObject(page.raw, i), (1.0, 0.0, 0.0, 1.0), 0) for i in range(count)]
+    while todo:
+        obj, outer, depth = todo.pop()
+        kind, matrix = raw.FPDFPageObj_GetType(obj), raw.FS_MATRIX()
+        if kind not in (raw.FPDF_PAGEOBJ_IMAGE, raw.FPDF_PAGEOBJ_FORM) or not raw.FPDFPageObj_GetMatrix(obj, matrix):
+            continue
+        # The object's linear part in page space: its own matrix, then its forms' (PDF's row-vector order).
+        a, b, c, d = _linear_product((matrix.a, matrix.b, matrix.c, matrix.d), outer)
+        if kind == raw.FPDF_PAGEOBJ_FORM:
+            if depth < _MAX_FORM_DEPTH:
+                inner = raw.FPDFFormObj_CountObjects(obj)
+                todo += [(raw.FPDFFormObj_GetObject(obj, i), (a, b, c, d), depth + 1) for i in range(inner)]
+            continue
+        width, height = ctypes.c_uint(), ctypes.c_uint()
+        if raw.FPDFImageObj_GetImagePixelSize(obj, ctypes.byref(width), ctypes.byref(height)):
+            # An axis of one source pixel has no neighbour to blend with (a 1x1 background image): no margin.
+            per_x = math.hypot(a, b) / width.value if width.value > 1 else 0.0
+            per_pixel = max(per_x, math.hypot(c, d) / height.value if height.value > 1 else 0.0)
+            margin = max(margin, math.ceil(per_pixel * scale) + 2)
+    return margin
+
+
+def _linear_product(
+    inner: tuple[float, float, float, float], outer: tuple[float, float, float, float]
+) -> tuple[float, float, float, float]:
+    """``inner`` then ``outer`` (2x2 linear parts ``(a, b, c, d)`` of PDF matrices, row vectors)."""
+    a, b, c, d = inner
+    oa, ob, oc, od = outer
+    return (a * oa + b * oc, a * ob + b * od, c * oa + d * oc, c * ob + d * od)
+
+
+def _widened(
+    box: tuple[int, int, int, int], margin: int, size: tuple[int, int], max_pixels: int
+) -> tuple[int, int, int, int]:
+    """``box`` grown by ``margin`` pixels on each side, within the page of ``size`` and ``max_pixels``."""
+    while True:
+        clip = (
+            max(0, box[0] - margin),
+            max(0, box[1] - margin),
+            min(size[0], box[2] + margin),
+            min(size[1], box[3] + margin),
+        )
+        if margin == 0 or (clip[2] - clip[0]) * (clip[3] - clip[1]) <= max_pixels:
+            return clip
+        margin //= 2
+
+
+def _render_box(
+    page: Any, scale: float, box: tuple[int, int, int, int], clip: tuple[int, int, int, int] | None = None
+) -> Image.Image:
+    """The pixels ``box`` (left, top, right, bottom) of ``page`` rendered at ``scale`` (pixels per point; the
+    page is ``ceil(points * scale)`` pixels), as an RGB image; pdfium draws ``clip`` (default: ``box``), which
+    holds ``box``.
+
+    A whole page and a region go through this one call, so a region is bit-identical to the whole page
+    rendered at that size and cropped: pdfium is given a bitmap the size of the WHOLE page and the same
+    matrix every time, and only the clip differs. (A bitmap of the region's size would make pdfium's
+    rasteriser clip every path at the region's edges, in 1/256-pixel fixed point, which tilts a cut stroke
+    by a few LSB.) For a region the whole-page bitmap is address space only (:func:`_lazy_buffer`): pdfium
+    writes inside the clip and nowhere else, so only the clip's rows and columns are ever backed by memory.
+    The clip is wider than the region only for interpolated images (:func:`_image_margin`).
+    """
+    raw = _pdfium().raw
+    points = page.get_size()
+    width, height = math.ceil(points[0] * scale), math.ceil(points[1] * scale)
+    left, top, right, bottom = box
+    clip = box if clip is None else clip
+    stride = width * 3
+    nbytes = stride * height
+    mapping = None
+    if clip != (0, 0, width, height):
+        mapping = _lazy_buffer(nbytes) if nbytes <= _PDFIUM_MAX_BITMAP_BYTES else None
+        if mapping is None:
+            return _render_clipped(page, scale, (width, height), box)
+    array_type = ctypes.c_ubyte * nbytes
+    buffer = array_type() if mapping is None else array_type.from_buffer(mapping)
+    bitmap = raw.FPDFBitmap_CreateEx(width, height, raw.FPDFBitmap_BGR, buffer, stride)
+    try:
+        if not bitmap:
+            raise MemoryError(f"pdfium could not create a {width}x{height} bitmap")
+        raw.FPDFBitmap_FillRect(bitmap, clip[0], clip[1], clip[2] - clip[0], clip[3] - clip[1], 0xFFFFFFFF)
+        # Page points to pixels: the page fills the bitmap exactly (ceil'd size / points on each axis).
+        matrix = raw.FS_MATRIX(width / points[0], 0, 0, height / points[1], 0, 0)
+        raw.FPDF_RenderPageBitmapWithMatrix(bitmap, page.raw, matrix, raw.FS_RECTF(*clip), raw.FPDF_ANNOT)
+        rows = np.frombuffer(buffer, dtype=np.uint8).reshape(height, stride)[top:bottom, left * 3 : right * 3]
+        # BGR -> RGB; the copy owns its pixels, so the buffer can go.
+        image = Image.fromarray(np.ascontiguousarray(rows.reshape(bottom - top, right - left, 3)[:, :, ::-1]))
+        del rows
+    finally:
+        if bitmap:
+            raw.FPDFBitmap_Destroy(bitmap)
+        del buffer
+        if mapping is not None:
+            with contextlib.suppress(BufferError):  # a view still held (an error mid-copy): freed with it
+                mapping.close()
+    return image
+
+
+def _render_clipped(page: Any, scale: float, size: tuple[int, int], box: tuple[int, int, int, int]) -> Image.Image:
+    """``box`` rendered on a bitmap of its own size, for a page too large for a whole-page bitmap (see
+    :func:`_render_box`): the same pixel grid, but a stroke cut by the box's edge can differ by a few LSB."""
+    left, top, right, bottom = box
+    # pypdfium2 turns each crop side into ceil(points * scale) pixels; half a pixel less than the wanted
+    # count rounds up to exactly it, whatever float error the division leaves.
+    crop = tuple(max(0.0, (px - 0.5) / scale) if px else 0.0 for px in (left, size[1] - bottom, size[0] - right, top))
+    bitmap = page.render(scale=scale, crop=crop)
+    try:
+        return bitmap.to_pil().convert("RGB")  # convert() copies: the image owns its pixels
+    finally:
+        bitmap.close()
+
+
+def _lazy_buffer(size: int) -> mmap.mmap | None:
+    """``size`` bytes of address space whose pages get memory only when written (an anonymous mapping), or
+    ``None`` when the system will not map that much."""
+    try:
+        if hasattr(mmap, "MAP_PRIVATE"):
+            return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        return mmap.mmap(-1, size)  # Windows: pagefile-backed, committed page by page as written
+    except (OSError, ValueError, OverflowError):
+        return None
 
 
 def _page_too_large(

@@ -85,7 +85,12 @@ class PageOutput(BaseModel):
     timings: Timings
     finish_reason: str
     region: tuple[float, float, float, float] | None = Field(
-        default=None, description="The part read, [x0, y0, x1, y1] in page fractions; null: all of it."
+        default=None,
+        description="The part read, [x0, y0, x1, y1] in page fractions (the region asked for, snapped outward "
+        "to whole pixels); null: all of it.",
+    )
+    requested_region: tuple[float, float, float, float] | None = Field(
+        default=None, description="The region asked for, as given; null: none."
     )
     detail: DetailLoss | None = Field(
         default=None, description="How much the source was shrunk to fit the plan (source px per model px)."
@@ -136,6 +141,7 @@ def _page_output(result: TaskResult) -> PageOutput:
         timings=result.timings,
         finish_reason=result.finish_reason,
         region=result.region,
+        requested_region=result.requested_region,
         detail=result.detail,
         windows=len(result.windows),
     )

@@ -28,7 +28,7 @@ from hd4k_tools.serve.errors import APIError, api_error_from, validation_message
 from hd4k_tools.serve.schemas import ChatCompletionRequest, ResponseFormat, _ChatMessage, _TextPart
 from hd4k_tools.structured import StructuredOutput
 from hd4k_tools.tasks import tool_specs
-from hd4k_tools.zoom import Region, check_region, crop_region, region_box
+from hd4k_tools.zoom import Region, check_region, crop_region, region_box, snap_region
 
 __all__ = [
     "DEFAULT_MAX_REQUEST_BYTES",
@@ -74,6 +74,8 @@ class Prepared:
     structured: StructuredOutput | None = None
     #: ``logprobs: true``: stream chunks carry their tokens' entries.
     logprobs: bool = False
+    #: With ``region``: the box read of each image (snapped outward to whole pixels; ``None``: all of it).
+    regions: tuple[Region | None, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -400,6 +402,14 @@ def _crop_regions(messages: tuple[Message, ...], boxes: list[Region | None] | No
     )
 
 
+def _read_regions(messages: tuple[Message, ...], boxes: list[Region | None] | None) -> tuple[Region | None, ...] | None:
+    """Each image's box as read: its region snapped outward to whole pixels of the image (before the crop)."""
+    if boxes is None:
+        return None
+    images = [p for m in messages for p in m.content if isinstance(p, Image.Image)]
+    return tuple(None if b is None else snap_region(i.width, i.height, b) for i, b in zip(images, boxes, strict=True))
+
+
 def _parse_body(raw: bytes) -> ChatCompletionRequest:
     """The request body as a validated :class:`ChatCompletionRequest`, or a 400 naming what is wrong."""
     try:
@@ -453,6 +463,7 @@ def prepare(raw: bytes, settings: ServeSettings) -> Prepared:
         )
     except HD4KError as err:
         raise api_error_from(err, param="messages") from err
+    regions = _read_regions(messages, boxes)
     messages = _crop_regions(messages, boxes)
     request = GenerationRequest.planned(
         messages,
@@ -469,4 +480,5 @@ def prepare(raw: bytes, settings: ServeSettings) -> Prepared:
         stops=stops,
         structured=structured,
         logprobs=bool(body.logprobs),
+        regions=regions,
     )

@@ -34,10 +34,14 @@ def usage(result: RunnerResult | None) -> dict[str, int]:
 
 
 def extension(
-    result: RunnerResult | None, request: GenerationRequest, *, structured_attempts: int | None = None
+    result: RunnerResult | None,
+    request: GenerationRequest,
+    *,
+    structured_attempts: int | None = None,
+    regions: Sequence[Sequence[float] | None] | None = None,
 ) -> dict[str, Any]:
     """The ``hd4k`` field: hd_nums, plans, image tokens, timings (and, for a JSON ``response_format``, how
-    many model calls the answer took: 1, or 2 after a retry)."""
+    many model calls the answer took: 1, or 2 after a retry; with ``region``, the box read of each image)."""
     out: dict[str, Any] = {"hd_nums": list(request.hd_nums), "plans": [], "image_tokens": 0, "timings": None}
     if result is not None:
         out["plans"] = [p.model_dump(mode="json") for p in result.plans]
@@ -45,6 +49,8 @@ def extension(
         out["timings"] = result.timings.model_dump(mode="json")
     if structured_attempts is not None:
         out["structured_attempts"] = structured_attempts
+    if regions is not None:
+        out["regions"] = [None if r is None else list(r) for r in regions]
     return out
 
 
@@ -65,6 +71,7 @@ def completion_body(
     request: GenerationRequest,
     *,
     structured_attempts: int | None = None,
+    regions: Sequence[Sequence[float] | None] | None = None,
 ) -> dict[str, Any]:
     return {
         "id": cid,
@@ -80,7 +87,7 @@ def completion_body(
             }
         ],
         "usage": usage(result),
-        "hd4k": extension(result, request, structured_attempts=structured_attempts),
+        "hd4k": extension(result, request, structured_attempts=structured_attempts, regions=regions),
     }
 
 

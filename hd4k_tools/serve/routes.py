@@ -200,6 +200,7 @@ async def _answer_whole(request: Request, prep: Prepared, cid: str, created: int
         done.result,
         prep.request,
         structured_attempts=done.attempts,
+        regions=prep.regions,
     )
     return JSONResponse(body)
 
@@ -293,7 +294,7 @@ def _closing_chunks(run: _StreamRun, prep: Prepared, cid: str, created: int, mod
             model,
             {},
             responses.finish_reason(result, run.stopped),
-            hd4k=responses.extension(result, prep.request, structured_attempts=run.attempts),
+            hd4k=responses.extension(result, prep.request, structured_attempts=run.attempts, regions=prep.regions),
         )
     ]
     if prep.include_usage:

@@ -173,6 +173,8 @@ class _HD4KExtension(BaseModel):
     image_tokens: int
     timings: dict[str, Any] | None
     structured_attempts: int | None = None
+    regions: list[list[float] | None] | None = None
+    """With ``region``: the box read of each image, snapped outward to whole pixels (``null``: all of it)."""
 
 
 class _AnswerMessage(BaseModel):

@@ -21,8 +21,9 @@ Answers also end without whitespace, as the native engine's do, however they end
 or a stop string): :meth:`convert_tokens_to_string` drops trailing whitespace too. vLLM's incremental decoder
 emits only the text that a window *adds* past its prefix window's text, so whitespace at the end is held back
 until a later piece follows it (it is then sent with that piece, as the native engine's stream does) and is
-never sent when nothing follows. :meth:`decode` of a single id keeps the piece as it is: that is the token
-text vLLM's log-probs show.
+never sent when nothing follows. :meth:`decode` keeps trailing whitespace (text round-trips, and one id gives
+its piece as it is: the token text vLLM's log-probs show); vLLM's incremental decoder calls
+:meth:`convert_tokens_to_string` directly.
 """
 
 from __future__ import annotations
@@ -119,27 +120,17 @@ class InternLMXComposer2Tokenizer(PreTrainedTokenizer):
     def _convert_id_to_token(self, index: int) -> str:
         return self.sp.convert_ids_to_tokens([index])[0]
 
-    def decode(self, token_ids: Any, skip_special_tokens: bool = False, **kwargs: Any) -> str:
-        """Ids to text; one id gives its piece as it is, whitespace included (a log-prob's token text)."""
-        ids = token_ids.tolist() if hasattr(token_ids, "tolist") else token_ids
-        one = ids if isinstance(ids, int) else (ids[0] if len(ids) == 1 else None)
-        if one is None or one >= self.vocab_size:
-            return super().decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs)
-        token = self._convert_id_to_token(one)
-        if token in self.all_special_tokens:
-            return "" if skip_special_tokens else token
-        return self._pieces_text([token])
+    def _decode(self, token_ids: Any, skip_special_tokens: bool = False, **kwargs: Any) -> str:
+        """Ids to text (what :meth:`decode` returns): faithful, trailing whitespace included, so text round-trips
+        and one id gives its piece as it is (a log-prob's token text); only the whitespace right after the
+        assistant header is dropped, as in every answer."""
+        tokens = self.convert_ids_to_tokens(token_ids, skip_special_tokens=skip_special_tokens)
+        return _answer_view(self._pieces_text([tokens] if isinstance(tokens, str) else tokens), strip_end=False)
 
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
-        """Pieces to text as an answer reads (see the module docstring): no whitespace right after the
-        assistant turn's header, none at the end."""
-        text = self._pieces_text(tokens)
-        head, header, answer = text.rpartition(ANSWER_HEADER)
-        if header:
-            return head + header + answer.strip()
-        if text.startswith(ANSWER_ROLE):  # the header's end: vLLM's first window holds 5 prompt tokens only
-            return ANSWER_ROLE + text[len(ANSWER_ROLE) :].strip()
-        return text.rstrip()
+        """Pieces to text as vLLM's incremental decoder must see an answer (see the module docstring): no
+        whitespace right after the assistant turn's header, none at the end."""
+        return _answer_view(self._pieces_text(tokens), strip_end=True)
 
     def _pieces_text(self, tokens: list[str]) -> str:
         """Pieces to text: runs of ordinary pieces are decoded by sentencepiece (byte pieces joined into
@@ -175,6 +166,18 @@ class InternLMXComposer2Tokenizer(PreTrainedTokenizer):
             with open(self.vocab_file, "rb") as src, open(out, "wb") as dst:
                 dst.write(src.read())
         return (out,)
+
+
+def _answer_view(text: str, strip_end: bool) -> str:
+    """``text`` without the whitespace that starts an answer (right after the assistant header, or after the
+    header's end ``assistant\n`` where a window starts with it) and, with ``strip_end``, without trailing
+    whitespace."""
+    head, header, answer = text.rpartition(ANSWER_HEADER)
+    if not header and text.startswith(ANSWER_ROLE):  # vLLM's first window holds 5 prompt tokens only
+        head, header, answer = "", ANSWER_ROLE, text[len(ANSWER_ROLE) :]
+    if header:
+        answer = answer.lstrip()
+    return head + header + (answer.rstrip() if strip_end else answer)
 
 
 assert InternLMXComposer2Tokenizer.__name__ == TOKENIZER_CLASS  # transformers finds the class by this name

@@ -2,15 +2,28 @@
 unconstrained decoding, native engine, CPU.
 
 Model: the tiny random checkpoint of the test suite (``make_tiny_checkpoint`` defaults: vocabulary 800) and,
-with ``--small``, the 4 layers x 512 configuration of the other benchmarks. Greedy decoding; text-only
-prompt; each measurement is one ``LocalRunner.generate`` call, per-token cost = decode seconds / decode
-steps (the prefill and the first token excluded). Rounds alternate the order (constrained first, then
-unconstrained first, ...), so background load on a shared machine hits both alike; the ratio is taken per
-round and reported as median and range. Also measured: the one-off grammar compile of a schema (cached per
-runner) and the mask step alone at the real model's vocabulary size (92544 tokens), which the tiny model
-cannot show.
+with ``--small``, the 4 layers x 512 configuration of the other benchmarks. Greedy decoding, text-only
+prompt, one ``LocalRunner.generate`` call per measurement.
 
-    .venv/bin/python benchmarks/bench_structured.py --rounds 8
+Method (like for like):
+
+* The greedy constrained answer has a fixed length of K tokens plus its stop token (checked every round).
+  The unconstrained call gets ``max_new_tokens = K + 1``, so both run the same K decode steps (one forward
+  and one pick each) at the same positions of the KV cache; comparing a K-token answer with a longer
+  unconstrained one would credit the constraint with the cheaper early positions.
+* Per-token cost = decode seconds / decode steps as the generation loop counts them
+  (``timings.decode_tokens_per_s``): the prefill and the first pick are excluded from both.
+* Rounds alternate the order (constrained first, then unconstrained first, ...), so background load on a
+  shared machine hits both alike; the ratio is taken per round and reported as median and range.
+* The constraint's own work per token (the matcher's ``mask_`` + ``advance``, timed inside the loop with
+  ``perf_counter_ns`` in separate calls, after the rounds) is reported next to it: it is what the ratio
+  measures minus the noise, and moves far less with the load of the machine.
+
+Also measured: the one-off grammar vocabulary and schema compile (cached per runner), and the mask step
+alone at the real model's vocabulary size (92544 tokens, a synthetic bitmask), which the tiny model cannot
+show. ``--write`` replaces this script's section of RESULTS.md (and only it).
+
+    .venv/bin/python benchmarks/bench_structured.py --rounds 24 --write
 """
 
 from __future__ import annotations
@@ -23,6 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +50,9 @@ from results import cpu_name, write_section  # noqa: E402
 
 from hd4k_tools.models.xcomposer2_4khd.tiny import make_tiny_checkpoint  # noqa: E402
 from hd4k_tools.runtime.generation_config import GenerationConfig  # noqa: E402
+from hd4k_tools.runtime.grammar import JSONMatcher, apply_bitmask_  # noqa: E402
 from hd4k_tools.runtime.local import LocalRunner  # noqa: E402
-from hd4k_tools.runtime.runner import GenerationRequest, Message  # noqa: E402
+from hd4k_tools.runtime.runner import GenerationRequest, Message, RunnerResult  # noqa: E402
 from hd4k_tools.structured import JSONConstraint  # noqa: E402
 
 TITLE = "## Constrained decoding"
@@ -58,40 +73,127 @@ SMALL_CONFIG: dict[str, Any] = {
     "num_attention_heads": 8,
     "num_key_value_heads": 2,
 }
+REAL_VOCAB = 92544
 
 
-def per_token_ms(runner: LocalRunner, constraint: JSONConstraint | None, max_new_tokens: int) -> tuple[float, int]:
-    """(ms per decode step, generated tokens) of one greedy call."""
+def ask(runner: LocalRunner, constraint: JSONConstraint | None, max_new_tokens: int) -> RunnerResult:
+    """One greedy call."""
     config = GenerationConfig(max_new_tokens=max_new_tokens)
     request = GenerationRequest(
         (Message.user("Describe the chart as JSON."),), generation=config, constraint=constraint
     )
-    result = runner.generate(request)
-    steps = max(1, result.usage.completion_tokens - 1)
-    return 1000 * result.timings.decode_s / steps, result.usage.completion_tokens
+    return runner.generate(request)
+
+
+def ms_per_step(result: RunnerResult) -> float:
+    """Decode seconds / decode steps of one call, in ms."""
+    return 1000 / result.timings.decode_tokens_per_s
+
+
+def decode_steps(result: RunnerResult) -> int:
+    return round(result.timings.decode_s * result.timings.decode_tokens_per_s)
+
+
+@dataclass
+class Rounds:
+    free: list[float] = field(default_factory=list)  # ms per token, unconstrained
+    bound: list[float] = field(default_factory=list)  # ms per token, constrained
+    ratios: list[float] = field(default_factory=list)  # per round
+
+    def add(self, free: float, bound: float) -> None:
+        self.free.append(free)
+        self.bound.append(bound)
+        self.ratios.append(bound / free)
+
+
+def run_rounds(runner: LocalRunner, constraint: JSONConstraint, budget: int, rounds: int) -> tuple[Rounds, int]:
+    """ABAB rounds, like for like (module docstring); returns the rounds and K."""
+    first = ask(runner, constraint, budget)  # warm-up, and the answer's length K
+    k = first.usage.completion_tokens
+    if first.finish_reason != "stop":
+        raise SystemExit(f"the constrained answer did not end within {budget} tokens: raise --max-new-tokens")
+    ask(runner, None, k + 1)  # warm-up
+    out = Rounds()
+    for r in range(rounds):
+        got: dict[bool, RunnerResult] = {}
+        for c in (None, constraint) if r % 2 else (constraint, None):
+            got[c is not None] = ask(runner, c, budget if c is not None else k + 1)
+        steps = {decode_steps(res) for res in got.values()}
+        if got[True].usage.completion_tokens != k or steps != {k}:
+            raise SystemExit(f"round {r}: not like for like (K={k}, decode steps {sorted(steps)})")
+        out.add(ms_per_step(got[False]), ms_per_step(got[True]))
+        print(f"round {r}: unconstrained {out.free[-1]:.3f} ms/token, constrained {out.bound[-1]:.3f} ms/token")
+    return out, k
+
+
+class _TimedMatcher:
+    """A :class:`JSONMatcher` that records the time (ns) of its calls, summed per decode step."""
+
+    def __init__(self, inner: JSONMatcher, ns: list[int]) -> None:
+        self._inner, self._ns, self._new_step = inner, ns, True
+
+    def _timed(self, name: str, *args: Any) -> Any:
+        t0 = time.perf_counter_ns()
+        out = getattr(self._inner, name)(*args)
+        if self._new_step:
+            self._ns.append(0)
+            self._new_step = False
+        self._ns[-1] += time.perf_counter_ns() - t0
+        return out
+
+    def forced(self) -> int | None:
+        return self._timed("forced")
+
+    def allows(self, token: int, remaining: int, max_new_tokens: int) -> bool:
+        return self._timed("allows", token, remaining, max_new_tokens)
+
+    def mask_(self, scores: torch.Tensor, remaining: int, max_new_tokens: int) -> torch.Tensor:
+        return self._timed("mask_", scores, remaining, max_new_tokens)
+
+    def advance(self, token: int) -> None:
+        self._timed("advance", token)
+        self._new_step = True  # the step's pick + the token it chose
+
+    @property
+    def complete(self) -> bool:
+        return self._inner.complete
+
+
+def constraint_us_per_token(runner: LocalRunner, constraint: JSONConstraint, budget: int, calls: int = 10) -> float:
+    """The matcher's own work per token (its calls in one decode step), median over the steps of ``calls``
+    calls, in µs."""
+    vocab = runner.grammar_vocabulary()
+    ns: list[int] = []
+    plain = vocab.matcher
+    vocab.matcher = lambda c: _TimedMatcher(plain(c), ns)  # type: ignore[method-assign,assignment]
+    try:
+        for _ in range(calls):
+            ask(runner, constraint, budget)
+    finally:
+        del vocab.matcher  # back to the class's method
+    return statistics.median(ns) / 1000
 
 
 def mask_step_ms(runner: LocalRunner, vocab: int, repeats: int = 300) -> float:
-    """One step's constraint work at ``vocab`` tokens, in ms: the grammar's bitmask (computed by the tiny
-    model's matcher), unpacked and applied as in ``JSONMatcher.mask_`` (a random bitmask of ``vocab`` bits)."""
+    """One step's mask work at ``vocab`` tokens, in ms: the grammar's bitmask (computed by the tiny model's
+    matcher) and ``apply_bitmask_`` of a random bitmask of ``vocab`` bits, as in ``JSONMatcher.mask_``."""
     matcher = runner.grammar_vocabulary().matcher(JSONConstraint.of(SCHEMA))
-    words = np.random.default_rng(0).integers(0, 256, 4 * ((vocab + 31) // 32), dtype=np.uint8)
+    words = np.random.default_rng(0).integers(-(2**31), 2**31, (vocab + 31) // 32, dtype=np.int64).astype(np.int32)
     scores = [torch.randn(1, vocab) for _ in range(repeats)]
     t0 = time.perf_counter()
     for s in scores:
-        matcher._matcher.compute_bitmask()
-        bits = np.unpackbits(~words, bitorder="little")[:vocab]
-        s.masked_fill_(torch.from_numpy(bits).view(torch.bool), float("-inf"))
+        matcher._disallowed()
+        apply_bitmask_(s, words)
     return 1000 * (time.perf_counter() - t0) / repeats
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--max-new-tokens", type=int, default=96, help="the constrained call's budget")
     parser.add_argument("--small", action="store_true", help="the 4 x 512 model instead of the tiny one")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--write", action="store_true", help="write the section of RESULTS.md")
+    parser.add_argument("--write", action="store_true", help="replace this script's section of RESULTS.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
@@ -108,56 +210,63 @@ def main() -> None:
         t0 = time.perf_counter()
         runner.grammar_vocabulary().grammar(constraint)
         compile_s = time.perf_counter() - t0
-        for c in (None, constraint):  # warm-up
-            per_token_ms(runner, c, args.max_new_tokens)
-        free, bound, ratios, tokens = [], [], [], []
-        for r in range(args.rounds):
-            order = (None, constraint) if r % 2 else (constraint, None)
-            got = {}
-            for c in order:
-                got[c is not None] = per_token_ms(runner, c, args.max_new_tokens)
-            free.append(got[False][0])
-            bound.append(got[True][0])
-            tokens.append(got[True][1])
-            ratios.append(got[True][0] / got[False][0])
-            print(f"round {r}: unconstrained {got[False][0]:.3f} ms/token, constrained {got[True][0]:.3f} ms/token")
-        mask_tiny = mask_step_ms(runner, runner._vocab_size())
-        mask_real = mask_step_ms(runner, 92544)
+        rounds, k = run_rounds(runner, constraint, args.max_new_tokens, args.rounds)
+        work_us = constraint_us_per_token(runner, constraint, args.max_new_tokens)
+        figures = {
+            "vocab_ms": 1000 * vocab_s,
+            "compile_ms": 1000 * compile_s,
+            "work_us": work_us,
+            "mask_tiny": mask_step_ms(runner, runner._vocab_size()),
+            "mask_real": mask_step_ms(runner, REAL_VOCAB),
+        }
     load_after = os.getloadavg()
-    med = statistics.median(ratios)
-    model = "4 layers x 512 (vocabulary 800)" if args.small else "tiny checkpoint (test-suite defaults, vocabulary 800)"
-    section = f"""{TITLE}
-
-`benchmarks/bench_structured.py --rounds {args.rounds}{" --small" if args.small else ""}` — {datetime.date.today()}, \
-{cpu_name()}, \
-{args.threads} torch thread(s), torch {torch.__version__}, Python {platform.python_version()}, llguidance \
-{_version("llguidance")}; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after (the load of the machine).
-Model: {model}, float32, greedy, up to {args.max_new_tokens} new tokens; the constrained answers had \
-{min(tokens)}–{max(tokens)} tokens. Per-token cost = decode seconds / decode steps of one call; rounds in \
-alternating order.
-
-| measurement | value |
-|---|---|
-| unconstrained, ms per token (median of rounds) | {statistics.median(free):.3f} |
-| JSON-schema constrained, ms per token (median of rounds) | {statistics.median(bound):.3f} |
-| constrained / unconstrained (median; per-round range; target <= 1.10) | **{med:.3f}x** \
-({min(ratios):.3f}–{max(ratios):.3f}) |
-| ratio of the two medians | {statistics.median(bound) / statistics.median(free):.3f}x |
-| grammar vocabulary, built once per runner | {1000 * vocab_s:.1f} ms |
-| schema compile, once per schema (cached) | {1000 * compile_s:.1f} ms |
-| mask step alone, vocabulary 800 | {mask_tiny:.3f} ms |
-| mask step alone, vocabulary 92544 (the real model's; synthetic mask) | {mask_real:.3f} ms |
-
-Notes:
-- Per-round ratios move with the load of the machine (recorded above); the
-  mask step measured alone (below the ratios) is the cost the constraint adds per token.
-- The constraint costs the grammar's mask computation (llguidance, Rust) plus unpacking the bitmask and one
-  `masked_fill` over the logits per step. The real 7B model spends hundreds of ms per token on CPU, so the
-  mask step at its vocabulary is well under 1% there.
-"""
+    section = render(args, rounds, k, figures, (load_before[0], load_after[0]))
     print(section)
     if args.write:
         write_section(TITLE, section)
+
+
+def render(args: argparse.Namespace, rounds: Rounds, k: int, f: dict[str, float], load: tuple[float, float]) -> str:
+    """This script's section of RESULTS.md."""
+    med = statistics.median(rounds.ratios)
+    free, bound = statistics.median(rounds.free), statistics.median(rounds.bound)
+    model = "4 layers x 512 (vocabulary 800)" if args.small else "tiny checkpoint (test-suite defaults, vocabulary 800)"
+    flags = f"--rounds {args.rounds}{' --small' if args.small else ''}"
+    if args.max_new_tokens != 96:
+        flags += f" --max-new-tokens {args.max_new_tokens}"
+    return f"""{TITLE}
+
+`benchmarks/bench_structured.py {flags}` — {datetime.date.today()}, {cpu_name()}, \
+{args.threads} torch thread(s), torch {torch.__version__}, Python {platform.python_version()}, llguidance \
+{_version("llguidance")}; load average {load[0]:.2f} before, {load[1]:.2f} after.
+Model: {model}, float32, greedy. Like for like: the constrained answer (budget {args.max_new_tokens}) has \
+{k} tokens and its stop token; the unconstrained call gets {k + 1} new tokens, so both run the same {k} \
+decode steps at the same positions. Per-token cost = decode seconds / decode steps of one call; \
+{args.rounds} rounds in alternating order.
+
+| measurement | value |
+|---|---|
+| unconstrained, ms per token (median of rounds) | {free:.3f} |
+| JSON-schema constrained, ms per token (median of rounds) | {bound:.3f} |
+| constrained / unconstrained (median; per-round range; target <= 1.10) | **{med:.3f}x** \
+({min(rounds.ratios):.3f}–{max(rounds.ratios):.3f}) |
+| ratio of the two medians | {bound / free:.3f}x |
+| the constraint's own work per token (the matcher's calls in the loop; median) | {f["work_us"]:.1f} µs \
+({f["work_us"] / (1000 * free):.1%} of an unconstrained token) |
+| grammar vocabulary, built once per runner | {f["vocab_ms"]:.1f} ms |
+| schema compile, once per schema (cached) | {f["compile_ms"]:.1f} ms |
+| mask step alone, vocabulary 800 | {f["mask_tiny"]:.3f} ms |
+| mask step alone, vocabulary {REAL_VOCAB} (the real model's; synthetic mask) | {f["mask_real"]:.3f} ms |
+
+Notes:
+- Per-round ratios move with the load of the machine (recorded above); the constraint's own work per
+  token, timed inside the loop, is the cost the constraint adds and moves far less.
+- Per step the constraint costs llguidance's mask (Rust, written into a buffer the matcher owns), in the
+  last min(64, budget/2) steps a narrowing of it on the packed 32-bit words (towards closing the JSON),
+  one `copyto` of -inf into the scores through a numpy view, and llguidance's `consume_token`.
+- The real 7B model spends hundreds of ms per token on CPU, so the mask step at its vocabulary is well
+  under 1% there.
+"""
 
 
 def _version(name: str) -> str:

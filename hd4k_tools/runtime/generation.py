@@ -293,18 +293,14 @@ def _filter_logits(logits: torch.Tensor, config: GenerationConfig) -> torch.Tens
 
 
 class TokenConstraint(Protocol):
-    """A per-step restriction of the next token (constrained decoding, :mod:`hd4k_tools.runtime.grammar`)."""
+    """A per-step restriction of the next token (constrained decoding, :mod:`hd4k_tools.runtime.grammar`).
+
+    Greedy decoding also uses two optional methods where a constraint has them, to skip the mask:
+    ``forced() -> int | None`` (the next token if it is the only one allowed) and ``allows(token,
+    remaining, max_new_tokens) -> bool`` (:class:`~hd4k_tools.runtime.grammar.JSONMatcher` has both)."""
 
     def mask_(self, scores: torch.Tensor, remaining: int, max_new_tokens: int) -> torch.Tensor:
         """Set the scores ``[1, V]`` of disallowed tokens to -inf, in place (``remaining`` steps left)."""
-        ...
-
-    def forced(self) -> int | None:
-        """The next token if it is the only one allowed, else ``None`` (may always answer ``None``)."""
-        ...
-
-    def allows(self, token: int, remaining: int, max_new_tokens: int) -> bool:
-        """Whether ``token`` is allowed next (may answer ``False`` for any token: the caller then masks)."""
         ...
 
     def advance(self, token: int) -> None:
@@ -331,11 +327,12 @@ def _pick(
     # Greedy under a constraint picks what argmax of the masked scores picks, with less work per step: a
     # token the grammar forces is the only finite score; the unmasked argmax, when allowed, is also the
     # first maximum among the allowed tokens. Only otherwise is the mask applied.
-    if (forced := constraint.forced()) is not None:
-        return forced
-    token = int(scores.argmax(dim=-1).item())
-    if constraint.allows(token, remaining, config.max_new_tokens):
-        return token
+    if hasattr(constraint, "allows"):  # the optional methods (TokenConstraint)
+        if (forced := constraint.forced()) is not None:
+            return forced
+        token = int(scores.argmax(dim=-1).item())
+        if constraint.allows(token, remaining, config.max_new_tokens):
+            return token
     constraint.mask_(scores, remaining, config.max_new_tokens)
     return int(scores.argmax(dim=-1).item())
 

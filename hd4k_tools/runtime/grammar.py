@@ -250,7 +250,7 @@ def _as_int(tokens: np.ndarray) -> int:
 def apply_bitmask_(scores: torch.Tensor, words: np.ndarray) -> torch.Tensor:
     """Set the scores ``[..., V]`` of the tokens whose bit is clear in ``words [W]`` (llguidance's int32
     bitmask: bit ``i`` of word ``j`` is token ``32 * j + i``) to -inf, in place."""
-    return _fill_(scores, ~_bits(np.ascontiguousarray(words, dtype=np.int32).tobytes(), scores.shape[-1]))
+    return _fill_(scores, _bits(np.invert(np.asarray(words, dtype=np.int32)).tobytes(), scores.shape[-1]))
 
 
 def _bits(packed: bytes, n: int) -> np.ndarray:

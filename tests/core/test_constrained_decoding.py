@@ -229,8 +229,8 @@ def test_llamaindex_structured_predict(hd4k_tiny) -> None:
 class _PlainMatcher:
     """The straightforward mask, written independently of ``JSONMatcher``'s fast paths: llguidance's bitmask
     as bytes, unpacked to ``[V]`` booleans, the wrap-up narrowing on those booleans (token classes read
-    from llguidance's own token bytes), ``masked_fill_``; no forced tokens, and greedy decoding always
-    takes the argmax of the masked scores."""
+    from llguidance's own token bytes), ``masked_fill_``. Without ``forced``/``allows`` (TokenConstraint's
+    optional methods) greedy decoding masks every step and takes the argmax of the masked scores."""
 
     def __init__(self, vocab, constraint: JSONConstraint) -> None:
         import llguidance
@@ -259,12 +259,6 @@ class _PlainMatcher:
                         allowed = allowed & cls
                         break
         return scores.masked_fill_(torch.from_numpy(~allowed), float("-inf"))
-
-    def forced(self) -> None:
-        return None  # never a shortcut: the decode loop masks and picks among all scores
-
-    def allows(self, token: int, remaining: int, max_new_tokens: int) -> bool:
-        return False
 
     def advance(self, token: int) -> None:
         assert self._m.consume_token(token)

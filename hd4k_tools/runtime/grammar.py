@@ -185,10 +185,11 @@ class JSONMatcher:
         """The next token when the grammar allows only that one (the caller may take it without scoring),
         else ``None``.
 
-        This is llguidance's own rule, not a guess: where the grammar forces the next bytes, its mask is
-        exactly the first token of their canonical tokenization, ``compute_ff_tokens()[0]`` (its
-        ``TokenParser.compute_mask``). Asking for those tokens costs no more than the mask would (a mask
-        computed afterwards reuses them), and a forced step needs no mask at all."""
+        This is llguidance's own rule, not a guess: where the grammar forces the next bytes (its JSON
+        grammars allow forcing, and the tokenizer given to it is canonical), its mask is exactly the first
+        token of their canonical tokenization, ``compute_ff_tokens()[0]`` (``TokenParser.compute_mask``).
+        Asking for those tokens costs no more than the mask would (a mask computed afterwards reuses
+        them), and a forced step needs no mask at all; tests compare every choice with the plain mask's."""
         if self._forced == _UNKNOWN:
             tokens = self._matcher.compute_ff_tokens()
             self._forced = int(tokens[0]) if tokens else None

@@ -293,7 +293,11 @@ def _filter_logits(logits: torch.Tensor, config: GenerationConfig) -> torch.Tens
 
 
 class TokenConstraint(Protocol):
-    """A per-step restriction of the next token (constrained decoding, :mod:`hd4k_tools.runtime.grammar`)."""
+    """A per-step restriction of the next token (constrained decoding, :mod:`hd4k_tools.runtime.grammar`).
+
+    Greedy decoding also uses two optional methods where a constraint has them, to skip the mask:
+    ``forced() -> int | None`` (the next token if it is the only one allowed) and ``allows(token,
+    remaining, max_new_tokens) -> bool`` (:class:`~hd4k_tools.runtime.grammar.JSONMatcher` has both)."""
 
     def mask_(self, scores: torch.Tensor, remaining: int, max_new_tokens: int) -> torch.Tensor:
         """Set the scores ``[1, V]`` of disallowed tokens to -inf, in place (``remaining`` steps left)."""
@@ -302,6 +306,35 @@ class TokenConstraint(Protocol):
     def advance(self, token: int) -> None:
         """Follow the chosen (non-stop) token."""
         ...
+
+
+def _pick(
+    scores: torch.Tensor,
+    config: GenerationConfig,
+    gen: torch.Generator | None,
+    constraint: TokenConstraint | None,
+    remaining: int,
+) -> int:
+    """The next token from the processed ``scores [1, V]``: sampled, or the argmax, among the tokens the
+    ``constraint`` allows (``remaining`` steps left)."""
+    if config.do_sample:
+        if constraint is not None:
+            constraint.mask_(scores, remaining, config.max_new_tokens)
+        probs = _filter_logits(scores, config).softmax(dim=-1)  # [1, V]
+        return int(torch.multinomial(probs, 1, generator=gen).item())
+    if constraint is None:
+        return int(scores.argmax(dim=-1).item())
+    # Greedy under a constraint picks what argmax of the masked scores picks, with less work per step: a
+    # token the grammar forces is the only finite score; the unmasked argmax, when allowed, is also the
+    # first maximum among the allowed tokens. Only otherwise is the mask applied.
+    if hasattr(constraint, "allows"):  # the optional methods (TokenConstraint)
+        if (forced := constraint.forced()) is not None:
+            return forced
+        token = int(scores.argmax(dim=-1).item())
+        if constraint.allows(token, remaining, config.max_new_tokens):
+            return token
+    constraint.mask_(scores, remaining, config.max_new_tokens)
+    return int(scores.argmax(dim=-1).item())
 
 
 @dataclass(frozen=True)
@@ -431,13 +464,7 @@ def _sample_steps(
             raw = F.log_softmax(logits, dim=-1) if config.logprobs else None  # [1, V]
             scores = _apply_repetition_penalty(logits, generated[:, :n], config.repetition_penalty)  # [1, V]
             scores = penalties.apply_(scores)
-            if constraint is not None:
-                constraint.mask_(scores, config.max_new_tokens - n, config.max_new_tokens)
-            if config.do_sample:
-                probs = _filter_logits(scores, config).softmax(dim=-1)  # [1, V]
-                token = int(torch.multinomial(probs, 1, generator=gen).item())
-            else:
-                token = int(scores.argmax(dim=-1).item())
+            token = _pick(scores, config, gen, constraint, config.max_new_tokens - n)
             if raw is not None and token not in stop_ids:
                 stats.logprobs.append(_token_logprob(raw[0], token, config.top_logprobs))
         if token in stop_ids:

@@ -19,6 +19,14 @@ mask, computed by llguidance (the Rust grammar engine vLLM also ships) over the 
   ``,``, ``:`` and digits (the shortest way through required fields, numbers and arrays); the model's
   scores still pick among them. If the budget still runs out before the JSON is complete, the caller
   raises :class:`~hd4k_tools.structured.StructuredOutputTruncatedError` (never returns invalid JSON).
+* **Per-step cost.** A tiny model's token takes a millisecond, so the matcher keeps its own work to tens
+  of microseconds (benchmarks/RESULTS.md, "Constrained decoding"). Where the grammar forces the next bytes
+  (``{"title":"``, ``","kind":"``, ...) llguidance allows one token, the first of their canonical
+  tokenization (:meth:`JSONMatcher.forced`), known without a mask; otherwise llguidance writes its bitmask
+  into a buffer the matcher owns, the wrap-up narrowing is integer arithmetic on it, and the mask reaches
+  the scores through a numpy view. Greedy decoding asks :meth:`JSONMatcher.allows` about the unmasked
+  argmax first and applies the mask only when the grammar refuses that token (the choice is the same
+  either way).
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ import torch
 from hd4k_tools.errors import InputError, MissingDependencyError
 from hd4k_tools.structured import JSONConstraint
 
-__all__ = ["WRAP_UP_TOKENS", "GrammarVocabulary", "JSONMatcher"]
+__all__ = ["WRAP_UP_TOKENS", "GrammarVocabulary", "JSONMatcher", "apply_bitmask_"]
 
 #: Steps before the end of ``max_new_tokens`` from which the grammar steers towards closing the JSON.
 WRAP_UP_TOKENS = 64
@@ -41,6 +49,7 @@ _SPECIAL = b"\xff"  # llguidance's marker of a special token's bytes
 _COMPILE_OPTIONS = {"whitespace_flexible": False, "lenient": False}
 _CLOSERS = frozenset(b'"}]')
 _SHORT = frozenset(b",:0123456789")
+_MEMO_SIZE = 4096  # tokenizations of forced bytes remembered per vocabulary (_Wrapper)
 
 
 def _llguidance() -> Any:
@@ -77,9 +86,18 @@ class _Wrapper:
         self.tokens += [_SPECIAL + f"<extra_{i}>".encode() for i in range(size, n_vocab)]
         self.special_token_ids = sorted({*tokenizer.special_ids, *stop_ids})
         self._tokenizer = tokenizer
+        self._memo: dict[str, list[int]] = {}
 
     def __call__(self, text: str) -> list[int]:
-        return list(self._tokenizer.encode(text, add_bos=False))
+        # llguidance tokenizes the grammar's forced bytes at every forced step (JSONMatcher.forced). They
+        # are the schema's keys and punctuation, the same in every answer to a schema: remembered (a
+        # bounded memo) they cost a dict lookup instead of a sentencepiece call from Rust through Python.
+        ids = self._memo.get(text)
+        if ids is None:
+            if len(self._memo) >= _MEMO_SIZE:
+                self._memo.clear()
+            ids = self._memo[text] = list(self._tokenizer.encode(text, add_bos=False))
+        return ids
 
 
 class GrammarVocabulary:
@@ -100,9 +118,15 @@ class GrammarVocabulary:
                 chars = set(raw)
                 closers[i] = chars <= _CLOSERS
                 short[i] = chars <= _SHORT
-        self.closers = closers  # [V]
-        self.short = short  # [V]
-        self.stop_array = np.array(self.stop_ids, dtype=np.int64)
+        stops = np.zeros(n_vocab, dtype=np.bool_)
+        stops[self.stop_ids] = True
+        self.n_words = (n_vocab + 31) // 32
+        # The wrap-up classes (stop ids, closers, short tokens, in the order they are tried) as Python ints
+        # whose bit i is token i, llguidance's bitmask read as one little-endian integer: narrowing the
+        # grammar's mask is then an `&` and a truth test per class, well under a microsecond, where numpy's
+        # fixed cost per call would be several.
+        self.wrap_up_classes = tuple(_as_int(cls) for cls in (stops, closers, short))
+        self.all_tokens = (1 << n_vocab) - 1
         self._grammars: dict[str | None, str] = {}
 
     def grammar(self, constraint: JSONConstraint) -> str:
@@ -136,54 +160,112 @@ class GrammarVocabulary:
         return JSONMatcher(self, self._llg.LLMatcher(self.tokenizer, self.grammar(constraint)))
 
 
+_UNKNOWN = -2  # JSONMatcher._forced before this step's forced bytes were read
+
+
 class JSONMatcher:
-    """One generation's grammar state: masks scores, follows the chosen tokens."""
+    """One generation's grammar state: masks scores, follows the chosen tokens.
+
+    Per step (module docstring, "Per-step cost") it works out the allowed tokens once, as an int whose bit
+    ``i`` is token ``i``: the forced token alone, or llguidance's bitmask (written into a buffer the
+    matcher owns) narrowed in the wrap-up window. :meth:`forced`, :meth:`allows` and :meth:`mask_` read
+    it; :meth:`advance` moves to the next step."""
 
     def __init__(self, vocab: GrammarVocabulary, matcher: Any) -> None:
         self.vocab = vocab
         self._matcher = matcher
         if matcher.is_error():  # pragma: no cover - grammar() validated it
             raise InputError(f"The constrained-decoding grammar failed to start: {matcher.get_error()}")
+        self._words = np.zeros(vocab.n_words, dtype=np.int32)  # [W] llguidance's bitmask, rewritten per step
+        self._fill_args = (self._words.ctypes.data, self._words.nbytes)
+        self._forced = _UNKNOWN  # this step's forced token (None: not forced)
+        self._allowed: int | None = None  # this step's allowed tokens, once computed
 
-    def _allowed(self) -> np.ndarray:
-        """Tokens the grammar allows next, as a bool array ``[V]``: llguidance's bitmask (bit ``i`` of
-        little-endian 32-bit word ``j`` is token ``32 * j + i``) unpacked in one numpy call (numpy, not
-        torch: on a few thousand elements its per-call overhead is ten times smaller)."""
-        words = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8)  # [4 * ceil(V/32)]
-        return np.unpackbits(words, bitorder="little")[: self.vocab.n_vocab].view(np.bool_)  # [V]
+    def forced(self) -> int | None:
+        """The next token when the grammar allows only that one (the caller may take it without scoring),
+        else ``None``.
+
+        This is llguidance's own rule, not a guess: where the grammar forces the next bytes (its JSON
+        grammars allow forcing, and the tokenizer given to it is canonical), its mask is exactly the first
+        token of their canonical tokenization, ``compute_ff_tokens()[0]`` (``TokenParser.compute_mask``).
+        Asking for those tokens costs no more than the mask would (a mask computed afterwards reuses
+        them), and a forced step needs no mask at all; tests compare every choice with the plain mask's."""
+        if self._forced == _UNKNOWN:
+            tokens = self._matcher.compute_ff_tokens()
+            self._forced = int(tokens[0]) if tokens else None
+        return self._forced
+
+    def _step_allowed(self, remaining: int, max_new_tokens: int) -> int:
+        """This step's allowed tokens as an int (bit ``i`` = token ``i``; module docstring)."""
+        if self._allowed is None:
+            forced = self.forced()
+            if forced is not None:  # a single token stays itself under the wrap-up narrowing
+                self._allowed = 1 << forced
+                return self._allowed
+            # llguidance writes the bitmask (bit i of word j is token 32 * j + i) with the GIL released.
+            self._matcher.unsafe_compute_mask_ptr(*self._fill_args)
+            allowed = int.from_bytes(self._words, "little")
+            if remaining <= min(WRAP_UP_TOKENS, max_new_tokens // 2):
+                for cls in self.vocab.wrap_up_classes:  # a stop id where the JSON may end, else closers, ...
+                    if narrowed := allowed & cls:
+                        allowed = narrowed
+                        break
+            self._allowed = allowed
+        return self._allowed
+
+    def allows(self, token: int, remaining: int, max_new_tokens: int) -> bool:
+        """Whether ``token`` is allowed next (``remaining`` steps left: the wrap-up narrowing counts)."""
+        return bool(self._step_allowed(remaining, max_new_tokens) >> token & 1)
 
     def allowed(self) -> torch.Tensor:
-        """Tokens the grammar allows next, as a bool tensor ``[V]`` (CPU)."""
-        return torch.from_numpy(self._allowed().copy())
+        """Tokens the grammar allows next (llguidance's mask, no narrowing), as a bool tensor ``[V]`` (CPU)."""
+        self._matcher.unsafe_compute_mask_ptr(*self._fill_args)
+        return torch.from_numpy(_bits(self._words.tobytes(), self.vocab.n_vocab).copy())  # [V]
 
     def mask_(self, scores: torch.Tensor, remaining: int, max_new_tokens: int) -> torch.Tensor:
         """Set disallowed tokens of ``scores [1, V]`` to -inf (in place); near the end of the budget
         (``remaining`` steps left) narrow to the tokens that close the JSON (module docstring)."""
-        allowed = self._allowed()  # [V]
-        if scores.shape[-1] != allowed.shape[0]:  # pragma: no cover - vocab built from the same model
-            raise ValueError(f"scores have {scores.shape[-1]} columns, the grammar vocabulary {allowed.shape[0]}")
-        if remaining <= min(WRAP_UP_TOKENS, max_new_tokens // 2):
-            vocab = self.vocab
-            stops = allowed[vocab.stop_array]
-            if stops.any():
-                narrowed = np.zeros_like(allowed)
-                narrowed[vocab.stop_array] = stops
-                allowed = narrowed
-            else:
-                for cls in (vocab.closers, vocab.short):
-                    both = allowed & cls
-                    if both.any():
-                        allowed = both
-                        break
-        disallowed = torch.from_numpy(~allowed).to(scores.device, non_blocking=True)  # [V]
-        return scores.masked_fill_(disallowed, float("-inf"))
+        vocab = self.vocab
+        if scores.shape[-1] != vocab.n_vocab:  # pragma: no cover - vocab built from the same model
+            raise ValueError(f"scores have {scores.shape[-1]} columns, the grammar vocabulary {vocab.n_vocab}")
+        disallowed = vocab.all_tokens ^ self._step_allowed(remaining, max_new_tokens)
+        return _fill_(scores, _bits(disallowed.to_bytes(self._words.nbytes, "little"), vocab.n_vocab))
 
     def advance(self, token: int) -> None:
         """Follow the chosen token (a stop id ends the grammar)."""
         if not self._matcher.consume_token(int(token)):  # pragma: no cover - tokens come from the mask
             raise RuntimeError(f"the grammar refused token {token}: {self._matcher.get_error()}")
+        self._forced, self._allowed = _UNKNOWN, None
 
     @property
     def complete(self) -> bool:
         """Whether what was generated so far is a whole, valid JSON answer."""
         return bool(self._matcher.is_accepting())
+
+
+def _as_int(tokens: np.ndarray) -> int:
+    """A bool array ``[V]`` as an int whose bit ``i`` is token ``i``."""
+    return int.from_bytes(np.packbits(tokens, bitorder="little").tobytes(), "little")
+
+
+def apply_bitmask_(scores: torch.Tensor, words: np.ndarray) -> torch.Tensor:
+    """Set the scores ``[..., V]`` of the tokens whose bit is clear in ``words [W]`` (llguidance's int32
+    bitmask: bit ``i`` of word ``j`` is token ``32 * j + i``) to -inf, in place."""
+    return _fill_(scores, _bits(np.invert(np.asarray(words, dtype=np.int32)).tobytes(), scores.shape[-1]))
+
+
+def _bits(packed: bytes, n: int) -> np.ndarray:
+    """The first ``n`` bits of ``packed`` (little-endian, bit ``i`` of byte ``j`` is item ``8 * j + i``)
+    as a bool array ``[n]``."""
+    return np.unpackbits(np.frombuffer(packed, dtype=np.uint8), count=n, bitorder="little").view(np.bool_)
+
+
+def _fill_(scores: torch.Tensor, where: np.ndarray) -> torch.Tensor:
+    """Set ``scores [..., V]`` to -inf where ``where [V]`` is true, in place.
+
+    On CPU float32 scores (the decode loop's) this writes through a numpy view: one ``copyto`` instead of
+    building a bool tensor and calling ``masked_fill_``, whose fixed cost dominates at small vocabularies."""
+    if scores.device.type == "cpu" and scores.dtype == torch.float32 and not scores.requires_grad:
+        np.copyto(scores.numpy(), -np.inf, where=where)  # broadcasts [V] over the leading dims
+        return scores
+    return scores.masked_fill_(torch.from_numpy(where).to(scores.device), float("-inf"))

@@ -9,13 +9,16 @@ import json
 from typing import Any, Literal
 
 import jsonschema
+import numpy as np
 import pytest
+import torch
 from pydantic import BaseModel, Field
 
 pytest.importorskip("llguidance")
 
 from hd4k_tools.errors import InputError
 from hd4k_tools.runtime.generation_config import GenerationConfig
+from hd4k_tools.runtime.grammar import WRAP_UP_TOKENS, JSONMatcher, apply_bitmask_
 from hd4k_tools.runtime.runner import GenerationRequest, Message
 from hd4k_tools.structured import JSONConstraint, StructuredOutputTruncatedError
 
@@ -220,3 +223,104 @@ def test_llamaindex_structured_predict(hd4k_tiny) -> None:
 
     llm = HD4KMultiModalLLM(hd=hd4k_tiny, max_new_tokens=120)
     assert isinstance(llm.structured_predict(Chart, PromptTemplate("The chart of {x}?"), x="sales"), Chart)
+
+
+# -- the mask's fast path (runtime/grammar.py) -----------------------------------------------------------------
+class _PlainMatcher:
+    """The straightforward mask, written independently of ``JSONMatcher``'s fast paths: llguidance's bitmask
+    as bytes, unpacked to ``[V]`` booleans, the wrap-up narrowing on those booleans (token classes read
+    from llguidance's own token bytes), ``masked_fill_``. Without ``forced``/``allows`` (TokenConstraint's
+    optional methods) greedy decoding masks every step and takes the argmax of the masked scores."""
+
+    def __init__(self, vocab, constraint: JSONConstraint) -> None:
+        import llguidance
+
+        self._m = llguidance.LLMatcher(vocab.tokenizer, vocab.grammar(constraint))
+        self.n = vocab.n_vocab
+        tok = vocab.tokenizer
+        pieces = [b"" if tok.is_special_token(i) else tok.decode_bytes([i]) for i in range(self.n)]
+        self.closers = np.array([bool(p) and set(p) <= set(b'"}]') for p in pieces])  # [V]
+        self.short = np.array([bool(p) and set(p) <= set(b",:0123456789") for p in pieces])  # [V]
+        self.stops = np.array(vocab.stop_ids)
+        self.wrapped_up = 0  # steps narrowed (the test checks the narrowing was exercised)
+
+    def mask_(self, scores: torch.Tensor, remaining: int, max_new_tokens: int) -> torch.Tensor:
+        bits = np.unpackbits(np.frombuffer(self._m.compute_bitmask(), dtype=np.uint8), bitorder="little")
+        allowed = bits[: self.n].astype(bool)  # [V]
+        if remaining <= min(WRAP_UP_TOKENS, max_new_tokens // 2):
+            self.wrapped_up += 1
+            if allowed[self.stops].any():
+                narrowed = np.zeros_like(allowed)
+                narrowed[self.stops] = allowed[self.stops]
+                allowed = narrowed
+            else:
+                for cls in (self.closers, self.short):
+                    if (allowed & cls).any():
+                        allowed = allowed & cls
+                        break
+        return scores.masked_fill_(torch.from_numpy(~allowed), float("-inf"))
+
+    def advance(self, token: int) -> None:
+        assert self._m.consume_token(token)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self._m.is_accepting())
+
+
+def _outcome(runner, constraint: JSONConstraint, **generation: Any) -> tuple[str, str, int] | str:
+    try:
+        result = _ask(runner, constraint, **generation)
+    except StructuredOutputTruncatedError:
+        return "truncated"
+    return result.text, result.finish_reason, result.usage.completion_tokens
+
+
+@pytest.mark.parametrize(
+    "sampling", [{}, {"do_sample": True, "temperature": 1.0, "seed": 3}], ids=["greedy", "sampled"]
+)
+def test_the_fast_mask_chooses_what_the_plain_mask_chooses(hd4k_tiny, monkeypatch, sampling: dict[str, Any]) -> None:
+    """Over the whole catalogue, with a budget whose second half is wrapped up: the same answers, token
+    for token, as the straightforward mask (greedy, and sampling with a seed)."""
+    runner = hd4k_tiny.runner
+    vocab = runner.grammar_vocabulary()
+    plain: list[_PlainMatcher] = []
+    shortcuts = {"forced": 0, "allows": 0}
+    for name in shortcuts:
+        method = getattr(JSONMatcher, name)
+
+        def counted(self, *args, _method=method, _name=name):
+            answer = _method(self, *args)
+            shortcuts[_name] += answer not in (None, False)
+            return answer
+
+        monkeypatch.setattr(JSONMatcher, name, counted)
+
+    def plain_matcher(constraint: JSONConstraint) -> _PlainMatcher:
+        plain.append(_PlainMatcher(vocab, constraint))
+        return plain[-1]
+
+    for name, schema in CATALOGUE.items():
+        constraint = JSONConstraint.of(schema)
+        fast = _outcome(runner, constraint, max_new_tokens=48, **sampling)
+        with monkeypatch.context() as patch:
+            patch.setattr(vocab, "matcher", plain_matcher)
+            assert _outcome(runner, constraint, max_new_tokens=48, **sampling) == fast, name
+    assert sum(m.wrapped_up for m in plain) > 0 and len(plain) == len(CATALOGUE)
+    # The fast matcher took its shortcuts: forced tokens, and (greedy) the unmasked argmax when allowed.
+    assert shortcuts["forced"] > 0 and (shortcuts["allows"] > 0) == (not sampling)
+
+
+@pytest.mark.parametrize("n_vocab", [1, 31, 32, 33, 800])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["numpy_view", "masked_fill"])
+def test_apply_bitmask_sets_exactly_the_cleared_bits_to_minus_inf(n_vocab: int, dtype: torch.dtype) -> None:
+    rng = np.random.default_rng(n_vocab)
+    words = rng.integers(-(2**31), 2**31, (n_vocab + 31) // 32, dtype=np.int64).astype(np.int32)  # [W]
+    allowed = [bool((int(words[i // 32]) >> (i % 32)) & 1) for i in range(n_vocab)]
+    for shape in ((1, n_vocab), (n_vocab,)):
+        scores = torch.randn(shape, dtype=dtype)
+        before = scores.clone()
+        assert apply_bitmask_(scores, words) is scores
+        flat, kept = scores.reshape(-1), before.reshape(-1)
+        assert [bool(v > float("-inf")) for v in flat] == allowed
+        assert torch.equal(flat[torch.tensor(allowed)], kept[torch.tensor(allowed)])

@@ -28,7 +28,6 @@ import io
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from results import write_subsection
+from results import cpu_name, write_subsection
 
 PARENT = "## Look closer: whole page, windows and regions"
 SUBSECTION = "### PDF region render: exact vs clipped vs whole page"
@@ -131,6 +130,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--no-write", action="store_true", help="print the subsection only")
+    parser.add_argument("--machine-note", default="", help="what else ran on the machine (e.g. 'otherwise idle')")
     parser.add_argument("--child", nargs=3, metavar=("METHOD", "REGION", "DPI"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -151,7 +151,7 @@ def main() -> int:
         SUBSECTION,
         "",
         f"`benchmarks/bench_pdf_region.py --rounds {args.rounds}` — {datetime.date.today().isoformat()}, "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores shared with other agents' work; "
+        f"{cpu_name()} ({os.cpu_count()} cores{', ' + args.machine_note if args.machine_note else ''}); "
         f"1-min load average {load_start[0]:.1f} at the start and {load_end[0]:.1f} at the end. A drawing-like "
         "letter page (line grid, diagonal strokes, 4-pt labels); each render in a fresh process; time = median "
         "of the rounds (range in brackets), alternating the methods' order each round; peak = resident memory "

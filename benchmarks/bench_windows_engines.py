@@ -96,7 +96,8 @@ def main() -> int:
             print(f"{name}: {seconds:.2f} s", flush=True)
     ratios = [n / v for n, v in zip(times["native"], times["vllm"], strict=True)]
     load_end = os.getloadavg()[0]
-    note = f" {args.machine_note.rstrip('.')}." if args.machine_note else ""
+    note = args.machine_note.rstrip(".")
+    note = f" {note[:1].upper()}{note[1:]}." if note else ""
     section = "\n".join(
         [
             SECTION,

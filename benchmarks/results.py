@@ -48,8 +48,8 @@ def write_subsection(parent: str, title: str, section: str) -> None:
     RESULTS.md, or add it at that section's end; the parent's own script keeps it (see ``keep``)."""
     text = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else HEADER
     found = _subsection(text, title)
-    if found:
-        text = text[: found.start()] + section + text[found.end() :]
+    if found:  # one blank line after the block, whatever the next heading
+        text = text[: found.start()] + section.rstrip("\n") + "\n\n" + text[found.end() :]
     else:
         parent_found = re.search(rf"^{re.escape(parent)}\n.*?(?=^## |\Z)", text, re.S | re.M)
         if parent_found is None:

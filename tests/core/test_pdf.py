@@ -17,6 +17,7 @@ from hd4k_tools import errors
 from hd4k_tools.inputs.images import read_source_bytes
 from hd4k_tools.inputs.pdf import RenderedPage, is_pdf, page_count, parse_page_range, render_pages, select_pages
 from hd4k_tools.inputs.policy import ImagePolicy
+from hd4k_tools.testing import pdf_file
 
 pypdfium2 = pytest.importorskip("pypdfium2")
 
@@ -228,22 +229,8 @@ def _encrypted_pdf(user_password: bytes, owner_password: bytes) -> bytes:
         b"<< /Filter /Standard /V 1 /R 2 /O <%s> /U <%s> /P %d >>"
         % (owner_entry.hex().encode(), user_entry.hex().encode(), permissions),
     ]
-    body = bytearray(b"%PDF-1.4\n")
-    offsets = []
-    for number, obj in enumerate(objects, start=1):
-        offsets.append(len(body))
-        body += b"%d 0 obj\n%s\nendobj\n" % (number, obj)
-    xref_at = len(body)
-    body += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
-    body += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
     trailer_id = file_id.hex().encode()
-    body += b"trailer\n<< /Size %d /Root 1 0 R /Encrypt 4 0 R /ID [<%s> <%s>] >>\n" % (
-        len(objects) + 1,
-        trailer_id,
-        trailer_id,
-    )
-    body += b"startxref\n%d\n%%%%EOF\n" % xref_at
-    return bytes(body)
+    return pdf_file(objects, trailer=b"/Encrypt 4 0 R /ID [<%s> <%s>]" % (trailer_id, trailer_id))
 
 
 def test_encrypted_pdf() -> None:

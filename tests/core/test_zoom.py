@@ -3,7 +3,6 @@ vector page, window coverage and overlap merging, region validation on every sur
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import threading
@@ -21,6 +20,7 @@ from hd4k_tools.mcp.server import tool_definitions
 from hd4k_tools.results import PlanSummary, TaskResult
 from hd4k_tools.runtime.runner import GenerationRequest, RunnerResult, TextStream
 from hd4k_tools.tasks import TASKS
+from hd4k_tools.testing import pdf_file
 from hd4k_tools.tiling import plan
 from hd4k_tools.zoom import (
     DETAIL_LOSS_THRESHOLD,
@@ -100,18 +100,7 @@ def _pdf_bytes(boxes: str, content: str, resources: str = "", objects: Sequence[
         b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
         *objects,
     ]
-    out = io.BytesIO()
-    out.write(b"%PDF-1.4\n")
-    offsets = []
-    for i, body in enumerate(bodies, 1):
-        offsets.append(out.tell())
-        out.write(b"%d 0 obj\n" % i + body + b"\nendobj\n")
-    xref = out.tell()
-    out.write(b"xref\n0 %d\n0000000000 65535 f \n" % (len(bodies) + 1))
-    for off in offsets:
-        out.write(b"%010d 00000 n \n" % off)
-    out.write(b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(bodies) + 1, xref))
-    return out.getvalue()
+    return pdf_file(bodies)
 
 
 def _stress_pdf(rotate: int = 0, cropbox: tuple[float, float, float, float] | None = None) -> bytes:

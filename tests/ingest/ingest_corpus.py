@@ -8,6 +8,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from hd4k_tools.testing import pdf_file
+
 COLOURS = [(220, 30, 30), (30, 160, 40), (40, 60, 200), (240, 200, 20), (120, 40, 160)]
 
 # Engine settings that keep the tiny model fast: few tiles, short answers, small renders.
@@ -35,22 +37,8 @@ def locked_pdf() -> bytes:
         b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 200 100] >>",
         b"<< /Filter /Standard /V 1 /R 2 /O <%s> /U <%s> /P -44 >>" % (b"ab" * 32, b"cd" * 32),
     ]
-    body = bytearray(b"%PDF-1.4\n")
-    offsets = []
-    for number, obj in enumerate(objects, start=1):
-        offsets.append(len(body))
-        body += b"%d 0 obj\n%s\nendobj\n" % (number, obj)
-    xref_at = len(body)
-    body += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
-    body += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
     file_id = b"0123456789abcdef0123456789abcdef"
-    body += b"trailer\n<< /Size %d /Root 1 0 R /Encrypt 4 0 R /ID [<%s> <%s>] >>\n" % (
-        len(objects) + 1,
-        file_id,
-        file_id,
-    )
-    body += b"startxref\n%d\n%%%%EOF\n" % xref_at
-    return bytes(body)
+    return pdf_file(objects, trailer=b"/Encrypt 4 0 R /ID [<%s> <%s>]" % (file_id, file_id))
 
 
 def make_corpus(root: Path) -> dict[str, Path]:
@@ -133,13 +121,4 @@ def bomb_pdf(operations: int = 20000) -> bytes:
         b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R >>",
         b"<< /Length %d /Filter /FlateDecode >>\nstream\n" % len(stream) + stream + b"\nendstream",
     ]
-    body = bytearray(b"%PDF-1.4\n")
-    offsets = []
-    for number, obj in enumerate(objects, start=1):
-        offsets.append(len(body))
-        body += b"%d 0 obj\n%s\nendobj\n" % (number, obj)
-    xref_at = len(body)
-    body += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
-    body += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
-    body += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref_at)
-    return bytes(body)
+    return pdf_file(objects)

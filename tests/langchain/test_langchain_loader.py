@@ -13,6 +13,7 @@ from langchain_hd4k import HD4KDocumentLoader
 from langchain_helpers import CappedRunner, page_image, png_bytes, write_pdf
 
 from hd4k_tools import HD4K, ImagePolicy, InputError, errors, plan
+from hd4k_tools.testing import pdf_file
 
 # Small renders and short answers keep the tests fast; the pipeline is the same at any size.
 OPTIONS = {"dpi": 36, "hd_num": 1, "generation": {"max_new_tokens": 8}}
@@ -127,16 +128,7 @@ def _labelled_pdf(path: Path) -> Path:
         b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 300 400] >>",
         b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 300 400] >>",
     ]
-    out = bytearray(b"%PDF-1.7\n")
-    offsets = []
-    for number, body in enumerate(objects, start=1):
-        offsets.append(len(out))
-        out += b"%d 0 obj\n%s\nendobj\n" % (number, body)
-    xref = len(out)
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
-    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
-    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
-    path.write_bytes(bytes(out))
+    path.write_bytes(pdf_file(objects, version=b"1.7"))
     return path
 
 

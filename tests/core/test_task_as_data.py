@@ -9,17 +9,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fourth_task import COUNT, TASKS4, CountArgs, CountResult
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
 
 from hd4k_tools import HD4K, AgentTools, ToolSettings
 from hd4k_tools.cli import model_commands
 from hd4k_tools.cli.main import build_parser, main
 from hd4k_tools.errors import InputError
 from hd4k_tools.mcp.server import tool_definitions
-from hd4k_tools.results import PlanSummary, TaskResult
+from hd4k_tools.results import PlanSummary
 from hd4k_tools.runtime.runner import GenerationRequest, RunnerResult, TextStream
-from hd4k_tools.tasks import TASKS, CliSpec, TaskCall, TaskSpec
+from hd4k_tools.tasks import TASKS
 
 
 class EchoRunner:
@@ -45,32 +45,6 @@ class EchoRunner:
 
     def close(self) -> None:
         pass
-
-
-class CountArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    image: str = Field(min_length=1)
-    what: str = Field(description="the kind of object to count", min_length=1)
-    hd_num: int | None = None
-
-
-class CountResult(TaskResult):
-    what: str = ""
-
-
-COUNT = TaskSpec(
-    "count_objects",
-    9,
-    "chat",
-    max_new_tokens=8,
-    num_beams=1,
-    description="Count objects of a kind in an image.",
-    args=CountArgs,
-    prepare=lambda *, what: TaskCall(f"How many {what} are there?", fields={"what": what}),
-    result=CountResult,
-    cli=CliSpec("count", help="count objects in an image"),
-)
-TASKS4 = TASKS.with_tasks(COUNT)
 
 
 @pytest.fixture

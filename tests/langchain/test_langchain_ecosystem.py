@@ -9,16 +9,17 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+from fourth_task import COUNT, CountArgs
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, trim_messages
 from langchain_hd4k import ChatHD4K, HD4KToolkit
 from langchain_hd4k.chat_models import model_display_name
 from langchain_hd4k.tools import HD4KBaseTool
 from langchain_helpers import ScriptedRunner, chart_image, png_bytes
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from slow_runner import SlowTokenRunner
 
 from hd4k_tools import HD4K, TOOL_ARGS, ToolSettings, plan, to_data_url
-from hd4k_tools.tasks import TASKS, TaskCall, TaskSpec
+from hd4k_tools.tasks import TASKS
 
 
 def _image_message(text: str) -> HumanMessage:
@@ -131,30 +132,14 @@ async def test_cancelling_a_tool_call_stops_the_model_at_the_next_token(tmp_path
 
 
 # -- tools from the task specs -------------------------------------------------------------------------
-class CountArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    image: str
-    what: str
-
-
 def test_a_fourth_task_needs_no_edit_in_the_toolkit(hd4k_tiny: HD4K) -> None:
     # An explicit task registry (no global mutation): the toolkit offers exactly its tools.
-    count = TaskSpec(
-        "count_objects",
-        16,
-        "chat",
-        max_new_tokens=8,
-        num_beams=1,
-        description="Count objects of a kind in an image.",
-        args=CountArgs,
-        prepare=lambda *, what: TaskCall(f"How many {what}?"),
-    )
-    tasks = TASKS.with_tasks(count)
+    tasks = TASKS.with_tasks(COUNT)
     tools = HD4KToolkit(hd4k_tiny, tasks=tasks).get_tools()
     assert [t.name for t in tools] == [*TOOL_ARGS, "count_objects"]
     new = tools[-1]
     assert type(new) is HD4KBaseTool and new.args_schema is CountArgs
-    assert new.description == "Count objects of a kind in an image."
+    assert new.description == COUNT.description == "Count objects of a kind in an image."
     assert [type(t).__name__ for t in tools[:3]] == [
         "HD4KReadDocumentTool",
         "HD4KChartQuestionTool",

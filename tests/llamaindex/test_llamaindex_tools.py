@@ -219,26 +219,11 @@ async def test_cancelling_an_async_tool_call_stops_the_model_at_the_next_token(r
 def test_tools_follow_tool_args(runner: RecordingRunner) -> None:
     """A fourth task in an explicit task registry becomes a tool with its schema and description, with no
     edit here and no global mutation."""
-    from pydantic import BaseModel, ConfigDict
+    from fourth_task import COUNT, CountArgs
 
-    from hd4k_tools.tasks import TASKS, TaskCall, TaskSpec
+    from hd4k_tools.tasks import TASKS
 
-    class CountArgs(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        image: str
-        what: str
-
-    count = TaskSpec(
-        "count_objects",
-        16,
-        "chat",
-        max_new_tokens=8,
-        num_beams=1,
-        description="Count objects of a kind in an image.",
-        args=CountArgs,
-        prepare=lambda *, what: TaskCall(f"How many {what}?"),
-    )
-    tools = HD4KToolSpec(HD4K(runner), tasks=TASKS.with_tasks(count)).to_tool_list()
+    tools = HD4KToolSpec(HD4K(runner), tasks=TASKS.with_tasks(COUNT)).to_tool_list()
     assert [t.metadata.name for t in tools] == [*TOOL_ARGS, "count_objects"]
     assert tools[-1].metadata.fn_schema is CountArgs
     assert tools[-1].metadata.description == "Count objects of a kind in an image."
